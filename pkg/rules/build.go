@@ -1,0 +1,201 @@
+package rules
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// Loopback addresses of Istio's layout. 127.0.0.6 (::6) is the source the
+// proxy uses for inbound passthrough connections to the app.
+var (
+	v4Passthrough = netip.MustParsePrefix("127.0.0.6/32")
+	v6Passthrough = netip.MustParsePrefix("::6/128")
+	v4Localhost   = netip.MustParsePrefix("127.0.0.1/32")
+	v6Localhost   = netip.MustParsePrefix("::1/128")
+)
+
+const loopback = "lo"
+
+// Build turns a validated Config into the Ruleset. It is pure and
+// deterministic: the same Config always gives the same Ruleset, which is
+// what makes Apply idempotent and Check meaningful.
+//
+// The layout follows istio-iptables' nat rules rule for rule (see
+// DESIGN.md): the outbound chain is
+//
+//  1. excluded outbound ports RETURN
+//  2. -o lo -s 127.0.0.6 RETURN
+//  3. per proxy UID: -o lo ! -d 127.0.0.1 tcp ! --dport 15008 uid -> ISTIO_IN_REDIRECT
+//     -o lo ! uid RETURN; uid RETURN
+//  4. the same for each proxy GID
+//  5. DNS to 15053 (only with RedirectDNS)
+//  6. -d 127.0.0.1 RETURN
+//  7. excluded CIDRs RETURN
+//  8. included ports -> ISTIO_REDIRECT
+//  9. everything, or the included CIDRs -> ISTIO_REDIRECT
+func Build(cfg Config) (*Ruleset, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	rs := &Ruleset{Families: cfg.Families}
+	fams := familiesOf(cfg.Families)
+
+	addPortSet := func(name string, ports []PortRange) bool {
+		if len(ports) == 0 {
+			return false
+		}
+		rs.Sets = append(rs.Sets, &Set{Name: name, Type: SetPorts, Ports: slices.Clone(ports)})
+		return true
+	}
+	addAddrSets := func(v4name, v6name string, ps []netip.Prefix) (v4, v6 bool) {
+		var a4, a6 []netip.Prefix
+		for _, p := range ps {
+			if p.Addr().Is4() {
+				a4 = append(a4, p)
+			} else {
+				a6 = append(a6, p)
+			}
+		}
+		if len(a4) > 0 && cfg.Families.HasV4() {
+			rs.Sets = append(rs.Sets, &Set{Name: v4name, Type: SetIPv4, Prefixes: a4})
+			v4 = true
+		}
+		if len(a6) > 0 && cfg.Families.HasV6() {
+			rs.Sets = append(rs.Sets, &Set{Name: v6name, Type: SetIPv6, Prefixes: a6})
+			v6 = true
+		}
+		return v4, v6
+	}
+
+	// Base chains.
+	pre := &Chain{Name: ChainPrerouting, Hook: &Hook{Hook: "prerouting", Priority: -100, IPTChain: "PREROUTING"}}
+	out := &Chain{Name: ChainOutputHook, Hook: &Hook{Hook: "output", Priority: -100, IPTChain: "OUTPUT"}}
+	for _, i := range cfg.ExcludeInterfaces {
+		pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: ret()})
+		out.Rules = append(out.Rules, Rule{OIF: i, Verdict: ret()})
+	}
+	inboundCapture := cfg.InboundIncludeAll || len(cfg.InboundIncludePorts) > 0
+	if inboundCapture {
+		pre.Rules = append(pre.Rules, Rule{Proto: ProtoTCP, Verdict: jump(ChainInbound)})
+	}
+	out.Rules = append(out.Rules, Rule{Verdict: jump(ChainOutput)})
+
+	// ISTIO_INBOUND.
+	in := &Chain{Name: ChainInbound}
+	if inboundCapture {
+		in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPort: single(cfg.InboundTunnelPort), Verdict: ret()})
+		if cfg.InboundIncludeAll {
+			if addPortSet(SetInExcludePort, cfg.InboundExcludePorts) {
+				in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPortSet: SetInExcludePort, Verdict: ret()})
+			}
+			in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, Verdict: jump(ChainInRedirect)})
+		} else {
+			addPortSet(SetInIncludePort, cfg.InboundIncludePorts)
+			in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPortSet: SetInIncludePort, Verdict: jump(ChainInRedirect)})
+		}
+	}
+	inRedir := &Chain{Name: ChainInRedirect, Rules: []Rule{{Proto: ProtoTCP, Verdict: redirect(cfg.InboundPort)}}}
+	redir := &Chain{Name: ChainRedirect, Rules: []Rule{{Proto: ProtoTCP, Verdict: redirect(cfg.ProxyPort)}}}
+
+	// ISTIO_OUTPUT.
+	o := &Chain{Name: ChainOutput}
+	if addPortSet(SetOutExcludePort, cfg.OutboundExcludePorts) {
+		o.Rules = append(o.Rules, Rule{Proto: ProtoTCP, DPortSet: SetOutExcludePort, Verdict: ret()})
+	}
+	for _, f := range fams {
+		o.Rules = append(o.Rules, Rule{Family: f, OIF: loopback, Src: PtrTo(passthrough(f)), Verdict: ret()})
+	}
+	owner := func(uid, gid *uint32, neg bool) Rule {
+		r := Rule{UID: uid, GID: gid}
+		if uid != nil {
+			r.UIDNot = neg
+		} else {
+			r.GIDNot = neg
+		}
+		return r
+	}
+	ownerRules := func(uid, gid *uint32) {
+		for _, f := range fams {
+			r := owner(uid, gid, false)
+			r.Family, r.OIF, r.Dst, r.DstNot = f, loopback, PtrTo(localhost(f)), true
+			r.Proto, r.DPort, r.DPortNot = ProtoTCP, single(cfg.InboundTunnelPort), true
+			r.Verdict = jump(ChainInRedirect)
+			o.Rules = append(o.Rules, r)
+		}
+		r := owner(uid, gid, true)
+		r.OIF, r.Verdict = loopback, ret()
+		o.Rules = append(o.Rules, r)
+		r = owner(uid, gid, false)
+		r.Verdict = ret()
+		o.Rules = append(o.Rules, r)
+	}
+	for _, u := range cfg.ProxyUIDs {
+		ownerRules(PtrTo(u), nil)
+	}
+	for _, g := range cfg.ProxyGIDs {
+		ownerRules(nil, PtrTo(g))
+	}
+	if cfg.RedirectDNS {
+		// The proxy's own queries already RETURNed above (owner rules).
+		o.Rules = append(o.Rules, Rule{Proto: ProtoUDP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
+		for _, f := range fams {
+			o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), DstNot: true, Proto: ProtoTCP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
+		}
+	}
+	for _, f := range fams {
+		o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), Verdict: ret()})
+	}
+	ex4, ex6 := addAddrSets(SetOutExcludeV4, SetOutExcludeV6, cfg.OutboundExcludeCIDRs)
+	if ex4 {
+		o.Rules = append(o.Rules, Rule{Family: FamilyIPv4, DstSet: SetOutExcludeV4, Verdict: ret()})
+	}
+	if ex6 {
+		o.Rules = append(o.Rules, Rule{Family: FamilyIPv6, DstSet: SetOutExcludeV6, Verdict: ret()})
+	}
+	if addPortSet(SetOutIncludePort, cfg.OutboundIncludePorts) {
+		o.Rules = append(o.Rules, Rule{Proto: ProtoTCP, DPortSet: SetOutIncludePort, Verdict: jump(ChainRedirect)})
+	}
+	if cfg.OutboundIncludeAll {
+		o.Rules = append(o.Rules, Rule{Verdict: jump(ChainRedirect)})
+	} else {
+		in4, in6 := addAddrSets(SetOutIncludeV4, SetOutIncludeV6, cfg.OutboundIncludeCIDRs)
+		if in4 {
+			o.Rules = append(o.Rules, Rule{Family: FamilyIPv4, DstSet: SetOutIncludeV4, Verdict: jump(ChainRedirect)})
+		}
+		if in6 {
+			o.Rules = append(o.Rules, Rule{Family: FamilyIPv6, DstSet: SetOutIncludeV6, Verdict: jump(ChainRedirect)})
+		}
+	}
+
+	rs.Chains = []*Chain{pre, out, in, inRedir, redir, o}
+	return rs, nil
+}
+
+func familiesOf(f Families) []Family {
+	switch f {
+	case IPv4Only:
+		return []Family{FamilyIPv4}
+	case IPv6Only:
+		return []Family{FamilyIPv6}
+	}
+	return []Family{FamilyIPv4, FamilyIPv6}
+}
+
+func passthrough(f Family) netip.Prefix {
+	if f == FamilyIPv6 {
+		return v6Passthrough
+	}
+	return v4Passthrough
+}
+
+func localhost(f Family) netip.Prefix {
+	if f == FamilyIPv6 {
+		return v6Localhost
+	}
+	return v4Localhost
+}
+
+func ret() Verdict               { return Verdict{Kind: VerdictReturn} }
+func jump(c string) Verdict      { return Verdict{Kind: VerdictJump, Chain: c} }
+func redirect(p uint16) Verdict  { return Verdict{Kind: VerdictRedirect, Port: p} }
+func single(p uint16) *PortRange { return &PortRange{p, p} }

@@ -1,0 +1,231 @@
+package rules
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// Mode is the inbound interception mode, as Istio's -m flag and the
+// sidecar.istio.io/interceptionMode annotation spell it.
+type Mode string
+
+const (
+	// ModeRedirect captures with nat REDIRECT. It is the only mode built.
+	ModeRedirect Mode = "REDIRECT"
+	// ModeTPROXY is accepted by the parser so that the error can say
+	// plainly that it is not supported yet.
+	ModeTPROXY Mode = "TPROXY"
+	// ModeNone means "do not capture". Build refuses it: entry points
+	// decide to skip the pod before building a ruleset.
+	ModeNone Mode = "NONE"
+)
+
+// Families selects which IP families get rules.
+type Families uint8
+
+const (
+	// DualStack programs IPv4 and IPv6. It is the default: a pod that
+	// is only captured for IPv4 has an open IPv6 bypass.
+	DualStack Families = iota
+	IPv4Only
+	IPv6Only
+)
+
+func (f Families) String() string {
+	switch f {
+	case IPv4Only:
+		return "ipv4"
+	case IPv6Only:
+		return "ipv6"
+	default:
+		return "dual"
+	}
+}
+
+// HasV4 reports whether IPv4 rules are programmed.
+func (f Families) HasV4() bool { return f != IPv6Only }
+
+// HasV6 reports whether IPv6 rules are programmed.
+func (f Families) HasV6() bool { return f != IPv4Only }
+
+// PortRange is an inclusive range of TCP/UDP ports. A single port has
+// From == To.
+type PortRange struct {
+	From, To uint16
+}
+
+func (p PortRange) String() string {
+	if p.From == p.To {
+		return fmt.Sprint(p.From)
+	}
+	return fmt.Sprintf("%d-%d", p.From, p.To)
+}
+
+func (p PortRange) overlaps(o PortRange) bool { return p.From <= o.To && o.From <= p.To }
+
+// Config is the typed, validated description of one pod's capture. Build
+// turns it into a Ruleset. The zero value is not useful: start from
+// DefaultConfig.
+type Config struct {
+	// ProxyPort receives captured outbound TCP (Istio -p, 15001).
+	ProxyPort uint16
+	// InboundPort receives captured inbound TCP (Istio -z, 15006).
+	InboundPort uint16
+	// InboundTunnelPort is never captured inbound (HBONE, 15008).
+	InboundTunnelPort uint16
+	// ProxyUIDs and ProxyGIDs identify the proxy's own traffic, which
+	// bypasses capture (Istio -u and -g, 1337).
+	ProxyUIDs []uint32
+	ProxyGIDs []uint32
+	// Mode is the inbound interception mode. Only REDIRECT is built.
+	Mode Mode
+
+	// OutboundIncludeAll is Istio's -i '*': capture every destination
+	// not excluded. When false, only OutboundIncludeCIDRs are captured.
+	OutboundIncludeAll   bool
+	OutboundIncludeCIDRs []netip.Prefix
+	// OutboundExcludeCIDRs are never captured (-x). They win over the
+	// include list, so a smaller range carved out of an included one is
+	// the normal way to exempt a destination.
+	OutboundExcludeCIDRs []netip.Prefix
+	// OutboundIncludePorts are always captured (-q), whatever the
+	// destination; OutboundExcludePorts never are (-o).
+	OutboundIncludePorts []PortRange
+	OutboundExcludePorts []PortRange
+
+	// InboundIncludeAll is Istio's -b '*'. Otherwise only
+	// InboundIncludePorts are captured inbound; an empty list disables
+	// inbound capture.
+	InboundIncludeAll   bool
+	InboundIncludePorts []PortRange
+	// InboundExcludePorts are not captured when InboundIncludeAll is set
+	// (-d). Istio ignores them otherwise, and so do we.
+	InboundExcludePorts []PortRange
+
+	// ExcludeInterfaces: traffic in or out of these is never captured (-c).
+	ExcludeInterfaces []string
+
+	// RedirectDNS captures DNS (udp and tcp 53) to DNSPort (15053).
+	RedirectDNS bool
+	DNSPort     uint16
+
+	Families Families
+}
+
+// Istio's defaults, as its sidecar injector passes them.
+const (
+	DefaultProxyPort         = 15001
+	DefaultInboundPort       = 15006
+	DefaultInboundTunnelPort = 15008
+	DefaultProxyUID          = 1337
+	DefaultDNSPort           = 15053
+)
+
+// DefaultInboundExcludePorts is the injector's -d 15090,15021,15020.
+var DefaultInboundExcludePorts = []PortRange{{15090, 15090}, {15021, 15021}, {15020, 15020}}
+
+// DefaultConfig returns the configuration that Istio's injector asks for:
+// -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020.
+func DefaultConfig() Config {
+	return Config{
+		ProxyPort:           DefaultProxyPort,
+		InboundPort:         DefaultInboundPort,
+		InboundTunnelPort:   DefaultInboundTunnelPort,
+		ProxyUIDs:           []uint32{DefaultProxyUID},
+		ProxyGIDs:           []uint32{DefaultProxyUID},
+		Mode:                ModeRedirect,
+		OutboundIncludeAll:  true,
+		InboundIncludeAll:   true,
+		InboundExcludePorts: slices.Clone(DefaultInboundExcludePorts),
+		DNSPort:             DefaultDNSPort,
+		Families:            DualStack,
+	}
+}
+
+// Validate checks the cross-field rules that single-field parsing cannot:
+// ports not zero, families of CIDRs, include/exclude conflicts. Field names
+// in errors are the Istio flag long names; entry points that take the
+// value from elsewhere (a CNI config key, an annotation) re-label them with
+// FieldError.Relabel.
+func (c *Config) Validate() error {
+	for _, p := range []struct {
+		field string
+		v     uint16
+	}{
+		{FieldProxyPort, c.ProxyPort},
+		{FieldInboundPort, c.InboundPort},
+		{FieldInboundTunnelPort, c.InboundTunnelPort},
+	} {
+		if p.v == 0 {
+			return fieldErr(p.field, "0", "port must be between 1 and 65535")
+		}
+	}
+	if c.RedirectDNS && c.DNSPort == 0 {
+		return fieldErr(FieldDNSPort, "0", "port must be between 1 and 65535")
+	}
+	switch c.Mode {
+	case ModeRedirect:
+	case ModeTPROXY:
+		return fieldErr(FieldMode, string(c.Mode), "TPROXY interception is not supported yet; use REDIRECT")
+	case ModeNone:
+		return fieldErr(FieldMode, string(c.Mode), "NONE means no capture; the caller must skip the pod instead of building rules")
+	default:
+		return fieldErr(FieldMode, string(c.Mode), "must be REDIRECT or TPROXY")
+	}
+	if len(c.ProxyUIDs) == 0 && len(c.ProxyGIDs) == 0 {
+		return fieldErr(FieldProxyUID, "", "at least one proxy UID or GID is required, or the proxy's own traffic loops back into itself")
+	}
+	for _, l := range []struct {
+		field string
+		v     []netip.Prefix
+	}{
+		{FieldOutboundIncludeCIDRs, c.OutboundIncludeCIDRs},
+		{FieldOutboundExcludeCIDRs, c.OutboundExcludeCIDRs},
+	} {
+		for _, p := range l.v {
+			if p.Addr().Is4() && !c.Families.HasV4() {
+				return fieldErr(l.field, p.String(), "is an IPv4 CIDR but IPv4 is disabled (families=ipv6)")
+			}
+			if p.Addr().Is6() && !c.Families.HasV6() {
+				return fieldErr(l.field, p.String(), "is an IPv6 CIDR but IPv6 is disabled (families=ipv4)")
+			}
+		}
+	}
+	// An include that is wholly inside an exclude can never match: the
+	// exclude RETURNs first. That is a misconfiguration, not a carve-out.
+	for _, in := range c.OutboundIncludeCIDRs {
+		for _, ex := range c.OutboundExcludeCIDRs {
+			if ex.Bits() <= in.Bits() && ex.Contains(in.Addr()) {
+				return fieldErr(FieldOutboundIncludeCIDRs, in.String(),
+					fmt.Sprintf("is entirely covered by excluded CIDR %s (--%s), so it would never be captured", ex, FieldOutboundExcludeCIDRs))
+			}
+		}
+	}
+	if err := portConflict(FieldOutboundIncludePorts, c.OutboundIncludePorts, FieldOutboundExcludePorts, c.OutboundExcludePorts); err != nil {
+		return err
+	}
+	if c.InboundIncludeAll && len(c.InboundIncludePorts) > 0 {
+		return fieldErr(FieldInboundIncludePorts, "*", "'*' cannot be combined with explicit ports")
+	}
+	if err := portConflict(FieldInboundIncludePorts, c.InboundIncludePorts, FieldInboundExcludePorts, c.InboundExcludePorts); err != nil {
+		return err
+	}
+	for _, i := range c.ExcludeInterfaces {
+		if err := validIfName(FieldExcludeInterfaces, i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func portConflict(inField string, in []PortRange, exField string, ex []PortRange) error {
+	for _, a := range in {
+		for _, b := range ex {
+			if a.overlaps(b) {
+				return fieldErr(inField, a.String(), fmt.Sprintf("overlaps port %s of --%s; a port cannot be both included and excluded", b, exField))
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,179 @@
+package rules
+
+import "net/netip"
+
+// The ruleset model: plain data, no I/O. Build fills it from a Config;
+// each backend renders it. Chain, set and table names are a public
+// contract (runbooks, dashboards and our own upgrade code look them up):
+// never rename them.
+const (
+	// NFTTable is the nftables table we own, in the inet family.
+	NFTTable = "egress_cni"
+
+	ChainInbound    = "ISTIO_INBOUND"
+	ChainInRedirect = "ISTIO_IN_REDIRECT"
+	ChainRedirect   = "ISTIO_REDIRECT"
+	ChainOutput     = "ISTIO_OUTPUT"
+
+	// Base chains. In nftables they are ours (in NFTTable); in iptables
+	// they are the built-in nat chains of the same hook.
+	ChainPrerouting = "prerouting"
+	ChainOutputHook = "output"
+
+	SetOutExcludeV4   = "out_exclude_v4"
+	SetOutExcludeV6   = "out_exclude_v6"
+	SetOutIncludeV4   = "out_include_v4"
+	SetOutIncludeV6   = "out_include_v6"
+	SetOutExcludePort = "out_exclude_ports"
+	SetOutIncludePort = "out_include_ports"
+	SetInExcludePort  = "in_exclude_ports"
+	SetInIncludePort  = "in_include_ports"
+
+	// Comment marks the rules we add to built-in iptables chains, so
+	// that Apply and Remove find them without touching anyone else's.
+	Comment = "egress-cni"
+
+	// FormatVersion is the layout version of the rules we write.
+	FormatVersion = 1
+)
+
+// Family of a rule. FamilyAny rules apply to IPv4 and IPv6.
+type Family uint8
+
+const (
+	FamilyAny Family = iota
+	FamilyIPv4
+	FamilyIPv6
+)
+
+// Proto is the layer-4 protocol a rule matches.
+type Proto uint8
+
+const (
+	ProtoAny Proto = iota
+	ProtoTCP
+	ProtoUDP
+)
+
+func (p Proto) String() string {
+	switch p {
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	}
+	return ""
+}
+
+// SetType is the element type of a set.
+type SetType uint8
+
+const (
+	SetIPv4 SetType = iota + 1
+	SetIPv6
+	SetPorts
+)
+
+// Ruleset is the whole desired state of one pod's capture.
+type Ruleset struct {
+	Families Families
+	// Chains in dependency order: base chains first, then regular chains.
+	Chains []*Chain
+	Sets   []*Set
+}
+
+// Chain returns the chain with the given name, or nil.
+func (rs *Ruleset) Chain(name string) *Chain {
+	for _, c := range rs.Chains {
+		if c.Name == name {
+			return c
+		}
+	}
+	return nil
+}
+
+// Set returns the set with the given name, or nil.
+func (rs *Ruleset) Set(name string) *Set {
+	for _, s := range rs.Sets {
+		if s.Name == name {
+			return s
+		}
+	}
+	return nil
+}
+
+// Chain is a list of rules. Base chains have a Hook.
+type Chain struct {
+	Name  string
+	Hook  *Hook
+	Rules []Rule
+}
+
+// Hook attaches a base chain to the kernel. All our base chains are nat.
+type Hook struct {
+	// Hook is "prerouting" or "output".
+	Hook string
+	// Priority is nftables' numeric priority (dstnat and srcnat are -100
+	// and 100). iptables ignores it.
+	Priority int32
+	// IPTChain is the built-in iptables chain of the same hook.
+	IPTChain string
+}
+
+// Set is a named set of addresses or ports. Prefixes are sorted and free
+// of duplicates but may overlap; renderers that need disjoint intervals
+// merge them.
+type Set struct {
+	Name     string
+	Type     SetType
+	Prefixes []netip.Prefix
+	Ports    []PortRange
+}
+
+// Empty reports whether the set has no element.
+func (s *Set) Empty() bool { return len(s.Prefixes) == 0 && len(s.Ports) == 0 }
+
+// VerdictKind is what a matching rule does.
+type VerdictKind uint8
+
+const (
+	VerdictReturn VerdictKind = iota + 1
+	VerdictJump
+	VerdictRedirect
+)
+
+// Verdict of a rule.
+type Verdict struct {
+	Kind  VerdictKind
+	Chain string // VerdictJump
+	Port  uint16 // VerdictRedirect
+}
+
+// Rule is one match-and-verdict. Every nil or zero field matches
+// anything. Fields are listed in the order renderers emit them.
+type Rule struct {
+	// Family restricts the rule to IPv4 or IPv6. A rule with an address
+	// or an address set always has a family.
+	Family Family
+	IIF    string
+	OIF    string
+	Src    *netip.Prefix
+	Dst    *netip.Prefix
+	DstNot bool
+	// DstSet names an address set of the rule's family.
+	DstSet string
+	Proto  Proto
+	DPort  *PortRange
+	// DPortNot negates DPort.
+	DPortNot bool
+	// DPortSet names a port set. Proto must be set.
+	DPortSet string
+	UID      *uint32
+	UIDNot   bool
+	GID      *uint32
+	GIDNot   bool
+	Verdict  Verdict
+}
+
+// PtrTo returns a pointer to v, for the optional fields of Rule.
+func PtrTo[T any](v T) *T { return &v }
