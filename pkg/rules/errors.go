@@ -146,3 +146,20 @@ func slicesEqual(a, b []string) bool {
 	}
 	return true
 }
+
+// MissingBinaryError says a backend needs a program that is not
+// installed. Only the iptables backends run programs.
+type MissingBinaryError struct {
+	Binary  string // e.g. iptables-legacy-restore
+	Package string // the Debian package that ships it
+}
+
+func (e *MissingBinaryError) Error() string {
+	return fmt.Sprintf("%s not found in PATH: install the %q package, or use --backend nftables, which needs no binary", e.Binary, e.Package)
+}
+
+// IsBinaryMissing reports whether err says a required program is missing.
+func IsBinaryMissing(err error) bool {
+	var e *MissingBinaryError
+	return errors.As(err, &e)
+}
