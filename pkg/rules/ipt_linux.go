@@ -1,0 +1,436 @@
+package rules
+
+// The iptables backend, in its two flavours (iptables-nft and
+// iptables-legacy). It drives the *-save and *-restore binaries rather
+// than go-iptables: one restore per family replaces everything we own in
+// the nat table atomically (the kernel gets a single table replacement,
+// or a single nftables batch), where go-iptables would run one process
+// per rule and leave partial state behind on failure.
+//
+// What we own in the nat table of each family:
+//   - the chains ISTIO_INBOUND, ISTIO_IN_REDIRECT, ISTIO_OUTPUT and
+//     ISTIO_REDIRECT (Istio's names, so tools and runbooks that know
+//     Istio keep working);
+//   - "entry rules" in PREROUTING and OUTPUT: rules that carry
+//     "-m comment --comment egress-cni", or that jump to one of our
+//     chains. The second clause takes over the rules istio-iptables
+//     wrote, so switching to egress-cni never leaves duplicates.
+//
+// Apply: save, then one "restore --noflush" that declares our chains
+// (which flushes them), deletes the old entry rules, and appends the new
+// ones and every chain rule. Remove: the same with -X and no new rules.
+// Nothing else in the table is touched.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DefaultLockWait is how long the legacy flavour waits for the xtables
+// lock when BackendOptions.LockWait is zero.
+const DefaultLockWait = 5 * time.Second
+
+// iptRunner runs the save and restore binaries of one flavour in the
+// calling thread's network namespace. Tests fake it.
+type iptRunner interface {
+	// Save returns "*-save -t nat" for the family. A namespace without
+	// a nat table may return "".
+	Save(f Family) (string, error)
+	// Restore feeds input to "*-restore --noflush".
+	Restore(f Family, input string) error
+}
+
+type iptBackend struct {
+	name BackendName
+	run  iptRunner
+}
+
+func newIPTBackend(name BackendName, opts BackendOptions) Backend {
+	return &iptBackend{name: name, run: newExecRunner(name, opts)}
+}
+
+func (ipt *iptBackend) Name() BackendName { return ipt.name }
+
+func (ipt *iptBackend) Render(rs *Ruleset) (string, error) {
+	if rs == nil {
+		return "", errors.New("no ruleset to render")
+	}
+	return renderIPTables(rs)
+}
+
+var iptFamilies = []Family{FamilyIPv4, FamilyIPv6}
+
+// Apply programs rs in each enabled family and removes our rules from
+// the other. Each family is one atomic restore; the two families are not
+// atomic together.
+func (ipt *iptBackend) Apply(rs *Ruleset) error {
+	if rs == nil {
+		return errors.New("no ruleset to apply")
+	}
+	// Render both families before touching anything, so a model error
+	// changes nothing.
+	want := map[Family]*iptTable{}
+	for _, f := range iptFamilies {
+		if !familyEnabled(rs.Families, f) {
+			continue
+		}
+		t, err := renderIPT(rs, f)
+		if err != nil {
+			return err
+		}
+		want[f] = t
+	}
+	for _, f := range iptFamilies {
+		have, err := ipt.owned(f)
+		if err != nil {
+			return err
+		}
+		var input string
+		if t := want[f]; t != nil {
+			input = iptApplyInput(t, have)
+		} else {
+			input = iptRemoveInput(have)
+		}
+		if input == "" {
+			continue
+		}
+		if err := ipt.run.Restore(f, input); err != nil {
+			return fmt.Errorf("could not apply %s rules with %s: %w", iptCommand(f), ipt.name, err)
+		}
+	}
+	return nil
+}
+
+// Check compares what we own in both families with rs.
+func (ipt *iptBackend) Check(rs *Ruleset) error {
+	if rs == nil {
+		return errors.New("no ruleset to check")
+	}
+	drift := &DriftError{Backend: string(ipt.name)}
+	for _, f := range iptFamilies {
+		var want []string
+		if familyEnabled(rs.Families, f) {
+			t, err := renderIPT(rs, f)
+			if err != nil {
+				return err
+			}
+			want = t.lines()
+		}
+		have, err := ipt.owned(f)
+		if err != nil {
+			return err
+		}
+		err = diffLines(string(ipt.name), want, have.lines())
+		var d *DriftError
+		if errors.As(err, &d) {
+			prefix := iptCommand(f) + ": "
+			for _, l := range d.Missing {
+				drift.Missing = append(drift.Missing, prefix+l)
+			}
+			for _, l := range d.Extra {
+				drift.Extra = append(drift.Extra, prefix+l)
+			}
+		} else if err != nil {
+			return err
+		}
+	}
+	if len(drift.Missing) > 0 || len(drift.Extra) > 0 {
+		return drift
+	}
+	return nil
+}
+
+// Remove deletes our entry rules and chains in both families.
+func (ipt *iptBackend) Remove() error {
+	var errs []error
+	for _, f := range iptFamilies {
+		have, err := ipt.owned(f)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if input := iptRemoveInput(have); input != "" {
+			if err := ipt.run.Restore(f, input); err != nil {
+				errs = append(errs, fmt.Errorf("could not remove %s rules with %s: %w", iptCommand(f), ipt.name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// owned reads the nat table of family f and returns what we own in it.
+func (ipt *iptBackend) owned(f Family) (*iptTable, error) {
+	out, err := ipt.run.Save(f)
+	if err != nil {
+		return nil, fmt.Errorf("could not read the %s nat table with %s: %w", iptCommand(f), ipt.name, err)
+	}
+	return parseIPTSave(out, f), nil
+}
+
+// iptApplyInput is the restore input that replaces have with want.
+func iptApplyInput(want, have *iptTable) string {
+	var b strings.Builder
+	b.WriteString("*nat\n")
+	// Under --noflush, declaring a chain creates it or flushes it.
+	chains := slices.Clone(want.Chains)
+	var stale []string
+	for _, c := range have.Chains {
+		if !slices.Contains(chains, c) {
+			stale = append(stale, c)
+		}
+	}
+	for _, c := range append(chains, stale...) {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	}
+	for _, l := range have.Entry {
+		b.WriteString(deleteLine(l))
+	}
+	for _, c := range stale {
+		fmt.Fprintf(&b, "-X %s\n", c)
+	}
+	for _, l := range want.Entry {
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	for _, l := range want.Rules {
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// iptRemoveInput is the restore input that deletes everything in have,
+// or "" when have is empty.
+func iptRemoveInput(have *iptTable) string {
+	if have.empty() {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteString("*nat\n")
+	for _, c := range have.Chains {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	}
+	for _, l := range have.Entry {
+		b.WriteString(deleteLine(l))
+	}
+	for _, c := range have.Chains {
+		fmt.Fprintf(&b, "-X %s\n", c)
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// deleteLine turns a saved "-A CHAIN spec" into "-D CHAIN spec\n". The
+// spec that iptables-save prints is one restore accepts back.
+func deleteLine(l string) string {
+	return "-D" + strings.TrimPrefix(l, "-A") + "\n"
+}
+
+// parseIPTSave extracts what we own from iptables-save output: our chain
+// declarations, our chains' rules, and our entry rules in PREROUTING and
+// OUTPUT. The result is in iptTable's canonical order, whatever order the
+// flavour prints chains in.
+func parseIPTSave(out string, f Family) *iptTable {
+	t := &iptTable{Family: f}
+	rules := map[string][]string{}
+	entry := map[string][]string{}
+	inNat := false
+	sc := bufio.NewScanner(strings.NewReader(out))
+	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
+	for sc.Scan() {
+		l := strings.TrimRight(sc.Text(), " \r")
+		switch {
+		case strings.HasPrefix(l, "*"):
+			inNat = l == "*nat"
+		case !inNat:
+		case strings.HasPrefix(l, ":"):
+			name, _, _ := strings.Cut(l[1:], " ")
+			if isIPTChain(name) && !slices.Contains(t.Chains, name) {
+				t.Chains = append(t.Chains, name)
+			}
+		case strings.HasPrefix(l, "-A "):
+			chain, _, _ := strings.Cut(l[3:], " ")
+			switch {
+			case isIPTChain(chain):
+				rules[chain] = append(rules[chain], l)
+			case slices.Contains(iptBuiltins, chain) && isOurEntry(l):
+				entry[chain] = append(entry[chain], l)
+			}
+		}
+	}
+	slices.Sort(t.Chains)
+	for _, c := range iptBuiltins {
+		t.Entry = append(t.Entry, entry[c]...)
+	}
+	for _, c := range t.Chains {
+		t.Rules = append(t.Rules, rules[c]...)
+	}
+	return t
+}
+
+// isOurEntry reports whether a saved rule in a built-in chain is ours:
+// it carries our comment, or it jumps (or goes) to one of our chains.
+func isOurEntry(l string) bool {
+	fs := strings.Fields(l)
+	for i := 0; i+1 < len(fs); i++ {
+		switch fs[i] {
+		case "--comment":
+			if strings.Trim(fs[i+1], `"`) == Comment {
+				return true
+			}
+		case "-j", "-g":
+			if isIPTChain(fs[i+1]) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// execRunner runs the real binaries.
+type execRunner struct {
+	legacy bool
+	// lockWait is the --wait of the legacy restore, in whole seconds.
+	lockWait int
+	// dirs are searched for the binaries, in order.
+	dirs []string
+}
+
+// sbinDirs are searched after PATH: a CNI plugin's environment is the
+// runtime's, and may lack the sbin directories where Debian installs
+// iptables.
+var sbinDirs = []string{"/usr/sbin", "/sbin", "/usr/local/sbin"}
+
+func newExecRunner(name BackendName, opts BackendOptions) *execRunner {
+	wait := opts.LockWait
+	if wait <= 0 {
+		wait = DefaultLockWait
+	}
+	dirs := filepath.SplitList(os.Getenv("PATH"))
+	for _, d := range sbinDirs {
+		if !slices.Contains(dirs, d) {
+			dirs = append(dirs, d)
+		}
+	}
+	return &execRunner{
+		legacy:   name == BackendIPTablesLegacy,
+		lockWait: int(math.Ceil(wait.Seconds())),
+		dirs:     dirs,
+	}
+}
+
+// binary is the name of the save or restore binary ("save"/"restore").
+func (r *execRunner) binary(f Family, op string) string {
+	flavour := "nft"
+	if r.legacy {
+		flavour = "legacy"
+	}
+	return fmt.Sprintf("%s-%s-%s", iptCommand(f), flavour, op)
+}
+
+func (r *execRunner) lookPath(name string) (string, error) {
+	for _, d := range r.dirs {
+		if d == "" {
+			continue
+		}
+		p := filepath.Join(d, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", &MissingBinaryError{Binary: name, Package: "iptables"}
+}
+
+// timeout bounds one save or restore; the legacy restore may wait for
+// the lock first.
+func (r *execRunner) timeout() time.Duration {
+	return time.Duration(r.lockWait)*time.Second + time.Minute
+}
+
+func (r *execRunner) Save(f Family) (string, error) {
+	// Running the legacy save registers the nat table in the namespace,
+	// which would make the namespace look "legacy in use" to Detect.
+	// An unregistered table holds nothing of ours.
+	if r.legacy && !legacyNatRegistered(f) {
+		return "", nil
+	}
+	out, err := r.exec(f, "save", []string{"-t", "nat"}, "")
+	return out, err
+}
+
+func (r *execRunner) Restore(f Family, input string) error {
+	args := []string{"--noflush"}
+	if r.legacy {
+		// Debian's 1.8.9 takes -w seconds; -W is ignored as deprecated.
+		args = append(args, "-w", strconv.Itoa(r.lockWait))
+	}
+	_, err := r.exec(f, "restore", args, input)
+	return err
+}
+
+func (r *execRunner) exec(f Family, op string, args []string, stdin string) (string, error) {
+	name := r.binary(f, op)
+	path, err := r.lookPath(name)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.timeout())
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if op == "restore" {
+			msg += iptInputContext(msg, stdin)
+		}
+		return "", fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, msg)
+	}
+	return stdout.String(), nil
+}
+
+// iptInputContext quotes the input line that iptables-restore blames
+// ("... line 7 failed"), so the error names the rule.
+func iptInputContext(msg, input string) string {
+	i := strings.LastIndex(msg, "line ")
+	if i < 0 {
+		return ""
+	}
+	num, _, _ := strings.Cut(msg[i+len("line "):], " ")
+	n, err := strconv.Atoi(strings.TrimRight(num, ":."))
+	if err != nil || n < 1 {
+		return ""
+	}
+	lines := strings.Split(input, "\n")
+	if n > len(lines) {
+		return ""
+	}
+	return fmt.Sprintf(" (input line %d: %q)", n, lines[n-1])
+}
+
+// legacyNatRegistered reports whether the legacy nat table of family f
+// exists in the calling thread's network namespace.
+func legacyNatRegistered(f Family) bool {
+	file := "/proc/thread-self/net/ip_tables_names"
+	if f == FamilyIPv6 {
+		file = "/proc/thread-self/net/ip6_tables_names"
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return false
+	}
+	return slices.Contains(strings.Fields(string(b)), "nat")
+}
