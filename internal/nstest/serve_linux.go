@@ -1,0 +1,303 @@
+package nstest
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+)
+
+// Reply kinds, the first word of every line the servers write.
+const (
+	KindProxy  = "proxy"
+	KindDirect = "direct"
+)
+
+// Reply is a parsed server reply line. Servers write one of
+//
+//	proxy:<port> orig=<ip:port> src=<ip:port>
+//	direct src=<ip:port> dst=<ip:port>
+//
+// where orig is the connection's destination before NAT (SO_ORIGINAL_DST,
+// or "none" when conntrack has no entry), src the client as the server
+// sees it and dst the server's local address.
+type Reply struct {
+	Kind string
+	// Port is the proxy's listening port (proxy replies only).
+	Port uint16
+	// Orig is the pre-NAT destination (proxy replies only). Invalid when
+	// the kernel returned none.
+	Orig netip.AddrPort
+	Src  netip.AddrPort
+	Dst  netip.AddrPort
+}
+
+// ParseReply parses a line written by a ServeProxy or ServeEcho server.
+func ParseReply(s string) (Reply, error) {
+	var r Reply
+	f := strings.Fields(s)
+	if len(f) == 0 {
+		return r, fmt.Errorf("empty reply")
+	}
+	kind, port, _ := strings.Cut(f[0], ":")
+	switch kind {
+	case KindProxy:
+		n, err := strconv.ParseUint(port, 10, 16)
+		if err != nil {
+			return r, fmt.Errorf("bad proxy port in reply %q", s)
+		}
+		r.Port = uint16(n)
+	case KindDirect:
+	default:
+		return r, fmt.Errorf("unknown reply %q", s)
+	}
+	r.Kind = kind
+	for _, kv := range f[1:] {
+		k, v, _ := strings.Cut(kv, "=")
+		var dst *netip.AddrPort
+		switch k {
+		case "orig":
+			dst = &r.Orig
+		case "src":
+			dst = &r.Src
+		case "dst":
+			dst = &r.Dst
+		default:
+			continue
+		}
+		if v == "none" {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(v)
+		if err != nil {
+			return r, fmt.Errorf("bad %s in reply %q: %w", k, s, err)
+		}
+		*dst = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return r, nil
+}
+
+// Server is a set of listening sockets started by ServeProxy or
+// ServeEcho. It stops in t.Cleanup; Close stops it earlier.
+type Server struct {
+	// Addrs are the bound addresses, one per socket.
+	Addrs []net.Addr
+
+	closers []func() error
+	wg      sync.WaitGroup
+	once    sync.Once
+}
+
+// Close closes every socket and waits for the handlers to finish.
+func (s *Server) Close() {
+	s.once.Do(func() {
+		for _, c := range s.closers {
+			_ = c()
+		}
+		s.wg.Wait()
+	})
+}
+
+// connTimeout bounds every server-side read and write.
+const connTimeout = 2 * time.Second
+
+// ServeProxy listens on TCP port on every IPv4 and IPv6 address of the
+// namespace (two sockets, 0.0.0.0 and [::] with IPV6_V6ONLY) and answers
+// each connection with
+//
+//	proxy:<port> orig=<ip:port> src=<ip:port>\n
+//
+// where orig is SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6):
+// the destination the client asked for before a REDIRECT rewrote it.
+// The sockets are created inside the namespace and stay bound to it.
+func ServeProxy(t testing.TB, n ns.NetNS, port uint16) *Server {
+	t.Helper()
+	s := &Server{}
+	for _, network := range []string{"tcp4", "tcp6"} {
+		host := "0.0.0.0"
+		if network == "tcp6" {
+			host = "::"
+		}
+		l := listenTCP(t, n, network, net.JoinHostPort(host, strconv.Itoa(int(port))))
+		s.addListener(l, func(c *net.TCPConn) string {
+			return fmt.Sprintf("proxy:%d orig=%s src=%s\n", port, originalDst(c), c.RemoteAddr())
+		})
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// ServeEcho serves TCP and UDP on addr ("ip:port"; an empty host, ":port",
+// means both 0.0.0.0 and [::]) inside the namespace, answering each TCP
+// connection and each UDP datagram with
+//
+//	direct src=<remote ip:port> dst=<local ip:port>\n
+//
+// UDP sockets bound to a wildcard reply from whatever source the kernel
+// picks; bind a specific address when the client checks the source.
+func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
+	t.Helper()
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatalf("bad echo address %q: %v", addr, err)
+	}
+	addrs := []string{addr}
+	if host == "" {
+		addrs = []string{net.JoinHostPort("0.0.0.0", port), net.JoinHostPort("::", port)}
+	}
+	s := &Server{}
+	for _, a := range addrs {
+		fam := "4"
+		if ap, err := netip.ParseAddrPort(a); err == nil && ap.Addr().Is6() {
+			fam = "6"
+		}
+		l := listenTCP(t, n, "tcp"+fam, a)
+		s.addListener(l, func(c *net.TCPConn) string {
+			return fmt.Sprintf("%s src=%s dst=%s\n", KindDirect, c.RemoteAddr(), c.LocalAddr())
+		})
+		var pc *net.UDPConn
+		err := n.Do(func(ns.NetNS) error {
+			c, err := net.ListenPacket("udp"+fam, a)
+			if err != nil {
+				return err
+			}
+			pc = c.(*net.UDPConn)
+			return nil
+		})
+		if err != nil {
+			s.Close()
+			t.Fatalf("could not listen on udp %s in %s: %v", a, n.Path(), err)
+		}
+		s.Addrs = append(s.Addrs, pc.LocalAddr())
+		s.closers = append(s.closers, pc.Close)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			buf := make([]byte, 2048)
+			for {
+				_, from, err := pc.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					return
+				}
+				msg := fmt.Sprintf("%s src=%s dst=%s\n", KindDirect, from, pc.LocalAddr())
+				_, _ = pc.WriteToUDPAddrPort([]byte(msg), from)
+			}
+		}()
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func listenTCP(t testing.TB, n ns.NetNS, network, addr string) *net.TCPListener {
+	t.Helper()
+	var l *net.TCPListener
+	err := n.Do(func(ns.NetNS) error {
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			return err
+		}
+		l = ln.(*net.TCPListener)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("could not listen on %s %s in %s: %v", network, addr, n.Path(), err)
+	}
+	return l
+}
+
+func (s *Server) addListener(l *net.TCPListener, reply func(*net.TCPConn) string) {
+	s.Addrs = append(s.Addrs, l.Addr())
+	s.closers = append(s.closers, l.Close)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := l.AcceptTCP()
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue
+			}
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(connTimeout))
+				_, _ = c.Write([]byte(reply(c)))
+				// Let the client read before the close; it sends
+				// nothing, so this returns at EOF or the deadline.
+				_, _ = bufio.NewReader(c).ReadByte()
+			}()
+		}
+	}()
+}
+
+// originalDst returns the connection's pre-NAT destination, or "none".
+func originalDst(c *net.TCPConn) string {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return "none"
+	}
+	var ap netip.AddrPort
+	var serr error
+	is6 := false
+	if la, ok := c.LocalAddr().(*net.TCPAddr); ok && la.IP.To4() == nil {
+		is6 = true
+	}
+	err = rc.Control(func(fd uintptr) {
+		if is6 {
+			ap, serr = getOrigDst6(int(fd))
+		} else {
+			ap, serr = getOrigDst4(int(fd))
+		}
+	})
+	if err != nil || serr != nil {
+		return "none"
+	}
+	return ap.String()
+}
+
+// SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST
+// (linux/netfilter_ipv6/ip6_tables.h) are both 80.
+const soOriginalDst = 80
+
+func getOrigDst4(fd int) (netip.AddrPort, error) {
+	var sa unix.RawSockaddrInet4
+	l := uint32(unsafe.Sizeof(sa))
+	if err := getsockopt(fd, unix.SOL_IP, soOriginalDst, unsafe.Pointer(&sa), &l); err != nil {
+		return netip.AddrPort{}, err
+	}
+	port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port), nil
+}
+
+func getOrigDst6(fd int) (netip.AddrPort, error) {
+	var sa unix.RawSockaddrInet6
+	l := uint32(unsafe.Sizeof(sa))
+	if err := getsockopt(fd, unix.SOL_IPV6, soOriginalDst, unsafe.Pointer(&sa), &l); err != nil {
+		return netip.AddrPort{}, err
+	}
+	port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+	return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), port), nil
+}
+
+func getsockopt(fd, level, opt int, p unsafe.Pointer, l *uint32) error {
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(l)), 0)
+	if e != 0 {
+		return syscall.Errno(e)
+	}
+	return nil
+}
