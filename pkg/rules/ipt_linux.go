@@ -31,6 +31,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -393,29 +394,50 @@ func (r *execRunner) exec(f Family, op string, args []string, stdin string) (str
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
+		msg := iptStderr(stderr.String())
 		if op == "restore" {
 			msg += iptInputContext(msg, stdin)
+		}
+		if r.legacy && strings.Contains(msg, "xtables lock") {
+			return "", fmt.Errorf("%s %s: %w (waited %ds): %w: %s", name, strings.Join(args, " "), ErrXtablesLocked, r.lockWait, err, msg)
 		}
 		return "", fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, msg)
 	}
 	return stdout.String(), nil
 }
 
+// ErrXtablesLocked is wrapped by errors of the legacy flavour when
+// another program held the xtables lock for longer than
+// BackendOptions.LockWait. Retrying later may succeed.
+var ErrXtablesLocked = errors.New("another program holds the xtables lock")
+
+// iptStderr makes the binaries' stderr one line, without the usage hint.
+func iptStderr(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" || strings.HasPrefix(l, "Try `") {
+			continue
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, "; ")
+}
+
+var iptErrLine = regexp.MustCompile(`line:? (\d+)`)
+
 // iptInputContext quotes the input line that iptables-restore blames
-// ("... line 7 failed"), so the error names the rule.
+// ("Error occurred at line: 7"), so the error names the rule. The nft
+// flavour blames the COMMIT line for errors it finds while committing
+// (a missing chain, say).
 func iptInputContext(msg, input string) string {
-	i := strings.LastIndex(msg, "line ")
-	if i < 0 {
+	m := iptErrLine.FindAllStringSubmatch(msg, -1)
+	if len(m) == 0 {
 		return ""
 	}
-	num, _, _ := strings.Cut(msg[i+len("line "):], " ")
-	n, err := strconv.Atoi(strings.TrimRight(num, ":."))
-	if err != nil || n < 1 {
-		return ""
-	}
+	n, err := strconv.Atoi(m[len(m)-1][1])
 	lines := strings.Split(input, "\n")
-	if n > len(lines) {
+	if err != nil || n < 1 || n > len(lines) {
 		return ""
 	}
 	return fmt.Sprintf(" (input line %d: %q)", n, lines[n-1])

@@ -20,9 +20,9 @@ import (
 
 var iptFlavours = []BackendName{BackendIPTablesNFT, BackendIPTablesLegacy}
 
-// requirePrivileged skips without root, or fails when the environment
+// iptRequirePrivileged skips without root, or fails when the environment
 // says privileged tests must run (CI).
-func requirePrivileged(t testing.TB) {
+func iptRequirePrivileged(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() == 0 {
 		return
@@ -37,7 +37,7 @@ func requirePrivileged(t testing.TB) {
 // newIPTTestNS creates a fresh network namespace, removed at cleanup.
 func newIPTTestNS(t testing.TB) ns.NetNS {
 	t.Helper()
-	requirePrivileged(t)
+	iptRequirePrivileged(t)
 	n, err := testutils.NewNS()
 	if err != nil {
 		t.Fatalf("could not create a network namespace: %v", err)
@@ -51,8 +51,8 @@ func newIPTTestNS(t testing.TB) ns.NetNS {
 	return n
 }
 
-// inNS runs fn in n and fails the test on error.
-func inNS(t testing.TB, n ns.NetNS, what string, fn func() error) {
+// iptInNS runs fn in n and fails the test on error.
+func iptInNS(t testing.TB, n ns.NetNS, what string, fn func() error) {
 	t.Helper()
 	if err := n.Do(func(ns.NetNS) error { return fn() }); err != nil {
 		t.Fatalf("%s: %v", what, err)
@@ -67,7 +67,7 @@ func runIPT(t testing.TB, n ns.NetNS, flavour BackendName, f Family, op, stdin s
 		bin += "-" + op
 	}
 	var out []byte
-	inNS(t, n, bin, func() error {
+	iptInNS(t, n, bin, func() error {
 		cmd := exec.Command(bin, args...)
 		cmd.Stdin = strings.NewReader(stdin)
 		var err error
@@ -108,15 +108,15 @@ func forFlavours(t *testing.T, fn func(t *testing.T, flavour BackendName, n ns.N
 // Every golden config applies, and iptables-save prints back exactly the
 // rendered lines (Check compares them), in both flavours.
 func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
-	requirePrivileged(t)
+	iptRequirePrivileged(t)
 	for _, fl := range iptFlavours {
 		for _, tc := range iptGoldenCases() {
 			t.Run(string(fl)+"/"+tc.name, func(t *testing.T) {
 				n := newIPTTestNS(t)
 				rs := iptGoldenRuleset(t, tc.cfg)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-				inNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
+				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				iptInNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
 			})
 		}
 	}
@@ -129,13 +129,13 @@ func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
 		first := saveBoth(t, n, fl)
-		inNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
 		if diff := cmp.Diff(first, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("second Apply changed the tables (-first +second):\n%s", diff)
 		}
-		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
 	})
 }
 
@@ -152,10 +152,10 @@ func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{80, 80}}, nil
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
-		inNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
-		inNS(t, n, "Check b", func() error { return ipt.Check(b) })
-		inNS(t, n, "Check a", func() error {
+		iptInNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
+		iptInNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
+		iptInNS(t, n, "Check b", func() error { return ipt.Check(b) })
+		iptInNS(t, n, "Check a", func() error {
 			if err := ipt.Check(a); !IsDrift(err) {
 				return fmt.Errorf("Check of the old config: want drift, got %v", err)
 			}
@@ -191,9 +191,9 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Remove where nothing exists succeeds, and (legacy) does not
 		// create the nat table, which would make Detect see legacy in use.
-		inNS(t, n, "Remove on an empty namespace", ipt.Remove)
+		iptInNS(t, n, "Remove on an empty namespace", ipt.Remove)
 		if fl == BackendIPTablesLegacy {
-			inNS(t, n, "legacy tables", func() error {
+			iptInNS(t, n, "legacy tables", func() error {
 				if legacyInUse() {
 					return errors.New("Remove registered legacy tables in an empty namespace")
 				}
@@ -209,21 +209,21 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 		applied := saveBoth(t, n, fl)
 		for _, l := range []string{"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT", "-A OUTPUT -d 2001:db8::7/128 -j ACCEPT", "-A FOREIGN -p udp -m udp --dport 4789 -j RETURN", "-A PREROUTING -i eth9 -j FOREIGN"} {
 			if !strings.Contains(applied, l+"\n") {
 				t.Errorf("Apply lost foreign rule %q:\n%s", l, applied)
 			}
 		}
-		inNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
 
-		inNS(t, n, "Remove", ipt.Remove)
+		iptInNS(t, n, "Remove", ipt.Remove)
 		if diff := cmp.Diff(before, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("Remove did not restore the tables as they were (-before +after):\n%s", diff)
 		}
-		inNS(t, n, "second Remove", ipt.Remove)
-		inNS(t, n, "Check after Remove", func() error {
+		iptInNS(t, n, "second Remove", ipt.Remove)
+		iptInNS(t, n, "Check after Remove", func() error {
 			err := ipt.Check(rs)
 			if !IsDrift(err) {
 				return fmt.Errorf("want drift after Remove, got %v", err)
@@ -237,7 +237,7 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		rs := iptGoldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 
 		bin := "ip6tables" + strings.TrimPrefix(string(fl), "iptables")
 		runIPT(t, n, fl, FamilyIPv6, "", "", "-t", "nat", "-D", "ISTIO_OUTPUT", "-d", "::1/128", "-j", "RETURN")
@@ -265,8 +265,8 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 		}
 
 		// Apply repairs it.
-		inNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
-		inNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
 	})
 }
 
@@ -295,14 +295,14 @@ func TestIPTTakesOverIstioRules(t *testing.T) {
 		runIPT(t, n, fl, FamilyIPv4, "restore", istioRules4, "--noflush")
 		rs := iptGoldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "Check before takeover", func() error {
+		iptInNS(t, n, "Check before takeover", func() error {
 			if err := ipt.Check(rs); !IsDrift(err) {
 				return fmt.Errorf("want drift before Apply, got %v", err)
 			}
 			return nil
 		})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
 		v4 := saveNat(t, n, fl, FamilyIPv4)
 		for _, l := range []string{"-j ISTIO_OUTPUT\n", "-j ISTIO_INBOUND\n"} {
 			if c := strings.Count(v4, l); c != 1 {
@@ -349,16 +349,16 @@ func excludedCIDRs(n int) []netip.Prefix {
 // restore that replaces our rules) in both families, with N excluded
 // IPv4 CIDRs, i.e. N more rules in the IPv4 ISTIO_OUTPUT.
 func BenchmarkIPTApply(b *testing.B) {
-	requirePrivileged(b)
+	iptRequirePrivileged(b)
 	for _, fl := range iptFlavours {
 		for _, size := range []int{0, 100, 1000, 10000} {
 			b.Run(fmt.Sprintf("%s/N=%d", fl, size), func(b *testing.B) {
 				n := newIPTTestNS(b)
 				rs := iptGoldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
 				ipt := newIPTBackend(fl, BackendOptions{})
-				inNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
+				iptInNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
 				b.ResetTimer()
-				inNS(b, n, "Apply", func() error {
+				iptInNS(b, n, "Apply", func() error {
 					for b.Loop() {
 						if err := ipt.Apply(rs); err != nil {
 							return err
@@ -367,7 +367,7 @@ func BenchmarkIPTApply(b *testing.B) {
 					return nil
 				})
 				b.StopTimer()
-				inNS(b, n, "Check", func() error { return ipt.Check(rs) })
+				iptInNS(b, n, "Check", func() error { return ipt.Check(rs) })
 			})
 		}
 	}
