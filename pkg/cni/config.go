@@ -1,0 +1,408 @@
+// Package cni is the logic of the egress-cni chained CNI plugin: config
+// parsing, the per-pod capture decision, and the ADD/DEL/CHECK/STATUS/GC
+// commands. cmd/egress-cni only hands these functions to skel.
+//
+// The plugin runs after the node's primary plugin (bridge, Calico,
+// Cilium…). ADD programs the pod's capture rules inside the pod's network
+// namespace and passes the primary plugin's result through unchanged.
+package cni
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/egress-cni/egress-cni/pkg/rules"
+)
+
+// PluginType is the "type" of our conflist entry and our binary's name.
+const PluginType = "egress-cni"
+
+// PodAnnotationsCapability is the capability that makes containerd (≥ 1.5)
+// and CRI-O (≥ 1.29) deliver the pod's annotations in runtimeConfig. The
+// conflist entry must declare it: "capabilities": {"<this>": true}.
+const PodAnnotationsCapability = "io.kubernetes.cri.pod-annotations"
+
+// Defaults of the keys that are ours, not the engine's.
+const (
+	DefaultLogFile           = "/var/log/egress-cni.log"
+	DefaultLogLevel          = "info"
+	DefaultCaptureAnnotation = "sidecar.istio.io/status"
+)
+
+// DefaultExcludeNamespaces are never captured unless the config says
+// otherwise. kube-system holds the node agents (CNI daemons, kube-proxy,
+// DNS) that must keep working when the mesh is down.
+var DefaultExcludeNamespaces = []string{"kube-system"}
+
+// Capture selection values of the "capture" key.
+const (
+	// CaptureAnnotated captures pods that carry captureAnnotation
+	// (default sidecar.istio.io/status, which Istio's injector adds).
+	CaptureAnnotated = "annotated"
+	// CaptureAll captures every pod outside excludeNamespaces.
+	CaptureAll = "all"
+)
+
+// NetConf is our conflist entry. Every optional key of the engine's
+// Config is a camelCase key named after Istio's annotation suffix where
+// one exists (traffic.sidecar.istio.io/excludeOutboundIPRanges →
+// excludeOutboundIPRanges). Values are strings in Istio's syntax; numbers
+// and JSON arrays of strings or numbers are accepted too, so
+// "proxyPort": 15001 and "excludeOutboundIPRanges": ["10.0.0.0/8"] work.
+// Unknown keys are an error: a typo must not silently leave a pod
+// uncaptured.
+type NetConf struct {
+	types.PluginConf
+
+	// RuntimeConfig carries the capabilities the runtime filled in. Only
+	// PodAnnotationsCapability is read; other keys are ignored, since
+	// which ones arrive depends on the whole conflist.
+	RuntimeConfig map[string]json.RawMessage `json:"runtimeConfig,omitempty"`
+	// Args is the CNI "args" convention. Accepted and ignored.
+	Args json.RawMessage `json:"args,omitempty"`
+
+	ProxyPort               *flexString `json:"proxyPort,omitempty"`
+	InboundPort             *flexString `json:"inboundPort,omitempty"`
+	InboundTunnelPort       *flexString `json:"inboundTunnelPort,omitempty"`
+	ProxyUID                *flexString `json:"proxyUID,omitempty"`
+	ProxyGID                *flexString `json:"proxyGID,omitempty"`
+	InterceptionMode        *flexString `json:"interceptionMode,omitempty"`
+	IncludeOutboundIPRanges *flexString `json:"includeOutboundIPRanges,omitempty"`
+	ExcludeOutboundIPRanges *flexString `json:"excludeOutboundIPRanges,omitempty"`
+	IncludeInboundPorts     *flexString `json:"includeInboundPorts,omitempty"`
+	ExcludeInboundPorts     *flexString `json:"excludeInboundPorts,omitempty"`
+	IncludeOutboundPorts    *flexString `json:"includeOutboundPorts,omitempty"`
+	ExcludeOutboundPorts    *flexString `json:"excludeOutboundPorts,omitempty"`
+	ExcludeInterfaces       *flexString `json:"excludeInterfaces,omitempty"`
+	RedirectDNS             *bool       `json:"redirectDNS,omitempty"`
+	DNSPort                 *flexString `json:"dnsPort,omitempty"`
+	Families                *flexString `json:"families,omitempty"`
+	Backend                 *string     `json:"backend,omitempty"`
+
+	// ExcludeNamespaces are never captured. nil means
+	// DefaultExcludeNamespaces; [] means none.
+	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"`
+	// Capture is CaptureAnnotated (default) or CaptureAll.
+	Capture *string `json:"capture,omitempty"`
+	// CaptureAnnotation selects pods under CaptureAnnotated.
+	CaptureAnnotation *string `json:"captureAnnotation,omitempty"`
+	// LogFile: nil means DefaultLogFile, "" disables logging, "stderr"
+	// logs to the runtime (containerd records a failing plugin's stderr).
+	LogFile *string `json:"logFile,omitempty"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel *string `json:"logLevel,omitempty"`
+}
+
+// Settings is a parsed, validated NetConf.
+type Settings struct {
+	// Conf is the raw entry, with PrevResult parsed (nil if absent).
+	Conf *NetConf
+	// Base is the engine config before per-pod annotations.
+	Base rules.Config
+	// Set says which engine fields the config set (by rules.Field* name).
+	Set               map[string]bool
+	Backend           rules.BackendName
+	ExcludeNamespaces []string
+	Capture           string
+	CaptureAnnotation string
+	LogFile           string
+	LogLevel          string
+	// Annotations from runtimeConfig; nil when the runtime sent none.
+	Annotations map[string]string
+}
+
+// ConfigKeys maps the engine's field names to our config keys, for
+// rules.Relabel.
+var ConfigKeys = map[string]string{
+	rules.FieldProxyPort:            "proxyPort",
+	rules.FieldInboundPort:          "inboundPort",
+	rules.FieldInboundTunnelPort:    "inboundTunnelPort",
+	rules.FieldProxyUID:             "proxyUID",
+	rules.FieldProxyGID:             "proxyGID",
+	rules.FieldMode:                 "interceptionMode",
+	rules.FieldOutboundIncludeCIDRs: "includeOutboundIPRanges",
+	rules.FieldOutboundExcludeCIDRs: "excludeOutboundIPRanges",
+	rules.FieldInboundIncludePorts:  "includeInboundPorts",
+	rules.FieldInboundExcludePorts:  "excludeInboundPorts",
+	rules.FieldOutboundIncludePorts: "includeOutboundPorts",
+	rules.FieldOutboundExcludePorts: "excludeOutboundPorts",
+	rules.FieldExcludeInterfaces:    "excludeInterfaces",
+	rules.FieldDNSPort:              "dnsPort",
+	rules.FieldFamilies:             "families",
+}
+
+// ConfigError is a rejected config value or annotation. ADD turns it into
+// CNI error 7 (invalid network config).
+type ConfigError struct {
+	Pod string // "namespace/name", or "" for a config error
+	// Source is "config key" or "annotation".
+	Source string
+	// Name is the key or annotation name.
+	Name string
+	// Value is the whole value as given; Item the offending part of it
+	// (may equal Value).
+	Value, Item string
+	Reason      string
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	if e.Pod != "" {
+		fmt.Fprintf(&b, "pod %s: ", e.Pod)
+	}
+	fmt.Fprintf(&b, "invalid %s %s=%q", e.Source, e.Name, e.Value)
+	if e.Item != "" && e.Item != e.Value {
+		fmt.Fprintf(&b, " (item %q)", e.Item)
+	}
+	fmt.Fprintf(&b, ": %s", e.Reason)
+	return b.String()
+}
+
+// flexString is a config value in Istio's string syntax that may also be
+// written as a JSON number or an array of strings and numbers (joined with
+// commas).
+type flexString string
+
+func (f *flexString) UnmarshalJSON(b []byte) error {
+	b = bytes.TrimSpace(b)
+	switch {
+	case len(b) > 0 && b[0] == '"':
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		*f = flexString(s)
+	case len(b) > 0 && b[0] == '[':
+		var items []json.RawMessage
+		if err := json.Unmarshal(b, &items); err != nil {
+			return err
+		}
+		parts := make([]string, len(items))
+		for i, it := range items {
+			var p flexString
+			if err := p.UnmarshalJSON(it); err != nil {
+				return err
+			}
+			if strings.Contains(string(p), ",") || bytes.HasPrefix(bytes.TrimSpace(it), []byte("[")) {
+				return flexTypeError("list item " + string(it))
+			}
+			parts[i] = string(p)
+		}
+		*f = flexString(strings.Join(parts, ","))
+	default:
+		var n json.Number
+		if err := json.Unmarshal(b, &n); err != nil {
+			return flexTypeError(string(b))
+		}
+		if _, err := strconv.ParseUint(string(n), 10, 64); err != nil {
+			return flexTypeError("number " + string(n))
+		}
+		*f = flexString(n)
+	}
+	return nil
+}
+
+// flexTypeError is an UnmarshalTypeError so that encoding/json adds the
+// key's name to it.
+func flexTypeError(what string) error {
+	return &json.UnmarshalTypeError{Value: what, Type: reflect.TypeFor[string]()}
+}
+
+func (f *flexString) ptr() *string {
+	if f == nil {
+		return nil
+	}
+	s := string(*f)
+	return &s
+}
+
+// ParseConfig parses and validates stdin of a CNI call. Errors are a
+// *types.Error: code 6 (decoding failure) for malformed JSON, code 7 for
+// unknown keys and bad values.
+func ParseConfig(stdin []byte) (*Settings, error) {
+	conf := &NetConf{}
+	dec := json.NewDecoder(bytes.NewReader(stdin))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(conf); err != nil {
+		if strings.HasPrefix(err.Error(), "json: unknown field") {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig,
+				fmt.Sprintf("%s config: %v", PluginType, err),
+				"unknown keys are rejected so that a typo cannot leave pods uncaptured; see docs/cni.md for the keys")
+		}
+		var ute *json.UnmarshalTypeError
+		if errors.As(err, &ute) {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig,
+				fmt.Sprintf("%s config: key %s: cannot use %s: want a string in Istio's syntax, a non-negative integer, or a list of them (booleans for redirectDNS)", PluginType, ute.Field, ute.Value), "")
+		}
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("could not parse %s config: %v", PluginType, err), "")
+	}
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("%s config: %v", PluginType, err), "")
+	}
+
+	s := &Settings{
+		Conf:              conf,
+		Base:              rules.DefaultConfig(),
+		Backend:           rules.BackendAuto,
+		ExcludeNamespaces: slices.Clone(DefaultExcludeNamespaces),
+		Capture:           CaptureAnnotated,
+		CaptureAnnotation: DefaultCaptureAnnotation,
+		LogFile:           DefaultLogFile,
+		LogLevel:          DefaultLogLevel,
+	}
+	cfgErr := func(key, value, reason string) error {
+		return &codedError{code: types.ErrInvalidNetworkConfig,
+			err: &ConfigError{Source: "config key", Name: key, Value: value, Item: value, Reason: reason}}
+	}
+
+	opts, set := conf.options()
+	s.Set = set
+	if err := s.Base.ApplyOptions(opts); err != nil {
+		return nil, configFieldError("", "config key", ConfigKeys, fieldValues(opts), err)
+	}
+	// A NONE interception mode skips every pod; there is nothing to
+	// validate. Otherwise validate now, so a bad config fails every ADD
+	// whatever the pod.
+	if s.Base.Mode != rules.ModeNone {
+		if err := s.Base.Validate(); err != nil {
+			return nil, configFieldError("", "config key", ConfigKeys, fieldValues(opts), err)
+		}
+	}
+	if conf.Backend != nil {
+		b, err := rules.ParseBackendName("backend", *conf.Backend)
+		if err != nil {
+			return nil, cfgErr("backend", *conf.Backend, reasonOf(err))
+		}
+		s.Backend = b
+	}
+	if conf.ExcludeNamespaces != nil {
+		s.ExcludeNamespaces = conf.ExcludeNamespaces
+		for _, n := range s.ExcludeNamespaces {
+			if strings.TrimSpace(n) == "" {
+				return nil, cfgErr("excludeNamespaces", n, "namespace names cannot be empty")
+			}
+		}
+	}
+	if conf.Capture != nil {
+		switch *conf.Capture {
+		case CaptureAnnotated, CaptureAll:
+			s.Capture = *conf.Capture
+		default:
+			return nil, cfgErr("capture", *conf.Capture, `must be "annotated" or "all"`)
+		}
+	}
+	if conf.CaptureAnnotation != nil {
+		if strings.TrimSpace(*conf.CaptureAnnotation) == "" {
+			return nil, cfgErr("captureAnnotation", *conf.CaptureAnnotation, `cannot be empty; use "capture": "all" to capture every pod`)
+		}
+		s.CaptureAnnotation = *conf.CaptureAnnotation
+	}
+	if conf.LogFile != nil {
+		s.LogFile = *conf.LogFile
+	}
+	if conf.LogLevel != nil {
+		if _, err := parseLevel(*conf.LogLevel); err != nil {
+			return nil, cfgErr("logLevel", *conf.LogLevel, err.Error())
+		}
+		s.LogLevel = *conf.LogLevel
+	}
+	if raw, ok := conf.RuntimeConfig[PodAnnotationsCapability]; ok && len(raw) > 0 && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &s.Annotations); err != nil {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig,
+				fmt.Sprintf("runtimeConfig[%q] is not a map of strings: %v", PodAnnotationsCapability, err), "")
+		}
+		if s.Annotations == nil {
+			s.Annotations = map[string]string{}
+		}
+	}
+	return s, nil
+}
+
+// options converts the config keys into engine options and says which
+// engine fields were set.
+func (c *NetConf) options() (rules.Options, map[string]bool) {
+	o := rules.Options{
+		ProxyPort:            c.ProxyPort.ptr(),
+		InboundPort:          c.InboundPort.ptr(),
+		InboundTunnelPort:    c.InboundTunnelPort.ptr(),
+		ProxyUID:             c.ProxyUID.ptr(),
+		ProxyGID:             c.ProxyGID.ptr(),
+		Mode:                 c.InterceptionMode.ptr(),
+		OutboundIncludeCIDRs: c.IncludeOutboundIPRanges.ptr(),
+		OutboundExcludeCIDRs: c.ExcludeOutboundIPRanges.ptr(),
+		InboundIncludePorts:  c.IncludeInboundPorts.ptr(),
+		InboundExcludePorts:  c.ExcludeInboundPorts.ptr(),
+		OutboundIncludePorts: c.IncludeOutboundPorts.ptr(),
+		OutboundExcludePorts: c.ExcludeOutboundPorts.ptr(),
+		ExcludeInterfaces:    c.ExcludeInterfaces.ptr(),
+		RedirectDNS:          c.RedirectDNS,
+		DNSPort:              c.DNSPort.ptr(),
+		Families:             c.Families.ptr(),
+	}
+	set := map[string]bool{}
+	for f, v := range fieldValues(o) {
+		set[f] = v != nil
+	}
+	return o, set
+}
+
+// fieldValues indexes the textual options by engine field name.
+func fieldValues(o rules.Options) map[string]*string {
+	return map[string]*string{
+		rules.FieldProxyPort:            o.ProxyPort,
+		rules.FieldInboundPort:          o.InboundPort,
+		rules.FieldInboundTunnelPort:    o.InboundTunnelPort,
+		rules.FieldProxyUID:             o.ProxyUID,
+		rules.FieldProxyGID:             o.ProxyGID,
+		rules.FieldMode:                 o.Mode,
+		rules.FieldOutboundIncludeCIDRs: o.OutboundIncludeCIDRs,
+		rules.FieldOutboundExcludeCIDRs: o.OutboundExcludeCIDRs,
+		rules.FieldInboundIncludePorts:  o.InboundIncludePorts,
+		rules.FieldInboundExcludePorts:  o.InboundExcludePorts,
+		rules.FieldOutboundIncludePorts: o.OutboundIncludePorts,
+		rules.FieldOutboundExcludePorts: o.OutboundExcludePorts,
+		rules.FieldExcludeInterfaces:    o.ExcludeInterfaces,
+		rules.FieldDNSPort:              o.DNSPort,
+		rules.FieldFamilies:             o.Families,
+	}
+}
+
+// configFieldError turns an engine *FieldError into a code-7 *types.Error
+// whose message uses our names (config key or annotation) and quotes the
+// whole value as given as well as the offending item.
+func configFieldError(pod, source string, names map[string]string, values map[string]*string, err error) error {
+	fe, ok := rules.AsFieldError(rules.Relabel(err, names))
+	if !ok {
+		return types.NewError(types.ErrInvalidNetworkConfig, prefixPod(pod, err.Error()), "")
+	}
+	ce := &ConfigError{Pod: pod, Source: source, Name: fe.Field, Value: fe.Value, Item: fe.Value, Reason: fe.Reason}
+	// Find the original field to quote the full value.
+	orig, _ := rules.AsFieldError(err)
+	if v := values[orig.Field]; v != nil {
+		ce.Value = *v
+	}
+	return &codedError{code: types.ErrInvalidNetworkConfig, err: ce}
+}
+
+func prefixPod(pod, msg string) string {
+	if pod == "" {
+		return msg
+	}
+	return "pod " + pod + ": " + msg
+}
+
+func reasonOf(err error) string {
+	if fe, ok := rules.AsFieldError(err); ok {
+		return fe.Reason
+	}
+	return err.Error()
+}

@@ -1,0 +1,243 @@
+package cni
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/egress-cni/egress-cni/pkg/rules"
+)
+
+// fakeBackend records calls; it never touches the kernel.
+type fakeBackend struct {
+	name     rules.BackendName
+	applied  []*rules.Ruleset
+	checkErr error
+	removed  int
+}
+
+func (f *fakeBackend) Name() rules.BackendName               { return f.name }
+func (f *fakeBackend) Render(*rules.Ruleset) (string, error) { return "", nil }
+func (f *fakeBackend) Apply(rs *rules.Ruleset) error         { f.applied = append(f.applied, rs); return nil }
+func (f *fakeBackend) Check(*rules.Ruleset) error            { return f.checkErr }
+func (f *fakeBackend) Remove() error                         { f.removed++; return nil }
+
+func fakePlugin() (*Plugin, *fakeBackend, *bytes.Buffer) {
+	fb := &fakeBackend{name: rules.BackendNFTables}
+	out := &bytes.Buffer{}
+	p := &Plugin{
+		NewBackend: func(rules.BackendName, rules.BackendOptions) (rules.Backend, error) { return fb, nil },
+		Stdout:     out,
+	}
+	return p, fb, out
+}
+
+const podArgs = "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=c1"
+
+// stdin builds the stdin of a chained call as libcni does.
+func stdin(cniVersion, extra string, ann map[string]string, withPrev bool) []byte {
+	m := map[string]any{"cniVersion": cniVersion, "name": "net", "type": "egress-cni", "logFile": ""}
+	if extra != "" {
+		var e map[string]any
+		if err := json.Unmarshal([]byte("{"+extra+"}"), &e); err != nil {
+			panic(err)
+		}
+		for k, v := range e {
+			m[k] = v
+		}
+	}
+	if ann != nil {
+		m["runtimeConfig"] = map[string]any{PodAnnotationsCapability: ann}
+	}
+	if withPrev {
+		prev := map[string]any{
+			"cniVersion": cniVersion,
+			"interfaces": []any{map[string]any{"name": "eth0", "mac": "aa:bb:cc:dd:ee:ff", "sandbox": "/run/netns/x"}},
+			"ips":        []any{map[string]any{"address": "198.51.100.5/24", "gateway": "198.51.100.1", "interface": 0}},
+			"dns":        map[string]any{"nameservers": []any{"198.51.100.53"}},
+		}
+		if cniVersion == "0.4.0" {
+			prev["ips"].([]any)[0].(map[string]any)["version"] = "4"
+		}
+		m["prevResult"] = prev
+	}
+	b, _ := json.Marshal(m)
+	return b
+}
+
+func TestAddPrintsPrevResultInRequestedVersion(t *testing.T) {
+	for _, v := range []string{"0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			p, fb, out := fakePlugin()
+			err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin(v, "", injected(), true)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(fb.applied) != 1 {
+				t.Fatalf("applied %d times", len(fb.applied))
+			}
+			var res map[string]any
+			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+				t.Fatalf("stdout is not JSON: %v: %s", err, out)
+			}
+			if res["cniVersion"] != v {
+				t.Errorf("cniVersion = %v, want %s", res["cniVersion"], v)
+			}
+			ips, _ := res["ips"].([]any)
+			if len(ips) != 1 || ips[0].(map[string]any)["address"] != "198.51.100.5/24" {
+				t.Errorf("ips = %v", res["ips"])
+			}
+		})
+	}
+}
+
+func TestAddSkippedPodStillPassesResultThrough(t *testing.T) {
+	p, fb, out := fakePlugin()
+	err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", map[string]string{}, true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fb.applied) != 0 {
+		t.Error("skipped pod got rules")
+	}
+	if !strings.Contains(out.String(), "198.51.100.5/24") {
+		t.Errorf("stdout = %s", out)
+	}
+}
+
+func TestAddErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		stdin []byte
+		code  uint
+		msg   []string
+	}{
+		{"no prevResult", stdin("1.0.0", "", injected(), false), types.ErrInvalidNetworkConfig, []string{"prevResult"}},
+		{"bad annotation", stdin("1.0.0", "", injected(AnnotationExcludeOutboundIPRanges, "10.0.0.0/33"), true),
+			types.ErrInvalidNetworkConfig, []string{"team-a/web-0", AnnotationExcludeOutboundIPRanges, "10.0.0.0/33"}},
+		{"bad config", stdin("1.0.0", `"proxyPort": "x"`, injected(), true),
+			types.ErrInvalidNetworkConfig, []string{"proxyPort", `"x"`}},
+		{"unknown key", stdin("1.0.0", `"proxyport2": 1`, injected(), true),
+			types.ErrInvalidNetworkConfig, []string{"proxyport2"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, fb, out := fakePlugin()
+			err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: tc.stdin})
+			var te *types.Error
+			if !errors.As(err, &te) {
+				t.Fatalf("error %v (%T) is not a *types.Error", err, err)
+			}
+			if te.Code != tc.code {
+				t.Errorf("code = %d, want %d: %s", te.Code, tc.code, te.Msg)
+			}
+			for _, s := range tc.msg {
+				if !strings.Contains(te.Msg, s) {
+					t.Errorf("message %q does not contain %q", te.Msg, s)
+				}
+			}
+			if len(fb.applied) != 0 || out.Len() != 0 {
+				t.Errorf("touched the namespace (%d applies) or printed %q", len(fb.applied), out)
+			}
+		})
+	}
+}
+
+func TestAddMissingNetns(t *testing.T) {
+	p, _, _ := fakePlugin()
+	err := p.Add(&skel.CmdArgs{ContainerID: "c1", Netns: "/nonexistent/egress-cni-test", IfName: "eth0", Args: podArgs,
+		StdinData: stdin("1.0.0", "", injected(), true)})
+	if Code(err) != types.ErrUnknownContainer || !strings.Contains(err.Error(), "team-a/web-0") {
+		t.Errorf("err = %v (code %d), want code 3 naming the pod", err, Code(err))
+	}
+}
+
+func TestDelIsLenient(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		netns string
+		stdin []byte
+	}{
+		{"empty netns, no prevResult", "", stdin("1.0.0", "", nil, false)},
+		{"namespace gone", "/nonexistent/egress-cni-test", stdin("1.1.0", "", injected(), true)},
+		{"bad config", "", stdin("1.0.0", `"proxyPort": "x"`, nil, false)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, fb, out := fakePlugin()
+			if err := p.Del(&skel.CmdArgs{ContainerID: "c1", Netns: tc.netns, IfName: "eth0", Args: podArgs, StdinData: tc.stdin}); err != nil {
+				t.Fatal(err)
+			}
+			if fb.removed != 0 || out.Len() != 0 {
+				t.Errorf("removed %d, stdout %q", fb.removed, out)
+			}
+		})
+	}
+}
+
+func TestCheckDrift(t *testing.T) {
+	p, fb, _ := fakePlugin()
+	fb.checkErr = &rules.DriftError{Backend: "nftables", Missing: []string{"chain ISTIO_OUTPUT rule: x"}}
+	err := p.Check(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", injected(), true)})
+	if err == nil || !strings.Contains(err.Error(), "missing: chain ISTIO_OUTPUT rule: x") || !strings.Contains(err.Error(), "team-a/web-0") {
+		t.Errorf("err = %v", err)
+	}
+	fb.checkErr = nil
+	if err := p.Check(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", injected(), true)}); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestStatusAndGC(t *testing.T) {
+	p, _, out := fakePlugin()
+	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", "", nil, false)}); err != nil {
+		t.Error(err)
+	}
+	if err := p.Status(&skel.CmdArgs{StdinData: stdin("1.1.0", `"backend": "iptables-nft"`, nil, false)}); err != nil {
+		t.Logf("status with iptables-nft: %v (code %d)", err, Code(err))
+		if Code(err) != types.ErrPluginNotAvailable {
+			t.Error("want code 50")
+		}
+	}
+	if out.Len() != 0 {
+		t.Errorf("stdout = %q", out)
+	}
+}
+
+func TestAddLogs(t *testing.T) {
+	logFile := filepath.Join(t.TempDir(), "sub", "egress-cni.log")
+	p, _, _ := fakePlugin()
+	in := stdin("1.0.0", `"logFile": "`+logFile+`"`, injected(), true)
+	if err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: in}); err != nil {
+		t.Fatal(err)
+	}
+	in = stdin("1.0.0", `"logFile": "`+logFile+`"`, nil, true)
+	if err := p.Add(&skel.CmdArgs{ContainerID: "c2", IfName: "eth0", Args: podArgs, StdinData: in}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("want 2 records, got:\n%s", b)
+	}
+	for i, want := range []string{"captured", "skipped"} {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(lines[i]), &rec); err != nil {
+			t.Fatal(err)
+		}
+		if rec["pod"] != "team-a/web-0" || rec["decision"] != want || rec["cmd"] != "ADD" || rec["duration"] == nil {
+			t.Errorf("record %d = %v", i, rec)
+		}
+		if want == "captured" && rec["backend"] != "nftables" {
+			t.Errorf("backend = %v", rec["backend"])
+		}
+	}
+}
