@@ -163,3 +163,7 @@ func IsBinaryMissing(err error) bool {
 	var e *MissingBinaryError
 	return errors.As(err, &e)
 }
+
+// DiffLines compares the desired and the live state, each as ordered
+// lines in a backend's own syntax, and returns nil or a *DriftError.
+func DiffLines(backend string, want, have []string) error { return diffLines(backend, want, have) }
