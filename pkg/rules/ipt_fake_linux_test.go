@@ -247,3 +247,24 @@ func TestMissingBinaryFake(t *testing.T) {
 		t.Errorf("want a missing-binary error naming ip6tables-nft-save and the iptables package, got %v", err)
 	}
 }
+
+func TestIPTRestoreErrorContext(t *testing.T) {
+	input := "*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -j NOPE\nCOMMIT\n"
+	for _, tc := range []struct{ stderr, want string }{
+		{ // legacy
+			"iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE':No such file or directory\n\nError occurred at line: 3\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.\n",
+			"iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE':No such file or directory; Error occurred at line: 3 (input line 3: \"-A ISTIO_OUTPUT -j NOPE\")",
+		},
+		{ // nft blames COMMIT
+			"iptables-nft-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 4\nTry `iptables-nft-restore -h' or 'iptables-nft-restore --help' for more information.\n",
+			"iptables-nft-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist; Error occurred at line: 4 (input line 4: \"COMMIT\")",
+		},
+		{"something else\n", "something else"},
+		{"Error occurred at line: 99\n", "Error occurred at line: 99"},
+	} {
+		msg := iptStderr(tc.stderr)
+		if got := msg + iptInputContext(msg, input); got != tc.want {
+			t.Errorf("got  %q\nwant %q", got, tc.want)
+		}
+	}
+}
