@@ -1,0 +1,393 @@
+package rules
+
+// The nftables backend talks netlink directly through google/nftables:
+// no nft binary is needed at runtime, so the init image stays minimal and
+// the host's nft version does not matter.
+//
+// Apply sends ONE batch (one Conn.Flush) that
+//
+//  1. for each of inet, ip and ip6: add table egress_cni; delete table
+//     egress_cni. "add" does not fail when the table exists, so the pair
+//     removes whatever we wrote before, in any family, and never fails
+//     because there was nothing;
+//  2. adds the table in the family we want, then the sets and their
+//     elements, the chains, and the rules.
+//
+// The kernel applies a batch as one transaction: packets see either the
+// old ruleset or the new one, and a batch that fails anywhere changes
+// nothing. Tables we do not own are never named.
+//
+// Format version: google/nftables v0.3.0 cannot write table or chain
+// userdata (comments), so FormatVersion is recorded in the comment of
+// every set ("egress-cni format 1"), visible in `nft list table`. A
+// ruleset without sets carries no version; the layout of rules (their
+// comments) then identifies it. google/nftables v0.3.0 also does not
+// decode set comments, so Check cannot compare them.
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// nftBackend implements Backend with nf_tables netlink.
+type nftBackend struct {
+	// newConn opens the netlink connection; tests may replace it.
+	// sockBuf is a hint for the socket buffers the batch needs.
+	newConn func(sockBuf int) (*nftables.Conn, error)
+}
+
+func newNFTBackend() Backend {
+	return &nftBackend{newConn: nftConn}
+}
+
+// nftConn opens a lasting nftables connection in the calling thread's
+// network namespace. The kernel takes a whole batch in one sendmsg, and
+// a socket refuses a message larger than its send buffer (212992 bytes
+// by default, about 4000 IPv4 intervals), so large rulesets raise the
+// buffers the way nft does, with SO_SNDBUFFORCE (CAP_NET_ADMIN), falling
+// back to the rmem/wmem_max-capped SO_SNDBUF.
+func nftConn(sockBuf int) (*nftables.Conn, error) {
+	var opts []nftables.ConnOption
+	opts = append(opts, nftables.AsLasting())
+	if sockBuf > 0 {
+		opts = append(opts, nftables.WithSockOptions(func(c *netlink.Conn) error {
+			setSockBuf(c, sockBuf)
+			return nil
+		}))
+	}
+	return nftables.New(opts...)
+}
+
+func setSockBuf(c *netlink.Conn, n int) {
+	raw, err := c.SyscallConn()
+	var forced bool
+	if err == nil {
+		_ = raw.Control(func(fd uintptr) {
+			e1 := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n)
+			e2 := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+			forced = e1 == nil && e2 == nil
+		})
+	}
+	if !forced {
+		_ = c.SetWriteBuffer(n)
+		_ = c.SetReadBuffer(n)
+	}
+}
+
+// The kernel allocates a netlink attribute length in 16 bits, so the
+// element list of one NEWSETELEM message must stay under 64 KiB. An IPv6
+// interval end is 36 bytes; 1024 elements stay well below.
+const nftElemChunk = 1024
+
+func (nft *nftBackend) Name() BackendName { return BackendNFTables }
+
+func (nft *nftBackend) Render(rs *Ruleset) (string, error) {
+	// Build the objects too, so that a model the kernel would reject
+	// fails a dry run as it would fail Apply.
+	if _, err := nftObjectsFor(rs); err != nil {
+		return "", fmt.Errorf("could not render nftables ruleset: %w", err)
+	}
+	return RenderNFT(rs), nil
+}
+
+// batchSize estimates the bytes of the Apply batch, to size the socket.
+func (o *nftObjects) batchSize() int {
+	n := 64 << 10
+	for _, s := range o.Sets {
+		n += 64 * len(s.Elements)
+	}
+	n += 512 * len(o.Rules)
+	return n
+}
+
+func (nft *nftBackend) Apply(rs *Ruleset) error {
+	objs, err := nftObjectsFor(rs)
+	if err != nil {
+		return fmt.Errorf("could not build nftables ruleset: %w", err)
+	}
+	conn, err := nft.newConn(objs.batchSize())
+	if err != nil {
+		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	defer conn.CloseLasting()
+
+	deleteOurTables(conn)
+	conn.AddTable(objs.Table)
+	for _, s := range objs.Sets {
+		if err := conn.AddSet(s.Set, nil); err != nil {
+			return fmt.Errorf("could not queue set %s: %w", s.Set.Name, err)
+		}
+		for chunk := range slices.Chunk(s.Elements, nftElemChunk) {
+			if err := conn.SetAddElements(s.Set, chunk); err != nil {
+				return fmt.Errorf("could not queue elements of set %s: %w", s.Set.Name, err)
+			}
+		}
+	}
+	for _, c := range objs.Chains {
+		conn.AddChain(c)
+	}
+	for _, r := range objs.Rules {
+		conn.AddRule(r)
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("could not apply nftables table %s %s: %w", nftFamilyName(objs.Table.Family), NFTTable, err)
+	}
+	return nil
+}
+
+// deleteOurTables queues the removal of our table in every family. Each
+// "add" makes the following "delete" valid whether or not the table
+// existed, so the batch stays idempotent without a prior read.
+func deleteOurTables(conn *nftables.Conn) {
+	for _, f := range nftAllFamilies {
+		t := &nftables.Table{Name: NFTTable, Family: f}
+		conn.AddTable(t)
+		conn.DelTable(t)
+	}
+}
+
+func (nft *nftBackend) Remove() error {
+	conn, err := nft.newConn(0)
+	if err != nil {
+		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	defer conn.CloseLasting()
+	deleteOurTables(conn)
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("could not delete nftables table %s: %w", NFTTable, err)
+	}
+	return nil
+}
+
+// Check reads our table back and compares it with rs. Everything is
+// turned into lines, which DriftError lists:
+//
+//	table inet egress_cni
+//	chain output: type nat hook output priority -100 policy accept
+//	set out_exclude_v4: type ipv4_addr flags interval
+//	set out_exclude_v4 element 10.0.0.0/8
+//	chain ISTIO_OUTPUT rule: oifname lo ip saddr 127.0.0.6 return
+//
+// Rules are named by their comment and compared in order. A rule whose
+// comment is right but whose expressions differ from what we would
+// write (someone replaced it by hand) is reported as "(expressions
+// differ)".
+func (nft *nftBackend) Check(rs *Ruleset) error {
+	objs, err := nftObjectsFor(rs)
+	if err != nil {
+		return fmt.Errorf("could not build nftables ruleset: %w", err)
+	}
+	conn, err := nft.newConn(objs.batchSize())
+	if err != nil {
+		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	defer conn.CloseLasting()
+
+	want := nftWantLines(rs, objs)
+	have, err := nftHaveLines(conn, rs, objs)
+	if err != nil {
+		return err
+	}
+	return diffLines(string(BackendNFTables), want, have)
+}
+
+func nftTableLine(f nftables.TableFamily) string {
+	return "table " + nftFamilyName(f) + " " + NFTTable
+}
+
+func nftChainLine(name string, hook *nftables.ChainHook, prio *nftables.ChainPriority, typ nftables.ChainType, policy *nftables.ChainPolicy) string {
+	if hook == nil {
+		return "chain " + name
+	}
+	h := fmt.Sprintf("hook#%d", *hook)
+	switch *hook {
+	case *nftables.ChainHookPrerouting:
+		h = "prerouting"
+	case *nftables.ChainHookOutput:
+		h = "output"
+	}
+	var p int32
+	if prio != nil {
+		p = int32(*prio)
+	}
+	pol := "accept"
+	if policy != nil && *policy == nftables.ChainPolicyDrop {
+		pol = "drop"
+	}
+	return fmt.Sprintf("chain %s: type %s hook %s priority %d policy %s", name, typ, h, p, pol)
+}
+
+func nftSetLine(name string, keyType string, interval bool) string {
+	l := fmt.Sprintf("set %s: type %s", name, keyType)
+	if interval {
+		l += " flags interval"
+	}
+	return l
+}
+
+func nftRuleLine(chain, text string) string { return "chain " + chain + " rule: " + text }
+
+func nftWantLines(rs *Ruleset, objs *nftObjects) []string {
+	lines := []string{nftTableLine(objs.Table.Family)}
+	var chains, sets []string
+	for _, c := range objs.Chains {
+		chains = append(chains, nftChainLine(c.Name, c.Hooknum, c.Priority, c.Type, c.Policy))
+	}
+	for _, s := range rs.Sets {
+		sets = append(sets, nftSetLine(s.Name, nftSetTypeName(s.Type), true))
+		for _, e := range nftSetElementTexts(s) {
+			sets = append(sets, "set "+s.Name+" element "+e)
+		}
+	}
+	slices.Sort(chains)
+	slices.Sort(sets)
+	lines = append(lines, chains...)
+	lines = append(lines, sets...)
+	inet := objs.Table.Family == nftables.TableFamilyINet
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			lines = append(lines, nftRuleLine(c.Name, nftCommentText(nftRuleText(r, inet))))
+		}
+	}
+	return lines
+}
+
+func nftHaveLines(conn *nftables.Conn, rs *Ruleset, objs *nftObjects) ([]string, error) {
+	tables, err := conn.ListTables()
+	if err != nil {
+		return nil, fmt.Errorf("could not list nftables tables: %w", err)
+	}
+	var lines []string
+	var ours *nftables.Table
+	for _, t := range tables {
+		if t.Name != NFTTable {
+			continue
+		}
+		lines = append(lines, nftTableLine(t.Family))
+		if t.Family == objs.Table.Family {
+			ours = t
+		}
+	}
+	if ours == nil {
+		return lines, nil
+	}
+
+	allChains, err := conn.ListChainsOfTableFamily(ours.Family)
+	if err != nil {
+		return nil, fmt.Errorf("could not list chains in table %s: %w", nftTableLine(ours.Family), err)
+	}
+	var chains []*nftables.Chain
+	var chainLines []string
+	for _, c := range allChains {
+		if c.Table == nil || c.Table.Name != NFTTable {
+			continue
+		}
+		chains = append(chains, c)
+		chainLines = append(chainLines, nftChainLine(c.Name, c.Hooknum, c.Priority, c.Type, c.Policy))
+	}
+
+	sets, err := conn.GetSets(ours)
+	if err != nil {
+		return nil, fmt.Errorf("could not list sets in table %s: %w", nftTableLine(ours.Family), err)
+	}
+	var setLines []string
+	for _, s := range sets {
+		if s.Anonymous {
+			continue // anonymous sets belong to rules; we never write any
+		}
+		setLines = append(setLines, nftSetLine(s.Name, s.KeyType.Name, s.Interval))
+		elems, err := conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("could not list elements of set %s: %w", s.Name, err)
+		}
+		st := SetPorts
+		switch s.KeyType.Name {
+		case nftables.TypeIPAddr.Name:
+			st = SetIPv4
+		case nftables.TypeIP6Addr.Name:
+			st = SetIPv6
+		}
+		for _, e := range nftElementTexts(st, elems) {
+			setLines = append(setLines, "set "+s.Name+" element "+e)
+		}
+	}
+	slices.Sort(chainLines)
+	slices.Sort(setLines)
+	lines = append(lines, chainLines...)
+	lines = append(lines, setLines...)
+
+	// Rules: the model's chains first, in model order, then chains we do
+	// not expect, by name, so that the order of lines matches want.
+	wantRules := map[string][]*nftables.Rule{}
+	for _, r := range objs.Rules {
+		wantRules[r.Chain.Name] = append(wantRules[r.Chain.Name], r)
+	}
+	byName := map[string]*nftables.Chain{}
+	for _, c := range chains {
+		byName[c.Name] = c
+	}
+	var order []string
+	for _, c := range rs.Chains {
+		order = append(order, c.Name)
+	}
+	var extra []string
+	for _, c := range chains {
+		if !slices.Contains(order, c.Name) {
+			extra = append(extra, c.Name)
+		}
+	}
+	slices.Sort(extra)
+	order = append(order, extra...)
+	for _, name := range order {
+		c := byName[name]
+		if c == nil {
+			continue // reported by the chain lines
+		}
+		rules, err := conn.GetRules(ours, c)
+		if err != nil {
+			return nil, fmt.Errorf("could not list rules in chain %s of table %s: %w", name, nftTableLine(ours.Family), err)
+		}
+		want := wantRules[name]
+		for i, r := range rules {
+			text := nftRuleCommentOf(r.UserData)
+			if text == "" {
+				text = fmt.Sprintf("rule handle %d without comment", r.Handle)
+			} else if i < len(want) && nftRuleCommentOf(want[i].UserData) == text && !nftExprsEqual(ours.Family, want[i].Exprs, r.Exprs) {
+				text += fmt.Sprintf(" (handle %d: expressions differ)", r.Handle)
+			}
+			lines = append(lines, nftRuleLine(name, text))
+		}
+	}
+	return lines, nil
+}
+
+// nftExprsEqual compares two expression lists by their netlink encoding.
+// Set IDs only exist within a batch and are not dumped back, so they are
+// ignored.
+func nftExprsEqual(fam nftables.TableFamily, a, b []expr.Any) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		ea, err1 := marshalExprNoSetID(fam, a[i])
+		eb, err2 := marshalExprNoSetID(fam, b[i])
+		if err1 != nil || err2 != nil || string(ea) != string(eb) {
+			return false
+		}
+	}
+	return true
+}
+
+func marshalExprNoSetID(fam nftables.TableFamily, e expr.Any) ([]byte, error) {
+	if l, ok := e.(*expr.Lookup); ok {
+		c := *l
+		c.SetID = 0
+		e = &c
+	}
+	return expr.Marshal(byte(fam), e)
+}

@@ -1,0 +1,455 @@
+package rules
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/google/nftables"
+)
+
+// The privileged tests below program nftables in a fresh network
+// namespace each, never in the namespace the test runs in.
+
+func nftRequirePrivileged(tb testing.TB) {
+	tb.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	const msg = "requires root: programs nftables in a fresh network namespace (set EGRESS_CNI_REQUIRE_PRIVILEGED=1 to make this a failure)"
+	if os.Getenv("EGRESS_CNI_REQUIRE_PRIVILEGED") == "1" {
+		tb.Fatal(msg)
+	}
+	tb.Skip(msg)
+}
+
+// newNFTTestNS creates a network namespace that is closed and unmounted
+// when the test ends, even on failure.
+func newNFTTestNS(tb testing.TB) ns.NetNS {
+	tb.Helper()
+	nftRequirePrivileged(tb)
+	n, err := testutils.NewNS()
+	if err != nil {
+		tb.Fatalf("could not create a network namespace: %v", err)
+	}
+	tb.Cleanup(func() {
+		_ = n.Close()
+		if err := testutils.UnmountNS(n); err != nil {
+			tb.Errorf("could not unmount network namespace %s: %v", n.Path(), err)
+		}
+	})
+	return n
+}
+
+// inNS runs fn inside n and fails the test on error.
+func nftInNS(tb testing.TB, n ns.NetNS, what string, fn func() error) {
+	tb.Helper()
+	if err := n.Do(func(ns.NetNS) error { return fn() }); err != nil {
+		tb.Fatalf("%s: %v", what, err)
+	}
+}
+
+// nftCLI runs the nft binary inside n (tests only; the backend never
+// does). It skips the test when nft is not installed.
+func nftCLI(tb testing.TB, n ns.NetNS, stdin string, args ...string) string {
+	tb.Helper()
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		tb.Skip("nft binary not installed")
+	}
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		tb.Skip("nsenter not installed")
+	}
+	cmd := exec.Command(nsenter, append([]string{"--net=" + n.Path(), nft}, args...)...)
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		tb.Fatalf("nft %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func nftTablesIn(tb testing.TB, n ns.NetNS) []string {
+	tb.Helper()
+	var names []string
+	nftInNS(tb, n, "list tables", func() error {
+		c, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		ts, err := c.ListTables()
+		for _, t := range ts {
+			names = append(names, nftFamilyName(t.Family)+" "+t.Name)
+		}
+		return err
+	})
+	slices.Sort(names)
+	return names
+}
+
+func TestNFTApplyCheckGolden(t *testing.T) {
+	for _, tc := range nftGoldenCases() {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newNFTTestNS(t)
+			rs := nftRuleset(t, tc.cfg)
+			be := newNFTBackend()
+			nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+			nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+			want := []string{nftFamilyName(nftTableFamily(rs.Families)) + " " + NFTTable}
+			if got := nftTablesIn(t, n); !slices.Equal(got, want) {
+				t.Errorf("line %d: tables = %v, want %v", tc.line, got, want)
+			}
+		})
+	}
+}
+
+// TestNFTRenderMatchesApply loads RenderNFT's text with `nft -f` in one
+// namespace and Applies the same ruleset in another: nft must list the
+// two tables identically, and Check (which compares expressions) must
+// accept the nft-loaded one.
+func TestNFTRenderMatchesApply(t *testing.T) {
+	for _, tc := range nftGoldenCases() {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := nftRuleset(t, tc.cfg)
+			fam := nftFamilyName(nftTableFamily(rs.Families))
+			viaNft, viaApply := newNFTTestNS(t), newNFTTestNS(t)
+			nftCLI(t, viaNft, RenderNFT(rs), "-f", "-")
+			be := newNFTBackend()
+			nftInNS(t, viaApply, "Apply", func() error { return be.Apply(rs) })
+			a := nftCLI(t, viaNft, "", "list", "table", fam, NFTTable)
+			b := nftCLI(t, viaApply, "", "list", "table", fam, NFTTable)
+			if a != b {
+				t.Errorf("line %d: nft -f and Apply differ:\n--- nft -f\n%s\n--- Apply\n%s", tc.line, a, b)
+			}
+			nftInNS(t, viaNft, "Check of the nft-loaded table", func() error { return be.Check(rs) })
+		})
+	}
+}
+
+func TestNFTApplyIdempotent(t *testing.T) {
+	n := newNFTTestNS(t)
+	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions: every kind of set
+	be := newNFTBackend()
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	first := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
+	nftInNS(t, n, "second Apply", func() error { return be.Apply(rs) })
+	second := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
+	if first != second {
+		t.Errorf("second Apply changed the table:\n--- first\n%s\n--- second\n%s", first, second)
+	}
+	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	// Every rule carries its text as a comment, and sets the format.
+	for _, want := range []string{
+		`oifname "lo" ip saddr 127.0.0.6 return comment "oifname lo ip saddr 127.0.0.6 return"`,
+		fmt.Sprintf(`comment "egress-cni format %d"`, FormatVersion),
+		"255.255.255.0/24",
+		"ffff::/16",
+		"65000-65535",
+	} {
+		if !strings.Contains(first, want) {
+			t.Errorf("nft list table lacks %s:\n%s", want, first)
+		}
+	}
+	t.Logf("nft list table inet %s:\n%s", NFTTable, first)
+}
+
+// TestNFTApplyReplaces changes the config, including the family, and
+// checks that the new table replaced the old one.
+func TestNFTApplyReplaces(t *testing.T) {
+	n := newNFTTestNS(t)
+	be := newNFTBackend()
+	dual := nftRuleset(t, nftGoldenCases()[1].cfg)
+	v4 := nftRuleset(t, func(c *Config) {
+		c.Families = IPv4Only
+		c.OutboundExcludeCIDRs = nftPrefixes("192.168.0.0/16")
+	})
+	nftInNS(t, n, "Apply dual", func() error { return be.Apply(dual) })
+	nftInNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
+	nftInNS(t, n, "Check v4", func() error { return be.Check(v4) })
+	if got, want := nftTablesIn(t, n), []string{"ip " + NFTTable}; !slices.Equal(got, want) {
+		t.Errorf("tables = %v, want %v", got, want)
+	}
+	var err error
+	nftInNS(t, n, "Check dual", func() error { err = be.Check(dual); return nil })
+	if !IsDrift(err) {
+		t.Errorf("Check of the old ruleset: got %v, want drift", err)
+	}
+	// And back, with a changed exclusion list in the same family.
+	dual2 := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	nftInNS(t, n, "Apply dual2", func() error { return be.Apply(dual2) })
+	nftInNS(t, n, "Check dual2", func() error { return be.Check(dual2) })
+	if got, want := nftTablesIn(t, n), []string{"inet " + NFTTable}; !slices.Equal(got, want) {
+		t.Errorf("tables = %v, want %v", got, want)
+	}
+}
+
+// TestNFTApplyFailsAtomically makes the batch fail at its very end and
+// checks that the previous ruleset is untouched.
+func TestNFTApplyFailsAtomically(t *testing.T) {
+	n := newNFTTestNS(t)
+	be := newNFTBackend()
+	rs := nftRuleset(t, func(*Config) {})
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	before := nftCLI(t, n, "", "list", "ruleset")
+	// A new ruleset whose batch fails in the kernel at its end (a jump
+	// to a chain that is not created), after our table was deleted and
+	// recreated earlier in the same batch.
+	bad := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	var err error
+	nftInNS(t, n, "Apply bad", func() error { err = applyBrokenForTest(bad); return nil })
+	if err == nil {
+		t.Fatal("Apply of a broken batch succeeded")
+	}
+	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
+		t.Errorf("a failed Apply changed the ruleset:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+}
+
+// applyBrokenForTest queues rs like Apply but leaves out the chain
+// ISTIO_REDIRECT (and its rules) while keeping the jumps to it, which
+// the kernel rejects.
+func applyBrokenForTest(rs *Ruleset) error {
+	missing := ChainRedirect
+	objs, err := nftObjectsFor(rs)
+	if err != nil {
+		return err
+	}
+	objs.Chains = slices.DeleteFunc(objs.Chains, func(c *nftables.Chain) bool { return c.Name == missing })
+	conn, err := nftConn(objs.batchSize())
+	if err != nil {
+		return err
+	}
+	defer conn.CloseLasting()
+	deleteOurTables(conn)
+	conn.AddTable(objs.Table)
+	for _, s := range objs.Sets {
+		if err := conn.AddSet(s.Set, s.Elements); err != nil {
+			return err
+		}
+	}
+	for _, c := range objs.Chains {
+		conn.AddChain(c)
+	}
+	for _, r := range objs.Rules {
+		if r.Chain.Name != missing {
+			conn.AddRule(r)
+		}
+	}
+	return conn.Flush()
+}
+
+func TestNFTRemove(t *testing.T) {
+	n := newNFTTestNS(t)
+	be := newNFTBackend()
+	foreign := "table ip other {\n\tchain c {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tip daddr 192.0.2.1 counter drop\n\t}\n}\n" +
+		"table inet other6 {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 192.0.2.2 }\n\t}\n}\n"
+	nftCLI(t, n, foreign, "-f", "-")
+	before := nftCLI(t, n, "", "list", "ruleset")
+
+	// Remove with nothing of ours: success.
+	nftInNS(t, n, "Remove (nothing)", func() error { return be.Remove() })
+	rs := nftRuleset(t, func(*Config) {})
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	// Leave a stale table in another family too, as a changed config
+	// would before Apply moves it.
+	nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
+	nftInNS(t, n, "Remove", func() error { return be.Remove() })
+	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
+		t.Errorf("Remove changed foreign tables:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	for _, tb := range nftTablesIn(t, n) {
+		if strings.HasSuffix(tb, " "+NFTTable) {
+			t.Errorf("table %s left after Remove", tb)
+		}
+	}
+	nftInNS(t, n, "Remove again", func() error { return be.Remove() })
+
+	var err error
+	nftInNS(t, n, "Check after Remove", func() error { err = be.Check(rs); return nil })
+	d, ok := err.(*DriftError)
+	if !ok || !slices.Contains(d.Missing, "table inet "+NFTTable) {
+		t.Errorf("Check after Remove: got %v, want drift with the table missing", err)
+	}
+}
+
+func TestNFTCheckDrift(t *testing.T) {
+	rs := nftRuleset(t, func(c *Config) {
+		c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8", "192.168.0.0/16", "fd00::/8")
+	})
+	be := newNFTBackend()
+	checkDrift := func(t *testing.T, n ns.NetNS, missing, extra string) {
+		t.Helper()
+		var err error
+		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		d, ok := err.(*DriftError)
+		if !ok {
+			t.Fatalf("Check: got %v, want a *DriftError", err)
+		}
+		if missing != "" && !slices.Contains(d.Missing, missing) {
+			t.Errorf("drift does not name missing %q: %v", missing, d)
+		}
+		if extra != "" && !slices.Contains(d.Extra, extra) {
+			t.Errorf("drift does not name extra %q: %v", extra, d)
+		}
+		t.Logf("drift: %v", d)
+	}
+	table := &nftables.Table{Name: NFTTable, Family: nftables.TableFamilyINet}
+
+	t.Run("deleted rule", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		const victim = `oifname lo ip saddr 127.0.0.6 return`
+		nftInNS(t, n, "delete rule", func() error {
+			c, err := nftables.New()
+			if err != nil {
+				return err
+			}
+			rules, err := c.GetRules(table, &nftables.Chain{Name: ChainOutput, Table: table})
+			if err != nil {
+				return err
+			}
+			for _, r := range rules {
+				if nftRuleCommentOf(r.UserData) == victim {
+					if err := c.DelRule(r); err != nil {
+						return err
+					}
+				}
+			}
+			return c.Flush()
+		})
+		checkDrift(t, n, nftRuleLine(ChainOutput, victim), "")
+	})
+
+	t.Run("deleted rule by nft handle", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainRedirect)
+		var handle string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "redirect to :15001") {
+				_, handle, _ = strings.Cut(l, "# handle ")
+			}
+		}
+		if handle == "" {
+			t.Fatalf("no handle in\n%s", out)
+		}
+		nftCLI(t, n, "", "delete", "rule", "inet", NFTTable, ChainRedirect, "handle", strings.TrimSpace(handle))
+		checkDrift(t, n, nftRuleLine(ChainRedirect, "meta l4proto tcp redirect to :15001"), "")
+	})
+
+	t.Run("deleted set element", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		nftCLI(t, n, "", "delete", "element", "inet", NFTTable, SetOutExcludeV4, "{ 192.168.0.0/16 }")
+		checkDrift(t, n, "set "+SetOutExcludeV4+" element 192.168.0.0/16", "")
+	})
+
+	t.Run("added set element", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		nftCLI(t, n, "", "add", "element", "inet", NFTTable, SetOutExcludeV6, "{ 2001:db8::/32 }")
+		checkDrift(t, n, "", "set "+SetOutExcludeV6+" element 2001:db8::/32")
+	})
+
+	t.Run("added rule", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		nftCLI(t, n, "", "insert", "rule", "inet", NFTTable, ChainOutput, "meta skuid 0", "return")
+		var err error
+		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		d, ok := err.(*DriftError)
+		if !ok || len(d.Extra) != 1 || !strings.HasSuffix(d.Extra[0], "without comment") || len(d.Missing) != 0 {
+			t.Errorf("Check: got %v, want one extra rule without comment", err)
+		}
+	})
+
+	t.Run("rule replaced under the same comment", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		const victim = "meta skuid 1337 return"
+		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainOutput)
+		var handle string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "\t"+victim+" comment") {
+				_, handle, _ = strings.Cut(l, "# handle ")
+			}
+		}
+		if handle == "" {
+			t.Fatalf("no handle in\n%s", out)
+		}
+		nftCLI(t, n, "", "replace", "rule", "inet", NFTTable, ChainOutput, "handle", strings.TrimSpace(handle),
+			"meta", "skuid", "1338", "return", "comment", `"`+victim+`"`)
+		var err error
+		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		if !IsDrift(err) || !strings.Contains(err.Error(), "expressions differ") {
+			t.Errorf("Check: got %v, want drift naming differing expressions", err)
+		}
+	})
+
+	t.Run("hook changed", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		// A base chain's priority cannot be changed in place; recreate the
+		// chain with another priority and the same rules.
+		nftCLI(t, n, "", "delete", "chain", "inet", NFTTable, ChainPrerouting)
+		nftCLI(t, n, "", "add", "chain", "inet", NFTTable, ChainPrerouting, "{ type nat hook prerouting priority -99; policy accept; }")
+		checkDrift(t, n, "chain prerouting: type nat hook prerouting priority -100 policy accept",
+			"chain prerouting: type nat hook prerouting priority -99 policy accept")
+	})
+}
+
+// TestNFTApplyManyCIDRs applies 10,000 excluded CIDRs, which do not
+// merge, in one batch and reads them back.
+func TestNFTApplyManyCIDRs(t *testing.T) {
+	n := newNFTTestNS(t)
+	rs := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = spreadCIDRs(10000) })
+	if got := len(nftSetElementTexts(rs.Set(SetOutExcludeV4))); got != 10000 {
+		t.Fatalf("%d intervals, want 10000", got)
+	}
+	be := newNFTBackend()
+	start := time.Now()
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	applied := time.Since(start)
+	start = time.Now()
+	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	t.Logf("Apply of 10000 CIDRs: %v; Check: %v", applied, time.Since(start))
+	nftInNS(t, n, "Apply again", func() error { return be.Apply(rs) })
+	nftInNS(t, n, "Check again", func() error { return be.Check(rs) })
+}
+
+func BenchmarkNFTApply(b *testing.B) {
+	for _, size := range []int{0, 100, 1000, 10000} {
+		b.Run(fmt.Sprintf("cidrs=%d", size), func(b *testing.B) {
+			n := newNFTTestNS(b)
+			cfg := DefaultConfig()
+			cfg.OutboundExcludeCIDRs = spreadCIDRs(size)
+			rs, err := Build(cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			be := newNFTBackend()
+			b.ReportAllocs()
+			err = n.Do(func(ns.NetNS) error {
+				for b.Loop() {
+					if err := be.Apply(rs); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
