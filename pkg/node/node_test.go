@@ -1,0 +1,60 @@
+package node
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseErrors(t *testing.T) {
+	cases := []struct{ json, field, value string }{
+		{`{"role":"boss","podCIDRs":["10.244.0.0/16"]}`, "role", "boss"},
+		{`{"role":"app"}`, "podCIDRs", ""},
+		{`{"role":"app","podCIDRs":["10.244.0.0/33"]}`, "podCIDRs", "10.244.0.0/33"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"allow":["0.0.0.0/0"]}`, "allow", "0.0.0.0/0"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"allow":["*"]}`, "allow", "*"},
+		{`{"role":"egress","podCIDRs":["10.244.0.0/16"]}`, "uplink", ""},
+		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"veth0"}`, "uplink", "veth0"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"egressIP":"203.0.113.1"}`, "egressIP", "203.0.113.1"},
+		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0","egressIP":"nope"}`, "egressIP", "nope"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"gatewayMark":3}`, "gatewayMark", "0x3"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"podInterfaces":["*"]}`, "podInterfaces", "*"},
+	}
+	for _, tc := range cases {
+		_, err := Parse([]byte(tc.json))
+		if err == nil {
+			t.Errorf("%s: accepted", tc.json)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.field) || !strings.Contains(err.Error(), `"`+tc.value+`"`) {
+			t.Errorf("%s: error %q does not name %s=%q", tc.json, err, tc.field, tc.value)
+		}
+	}
+	if _, err := Parse([]byte(`{"role":"app","podCIDRs":["10.244.0.0/16"],"podCIDR":[]}`)); err == nil || !strings.Contains(err.Error(), "podCIDR\"") {
+		t.Errorf("unknown key not rejected by name: %v", err)
+	}
+}
+
+func TestMergeRanges(t *testing.T) {
+	cfg, err := Parse([]byte(`{"role":"app","podCIDRs":["10.244.0.0/16","10.244.1.0/24","10.245.0.0/16"],"serviceCIDRs":["10.96.0.0/12"],"allow":["255.255.255.0/24","2001:db8::/32"]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4, v6 := splitFamilies(cfg.Allowed)
+	var got []string
+	for _, r := range mergeRanges(v4) {
+		got = append(got, r.from.String()+"-"+r.to.String())
+	}
+	want := "10.96.0.0-10.111.255.255 10.244.0.0-10.245.255.255 255.255.255.0-255.255.255.255"
+	if strings.Join(got, " ") != want {
+		t.Fatalf("got %v want %s", got, want)
+	}
+	els := intervalElements(v4)
+	// Two closed ranges have an end element each; the last runs to the
+	// top of the address space and has none.
+	if len(els) != 5 || els[4].IntervalEnd {
+		t.Fatalf("elements: %+v", els)
+	}
+	if len(intervalElements(v6)) != 2 {
+		t.Fatal("v6 range")
+	}
+}
