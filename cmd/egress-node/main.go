@@ -1,0 +1,140 @@
+// Command egress-node applies, shows, checks and removes the node-level
+// egress rules, and edits gateway membership by hand.
+//
+//	egress-node apply  -config /etc/egress-cni/node.json [-netns PATH]
+//	egress-node show   -config FILE          the rules as nft syntax, gateways and drop counter
+//	egress-node check  -config FILE          exit 1 and name the drift
+//	egress-node remove                       delete our tables, nothing else
+//	egress-node gateway add|del -iface VETH -ip ADDR [-id CONTAINER]
+//	egress-node gateway list
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/egress-cni/egress-cni/pkg/netns"
+	"github.com/egress-cni/egress-cni/pkg/node"
+)
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage:
+  egress-node apply  -config FILE [-netns PATH]
+  egress-node show   [-config FILE] [-netns PATH]
+  egress-node check  -config FILE [-netns PATH]
+  egress-node remove [-netns PATH]
+  egress-node gateway add|del -iface NAME -ip ADDR [-id CONTAINER_ID] [-netns PATH]
+  egress-node gateway list [-netns PATH]
+`)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	sub := ""
+	if cmd == "gateway" {
+		if len(args) == 0 {
+			usage()
+			os.Exit(2)
+		}
+		sub, args = args[0], args[1:]
+	}
+	fs := flag.NewFlagSet("egress-node "+cmd, flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "node config file (JSON)")
+	nsPath := fs.String("netns", "", "network namespace to program (default: the current one)")
+	iface := fs.String("iface", "", "gateway's host-side interface")
+	ip := fs.String("ip", "", "gateway's IP address")
+	id := fs.String("id", "manual", "container ID recorded with the gateway entry")
+	if err := fs.Parse(args); err != nil {
+		os.Exit(2)
+	}
+	if err := netns.Do(*nsPath, func() error { return run(cmd, sub, *cfgPath, *iface, *ip, *id) }); err != nil {
+		fmt.Fprintf(os.Stderr, "egress-node %s: %v\n", cmd, err)
+		os.Exit(1)
+	}
+}
+
+func load(path string) (*node.Config, error) {
+	if path == "" {
+		return nil, fmt.Errorf("-config is required")
+	}
+	return node.Load(path)
+}
+
+func run(cmd, sub, cfgPath, iface, ip, id string) error {
+	switch cmd {
+	case "apply":
+		cfg, err := load(cfgPath)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		if err := node.Apply(cfg); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "egress-node: %s rules applied in %s\n", cfg.Role, time.Since(start).Round(time.Microsecond))
+		return nil
+	case "show":
+		if cfgPath != "" {
+			cfg, err := load(cfgPath)
+			if err != nil {
+				return err
+			}
+			fmt.Print(node.Render(cfg))
+		}
+		gws, err := node.ListGateways()
+		if err != nil {
+			return err
+		}
+		fmt.Printf("# gateways: %d\n", len(gws))
+		for _, g := range gws {
+			fmt.Printf("#   %s\n", g)
+		}
+		p, b, err := node.DropCounter()
+		if err != nil {
+			return err
+		}
+		fmt.Printf("# dropped: %d packets, %d bytes\n", p, b)
+		return nil
+	case "check":
+		cfg, err := load(cfgPath)
+		if err != nil {
+			return err
+		}
+		if err := node.Check(cfg); err != nil {
+			return err
+		}
+		fmt.Fprintln(os.Stderr, "egress-node: node rules match the config")
+		return nil
+	case "remove":
+		return node.Remove()
+	case "gateway":
+		switch sub {
+		case "list":
+			gws, err := node.ListGateways()
+			for _, g := range gws {
+				fmt.Println(g)
+			}
+			return err
+		case "add", "del":
+			addr, err := netip.ParseAddr(ip)
+			if err != nil || iface == "" {
+				return fmt.Errorf("need -iface NAME and -ip ADDR (got %q, %q)", iface, ip)
+			}
+			g := node.Gateway{Iface: iface, IP: addr, ContainerID: id}
+			if sub == "add" {
+				return node.AddGateways(g)
+			}
+			_, err = node.RemoveGateways(func(x node.Gateway) bool { return x.Iface == g.Iface && x.IP == g.IP })
+			return err
+		}
+	}
+	usage()
+	return fmt.Errorf("unknown command %q", cmd+" "+sub)
+}
