@@ -22,7 +22,9 @@ deps:
 build: deps
 	@mkdir -p $(BIN)
 	$(GO) build -trimpath -o $(BIN)/egress-init ./cmd/init
-	@if [ -d cmd/egress-cni ]; then $(GO) build -trimpath -o $(BIN)/egress-cni ./cmd/egress-cni; fi
+	$(GO) build -trimpath -o $(BIN)/egress-cni ./cmd/egress-cni
+	$(GO) build -trimpath -o $(BIN)/egress-node ./cmd/egress-node
+	$(GO) build -trimpath -o $(BIN)/egress-demo ./cmd/egress-demo
 
 # The whole suite: pure tests and the privileged tests in network
 # namespaces of our own. As root the privileged tests run; set
@@ -38,7 +40,7 @@ test-netns: deps
 	$(GO) test $(TEST_FLAGS) -v ./test/netns/...
 
 demo: build
-	$(GO) run ./cmd/egress-demo
+	$(BIN)/egress-demo -egress-init $(BIN)/egress-init
 
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./pkg/... ./test/... | tee bench/go-bench.txt
