@@ -210,6 +210,9 @@ func TestIPTCheckFake(t *testing.T) {
 	if err := ipt.Check(rs); err != nil {
 		t.Fatalf("Check of the applied state: %v", err)
 	}
+	if err := ipt.Apply(rs); err != nil || len(f.restores) != 0 {
+		t.Errorf("Apply over the identical state should write nothing: err=%v restores=%q", err, f.restores)
+	}
 
 	f.save[FamilyIPv6] = strings.Replace(f.save[FamilyIPv6], "-A ISTIO_OUTPUT -d fd00::/8 -j RETURN\n", "", 1)
 	f.save[FamilyIPv4] = strings.Replace(f.save[FamilyIPv4], "COMMIT", "-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT", 1)

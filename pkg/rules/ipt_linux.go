@@ -18,7 +18,8 @@ package rules
 //
 // Apply: save, then one "restore --noflush" that declares our chains
 // (which flushes them), deletes the old entry rules, and appends the new
-// ones and every chain rule. Remove: the same with -X and no new rules.
+// ones and every chain rule; nothing when the family already holds
+// exactly the desired rules. Remove: the same with -X and no new rules.
 // Nothing else in the table is touched.
 
 import (
@@ -99,6 +100,12 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 		}
 		var input string
 		if t := want[f]; t != nil {
+			// Already exactly as wanted: rewriting would change nothing
+			// but cost a commit (with the nft flavour, deleting rules
+			// makes the kernel wait for an RCU grace period).
+			if slicesEqual(t.lines(), have.lines()) {
+				continue
+			}
 			input = iptApplyInput(t, have)
 		} else {
 			input = iptRemoveInput(have)

@@ -352,36 +352,49 @@ func excludedCIDRs(n int) []netip.Prefix {
 // BenchmarkIPTApply measures Apply in both families with N excluded
 // IPv4 CIDRs, i.e. N more rules in the IPv4 ISTIO_OUTPUT:
 //   - fresh: into a namespace holding none of our rules (a CNI ADD);
-//     Remove between iterations is not timed;
-//   - replace: over an identical ruleset (a repeated ADD): save, then
-//     one restore that deletes and re-adds everything of ours.
+//     the Remove between iterations is not timed;
+//   - change: over a ruleset that differs in one CIDR: save, then one
+//     restore per family that deletes and re-adds everything of ours;
+//   - noop: over the identical ruleset (a repeated ADD): save only.
 func BenchmarkIPTApply(b *testing.B) {
 	iptRequirePrivileged(b)
 	for _, fl := range iptFlavours {
-		for _, mode := range []string{"fresh", "replace"} {
+		for _, mode := range []string{"fresh", "change", "noop"} {
 			for _, size := range []int{0, 100, 1000, 10000} {
 				b.Run(fmt.Sprintf("%s/%s/N=%d", fl, mode, size), func(b *testing.B) {
 					n := newIPTTestNS(b)
 					rs := iptGoldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
+					// other differs from rs in its last IPv4 rule.
+					other := iptGoldenRuleset(b, func(c *Config) {
+						c.OutboundExcludeCIDRs = append(excludedCIDRs(size), netip.MustParsePrefix("192.0.2.0/24"))
+					})
 					ipt := newIPTBackend(fl, BackendOptions{})
 					iptInNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
+					last := rs
 					iptInNS(b, n, "Apply", func() error {
 						for b.Loop() {
-							if mode == "fresh" {
+							switch mode {
+							case "fresh":
 								b.StopTimer()
 								if err := ipt.Remove(); err != nil {
 									return err
 								}
 								b.StartTimer()
+							case "change":
+								if last == rs {
+									last = other
+								} else {
+									last = rs
+								}
 							}
-							if err := ipt.Apply(rs); err != nil {
+							if err := ipt.Apply(last); err != nil {
 								return err
 							}
 						}
 						return nil
 					})
 					b.StopTimer()
-					iptInNS(b, n, "Check", func() error { return ipt.Check(rs) })
+					iptInNS(b, n, "Check", func() error { return ipt.Check(last) })
 				})
 			}
 		}
