@@ -69,6 +69,9 @@ type NetConf struct {
 	RuntimeConfig map[string]json.RawMessage `json:"runtimeConfig,omitempty"`
 	// Args is the CNI "args" convention. Accepted and ignored.
 	Args json.RawMessage `json:"args,omitempty"`
+	// Attachments is the pre-1.1 spelling of cni.dev/valid-attachments
+	// that libcni still sends with GC. Accepted and ignored.
+	Attachments json.RawMessage `json:"cni.dev/attachments,omitempty"`
 
 	ProxyPort               *flexString `json:"proxyPort,omitempty"`
 	InboundPort             *flexString `json:"inboundPort,omitempty"`
