@@ -69,3 +69,60 @@ func DumpAll(t testing.TB, n ns.NetNS) string {
 		"### " + FlavourNFT + "\n" + IPTSave(t, n, FlavourNFT) +
 		"### " + FlavourLegacy + "\n" + IPTSave(t, n, FlavourLegacy)
 }
+
+// iptablesTables are the tables iptables knows; only they are candidates
+// for WithoutEmptyTables.
+var iptablesTables = map[string]bool{"nat": true, "filter": true, "mangle": true, "raw": true, "security": true}
+
+// WithoutEmptyTables drops, from a dump made by NFTDump, IPTSave or
+// DumpAll, the iptables tables that hold no rule and no user chain: an
+// iptables-save block of only built-in chains with policy ACCEPT, or an
+// "ip"/"ip6" nft table of only empty base chains with policy accept.
+//
+// Such tables appear as a side effect of merely using iptables in a
+// namespace (iptables-legacy registers a table when it is read,
+// iptables-nft creates the base chains it touches) and stay after the
+// last rule is gone. They match nothing, so comparisons that ask "did
+// anything of ours, or anything that filters, change?" ignore them.
+// Comparisons that must be exact use the raw dump.
+func WithoutEmptyTables(dump string) string {
+	lines := strings.Split(dump, "\n")
+	var out []string
+	for i := 0; i < len(lines); i++ {
+		l := lines[i]
+		// iptables-save: "*nat" ... "COMMIT".
+		if name, ok := strings.CutPrefix(l, "*"); ok && iptablesTables[name] {
+			j, empty := i+1, true
+			for ; j < len(lines) && lines[j] != "COMMIT"; j++ {
+				if !strings.HasPrefix(lines[j], ":") || !strings.Contains(lines[j], " ACCEPT ") ||
+					strings.HasPrefix(lines[j], ": ") {
+					empty = false
+				}
+			}
+			if empty && j < len(lines) {
+				i = j
+				continue
+			}
+		}
+		// nft: "table ip nat {" ... "}" at column 0.
+		if f := strings.Fields(l); len(f) == 4 && f[0] == "table" && (f[1] == "ip" || f[1] == "ip6") &&
+			iptablesTables[f[2]] && f[3] == "{" {
+			j, empty := i+1, true
+			for ; j < len(lines) && lines[j] != "}"; j++ {
+				s := strings.TrimSpace(lines[j])
+				switch {
+				case s == "", s == "}", strings.HasPrefix(s, "chain ") && strings.HasSuffix(s, "{"):
+				case strings.HasPrefix(s, "type ") && strings.HasSuffix(s, "policy accept;"):
+				default:
+					empty = false
+				}
+			}
+			if empty && j < len(lines) {
+				i = j
+				continue
+			}
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, "\n")
+}

@@ -218,3 +218,62 @@ func TestDumpsAndCleanup(t *testing.T) {
 		t.Errorf("got %v, want refused", err)
 	}
 }
+
+func TestWithoutEmptyTables(t *testing.T) {
+	in := `### nft list ruleset
+table ip nat {
+	chain PREROUTING {
+		type nat hook prerouting priority dstnat; policy accept;
+	}
+
+	chain OUTPUT {
+		type nat hook output priority -100; policy accept;
+	}
+}
+table ip6 nat {
+	chain OUTPUT {
+		type nat hook output priority -100; policy accept;
+		counter packets 0 bytes 0 return
+	}
+}
+table inet empty {
+}
+### iptables-legacy
+## ipv4
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+*filter
+:INPUT DROP [0:0]
+COMMIT
+## ipv6
+*nat
+:PREROUTING ACCEPT [0:0]
+:FOO - [0:0]
+COMMIT
+`
+	want := `### nft list ruleset
+table ip6 nat {
+	chain OUTPUT {
+		type nat hook output priority -100; policy accept;
+		counter packets 0 bytes 0 return
+	}
+}
+table inet empty {
+}
+### iptables-legacy
+## ipv4
+*filter
+:INPUT DROP [0:0]
+COMMIT
+## ipv6
+*nat
+:PREROUTING ACCEPT [0:0]
+:FOO - [0:0]
+COMMIT
+`
+	if got := nstest.WithoutEmptyTables(in); got != want {
+		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+}
