@@ -1,0 +1,136 @@
+//go:build linux
+
+package netns_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// BenchmarkEgressCNIAdd measures the latency of egress-cni's ADD alone,
+// per backend: one exec of the plugin binary, as containerd runs the last
+// plugin of a chain (stdin with prevResult and the pod's annotations in
+// runtimeConfig, CNI_ARGS with the pod's identity), into a fresh pod
+// namespace each time. Namespace creation and removal are not timed.
+// Each op is one pod; it reports the p50 and p99 of the per-pod
+// latencies. For the figures in docs/cni.md:
+//
+//	go test -run '^$' -bench EgressCNIAdd -benchtime 200x ./test/netns/
+func BenchmarkEgressCNIAdd(b *testing.B) {
+	nstest.RequirePrivileged(b)
+	binDir := b.TempDir()
+	buildEgressCNI(b, binDir)
+	plugin := filepath.Join(binDir, "egress-cni")
+	node := nstest.NewNS(b)
+	logDir := b.TempDir()
+
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		b.Run(backend, func(b *testing.B) {
+			stdin := benchStdin(b, backend, filepath.Join(logDir, backend+".log"))
+			samples := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				podNS, err := testutils.NewNS()
+				if err != nil {
+					b.Fatal(err)
+				}
+				cmd := exec.Command(plugin)
+				cmd.Stdin = bytes.NewReader(stdin)
+				var stdout, stderr bytes.Buffer
+				cmd.Stdout, cmd.Stderr = &stdout, &stderr
+				cmd.Env = append(os.Environ(),
+					"CNI_COMMAND=ADD",
+					"CNI_CONTAINERID=bench"+fmt.Sprint(i),
+					"CNI_NETNS="+podNS.Path(),
+					"CNI_IFNAME=eth0",
+					"CNI_PATH="+binDir,
+					fmt.Sprintf("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=bench-%d;K8S_POD_INFRA_CONTAINER_ID=bench%d;K8S_POD_UID=uid-%d", i, i, i),
+				)
+				var took time.Duration
+				b.StartTimer()
+				err = node.Do(func(ns.NetNS) error {
+					start := time.Now()
+					err := cmd.Run()
+					took = time.Since(start)
+					return err
+				})
+				b.StopTimer()
+				_ = podNS.Close()
+				_ = testutils.UnmountNS(podNS)
+				if err != nil {
+					b.Fatalf("ADD: %v: %s %s", err, stdout.String(), stderr.String())
+				}
+				samples = append(samples, took)
+				b.StartTimer()
+			}
+			b.StopTimer()
+			p50, p99 := percentile(samples, 50), percentile(samples, 99)
+			b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
+			b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
+			b.Logf("%s: ADD latency over %d pods: p50 %v, p99 %v", backend, len(samples), p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond))
+		})
+	}
+}
+
+// percentile is the nearest-rank percentile.
+func percentile(s []time.Duration, p int) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	s = slices.Clone(s)
+	slices.Sort(s)
+	rank := (p*len(s) + 99) / 100 // ceil(p/100 * n)
+	return s[max(rank, 1)-1]
+}
+
+// benchStdin is the stdin containerd gives the last plugin of the chain:
+// the conflist entry with name, cniVersion, prevResult (a bridge result)
+// and runtimeConfig injected.
+func benchStdin(b *testing.B, backend, logFile string) []byte {
+	b.Helper()
+	conf := map[string]any{
+		"cniVersion":   "1.0.0",
+		"name":         "egress-bench",
+		"type":         "egress-cni",
+		"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+		"backend":      backend,
+		"logFile":      logFile,
+		"runtimeConfig": map[string]any{
+			"io.kubernetes.cri.pod-annotations": map[string]string{
+				"sidecar.istio.io/status":                          statusAnnotation,
+				"traffic.sidecar.istio.io/excludeOutboundIPRanges": "169.254.169.254/32,10.96.0.1/32",
+				"kubectl.kubernetes.io/default-container":          "app",
+				"prometheus.io/scrape":                             "true",
+			},
+		},
+		"prevResult": map[string]any{
+			"cniVersion": "1.0.0",
+			"interfaces": []any{
+				map[string]any{"name": "cni0", "mac": "02:00:00:00:00:01"},
+				map[string]any{"name": "veth1234", "mac": "02:00:00:00:00:02"},
+				map[string]any{"name": "eth0", "mac": "02:00:00:00:00:03", "sandbox": "/var/run/netns/bench"},
+			},
+			"ips":    []any{map[string]any{"address": "198.51.100.7/24", "gateway": gatewayIP, "interface": 2}},
+			"routes": []any{map[string]any{"dst": "0.0.0.0/0", "gw": gatewayIP}},
+			"dns":    map[string]any{},
+		},
+	}
+	out, err := json.Marshal(conf)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return out
+}
