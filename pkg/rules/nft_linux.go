@@ -6,12 +6,20 @@ package rules
 //
 // Apply sends ONE batch (one Conn.Flush) that
 //
-//  1. for each of inet, ip and ip6: add table egress_cni; delete table
-//     egress_cni. "add" does not fail when the table exists, so the pair
-//     removes whatever we wrote before, in any family, and never fails
-//     because there was nothing;
+//  1. removes our table from every family where a prior read
+//     (ListTables) found it: "add table egress_cni; delete table
+//     egress_cni". "add" does not fail when the table exists, and makes
+//     the "delete" valid even if the table vanished since the read;
 //  2. adds the table in the family we want, then the sets and their
 //     elements, the chains, and the rules.
+//
+// When the read found no table of ours (the first ADD in a fresh pod
+// namespace, the hot path), step 1 is empty and the table is created
+// with NLM_F_EXCL: if another writer created it in between, the batch
+// fails as a whole, and Apply retries once with step 1 for every family.
+// Skipping deletes is not cosmetic: a commit that deletes anything waits
+// for RCU grace periods, about 8 ms on a 250 Hz kernel against 0.3 ms for
+// a batch that only adds (measured on Linux 6.18).
 //
 // The kernel applies a batch as one transaction: packets see either the
 // old ruleset or the new one, and a batch that fails anywhere changes
@@ -116,8 +124,53 @@ func (nft *nftBackend) Apply(rs *Ruleset) error {
 	}
 	defer conn.CloseLasting()
 
-	deleteOurTables(conn)
-	conn.AddTable(objs.Table)
+	present, err := ourTableFamilies(conn)
+	if err != nil {
+		return err
+	}
+	fresh := len(present) == 0
+	if err := queueApply(conn, objs, present, fresh); err != nil {
+		return err
+	}
+	err = conn.Flush()
+	if err != nil && fresh {
+		// Someone created our table since we listed: replace it.
+		if err = queueApply(conn, objs, nftAllFamilies, false); err != nil {
+			return err
+		}
+		err = conn.Flush()
+	}
+	if err != nil {
+		return fmt.Errorf("could not apply nftables table %s %s: %w", nftFamilyName(objs.Table.Family), NFTTable, err)
+	}
+	return nil
+}
+
+// ourTableFamilies lists the families that hold a table of ours.
+func ourTableFamilies(conn *nftables.Conn) ([]nftables.TableFamily, error) {
+	tables, err := conn.ListTables()
+	if err != nil {
+		return nil, fmt.Errorf("could not list nftables tables: %w", err)
+	}
+	var fams []nftables.TableFamily
+	for _, t := range tables {
+		if t.Name == NFTTable && slices.Contains(nftAllFamilies, t.Family) {
+			fams = append(fams, t.Family)
+		}
+	}
+	return fams, nil
+}
+
+// queueApply queues the whole Apply batch: delete our table in the
+// families given, then create it afresh. With exclusive, the table is
+// created with NLM_F_EXCL, so the batch fails if it already exists.
+func queueApply(conn *nftables.Conn, objs *nftObjects, deleteIn []nftables.TableFamily, exclusive bool) error {
+	deleteOurTables(conn, deleteIn)
+	if exclusive {
+		conn.CreateTable(objs.Table)
+	} else {
+		conn.AddTable(objs.Table)
+	}
 	for _, s := range objs.Sets {
 		if err := conn.AddSet(s.Set, nil); err != nil {
 			return fmt.Errorf("could not queue set %s: %w", s.Set.Name, err)
@@ -134,17 +187,14 @@ func (nft *nftBackend) Apply(rs *Ruleset) error {
 	for _, r := range objs.Rules {
 		conn.AddRule(r)
 	}
-	if err := conn.Flush(); err != nil {
-		return fmt.Errorf("could not apply nftables table %s %s: %w", nftFamilyName(objs.Table.Family), NFTTable, err)
-	}
 	return nil
 }
 
-// deleteOurTables queues the removal of our table in every family. Each
-// "add" makes the following "delete" valid whether or not the table
-// existed, so the batch stays idempotent without a prior read.
-func deleteOurTables(conn *nftables.Conn) {
-	for _, f := range nftAllFamilies {
+// deleteOurTables queues the removal of our table in the given
+// families. Each "add" makes the following "delete" valid whether or not
+// the table still exists, so the batch never fails on a missing table.
+func deleteOurTables(conn *nftables.Conn, fams []nftables.TableFamily) {
+	for _, f := range fams {
 		t := &nftables.Table{Name: NFTTable, Family: f}
 		conn.AddTable(t)
 		conn.DelTable(t)
@@ -157,7 +207,14 @@ func (nft *nftBackend) Remove() error {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer conn.CloseLasting()
-	deleteOurTables(conn)
+	present, err := ourTableFamilies(conn)
+	if err != nil {
+		return err
+	}
+	if len(present) == 0 {
+		return nil
+	}
+	deleteOurTables(conn, present)
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("could not delete nftables table %s: %w", NFTTable, err)
 	}

@@ -230,7 +230,7 @@ func applyBrokenForTest(rs *Ruleset) error {
 		return err
 	}
 	defer conn.CloseLasting()
-	deleteOurTables(conn)
+	deleteOurTables(conn, nftAllFamilies)
 	conn.AddTable(objs.Table)
 	for _, s := range objs.Sets {
 		if err := conn.AddSet(s.Set, s.Elements); err != nil {
@@ -246,6 +246,40 @@ func applyBrokenForTest(rs *Ruleset) error {
 		}
 	}
 	return conn.Flush()
+}
+
+// TestNFTApplyCreateRace covers the fast path's guard: a batch that
+// creates our table exclusively fails as a whole when the table appeared
+// after Apply listed the tables, and Apply then replaces it.
+func TestNFTApplyCreateRace(t *testing.T) {
+	n := newNFTTestNS(t)
+	rs := nftRuleset(t, func(*Config) {})
+	objs, err := nftObjectsFor(rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nftCLI(t, n, "add table inet egress_cni\nadd chain inet egress_cni stale\n", "-f", "-")
+	before := nftCLI(t, n, "", "list", "ruleset")
+	nftInNS(t, n, "exclusive batch", func() error {
+		conn, err := nftConn(objs.batchSize())
+		if err != nil {
+			return err
+		}
+		defer conn.CloseLasting()
+		if err := queueApply(conn, objs, nil, true); err != nil {
+			return err
+		}
+		if err := conn.Flush(); err == nil {
+			return fmt.Errorf("exclusive create of an existing table succeeded")
+		}
+		return nil
+	})
+	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
+		t.Errorf("failed batch changed the ruleset:\n%s", after)
+	}
+	be := newNFTBackend()
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
 }
 
 func TestNFTRemove(t *testing.T) {
@@ -427,29 +461,44 @@ func TestNFTApplyManyCIDRs(t *testing.T) {
 	nftInNS(t, n, "Check again", func() error { return be.Check(rs) })
 }
 
+// BenchmarkNFTApply measures Apply with N excluded CIDRs (which do not
+// merge). "fresh" is the CNI ADD case: the first Apply in a new network
+// namespace (created outside the timer), whose batch only adds.
+// "replace" re-applies over an existing table: the batch also deletes
+// it, and a commit that deletes waits for RCU grace periods.
 func BenchmarkNFTApply(b *testing.B) {
 	for _, size := range []int{0, 100, 1000, 10000} {
-		b.Run(fmt.Sprintf("cidrs=%d", size), func(b *testing.B) {
-			n := newNFTTestNS(b)
-			cfg := DefaultConfig()
-			cfg.OutboundExcludeCIDRs = spreadCIDRs(size)
-			rs, err := Build(cfg)
-			if err != nil {
-				b.Fatal(err)
-			}
-			be := newNFTBackend()
-			b.ReportAllocs()
-			err = n.Do(func(ns.NetNS) error {
-				for b.Loop() {
-					if err := be.Apply(rs); err != nil {
-						return err
+		for _, mode := range []string{"fresh", "replace"} {
+			b.Run(fmt.Sprintf("cidrs=%d/%s", size, mode), func(b *testing.B) {
+				cfg := DefaultConfig()
+				cfg.OutboundExcludeCIDRs = spreadCIDRs(size)
+				rs, err := Build(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				be := newNFTBackend()
+				apply := func(n ns.NetNS) {
+					if err := n.Do(func(ns.NetNS) error { return be.Apply(rs) }); err != nil {
+						b.Fatal(err)
 					}
 				}
-				return nil
+				b.ReportAllocs()
+				if mode == "replace" {
+					n := newNFTTestNS(b)
+					apply(n)
+					for b.Loop() {
+						apply(n)
+					}
+					nftInNS(b, n, "Check", func() error { return be.Check(rs) })
+					return
+				}
+				for b.Loop() {
+					b.StopTimer()
+					n := newNFTTestNS(b)
+					b.StartTimer()
+					apply(n)
+				}
 			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		})
+		}
 	}
 }

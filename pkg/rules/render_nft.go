@@ -297,7 +297,7 @@ func mergePrefixes(ps []netip.Prefix) []addrRange {
 		}
 		return b.to.Compare(a.to)
 	})
-	var out []addrRange
+	out := make([]addrRange, 0, len(rs))
 	for _, r := range rs {
 		if n := len(out); n > 0 {
 			last := &out[n-1]
@@ -351,19 +351,27 @@ func (r addrRange) String() string {
 	return r.from.String() + "-" + r.to.String()
 }
 
-// rangePrefix returns the prefix that covers exactly r, if there is one.
+// rangePrefix returns the prefix that covers exactly r, if there is one:
+// from and to share their first n bits, and then from has only zeros and
+// to only ones.
 func rangePrefix(r addrRange) (netip.Prefix, bool) {
-	for bits := 0; bits <= r.from.BitLen(); bits++ {
-		p := netip.PrefixFrom(r.from, bits)
-		if p.Masked().Addr() != r.from {
-			continue
-		}
-		if prefixLast(p) == r.to {
-			return p, true
+	f, t := r.from.AsSlice(), r.to.AsSlice()
+	if len(f) != len(t) {
+		return netip.Prefix{}, false
+	}
+	n := 0
+	for n < 8*len(f) && bitAt(f, n) == bitAt(t, n) {
+		n++
+	}
+	for i := n; i < 8*len(f); i++ {
+		if bitAt(f, i) != 0 || bitAt(t, i) != 1 {
+			return netip.Prefix{}, false
 		}
 	}
-	return netip.Prefix{}, false
+	return netip.PrefixFrom(r.from, n), true
 }
+
+func bitAt(b []byte, i int) byte { return b[i/8] >> (7 - i%8) & 1 }
 
 // nftSetElementTexts lists a set's elements as nft prints them, after
 // merging. Check compares these lines with the readback.
@@ -521,7 +529,7 @@ func nftObjectsFor(rs *Ruleset) (*nftObjects, error) {
 // So 0.0.0.0/0 is the single start element 0.0.0.0.
 func nftSetElements(s *Set) []nftables.SetElement {
 	type kr struct{ from, end []byte } // end == nil: open to the top
-	var ks []kr
+	ks := make([]kr, 0, len(s.Prefixes)+len(s.Ports))
 	var width int
 	if s.Type == SetPorts {
 		width = 2
@@ -545,7 +553,8 @@ func nftSetElements(s *Set) []nftables.SetElement {
 			ks = append(ks, k)
 		}
 	}
-	var out []nftables.SetElement
+	// SetElement is large: size the slice once.
+	out := make([]nftables.SetElement, 0, 2*len(ks)+1)
 	if len(ks) > 0 && !isZero(ks[0].from) {
 		out = append(out, nftables.SetElement{Key: make([]byte, width), IntervalEnd: true})
 	}
