@@ -28,6 +28,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"os"
 	"os/exec"
@@ -37,6 +38,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultLockWait is how long the legacy flavour waits for the xtables
@@ -451,15 +454,22 @@ func iptInputContext(msg, input string) string {
 }
 
 // legacyNatRegistered reports whether the legacy nat table of family f
-// exists in the calling thread's network namespace.
+// exists in the calling thread's network namespace. Only the calling
+// (locked) thread is in the target namespace, hence the task path. When
+// that cannot be told (no procfs), it says yes: the save then runs.
 func legacyNatRegistered(f Family) bool {
-	file := "/proc/thread-self/net/ip_tables_names"
-	if f == FamilyIPv6 {
-		file = "/proc/thread-self/net/ip6_tables_names"
+	dir := fmt.Sprintf("/proc/self/task/%d/net", unix.Gettid())
+	if _, err := os.Stat(dir); err != nil {
+		return true
 	}
-	b, err := os.ReadFile(file)
+	file := "ip_tables_names"
+	if f == FamilyIPv6 {
+		file = "ip6_tables_names"
+	}
+	b, err := os.ReadFile(filepath.Join(dir, file))
 	if err != nil {
-		return false
+		// Absent while the ip(6)_tables module is not loaded.
+		return !errors.Is(err, fs.ErrNotExist)
 	}
 	return slices.Contains(strings.Fields(string(b)), "nat")
 }

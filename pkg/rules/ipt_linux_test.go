@@ -432,3 +432,29 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	iptInNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(rs) })
 	iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
 }
+
+// Once we applied rules with a flavour, auto-detection keeps choosing it
+// in that namespace, so later runs never mix flavours.
+func TestIPTDetectKeepsFlavour(t *testing.T) {
+	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
+		ipt := newIPTBackend(fl, BackendOptions{})
+		// Check and Remove on an empty namespace must not tip detection.
+		iptInNS(t, n, "Check and Remove", func() error {
+			_ = ipt.Check(iptGoldenRuleset(t, func(*Config) {}))
+			return ipt.Remove()
+		})
+		iptInNS(t, n, "Detect before", func() error {
+			if d, err := Detect(); err != nil || d != BackendNFTables {
+				return fmt.Errorf("Detect in an empty namespace = %q, %v; want %q", d, err, BackendNFTables)
+			}
+			return nil
+		})
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(iptGoldenRuleset(t, func(*Config) {})) })
+		iptInNS(t, n, "Detect after", func() error {
+			if d, err := Detect(); err != nil || d != fl {
+				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
+			}
+			return nil
+		})
+	})
+}
