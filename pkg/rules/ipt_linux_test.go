@@ -458,3 +458,24 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 		})
 	})
 }
+
+// Both flavours print our rules identically: apart from the "# Generated
+// by" comments, iptables-save output is the same text.
+func TestIPTFlavoursSaveIdentically(t *testing.T) {
+	iptRequirePrivileged(t)
+	for _, tc := range iptGoldenCases() {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := iptGoldenRuleset(t, tc.cfg)
+			saved := map[BackendName]string{}
+			for _, fl := range iptFlavours {
+				n := newIPTTestNS(t)
+				ipt := newIPTBackend(fl, BackendOptions{})
+				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				saved[fl] = saveBoth(t, n, fl)
+			}
+			if diff := cmp.Diff(saved[BackendIPTablesNFT], saved[BackendIPTablesLegacy]); diff != "" {
+				t.Errorf("line %d: save output differs (-nft +legacy):\n%s", tc.line, diff)
+			}
+		})
+	}
+}
