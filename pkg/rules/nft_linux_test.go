@@ -430,6 +430,22 @@ func TestNFTCheckDrift(t *testing.T) {
 		}
 	})
 
+	t.Run("stale table in another family", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
+		checkDrift(t, n, "", "table ip6 "+NFTTable)
+		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	})
+
+	t.Run("table only in the wrong family", func(t *testing.T) {
+		n := newNFTTestNS(t)
+		v4 := nftRuleset(t, func(c *Config) { c.Families = IPv4Only })
+		nftInNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
+		checkDrift(t, n, "table inet "+NFTTable, "table ip "+NFTTable)
+	})
+
 	t.Run("hook changed", func(t *testing.T) {
 		n := newNFTTestNS(t)
 		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })

@@ -88,10 +88,14 @@ func RenderNFT(rs *Ruleset) string {
 	inet := fam == nftables.TableFamilyINet
 	var b strings.Builder
 	fmt.Fprintf(&b, "# egress-cni nftables ruleset, format %d.\n", FormatVersion)
-	// "add table" and "delete table" make the script replace our table as
-	// a whole, atomically, as Apply does.
-	fmt.Fprintf(&b, "add table %s %s\n", nftFamilyName(fam), NFTTable)
-	fmt.Fprintf(&b, "delete table %s %s\n", nftFamilyName(fam), NFTTable)
+	// "add table" then "delete table" in every family make the script
+	// replace whatever we wrote before, as a whole and atomically (nft -f
+	// sends one batch), as Apply does; the "add" keeps the "delete" from
+	// failing when there is nothing to delete.
+	for _, f := range nftAllFamilies {
+		fmt.Fprintf(&b, "add table %s %s\n", nftFamilyName(f), NFTTable)
+		fmt.Fprintf(&b, "delete table %s %s\n", nftFamilyName(f), NFTTable)
+	}
 	fmt.Fprintf(&b, "table %s %s {\n", nftFamilyName(fam), NFTTable)
 	for i, s := range rs.Sets {
 		if i > 0 {
