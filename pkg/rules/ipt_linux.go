@@ -23,7 +23,6 @@ package rules
 // Nothing else in the table is touched.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -258,10 +257,8 @@ func parseIPTSave(out string, f Family) *iptTable {
 	rules := map[string][]string{}
 	entry := map[string][]string{}
 	inNat := false
-	sc := bufio.NewScanner(strings.NewReader(out))
-	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
-	for sc.Scan() {
-		l := strings.TrimRight(sc.Text(), " \r")
+	for _, l := range strings.Split(out, "\n") {
+		l = strings.TrimRight(l, " \r")
 		switch {
 		case strings.HasPrefix(l, "*"):
 			inNat = l == "*nat"
@@ -294,15 +291,15 @@ func parseIPTSave(out string, f Family) *iptTable {
 // isOurEntry reports whether a saved rule in a built-in chain is ours:
 // it carries our comment, or it jumps (or goes) to one of our chains.
 func isOurEntry(l string) bool {
-	fs := strings.Fields(l)
-	for i := 0; i+1 < len(fs); i++ {
-		switch fs[i] {
+	fields := strings.Fields(l)
+	for i := 0; i+1 < len(fields); i++ {
+		switch fields[i] {
 		case "--comment":
-			if strings.Trim(fs[i+1], `"`) == Comment {
+			if strings.Trim(fields[i+1], `"`) == Comment {
 				return true
 			}
 		case "-j", "-g":
-			if isIPTChain(fs[i+1]) {
+			if isIPTChain(fields[i+1]) {
 				return true
 			}
 		}
