@@ -135,6 +135,81 @@ func TestNFTRenderMatchesApply(t *testing.T) {
 	}
 }
 
+// TestNFTSetLookups asks the kernel (nft get element, which looks the key
+// up in the set) whether addresses and ports fall into the intervals
+// Apply wrote: edges of merged ranges, and ranges that reach the top of
+// the key space, which have no end element.
+func TestNFTSetLookups(t *testing.T) {
+	n := newNFTTestNS(t)
+	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions
+	be := newNFTBackend()
+	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	for _, tc := range []struct {
+		set, key string
+		in       bool
+	}{
+		{SetOutExcludeV4, "0.0.0.0", false},
+		{SetOutExcludeV4, "9.255.255.255", false},
+		{SetOutExcludeV4, "10.0.0.0", true},
+		{SetOutExcludeV4, "10.1.2.3", true},
+		{SetOutExcludeV4, "11.0.0.0", false},
+		{SetOutExcludeV4, "12.0.0.0", true},
+		{SetOutExcludeV4, "13.255.255.255", true}, // 12/8 and 13/8 merged
+		{SetOutExcludeV4, "14.0.0.0", false},
+		{SetOutExcludeV4, "169.254.169.254", true},
+		{SetOutExcludeV4, "169.254.169.255", false},
+		{SetOutExcludeV4, "255.255.254.255", false},
+		{SetOutExcludeV4, "255.255.255.0", true},
+		{SetOutExcludeV4, "255.255.255.255", true},
+		{SetOutExcludeV6, "fcff:ffff::1", false},
+		{SetOutExcludeV6, "fd00:1::1", true},
+		{SetOutExcludeV6, "fe00::", false},
+		{SetOutExcludeV6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", true},
+		{SetOutExcludePort, "21", false},
+		{SetOutExcludePort, "22", true},
+		{SetOutExcludePort, "9150", true}, // 9000-9100 and 9050-9200 merged
+		{SetOutExcludePort, "9201", false},
+		{SetOutExcludePort, "64999", false},
+		{SetOutExcludePort, "65535", true},
+	} {
+		got := nftHasElement(t, n, tc.set, tc.key)
+		if got != tc.in {
+			t.Errorf("%s in set %s = %v, want %v", tc.key, tc.set, got, tc.in)
+		}
+	}
+
+	// 0.0.0.0/0 and ::/0 are a single start element each.
+	all := nftRuleset(t, nftGoldenCases()[2].cfg) // exclude-everything
+	nftInNS(t, n, "Apply", func() error { return be.Apply(all) })
+	for _, tc := range []struct{ set, key string }{
+		{SetOutExcludeV4, "0.0.0.0"},
+		{SetOutExcludeV4, "127.0.0.1"},
+		{SetOutExcludeV4, "255.255.255.255"},
+		{SetOutExcludeV6, "::"},
+		{SetOutExcludeV6, "2001:db8::1"},
+		{SetOutExcludeV6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"},
+	} {
+		if !nftHasElement(t, n, tc.set, tc.key) {
+			t.Errorf("%s not in set %s of the exclude-everything ruleset", tc.key, tc.set)
+		}
+	}
+}
+
+// nftHasElement runs `nft get element` in n: nft exits non-zero when the
+// key is in no interval of the set.
+func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
+	tb.Helper()
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		tb.Skip("nft binary not installed")
+	}
+	out, err := exec.Command("nsenter", "--net="+n.Path(), nft, "get", "element", "inet", NFTTable, set, "{ "+key+" }").CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "No such file or directory") {
+		tb.Fatalf("nft get element %s %s: %v\n%s", set, key, err, out)
+	}
+	return err == nil
+}
+
 func TestNFTApplyIdempotent(t *testing.T) {
 	n := newNFTTestNS(t)
 	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions: every kind of set
