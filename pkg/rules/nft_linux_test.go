@@ -352,7 +352,10 @@ func TestNFTApplyCreateRace(t *testing.T) {
 	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
 		t.Errorf("failed batch changed the ruleset:\n%s", after)
 	}
-	be := newNFTBackend()
+	// The fallback Apply takes after a failed exclusive batch.
+	be := newNFTBackend().(*nftBackend)
+	nftInNS(t, n, "applyReplacing", func() error { return be.applyReplacing(objs) })
+	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
 	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
 }
