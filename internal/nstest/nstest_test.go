@@ -83,6 +83,15 @@ func TestPodTopology(t *testing.T) {
 			}
 		}
 	}
+	// A wildcard UDP server answers from the address it was sent to, so
+	// the connected client accepts the reply.
+	nstest.ServeEcho(t, p.World, ":5353")
+	for _, a := range []netip.Addr{nstest.InternetIPv4, nstest.InternetIPv6} {
+		r := parse(t, nstest.MustDial(t, p.NS, 1000, 1000, "udp", hostPort(a, 5353)))
+		if r.Kind != nstest.KindDirect || r.Dst != netip.AddrPortFrom(a, 5353) {
+			t.Errorf("udp to wildcard server at %s: got %+v", a, r)
+		}
+	}
 	// The world has no route anywhere but the link and its loopback.
 	if _, err := nstest.Exec(p.World, "ip", "route", "get", "198.51.100.1"); err == nil {
 		t.Error("world namespace has a route to 198.51.100.1")

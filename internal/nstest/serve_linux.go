@@ -145,8 +145,9 @@ func ServeProxy(t testing.TB, n ns.NetNS, port uint16) *Server {
 //
 //	direct src=<remote ip:port> dst=<local ip:port>\n
 //
-// UDP sockets bound to a wildcard reply from whatever source the kernel
-// picks; bind a specific address when the client checks the source.
+// UDP replies are sent from the address each datagram was sent to
+// (IP_PKTINFO), so wildcard sockets and REDIRECTed datagrams work with
+// connected clients; dst is that address.
 func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 	t.Helper()
 	host, port, err := net.SplitHostPort(addr)
@@ -174,7 +175,7 @@ func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 				return err
 			}
 			pc = c.(*net.UDPConn)
-			return nil
+			return setPktInfo(pc, fam == "6")
 		})
 		if err != nil {
 			s.Close()
@@ -185,14 +186,22 @@ func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			buf := make([]byte, 2048)
+			buf, oob := make([]byte, 2048), make([]byte, 256)
+			local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 			for {
-				_, from, err := pc.ReadFromUDPAddrPort(buf)
+				_, oobn, _, from, err := pc.ReadMsgUDPAddrPort(buf, oob)
 				if err != nil {
 					return
 				}
-				msg := fmt.Sprintf("%s src=%s dst=%s\n", KindDirect, from, pc.LocalAddr())
-				_, _ = pc.WriteToUDPAddrPort([]byte(msg), from)
+				// Answer from the address the datagram was sent to,
+				// so that a connected client accepts the reply and
+				// conntrack can undo a REDIRECT.
+				dst, out := pktInfoReply(oob[:oobn])
+				if !dst.IsValid() {
+					dst = local.Addr()
+				}
+				msg := fmt.Sprintf("%s src=%s dst=%s\n", KindDirect, from, netip.AddrPortFrom(dst, local.Port()))
+				_, _, _ = pc.WriteMsgUDPAddrPort([]byte(msg), out, from)
 			}
 		}()
 	}
@@ -300,4 +309,44 @@ func getsockopt(fd, level, opt int, p unsafe.Pointer, l *uint32) error {
 		return syscall.Errno(e)
 	}
 	return nil
+}
+
+// setPktInfo asks for the destination address of each datagram.
+func setPktInfo(c *net.UDPConn, v6 bool) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if v6 {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
+		} else {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// pktInfoReply returns the destination address of a received datagram
+// and the control message that makes the reply leave from it.
+func pktInfoReply(oob []byte) (netip.Addr, []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return netip.Addr{}, nil
+	}
+	for _, m := range msgs {
+		switch {
+		case m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_PKTINFO && len(m.Data) >= unix.SizeofInet4Pktinfo:
+			info := (*unix.Inet4Pktinfo)(unsafe.Pointer(&m.Data[0]))
+			return netip.AddrFrom4(info.Addr), unix.PktInfo4(&unix.Inet4Pktinfo{Spec_dst: info.Addr})
+		case m.Header.Level == unix.IPPROTO_IPV6 && m.Header.Type == unix.IPV6_PKTINFO && len(m.Data) >= unix.SizeofInet6Pktinfo:
+			info := (*unix.Inet6Pktinfo)(unsafe.Pointer(&m.Data[0]))
+			return netip.AddrFrom16(info.Addr), unix.PktInfo6(&unix.Inet6Pktinfo{Addr: info.Addr})
+		}
+	}
+	return netip.Addr{}, nil
 }

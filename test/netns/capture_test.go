@@ -76,13 +76,13 @@ func newCapturePod(t *testing.T) *nstest.Pod {
 	nstest.MustExec(t, p.World, "ip", "addr", "add", farV4.String()+"/32", "dev", "lo")
 	nstest.MustExec(t, p.World, "ip", "addr", "add", farV6.String()+"/128", "dev", "lo", "nodad")
 	for _, a := range []netip.Addr{nstest.InternetIPv4, nstest.InternetIPv6, farV4, farV6} {
-		for _, port := range []uint16{80, 8443} {
+		for _, port := range []uint16{53, 80, 8443} {
 			nstest.ServeEcho(t, p.World, ap(a, port))
 		}
 	}
 	nstest.ServeProxy(t, p.NS, rules.DefaultProxyPort)
 	nstest.ServeProxy(t, p.NS, rules.DefaultInboundPort)
-	for _, port := range []string{"8080", "9090", "15021", "15008"} {
+	for _, port := range []string{"8080", "9090", "15021", "15008", "15053"} {
 		nstest.ServeEcho(t, p.NS, ":"+port)
 	}
 	return p
@@ -334,6 +334,31 @@ var variants = []variant{
 		flows: override(inbound, map[string]string{
 			"inbound-v4": direct, "inbound-v6": direct,
 			"inbound-excluded-15021-v4": proxyI, "inbound-excluded-15021-v6": proxyI,
+		}),
+	},
+	{
+		// Traffic in or out of an excluded interface is never
+		// captured; loopback still is.
+		name: "exclude-interface",
+		cfg:  func(c *rules.Config) { c.ExcludeInterfaces = []string{"eth0"} },
+		flows: override(concat(outbound, loopback, inbound), map[string]string{
+			"app-v4": direct, "app-v6": direct, "app-far-v4": direct, "app-far-v6": direct,
+			"inbound-v4": direct, "inbound-v6": direct,
+		}),
+	},
+	{
+		// DNS capture: udp and tcp 53 go to 15053 (a plain server in
+		// the pod, which answers with the post-NAT destination), except
+		// the proxy's own queries.
+		name: "redirect-dns",
+		cfg:  func(c *rules.Config) { c.RedirectDNS = true },
+		flows: concat(outbound, []flow{
+			{name: "dns-udp-v4", uid: uidApp, gid: uidApp, network: "udp", dst: ap(v4, 53), want: "direct to 127.0.0.1:15053"},
+			{name: "dns-udp-v6", uid: uidApp, gid: uidApp, network: "udp", dst: ap(v6, 53), want: "direct to [::1]:15053"},
+			{name: "dns-tcp-v4", uid: uidApp, gid: uidApp, dst: ap(v4, 53), want: "direct to 127.0.0.1:15053"},
+			{name: "dns-tcp-v6", uid: uidApp, gid: uidApp, dst: ap(v6, 53), want: "direct to [::1]:15053"},
+			{name: "dns-proxy-udp-v4", uid: uidProxy, gid: uidProxy, network: "udp", dst: ap(v4, 53), want: direct},
+			{name: "dns-proxy-udp-v6", uid: uidProxy, gid: uidProxy, network: "udp", dst: ap(v6, 53), want: direct},
 		}),
 	},
 	{
@@ -645,7 +670,6 @@ func TestForeignRules(t *testing.T) {
 // TestBadInput checks that input the backend must refuse leaves the
 // namespace exactly as it was, both empty and holding a good ruleset.
 func TestBadInput(t *testing.T) {
-	nstest.RequirePrivileged(t)
 	good := mustBuild(t, rules.DefaultConfig())
 
 	// Input errors caught before any backend runs.
@@ -666,6 +690,7 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("failed ApplyOptions changed the config:\n%s", d)
 	}
 
+	nstest.RequirePrivileged(t)
 	// Rulesets that Build would never make, handed straight to Apply.
 	corrupt := map[string]func(rs *rules.Ruleset){
 		"jump-to-missing-chain": func(rs *rules.Ruleset) {
