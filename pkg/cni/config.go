@@ -119,7 +119,8 @@ type Settings struct {
 	CaptureAnnotation string
 	LogFile           string
 	LogLevel          string
-	// Annotations from runtimeConfig; nil when the runtime sent none.
+	// Annotations from runtimeConfig; nil when the runtime sent none
+	// (not even null), non-nil and maybe empty when it did.
 	Annotations map[string]string
 }
 
@@ -318,7 +319,10 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 		}
 		s.LogLevel = *conf.LogLevel
 	}
-	if raw, ok := conf.RuntimeConfig[PodAnnotationsCapability]; ok && len(raw) > 0 && string(raw) != "null" {
+	// Present means delivered, even as null: libcni passes a nil map
+	// (a pod without annotations) as null. Absent means the runtime
+	// does not deliver annotations, or the capability is not declared.
+	if raw, ok := conf.RuntimeConfig[PodAnnotationsCapability]; ok {
 		if err := json.Unmarshal(raw, &s.Annotations); err != nil {
 			return nil, types.NewError(types.ErrInvalidNetworkConfig,
 				fmt.Sprintf("runtimeConfig[%q] is not a map of strings: %v", PodAnnotationsCapability, err), "")

@@ -111,7 +111,16 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 	}
 	if s.Capture == CaptureAnnotated {
 		if ann == nil {
-			return Decision{Reason: fmt.Sprintf("the runtime delivered no pod annotations (is the %s capability declared, and the runtime containerd >= 1.5 or CRI-O >= 1.29?)", PodAnnotationsCapability)}, nil
+			if pod.Namespace == "" {
+				return Decision{Reason: "not a Kubernetes pod (no K8S_POD_NAMESPACE in CNI_ARGS) and no annotations"}, nil
+			}
+			// Fail closed: without annotations we cannot tell an
+			// injected pod from another, and must not start an
+			// injected one uncaptured.
+			return Decision{}, withCode(types.ErrInvalidNetworkConfig, fmt.Errorf(
+				"pod %s: the runtime delivered no pod annotations, so egress-cni cannot tell whether the pod must be captured, "+
+					"and refuses to start it uncaptured: declare \"capabilities\": {%q: true} in the egress-cni conflist entry "+
+					"and run containerd >= 1.5 or CRI-O >= 1.29, or set \"capture\": \"all\"", podName, PodAnnotationsCapability), "")
 		}
 		if _, ok := ann[s.CaptureAnnotation]; !ok {
 			return Decision{Reason: fmt.Sprintf("no %s annotation", s.CaptureAnnotation)}, nil

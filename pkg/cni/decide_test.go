@@ -41,7 +41,8 @@ func TestDecideSkips(t *testing.T) {
 	}{
 		{"kube-system", "", Pod{Namespace: "kube-system", Name: "coredns"}, injected(), "excludeNamespaces"},
 		{"custom excluded namespace", `"excludeNamespaces": ["istio-system"]`, Pod{Namespace: "istio-system", Name: "x"}, injected(), "excludeNamespaces"},
-		{"no annotations delivered", "", webPod, nil, "no pod annotations"},
+		{"no annotations, not kubernetes", "", Pod{}, nil, "not a Kubernetes pod"},
+		{"annotations delivered as null", "", webPod, map[string]string{}, "no sidecar.istio.io/status annotation"},
 		{"no status annotation", "", webPod, map[string]string{"foo": "bar"}, "no sidecar.istio.io/status annotation"},
 		{"inject false", "", webPod, injected(AnnotationInject, "false"), `sidecar.istio.io/inject="false"`},
 		{"inject false with capture all", `"capture": "all"`, webPod, map[string]string{AnnotationInject: "false"}, "inject"},
@@ -186,6 +187,32 @@ func TestDecideAnnotationErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A Kubernetes pod whose annotations did not arrive is refused, not
+// started uncaptured, unless the config captures every pod.
+func TestDecideNoAnnotationsFailsClosed(t *testing.T) {
+	_, err := Decide(mustSettings(t, ""), webPod, nil)
+	if Code(err) != types.ErrInvalidNetworkConfig || !strings.Contains(err.Error(), "team-a/web-0") ||
+		!strings.Contains(err.Error(), PodAnnotationsCapability) {
+		t.Errorf("err = %v (code %d)", err, Code(err))
+	}
+	// Excluded namespaces are decided first: node agents still start.
+	d, err := Decide(mustSettings(t, ""), Pod{Namespace: "kube-system", Name: "x"}, nil)
+	if err != nil || d.Capture {
+		t.Errorf("kube-system pod: %+v, %v", d, err)
+	}
+	d, err = Decide(mustSettings(t, `"capture": "all"`), webPod, nil)
+	if err != nil || !d.Capture {
+		t.Errorf("capture all: %+v, %v", d, err)
+	}
+}
+
+func TestParseConfigNullAnnotationsAreDelivered(t *testing.T) {
+	s := mustSettings(t, `"runtimeConfig": {"io.kubernetes.cri.pod-annotations": null}`)
+	if s.Annotations == nil || len(s.Annotations) != 0 {
+		t.Errorf("annotations = %#v, want an empty map", s.Annotations)
 	}
 }
 

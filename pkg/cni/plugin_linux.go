@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -363,10 +364,11 @@ func checkNothingOurs() error {
 			continue
 		}
 		for _, bin := range f.bins {
-			if _, err := exec.LookPath(bin); err != nil {
+			path, err := findBinary(bin)
+			if err != nil {
 				continue
 			}
-			out, err := exec.Command(bin, "-t", "nat").Output()
+			out, err := exec.Command(path, "-t", "nat").Output()
 			if err != nil {
 				// No nat table for this family: nothing of ours.
 				continue
@@ -413,7 +415,7 @@ func status(name rules.BackendName) error {
 		return nil
 	}
 	for _, b := range bins {
-		if _, err := exec.LookPath(b); err != nil {
+		if _, err := findBinary(b); err != nil {
 			return withCode(types.ErrPluginNotAvailable, fmt.Errorf("backend %s needs %s: %w", name, b, err), "")
 		}
 	}
@@ -431,4 +433,20 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	}
 	inv.log.Debug("GC: nothing to collect; per-pod rules die with their namespace")
 	return inv.end(nil)
+}
+
+// findBinary looks in PATH, then in the sbin directories, as the
+// iptables backend does: a plugin runs with the runtime's environment,
+// whose PATH may lack them.
+func findBinary(name string) (string, error) {
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
+		p := filepath.Join(d, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found in PATH or sbin directories", name)
 }

@@ -216,7 +216,7 @@ func TestAddLogs(t *testing.T) {
 	if err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: in}); err != nil {
 		t.Fatal(err)
 	}
-	in = stdin("1.0.0", `"logFile": "`+logFile+`"`, nil, true)
+	in = stdin("1.0.0", `"logFile": "`+logFile+`"`, map[string]string{}, true)
 	if err := p.Add(&skel.CmdArgs{ContainerID: "c2", IfName: "eth0", Args: podArgs, StdinData: in}); err != nil {
 		t.Fatal(err)
 	}

@@ -41,6 +41,7 @@ func TestCNIChain(t *testing.T) {
 	t.Run("del", func(t *testing.T) { testDel(t, binDir) })
 	t.Run("skipped-pods", func(t *testing.T) { testSkippedPods(t, binDir) })
 	t.Run("bad-annotation", func(t *testing.T) { testBadAnnotation(t, binDir) })
+	t.Run("no-annotations-capability", func(t *testing.T) { testNoCapability(t, binDir) })
 	t.Run("parallel-30", func(t *testing.T) { testParallel(t, binDir, 30) })
 	t.Run("status-gc", func(t *testing.T) { testStatusGC(t, binDir) })
 }
@@ -412,6 +413,33 @@ func testStatusGC(t *testing.T, binDir string) {
 		t.Errorf("CHECK after GC: %v", err)
 	}
 	if err := c.del(p, p.path); err != nil {
+		t.Error(err)
+	}
+}
+
+// Without the capability the runtime delivers no annotations: an app pod
+// is refused (fail closed) and left untouched; kube-system still starts.
+func testNoCapability(t *testing.T, binDir string) {
+	c := newChain(t, binDir, chainOptions{noCapability: true})
+	p := injectedPod(t, "nocap")
+	_, err := c.add(p)
+	if err == nil {
+		t.Fatal("ADD succeeded without annotations")
+	}
+	te := cniError(t, err)
+	if te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "team-a/nocap") ||
+		!strings.Contains(te.Msg, "io.kubernetes.cri.pod-annotations") {
+		t.Errorf("code %d: %s", te.Code, te.Msg)
+	}
+	if got := nstest.DumpAll(t, p.netns); got != pristineDump(t) {
+		t.Errorf("failed ADD touched the namespace:\n%s", got)
+	}
+	if err := c.del(p, p.path); err != nil {
+		t.Error(err)
+	}
+	sys := newPod(t, "kube-system", "coredns", nil)
+	c.mustAdd(sys)
+	if err := c.del(sys, sys.path); err != nil {
 		t.Error(err)
 	}
 }

@@ -134,6 +134,9 @@ type chainOptions struct {
 	// egress holds extra keys of the egress-cni entry, as JSON members
 	// (`"backend": "iptables-nft"`).
 	egress string
+	// noCapability leaves the pod-annotations capability out of the
+	// egress-cni entry, as on a node whose conflist forgot it.
+	noCapability bool
 }
 
 // newChain makes a node namespace with a target for pod traffic
@@ -164,8 +167,12 @@ func newChain(t *testing.T, binDir string, o chainOptions) *chain {
 	nstest.ServeEcho(t, c.node, ":"+echoPort)
 
 	c.logFile = filepath.Join(c.dir, "egress-cni.log")
-	egress := fmt.Sprintf(`{"type": "egress-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true}, "logFile": %q, "logLevel": "debug"%s}`,
-		c.logFile, prefixComma(o.egress))
+	capability := `"capabilities": {"io.kubernetes.cri.pod-annotations": true}, `
+	if o.noCapability {
+		capability = ""
+	}
+	egress := fmt.Sprintf(`{"type": "egress-cni", %s"logFile": %q, "logLevel": "debug"%s}`,
+		capability, c.logFile, prefixComma(o.egress))
 	conflist := fmt.Sprintf(`{
   "cniVersion": %q,
   "name": "egress-test",
