@@ -540,7 +540,7 @@ func TestNFTCheckDrift(t *testing.T) {
 // merge, in one batch and reads them back.
 func TestNFTApplyManyCIDRs(t *testing.T) {
 	n := newNFTTestNS(t)
-	rs := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = spreadCIDRs(10000) })
+	rs := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
 	if got := len(nftSetElementTexts(rs.Set(SetOutExcludeV4))); got != 10000 {
 		t.Fatalf("%d intervals, want 10000", got)
 	}
@@ -565,7 +565,7 @@ func BenchmarkNFTApply(b *testing.B) {
 		for _, mode := range []string{"fresh", "replace"} {
 			b.Run(fmt.Sprintf("cidrs=%d/%s", size, mode), func(b *testing.B) {
 				cfg := DefaultConfig()
-				cfg.OutboundExcludeCIDRs = spreadCIDRs(size)
+				cfg.OutboundExcludeCIDRs = nftSpreadCIDRs(size)
 				rs, err := Build(cfg)
 				if err != nil {
 					b.Fatal(err)

@@ -330,7 +330,7 @@ func TestNFTExprsInetFamily(t *testing.T) {
 
 func BenchmarkBuildRenderNFT(b *testing.B) {
 	cfg := DefaultConfig()
-	cfg.OutboundExcludeCIDRs = spreadCIDRs(10000)
+	cfg.OutboundExcludeCIDRs = nftSpreadCIDRs(10000)
 	b.ReportAllocs()
 	for b.Loop() {
 		rs, err := Build(cfg)
@@ -344,9 +344,9 @@ func BenchmarkBuildRenderNFT(b *testing.B) {
 	}
 }
 
-// spreadCIDRs returns n IPv4 host routes that do not merge (every other
+// nftSpreadCIDRs returns n IPv4 host routes that do not merge (every other
 // address of 10.0.0.0/8), so the set really holds n intervals.
-func spreadCIDRs(n int) []netip.Prefix {
+func nftSpreadCIDRs(n int) []netip.Prefix {
 	out := make([]netip.Prefix, 0, n)
 	for i := range n {
 		v := uint32(10)<<24 | uint32(2*i)
