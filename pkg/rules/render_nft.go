@@ -346,7 +346,7 @@ func mergePorts(ps []PortRange) []PortRange {
 	return out
 }
 
-// rangeText prints a range as a prefix when it is exactly one, else as
+// String prints a range as a prefix when it is exactly one, else as
 // from-to.
 func (r addrRange) String() string {
 	if p, ok := rangePrefix(r); ok {
