@@ -118,6 +118,21 @@ func remove(p *nstest.Pod, name rules.BackendName) error {
 	return withBackend(p, name, func(b rules.Backend) error { return b.Remove() })
 }
 
+// detect runs rules.Detect (what "auto" resolves to) in the pod.
+func detect(t *testing.T, p *nstest.Pod) rules.BackendName {
+	t.Helper()
+	var name rules.BackendName
+	err := netns.Do(p.NS.Path(), func() error {
+		var err error
+		name, err = rules.Detect()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("Detect: %v", err)
+	}
+	return name
+}
+
 func mustBuild(t *testing.T, cfg rules.Config) *rules.Ruleset {
 	t.Helper()
 	rs, err := rules.Build(cfg)
@@ -726,6 +741,7 @@ func TestBadInput(t *testing.T) {
 							}
 						}
 						before := nstest.DumpAll(t, p.NS)
+						detected := detect(t, p)
 						rs := mustBuild(t, rules.DefaultConfig())
 						mutate(rs)
 						err := apply(p, be, rs)
@@ -739,6 +755,11 @@ func TestBadInput(t *testing.T) {
 							errorf("Apply changed the namespace (-before +after):\n%s", d)
 						} else if d := cmp.Diff(before, after); d != "" {
 							t.Logf("failed Apply left empty built-in tables (-before +after):\n%s", d)
+						}
+						// Even an empty table may matter: "auto" must pick
+						// the same backend as before the failed Apply.
+						if now := detect(t, p); now != detected {
+							errorf("failed Apply changed what Detect picks: %s before, %s after", detected, now)
 						}
 						want := direct
 						if preApplied {
@@ -766,6 +787,8 @@ var knownIssues = map[string]string{
 	"nftables/v6-prefix-in-v4-rule":        "the nft renderer accepts an IPv6 prefix in an IPv4 rule and emits a raw payload match (@nh,192,32) instead of an error",
 	"iptables-nft/v6-prefix-in-v4-rule":    "the iptables renderer silently drops an IPv4 rule whose prefix is IPv6 instead of returning an error",
 	"iptables-legacy/v6-prefix-in-v4-rule": "the iptables renderer silently drops an IPv4 rule whose prefix is IPv6 instead of returning an error",
+	"iptables-legacy/jump-to-missing-chain/pre-applied=false": "a failed iptables-legacy Apply in a fresh namespace registers " +
+		"the legacy nat table (iptables-legacy-save/restore -t nat), so Detect then picks iptables-legacy instead of nftables",
 	"iptables-nft/v6-only-jump-to-missing-chain/pre-applied=false": "Apply restores IPv4, then IPv6; when the IPv6 restore fails the IPv4 rules stay " +
 		"(documented in ipt_linux.go: the two families are not atomic together)",
 	"iptables-legacy/v6-only-jump-to-missing-chain/pre-applied=false": "Apply restores IPv4, then IPv6; when the IPv6 restore fails the IPv4 rules stay " +
