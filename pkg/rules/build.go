@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 )
@@ -168,6 +169,11 @@ func Build(cfg Config) (*Ruleset, error) {
 	}
 
 	rs.Chains = []*Chain{pre, out, in, inRedir, redir, o}
+	// Build's output must always pass the model check; failing here is a
+	// bug in Build, reported rather than applied.
+	if err := rs.Validate(); err != nil {
+		return nil, fmt.Errorf("internal error: built an invalid ruleset: %w", err)
+	}
 	return rs, nil
 }
 

@@ -120,6 +120,9 @@ func (o *nftObjects) batchSize() int {
 }
 
 func (nft *nftBackend) Apply(rs *Ruleset) error {
+	if err := rs.Validate(); err != nil {
+		return err
+	}
 	objs, err := nftObjectsFor(rs)
 	if err != nil {
 		return fmt.Errorf("could not build nftables ruleset: %w", err)
