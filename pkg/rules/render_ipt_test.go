@@ -29,7 +29,7 @@ func updateGolden() bool {
 	return ok && g.Get() == true
 }
 
-// getLine returns the caller's line, so table cases can be found.
+// iptLine returns the caller's line, so a failing table case names itself.
 func iptLine() int {
 	_, _, line, _ := runtime.Caller(1)
 	return line
