@@ -67,8 +67,8 @@ func newIPTBackend(name BackendName, opts BackendOptions) Backend {
 func (ipt *iptBackend) Name() BackendName { return ipt.name }
 
 func (ipt *iptBackend) Render(rs *Ruleset) (string, error) {
-	if rs == nil {
-		return "", errors.New("no ruleset to render")
+	if err := rs.Validate(); err != nil {
+		return "", err
 	}
 	return renderIPTables(rs)
 }
@@ -79,8 +79,8 @@ var iptFamilies = []Family{FamilyIPv4, FamilyIPv6}
 // the other. Each family is one atomic restore; the two families are not
 // atomic together.
 func (ipt *iptBackend) Apply(rs *Ruleset) error {
-	if rs == nil {
-		return errors.New("no ruleset to apply")
+	if err := rs.Validate(); err != nil {
+		return err
 	}
 	// Render both families before touching anything, so a model error
 	// changes nothing.
@@ -124,8 +124,8 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 
 // Check compares what we own in both families with rs.
 func (ipt *iptBackend) Check(rs *Ruleset) error {
-	if rs == nil {
-		return errors.New("no ruleset to check")
+	if err := rs.Validate(); err != nil {
+		return err
 	}
 	drift := &DriftError{Backend: string(ipt.name)}
 	for _, f := range iptFamilies {
