@@ -341,6 +341,17 @@ func testParallel(t *testing.T, binDir string, n int) {
 		pods[i] = injectedPod(t, fmt.Sprintf("par-%02d", i), ann...)
 		nstest.ServeProxy(t, pods[i].netns, 15001)
 	}
+	// On a real node the bridge exists long before a burst of pods. The
+	// bridge plugin pins the bridge's MAC only after it has created it,
+	// so pods that race its creation can record a MAC that changes under
+	// them (its CHECK then fails): create it with one pod first.
+	warm := injectedPod(t, "par-warm")
+	c.mustAdd(warm)
+	defer func() {
+		if err := c.del(warm, warm.path); err != nil {
+			t.Error(err)
+		}
+	}()
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i, p := range pods {
