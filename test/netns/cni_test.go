@@ -252,6 +252,12 @@ func testDel(t *testing.T, binDir string) {
 	t.Cleanup(remove)
 	c.mustAdd(gone)
 	remove()
+	// ADD into a namespace that is gone: a clear error, code 3.
+	_, err = c.execEgress(gone, "ADD", c.cachedResult(gone))
+	if te := cniError(t, err); te.Code != types.ErrUnknownContainer || !strings.Contains(te.Msg, "team-a/gone") ||
+		!strings.Contains(te.Msg, "does not exist") {
+		t.Errorf("ADD into a deleted namespace: code %d: %s", te.Code, te.Msg)
+	}
 	for i := range 2 {
 		if err := c.del(gone, gone.path); err != nil {
 			t.Errorf("DEL #%d after the namespace was deleted: %v", i+1, err)
@@ -287,9 +293,27 @@ func testSkippedPods(t *testing.T, binDir string) {
 			if !skipped {
 				t.Errorf("no skipped ADD record: %v", c.logRecords(p))
 			}
+			// Rules of ours in a pod we do not capture are drift,
+			// whichever backend wrote them.
+			if want := map[string][2]string{
+				"plain":    {"nftables", "table egress_cni"},
+				"noinject": {"iptables-nft", "iptables-nft-save: -A OUTPUT"},
+				"none":     {"iptables-legacy", "iptables-legacy-save: -A OUTPUT"},
+			}[p.name]; want != [2]string{} {
+				injected := *p
+				injected.annotations = map[string]string{"sidecar.istio.io/status": statusAnnotation}
+				if _, err := c.execEgressWith(&injected, "ADD", c.cachedResult(p), map[string]interface{}{"backend": want[0]}); err != nil {
+					t.Fatal(err)
+				}
+				err := c.check(p)
+				if err == nil || !strings.Contains(err.Error(), "is not captured") || !strings.Contains(err.Error(), want[1]) {
+					t.Errorf("CHECK of a skipped pod holding %s rules: %v", want[0], err)
+				}
+			}
 			if err := c.del(p, p.path); err != nil {
 				t.Error(err)
 			}
+			assertNoneOurs(t, p)
 		})
 	}
 }

@@ -306,8 +306,17 @@ func (c *chain) del(p *pod, netnsPath string) error {
 // stdin is built as libcni builds it (name, cniVersion, prevResult and
 // the capability's runtimeConfig injected into the entry).
 func (c *chain) execEgress(p *pod, command string, prevResult types.Result) (types.Result, error) {
+	return c.execEgressWith(p, command, prevResult, nil)
+}
+
+// execEgressWith is execEgress with extra keys set in the entry (for
+// example another backend).
+func (c *chain) execEgressWith(p *pod, command string, prevResult types.Result, keys map[string]interface{}) (types.Result, error) {
 	entry := c.list.Plugins[len(c.list.Plugins)-1]
 	inject := map[string]interface{}{"name": c.list.Name, "cniVersion": c.cniVersion}
+	for k, v := range keys {
+		inject[k] = v
+	}
 	if prevResult != nil {
 		inject["prevResult"] = prevResult
 	}
