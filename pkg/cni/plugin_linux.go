@@ -184,7 +184,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	var removed []string
 	err = netns.Do(args.Netns, func() error {
 		var e error
-		removed, e = p.removeAll()
+		removed, e = p.removeAll(probeState())
 		return e
 	})
 	if netns.IsNotExist(err) {
@@ -202,9 +202,8 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 // joins their errors. iptables flavours run only where their tables
 // exist, so DEL never creates state (running iptables-legacy would
 // register legacy tables in the namespace), and are skipped when their
-// binaries are not installed.
-func (p *Plugin) removeAll() ([]string, error) {
-	st := probeState()
+// binaries are not installed. st is what probeState found.
+func (p *Plugin) removeAll(st nsState) ([]string, error) {
 	var errs []error
 	var ran []string
 	for _, name := range []rules.BackendName{rules.BackendNFTables, rules.BackendIPTablesNFT, rules.BackendIPTablesLegacy} {

@@ -241,3 +241,43 @@ func TestAddLogs(t *testing.T) {
 		}
 	}
 }
+
+// removeBackend fails Remove with err.
+type removeBackend struct {
+	fakeBackend
+	err error
+}
+
+func (r *removeBackend) Remove() error { r.removed++; return r.err }
+
+func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
+	calls := map[rules.BackendName]*removeBackend{
+		rules.BackendNFTables:       {err: errors.New("netlink said no")},
+		rules.BackendIPTablesNFT:    {err: &rules.MissingBinaryError{Binary: "iptables-nft-restore", Package: "iptables"}},
+		rules.BackendIPTablesLegacy: {err: errors.New("xtables lock")},
+	}
+	p := &Plugin{NewBackend: func(n rules.BackendName, _ rules.BackendOptions) (rules.Backend, error) {
+		return calls[n], nil
+	}}
+	ran, err := p.removeAll(nsState{iptNFTNat: true, legacyTables: true})
+	if err == nil || !strings.Contains(err.Error(), "netlink said no") || !strings.Contains(err.Error(), "xtables lock") ||
+		strings.Contains(err.Error(), "iptables-nft-restore") {
+		t.Errorf("err = %v, want both real errors joined and the missing binary skipped", err)
+	}
+	if len(ran) != 0 {
+		t.Errorf("ran = %v", ran)
+	}
+	for n, b := range calls {
+		if b.removed != 1 {
+			t.Errorf("%s: Remove called %d times", n, b.removed)
+		}
+	}
+	// iptables flavours whose tables do not exist are not run at all.
+	for _, b := range calls {
+		b.removed, b.err = 0, nil
+	}
+	ran, err = p.removeAll(nsState{})
+	if err != nil || len(ran) != 1 || ran[0] != "nftables" || calls[rules.BackendIPTablesLegacy].removed != 0 || calls[rules.BackendIPTablesNFT].removed != 0 {
+		t.Errorf("ran %v, err %v", ran, err)
+	}
+}
