@@ -42,7 +42,9 @@ func TestCNIChain(t *testing.T) {
 	t.Run("skipped-pods", func(t *testing.T) { testSkippedPods(t, binDir) })
 	t.Run("bad-annotation", func(t *testing.T) { testBadAnnotation(t, binDir) })
 	t.Run("no-annotations-capability", func(t *testing.T) { testNoCapability(t, binDir) })
-	t.Run("parallel-30", func(t *testing.T) { testParallel(t, binDir, 30) })
+	for _, backend := range []string{"", "iptables-nft", "iptables-legacy"} {
+		t.Run("parallel-30/backend-"+orAuto(backend), func(t *testing.T) { testParallel(t, binDir, 30, backend) })
+	}
 	t.Run("status-gc", func(t *testing.T) { testStatusGC(t, binDir) })
 }
 
@@ -354,8 +356,8 @@ func testBadAnnotation(t *testing.T, binDir string) {
 	_ = c2.del(p2, p2.path)
 }
 
-func testParallel(t *testing.T, binDir string, n int) {
-	c := newChain(t, binDir, chainOptions{})
+func testParallel(t *testing.T, binDir string, n int, backend string) {
+	c := newChain(t, binDir, chainOptions{egress: backendKey(backend)})
 	pods := make([]*pod, n)
 	for i := range pods {
 		ann := []string{}
