@@ -271,3 +271,63 @@ func TestIPTRestoreErrorContext(t *testing.T) {
 		}
 	}
 }
+
+// scriptedIPT serves save outputs in order and fails restores of one
+// family.
+type scriptedIPT struct {
+	saves    map[Family][]string
+	failFam  Family
+	restores []string
+}
+
+func (f *scriptedIPT) Save(fam Family) (string, error) {
+	q := f.saves[fam]
+	if len(q) == 0 {
+		return "", nil
+	}
+	f.saves[fam] = q[1:]
+	return q[0], nil
+}
+
+func (f *scriptedIPT) Restore(fam Family, input string) error {
+	f.restores = append(f.restores, iptCommand(fam)+":\n"+input)
+	if fam == f.failFam {
+		return errors.New("ip6tables-restore: line 3 failed")
+	}
+	return nil
+}
+
+// TestIPTApplyRollsBackFirstFamily: when the IPv6 restore fails after the
+// IPv4 one succeeded, IPv4 is put back as it was (here: nothing of ours),
+// so the namespace never holds the new rules in one family only.
+func TestIPTApplyRollsBackFirstFamily(t *testing.T) {
+	rs, err := Build(DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4, err := RenderIPTablesFamily(rs, FamilyIPv4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := &scriptedIPT{failFam: FamilyIPv6, saves: map[Family][]string{
+		// before Apply: nothing; during rollback: what the v4 restore wrote.
+		FamilyIPv4: {"*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", v4},
+	}}
+	b := &iptBackend{name: BackendIPTablesNFT, run: fake}
+	err = b.Apply(rs)
+	if err == nil || !strings.Contains(err.Error(), "ip6tables") {
+		t.Fatalf("want the ip6tables error, got %v", err)
+	}
+	if len(fake.restores) != 3 {
+		t.Fatalf("want v4 apply, v6 apply, v4 rollback; got %d restores:\n%s", len(fake.restores), strings.Join(fake.restores, "\n"))
+	}
+	rb := fake.restores[2]
+	for _, want := range []string{"iptables:\n*nat", "-D OUTPUT", "-D PREROUTING", "-X ISTIO_OUTPUT", "-X ISTIO_REDIRECT"} {
+		if !strings.Contains(rb, want) {
+			t.Errorf("rollback input lacks %q:\n%s", want, rb)
+		}
+	}
+	if strings.Contains(rb, "-A ") {
+		t.Errorf("rollback to an empty state must add nothing:\n%s", rb)
+	}
+}

@@ -76,8 +76,10 @@ func (ipt *iptBackend) Render(rs *Ruleset) (string, error) {
 var iptFamilies = []Family{FamilyIPv4, FamilyIPv6}
 
 // Apply programs rs in each enabled family and removes our rules from
-// the other. Each family is one atomic restore; the two families are not
-// atomic together.
+// the other. Each family is one atomic restore. The two families cannot
+// be one kernel transaction, so when the second restore fails the first
+// family is restored to what it held before: the namespace ends with the
+// old rules in both families, never the new rules in one of them.
 func (ipt *iptBackend) Apply(rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
@@ -95,10 +97,11 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 		}
 		want[f] = t
 	}
+	var done []iptTable // families already written, as they were before
 	for _, f := range iptFamilies {
 		have, err := ipt.owned(f)
 		if err != nil {
-			return err
+			return errors.Join(err, ipt.rollback(done))
 		}
 		var input string
 		if t := want[f]; t != nil {
@@ -116,10 +119,29 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 			continue
 		}
 		if err := ipt.run.Restore(f, input); err != nil {
-			return fmt.Errorf("could not apply %s rules with %s: %w", iptCommand(f), ipt.name, err)
+			err = fmt.Errorf("could not apply %s rules with %s: %w", iptCommand(f), ipt.name, err)
+			return errors.Join(err, ipt.rollback(done))
 		}
+		done = append(done, *have)
 	}
 	return nil
+}
+
+// rollback puts the families in prev (their state before this Apply)
+// back as they were.
+func (ipt *iptBackend) rollback(prev []iptTable) error {
+	var errs []error
+	for i := len(prev) - 1; i >= 0; i-- {
+		f := prev[i].Family
+		now, err := ipt.owned(f)
+		if err == nil {
+			err = ipt.run.Restore(f, iptApplyInput(&prev[i], now))
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("could not roll back %s rules: %w", iptCommand(f), err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Check compares what we own in both families with rs.
