@@ -103,6 +103,21 @@ type NetConf struct {
 	LogFile *string `json:"logFile,omitempty"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel *string `json:"logLevel,omitempty"`
+
+	// NodeEnforcement makes ADD, DEL and GC maintain the node layer's
+	// gateway sets (pkg/node) in the host namespace. Default false.
+	NodeEnforcement *bool `json:"nodeEnforcement,omitempty"`
+	// GatewaySelector says which pods are egress gateways; see
+	// GatewaySelector. Only read with nodeEnforcement.
+	GatewaySelector *GatewaySelectorConf `json:"gatewaySelector,omitempty"`
+}
+
+// GatewaySelectorConf is the "gatewaySelector" key. Absent members keep
+// their defaults; "" disables that half of the selector.
+type GatewaySelectorConf struct {
+	Namespace     *string `json:"namespace,omitempty"`
+	PodNamePrefix *string `json:"podNamePrefix,omitempty"`
+	Annotation    *string `json:"annotation,omitempty"`
 }
 
 // Settings is a parsed, validated NetConf.
@@ -122,6 +137,10 @@ type Settings struct {
 	// Annotations from runtimeConfig; nil when the runtime sent none
 	// (not even null), non-nil and maybe empty when it did.
 	Annotations map[string]string
+	// NodeEnforcement: maintain the node's gateway sets.
+	NodeEnforcement bool
+	// Gateways selects the egress-gateway pods.
+	Gateways GatewaySelector
 }
 
 // ConfigKeys maps the engine's field names to our config keys, for
@@ -262,6 +281,7 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 		CaptureAnnotation: DefaultCaptureAnnotation,
 		LogFile:           DefaultLogFile,
 		LogLevel:          DefaultLogLevel,
+		Gateways:          DefaultGatewaySelector,
 	}
 	cfgErr := func(key, value, reason string) error {
 		return &codedError{code: types.ErrInvalidNetworkConfig,
@@ -318,6 +338,24 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 			return nil, cfgErr("logLevel", *conf.LogLevel, err.Error())
 		}
 		s.LogLevel = *conf.LogLevel
+	}
+	if conf.NodeEnforcement != nil {
+		s.NodeEnforcement = *conf.NodeEnforcement
+	}
+	if g := conf.GatewaySelector; g != nil {
+		for _, m := range []struct {
+			key string
+			v   *string
+			dst *string
+		}{{"namespace", g.Namespace, &s.Gateways.Namespace}, {"podNamePrefix", g.PodNamePrefix, &s.Gateways.PodNamePrefix}, {"annotation", g.Annotation, &s.Gateways.Annotation}} {
+			if m.v == nil {
+				continue
+			}
+			if *m.v != strings.TrimSpace(*m.v) {
+				return nil, cfgErr("gatewaySelector."+m.key, *m.v, "leading or trailing spaces")
+			}
+			*m.dst = *m.v
+		}
 	}
 	// Present means delivered, even as null: libcni passes a nil map
 	// (a pod without annotations) as null. Absent means the runtime

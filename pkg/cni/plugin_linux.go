@@ -2,6 +2,7 @@ package cni
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -34,6 +35,9 @@ type Plugin struct {
 	NewBackend func(rules.BackendName, rules.BackendOptions) (rules.Backend, error)
 	// Stdout receives the CNI result, and nothing else.
 	Stdout io.Writer
+	// Gateways edits the node's gateway sets (nodeEnforcement); nil
+	// means pkg/node in the current namespace.
+	Gateways GatewayStore
 }
 
 // New returns the plugin wired to the real backends and os.Stdout.
@@ -100,6 +104,13 @@ func (p *Plugin) add(inv *invocation, args *skel.CmdArgs) error {
 		backend, err = p.apply(inv.pod, args.Netns, s.Backend, dec.Ruleset)
 		if err != nil {
 			// Fail closed: the runtime tears the sandbox down.
+			return err
+		}
+	}
+	if s.NodeEnforcement {
+		// After the pod rules: a gateway is exempted only once its
+		// own capture (if any) is in place.
+		if err := p.addGatewayMembership(inv, args); err != nil {
 			return err
 		}
 	}
@@ -177,9 +188,16 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	if err != nil {
 		inv.log.Warn("config did not parse; removing rules anyway", "err", err.Error())
 	}
+	// Gateway entries live in the host namespace and are found by
+	// container ID: no prevResult or pod namespace needed. A config that
+	// does not parse cannot say nodeEnforcement; GC collects those.
+	var gwErr error
+	if err == nil && inv.s.NodeEnforcement {
+		gwErr = p.delGatewayMembership(inv, args.ContainerID)
+	}
 	if args.Netns == "" {
 		inv.log.Info("DEL done", "result", "no network namespace given, nothing to remove", "duration", time.Since(inv.start))
-		return inv.end(nil)
+		return inv.end(gwErr)
 	}
 	var removed []string
 	err = netns.Do(args.Netns, func() error {
@@ -189,13 +207,13 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	})
 	if netns.IsNotExist(err) {
 		inv.log.Info("DEL done", "result", "network namespace is gone, nothing to remove", "duration", time.Since(inv.start))
-		return inv.end(nil)
+		return inv.end(gwErr)
 	}
 	if err != nil {
-		return inv.end(fmt.Errorf("%s: could not remove capture rules: %w", podOrNetns(inv.pod, args.Netns), err))
+		return inv.end(errors.Join(fmt.Errorf("%s: could not remove capture rules: %w", podOrNetns(inv.pod, args.Netns), err), gwErr))
 	}
 	inv.log.Info("DEL done", "backends", removed, "duration", time.Since(inv.start))
-	return inv.end(nil)
+	return inv.end(gwErr)
 }
 
 // removeAll runs every backend's Remove in the current namespace and
@@ -421,17 +439,29 @@ func status(name rules.BackendName) error {
 	return nil
 }
 
-// GC accepts and succeeds. Per-pod rules live in the pod's network
-// namespace and die with it, so there is nothing node-wide to collect
-// yet; node-level GC (host-namespace enforcement rules) comes with the
-// issue that adds them.
+// GC collects what is node-wide: with nodeEnforcement, the gateway
+// entries of containers that are not among cni.dev/valid-attachments.
+// Per-pod rules live in the pod's network namespace and die with it.
 func (p *Plugin) GC(args *skel.CmdArgs) error {
 	inv, err := p.begin("GC", args)
 	if err != nil {
 		return inv.end(err)
 	}
-	inv.log.Debug("GC: nothing to collect; per-pod rules die with their namespace")
-	return inv.end(nil)
+	if !inv.s.NodeEnforcement {
+		inv.log.Debug("GC: nothing to collect; per-pod rules die with their namespace")
+		return inv.end(nil)
+	}
+	// Only a GC that lists the valid attachments may collect: an absent
+	// key is not "no pods".
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(args.StdinData, &keys); err != nil {
+		return inv.end(withCode(types.ErrDecodingFailure, fmt.Errorf("could not parse GC config: %w", err), ""))
+	}
+	if _, ok := keys["cni.dev/valid-attachments"]; !ok {
+		inv.log.Warn("GC without cni.dev/valid-attachments: gateway entries left alone")
+		return inv.end(nil)
+	}
+	return inv.end(p.gcGatewayMembership(inv, inv.s.Conf.ValidAttachments))
 }
 
 // findBinary looks in PATH, then in the sbin directories, as the

@@ -1,0 +1,81 @@
+package cni
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+)
+
+// GatewaySelector says which pods are egress gateways, whose traffic the
+// node layer lets out of the cluster. A pod is a gateway if its namespace
+// is Namespace and its name starts with PodNamePrefix, or if it carries
+// Annotation with the value "true". An empty Namespace or PodNamePrefix
+// turns the name rule off; an empty Annotation turns the annotation rule
+// off.
+type GatewaySelector struct {
+	Namespace     string
+	PodNamePrefix string
+	Annotation    string
+}
+
+// DefaultGatewaySelector matches Istio's default egress gateway
+// deployment (istio-system/istio-egressgateway-…) and pods annotated
+// egress-cni.io/gateway: "true".
+var DefaultGatewaySelector = GatewaySelector{
+	Namespace:     "istio-system",
+	PodNamePrefix: "istio-egressgateway",
+	Annotation:    "egress-cni.io/gateway",
+}
+
+// IsGateway applies the selector to a pod and its annotations (nil when
+// the runtime delivered none: only the name rule applies then). It
+// returns why the pod is a gateway, for logs, or "".
+func (g GatewaySelector) IsGateway(pod Pod, ann map[string]string) string {
+	if g.Namespace != "" && g.PodNamePrefix != "" && pod.Namespace == g.Namespace && strings.HasPrefix(pod.Name, g.PodNamePrefix) {
+		return fmt.Sprintf("namespace %s, name prefix %s", g.Namespace, g.PodNamePrefix)
+	}
+	if g.Annotation != "" && strings.TrimSpace(strings.ToLower(ann[g.Annotation])) == "true" {
+		return fmt.Sprintf("annotation %s=%q", g.Annotation, ann[g.Annotation])
+	}
+	return ""
+}
+
+// resultIPs returns every address of prevResult, unmapped, in order.
+func resultIPs(prev types.Result) ([]netip.Addr, error) {
+	if prev == nil {
+		return nil, nil
+	}
+	res, err := current.NewResultFromResult(prev)
+	if err != nil {
+		return nil, fmt.Errorf("could not read prevResult: %w", err)
+	}
+	var out []netip.Addr
+	for _, ip := range res.IPs {
+		a, ok := netip.AddrFromSlice(ip.Address.IP)
+		if !ok {
+			continue
+		}
+		out = append(out, a.Unmap())
+	}
+	return out, nil
+}
+
+// hostInterfaces returns the names of prevResult's interfaces that are
+// not in a sandbox: the host side of the pod's link (and, for bridge,
+// the bridge itself).
+func hostInterfaces(prev types.Result) []string {
+	res, err := current.NewResultFromResult(prev)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, i := range res.Interfaces {
+		if i != nil && i.Sandbox == "" && i.Name != "" {
+			out = append(out, i.Name)
+		}
+	}
+	return out
+}
