@@ -124,8 +124,8 @@ func (f *File) Config() (*Config, error) {
 			if err != nil {
 				return nil, err
 			}
-			if all || strings.Contains(s, ",") {
-				return nil, &rules.FieldError{Field: l.field, Value: s, Reason: "give one CIDR per list item; '*' would allow everything"}
+			if all || len(ps) != 1 {
+				return nil, &rules.FieldError{Field: l.field, Value: s, Reason: "each list item must be exactly one CIDR ('*' would allow everything)"}
 			}
 			for _, p := range ps {
 				if p.Bits() == 0 {
