@@ -1,0 +1,58 @@
+package install
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// The installer applies the node rules of the config's role in a
+// namespace of ours, repairs drift, and removes them on uninstall,
+// leaving other tables alone.
+func TestNodeRulesInNamespace(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	nstest.MustExec(t, host, "nft", "add table ip other; add chain ip other c { type filter hook forward priority 0; }")
+
+	e := newEnv(t, "10-flannel.conflist")
+	nodeCfg := filepath.Join(t.TempDir(), "node.json")
+	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"serviceCIDRs":["192.0.2.128/25"],"uplink":"up0"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in := e.installer(t, func(o *Options) {
+		o.NodeConfig, o.NetNS, o.RemoveNodeRules = nodeCfg, host.Path(), true
+	})
+	if err := in.ApplyNodeRules(); err != nil {
+		t.Fatal(err)
+	}
+	dump := nstest.NFTDump(t, host)
+	for _, want := range []string{"table inet egress_cni_node", "table bridge egress_cni_node", "masquerade", "198.51.100.0/24", "table ip other"} {
+		if !strings.Contains(dump, want) {
+			t.Fatalf("dump lacks %q:\n%s", want, dump)
+		}
+	}
+	if err := in.CheckNodeRules(); err != nil {
+		t.Fatal(err)
+	}
+	// Drift: someone deletes our table; the resync check puts it back.
+	nstest.MustExec(t, host, "nft", "delete table inet egress_cni_node")
+	if err := in.CheckNodeRules(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(nstest.NFTDump(t, host), "table inet egress_cni_node") {
+		t.Fatal("drift not repaired")
+	}
+	if _, err := in.Install(); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	dump = nstest.NFTDump(t, host)
+	if strings.Contains(dump, "egress_cni_node") || !strings.Contains(dump, "table ip other") {
+		t.Fatalf("after uninstall:\n%s", dump)
+	}
+}
