@@ -1,0 +1,364 @@
+// Package kubernetes holds the manifests that install egress-cni on a
+// cluster (kubectl apply -k install/kubernetes). This test decodes every
+// YAML document in it strictly with the k8s.io/api types, so a typo in a
+// field name fails here rather than being dropped by the API server, and
+// checks the embedded configs with the parsers that will read them.
+package kubernetes
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/egress-cni/egress-cni/internal/initcmd"
+	"github.com/egress-cni/egress-cni/pkg/install"
+	"github.com/egress-cni/egress-cni/pkg/node"
+)
+
+// newObject returns an empty typed object for apiVersion/kind.
+func newObject(gvk string) (any, bool) {
+	switch gvk {
+	case "v1/Namespace":
+		return &corev1.Namespace{}, true
+	case "v1/ServiceAccount":
+		return &corev1.ServiceAccount{}, true
+	case "v1/ConfigMap":
+		return &corev1.ConfigMap{}, true
+	case "v1/Pod":
+		return &corev1.Pod{}, true
+	case "apps/v1/DaemonSet":
+		return &appsv1.DaemonSet{}, true
+	case "apps/v1/Deployment":
+		return &appsv1.Deployment{}, true
+	case "rbac.authorization.k8s.io/v1/ClusterRole":
+		return &rbacv1.ClusterRole{}, true
+	case "rbac.authorization.k8s.io/v1/ClusterRoleBinding":
+		return &rbacv1.ClusterRoleBinding{}, true
+	case "rbac.authorization.k8s.io/v1/Role":
+		return &rbacv1.Role{}, true
+	case "rbac.authorization.k8s.io/v1/RoleBinding":
+		return &rbacv1.RoleBinding{}, true
+	}
+	return nil, false
+}
+
+// kustomization is the subset of kustomize's Kustomization we use,
+// decoded strictly too.
+type kustomization struct {
+	APIVersion string   `json:"apiVersion"`
+	Kind       string   `json:"kind"`
+	Resources  []string `json:"resources"`
+	Labels     []struct {
+		Pairs            map[string]string `json:"pairs"`
+		IncludeSelectors bool              `json:"includeSelectors,omitempty"`
+	} `json:"labels,omitempty"`
+	Patches []struct {
+		Path string `json:"path"`
+	} `json:"patches,omitempty"`
+}
+
+var docSep = regexp.MustCompile(`(?m)^---\s*$`)
+
+// decodeStrict converts one YAML document to JSON (duplicate keys are an
+// error) and decodes it into v, refusing unknown fields.
+func decodeStrict(doc []byte, v any) error {
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(j))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return fmt.Errorf("trailing data after the object")
+	}
+	return nil
+}
+
+// decodeManifest decodes a YAML document as the kind it declares.
+func decodeManifest(doc []byte) (any, error) {
+	var tm metav1.TypeMeta
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(j, &tm); err != nil {
+		return nil, err
+	}
+	obj, ok := newObject(tm.APIVersion + "/" + tm.Kind)
+	if !ok {
+		return nil, fmt.Errorf("unexpected kind %s/%s: add it to newObject", tm.APIVersion, tm.Kind)
+	}
+	return obj, decodeStrict(doc, obj)
+}
+
+// manifests decodes every document of every YAML file under the
+// directory, keyed by "file#index".
+func manifests(t *testing.T) map[string]any {
+	t.Helper()
+	objs := map[string]any{}
+	err := filepath.WalkDir(".", func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !(strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml")) {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for i, doc := range docSep.Split(string(b), -1) {
+			if strings.TrimSpace(stripComments(doc)) == "" {
+				continue
+			}
+			name := fmt.Sprintf("%s#%d", path, i)
+			if filepath.Base(path) == "kustomization.yaml" {
+				var k kustomization
+				if err := decodeStrict([]byte(doc), &k); err != nil {
+					t.Errorf("%s: %v", name, err)
+				}
+				objs[name] = &k
+				continue
+			}
+			obj, err := decodeManifest([]byte(doc))
+			if err != nil {
+				t.Errorf("%s: %v", name, err)
+				continue
+			}
+			objs[name] = obj
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return objs
+}
+
+func stripComments(doc string) string {
+	var out []string
+	for _, l := range strings.Split(doc, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// A typo must fail: the strictness is what this test is for.
+func TestStrictDecodingCatchesTypos(t *testing.T) {
+	for _, doc := range []string{
+		"apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: x}\nspec:\n  template:\n    spec:\n      hostNetwrok: true\n",
+		"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\ndata: {c: d}\n",
+		"apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespce: y}\n",
+		"apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n",
+	} {
+		if _, err := decodeManifest([]byte(doc)); err == nil {
+			t.Errorf("accepted:\n%s", doc)
+		}
+	}
+}
+
+func TestManifests(t *testing.T) {
+	objs := manifests(t)
+	if len(objs) == 0 {
+		t.Fatal("no manifests found")
+	}
+	var (
+		daemonSets []*appsv1.DaemonSet
+		configMap  *corev1.ConfigMap
+		kust       *kustomization
+		sa         *corev1.ServiceAccount
+	)
+	for name, o := range objs {
+		switch o := o.(type) {
+		case *appsv1.DaemonSet:
+			daemonSets = append(daemonSets, o)
+		case *corev1.ConfigMap:
+			configMap = o
+		case *corev1.ServiceAccount:
+			sa = o
+		case *kustomization:
+			if !strings.Contains(name, "/") {
+				kust = o
+			}
+		case *rbacv1.Role, *rbacv1.ClusterRole, *rbacv1.RoleBinding, *rbacv1.ClusterRoleBinding:
+			t.Errorf("%s: RBAC object, but neither the installer nor the plugin uses the API server", name)
+		}
+	}
+
+	// kubectl apply -k install/kubernetes applies every top-level file.
+	if kust == nil {
+		t.Fatal("no kustomization.yaml")
+	}
+	top, _ := filepath.Glob("*.yaml")
+	top = slices.DeleteFunc(top, func(s string) bool { return s == "kustomization.yaml" })
+	slices.Sort(top)
+	res := slices.Sorted(slices.Values(kust.Resources))
+	if !slices.Equal(top, res) {
+		t.Errorf("kustomization resources %v, want every top-level manifest %v", res, top)
+	}
+
+	if sa == nil || sa.AutomountServiceAccountToken == nil || *sa.AutomountServiceAccountToken {
+		t.Error("the ServiceAccount must exist and not mount a token")
+	}
+	if configMap == nil {
+		t.Fatal("no ConfigMap")
+	}
+	if _, err := install.NormalizeEntry([]byte(configMap.Data["plugin.json"])); err != nil {
+		t.Errorf("plugin.json: %v", err)
+	}
+
+	if len(daemonSets) != 2 {
+		t.Fatalf("%d DaemonSets, want the app and the egress one", len(daemonSets))
+	}
+	roles := map[node.Role]bool{}
+	for _, ds := range daemonSets {
+		checkDaemonSet(t, ds, configMap, roles)
+	}
+	if !roles[node.RoleApp] || !roles[node.RoleEgress] {
+		t.Errorf("roles covered: %v", roles)
+	}
+}
+
+func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, roles map[node.Role]bool) {
+	t.Helper()
+	spec := ds.Spec.Template.Spec
+	if !spec.HostNetwork {
+		t.Errorf("%s: not hostNetwork", ds.Name)
+	}
+	if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
+		t.Errorf("%s: mounts a service account token", ds.Name)
+	}
+	if ds.Spec.Selector == nil || ds.Spec.Selector.MatchLabels["app.kubernetes.io/name"] != ds.Spec.Template.Labels["app.kubernetes.io/name"] {
+		t.Errorf("%s: selector does not match the template", ds.Name)
+	}
+	if len(spec.Containers) != 1 {
+		t.Fatalf("%s: %d containers", ds.Name, len(spec.Containers))
+	}
+	c := spec.Containers[0]
+	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
+		t.Errorf("%s: not privileged", ds.Name)
+	}
+	if c.ReadinessProbe == nil || c.ReadinessProbe.Exec == nil {
+		t.Errorf("%s: no readiness probe", ds.Name)
+	}
+	hostPaths := map[string]string{}
+	for _, v := range spec.Volumes {
+		if v.HostPath != nil {
+			hostPaths[v.Name] = v.HostPath.Path
+		}
+	}
+	mounted := map[string]string{} // host path -> container path
+	for _, m := range c.VolumeMounts {
+		if hp, ok := hostPaths[m.Name]; ok {
+			mounted[hp] = m.MountPath
+		}
+	}
+	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/run/egress-cni", "/var/log"} {
+		if mounted[hp] == "" {
+			t.Errorf("%s: host path %s not mounted", ds.Name, hp)
+		}
+	}
+	// The flags point at the mounts and at ConfigMap keys that exist.
+	args := map[string]string{}
+	for _, a := range c.Args {
+		if k, v, ok := strings.Cut(strings.TrimLeft(a, "-"), "="); ok {
+			args[k] = v
+		}
+	}
+	if args["cni-conf-dir"] != mounted["/etc/cni/net.d"] || args["cni-bin-dir"] != mounted["/opt/cni/bin"] {
+		t.Errorf("%s: args %v do not match the mounts %v", ds.Name, args, mounted)
+	}
+	for _, flag := range []string{"plugin-config", "node-config"} {
+		key, ok := strings.CutPrefix(args[flag], "/etc/egress-cni/")
+		if !ok || cm.Data[key] == "" {
+			t.Errorf("%s: -%s=%s is not a key of the ConfigMap", ds.Name, flag, args[flag])
+			continue
+		}
+		if flag == "node-config" {
+			cfg, err := node.Parse([]byte(cm.Data[key]))
+			if err != nil {
+				t.Errorf("%s: %s: %v", ds.Name, key, err)
+				continue
+			}
+			roles[cfg.Role] = true
+			checkPlacement(t, ds, cfg.Role)
+		}
+	}
+}
+
+// checkPlacement: the egress DaemonSet runs exactly on egress nodes and
+// tolerates their taint; the app one runs everywhere else.
+func checkPlacement(t *testing.T, ds *appsv1.DaemonSet, role node.Role) {
+	t.Helper()
+	spec := ds.Spec.Template.Spec
+	tolerates := func(key string) bool {
+		return slices.ContainsFunc(spec.Tolerations, func(tl corev1.Toleration) bool {
+			return (tl.Key == key || tl.Key == "") && tl.Operator == corev1.TolerationOpExists &&
+				(tl.Effect == "" || tl.Effect == corev1.TaintEffectNoSchedule)
+		})
+	}
+	if !tolerates("egress-cni.io/egress") && role == node.RoleEgress {
+		t.Errorf("%s: does not tolerate egress-cni.io/egress:NoSchedule", ds.Name)
+	}
+	switch role {
+	case node.RoleEgress:
+		if spec.NodeSelector["egress-cni.io/role"] != "egress" {
+			t.Errorf("%s: egress rules without nodeSelector egress-cni.io/role=egress", ds.Name)
+		}
+	case node.RoleApp:
+		a := spec.Affinity
+		ok := a != nil && a.NodeAffinity != nil && a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil &&
+			slices.ContainsFunc(a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms, func(term corev1.NodeSelectorTerm) bool {
+				return slices.ContainsFunc(term.MatchExpressions, func(r corev1.NodeSelectorRequirement) bool {
+					return r.Key == "egress-cni.io/role" && r.Operator == corev1.NodeSelectorOpNotIn && slices.Contains(r.Values, "egress")
+				})
+			})
+		if !ok {
+			t.Errorf("%s: app rules must keep off egress nodes (affinity egress-cni.io/role NotIn egress)", ds.Name)
+		}
+	}
+}
+
+// The init-container form passes Istio's arguments to egress-init, which
+// must accept them.
+func TestInitContainerArgs(t *testing.T) {
+	objs := manifests(t)
+	n := 0
+	for name, o := range objs {
+		d, ok := o.(*appsv1.Deployment)
+		if !ok {
+			continue
+		}
+		for _, c := range d.Spec.Template.Spec.InitContainers {
+			if !strings.HasSuffix(c.Command[0], "egress-init") {
+				continue
+			}
+			n++
+			if _, err := initcmd.Parse(c.Args, io.Discard); err != nil {
+				t.Errorf("%s: egress-init rejects %q: %v", name, c.Args, err)
+			}
+			caps := c.SecurityContext.Capabilities
+			if caps == nil || !slices.Contains(caps.Add, "NET_ADMIN") {
+				t.Errorf("%s: egress-init needs NET_ADMIN", name)
+			}
+		}
+	}
+	if n == 0 {
+		t.Error("no egress-init init container found")
+	}
+}
