@@ -24,6 +24,7 @@ build: deps
 	$(GO) build -trimpath -o $(BIN)/egress-init ./cmd/init
 	$(GO) build -trimpath -o $(BIN)/egress-cni ./cmd/egress-cni
 	$(GO) build -trimpath -o $(BIN)/egress-node ./cmd/egress-node
+	$(GO) build -trimpath -o $(BIN)/egress-cni-install ./cmd/egress-cni-install
 	$(GO) build -trimpath -o $(BIN)/egress-demo ./cmd/egress-demo
 
 # The whole suite: pure tests and the privileged tests in network
@@ -42,12 +43,29 @@ test-netns: deps
 demo: build
 	$(BIN)/egress-demo -egress-init $(BIN)/egress-init
 
+# The benchmark suite (root; network namespaces of its own only): pure Go
+# benchmarks at N=10,000, then cmd/egress-bench, which times egress-init,
+# the plugin, the data plane and the node layer against floors taken in the
+# same run and writes bench/results.md and bench/apply.svg. GNU time reads
+# the peak RSS.
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./pkg/... ./test/... | tee bench/go-bench.txt
+	@dpkg -s time >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends time; }
+	@mkdir -p $(BIN) bench
+	$(GO) build -trimpath -o $(BIN)/egress-init ./cmd/init
+	$(GO) build -trimpath -o $(BIN)/egress-cni ./cmd/egress-cni
+	$(GO) build -trimpath -o $(BIN)/nftfloor ./bench/floor/nftfloor
+	$(GO) build -trimpath -o $(BIN)/egress-bench ./cmd/egress-bench
+	$(GO) test -run '^$$' -bench '10k$$|^BenchmarkBuildRenderNFT$$' -benchmem -benchtime 20x -count 1 ./pkg/rules/ | tee bench/go-bench.txt
+	$(BIN)/egress-bench -bin $(BIN) -out bench -gobench bench/go-bench.txt
 
+# Every fuzz target of every package, FUZZTIME each (default 2m). Their
+# seed corpora (f.Add and testdata/fuzz) also run in `make test`.
 fuzz:
-	@for t in $$($(GO) test -list '^Fuzz' ./pkg/rules/ | grep '^Fuzz'); do \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $${FUZZTIME:-2m} ./pkg/rules/ || exit 1; \
+	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node; do \
+		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "== $$pkg $$t"; \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $${FUZZTIME:-2m} $$pkg || exit 1; \
+		done; \
 	done
 
 lint:
