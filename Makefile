@@ -19,6 +19,21 @@ deps:
 	fi
 	@$(GO) mod download
 
+# containerd and runc from Debian, for the real-runtime test (test/runtime).
+# policy-rc.d keeps the package from starting a containerd service in the
+# machine's own namespace; the test starts its own in a namespace of ours.
+.PHONY: deps-runtime
+RUNTIME_PKGS := containerd runc
+deps-runtime:
+	@missing=""; for p in $(RUNTIME_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "deps-runtime: installing$$missing"; \
+		guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=/usr/sbin/policy-rc.d; \
+			printf '#!/bin/sh\nexit 101\n' > $$guard && chmod 0755 $$guard; trap 'rm -f $$guard' EXIT; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+test: deps-runtime
+
 build: deps
 	@mkdir -p $(BIN)
 	$(GO) build -trimpath -o $(BIN)/egress-init ./cmd/init
