@@ -1,0 +1,66 @@
+//go:build linux
+
+package bench
+
+import (
+	"fmt"
+	"image/color"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+)
+
+// writeChart draws the apply medians against N, ours solid and the
+// floors dashed, one colour per backend, on a log time axis.
+func writeChart(res *Results, path string) error {
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("egress-init apply time vs floor (median, %s, %d cores)", res.Machine.Date.Format("2006-01-02"), res.Machine.Cores)
+	p.X.Label.Text = "excluded CIDRs (N)"
+	p.Y.Label.Text = "ms per process (log scale)"
+	p.Y.Scale = plot.LogScale{}
+	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Add(plotter.NewGrid())
+	colours := map[string]color.Color{
+		"nftables":        color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+		"iptables-nft":    color.RGBA{R: 0xd6, G: 0x27, B: 0x28, A: 0xff},
+		"iptables-legacy": color.RGBA{R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+	}
+	for _, be := range Backends {
+		for _, floor := range []bool{false, true} {
+			var pts plotter.XYs
+			name := be
+			for _, n := range res.Settings.ApplyNs {
+				r, ok := applyRow(res.Apply, be, floor, n)
+				if !ok || r.Stats.Median <= 0 {
+					continue
+				}
+				name = r.Variant
+				if !floor {
+					name = "egress-init " + be
+				}
+				pts = append(pts, plotter.XY{X: float64(n), Y: float64(r.Stats.Median.Microseconds()) / 1000})
+			}
+			if len(pts) == 0 {
+				continue
+			}
+			l, s, err := plotter.NewLinePoints(pts)
+			if err != nil {
+				return err
+			}
+			l.Color, s.Color = colours[be], colours[be]
+			l.Width = vg.Points(1.5)
+			s.Shape = draw.CircleGlyph{}
+			if floor {
+				l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+				s.Shape = draw.BoxGlyph{}
+			}
+			p.Add(l, s)
+			p.Legend.Add(name, l, s)
+		}
+	}
+	return p.Save(9*vg.Inch, 5.5*vg.Inch, path)
+}
