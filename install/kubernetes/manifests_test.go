@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/egress-cni/egress-cni/internal/initcmd"
+	"github.com/egress-cni/egress-cni/pkg/cni"
 	"github.com/egress-cni/egress-cni/pkg/install"
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
@@ -218,8 +219,14 @@ func TestManifests(t *testing.T) {
 	if configMap == nil {
 		t.Fatal("no ConfigMap")
 	}
-	if _, err := install.NormalizeEntry([]byte(configMap.Data["plugin.json"])); err != nil {
+	entry, err := install.NormalizeEntry([]byte(configMap.Data["plugin.json"]))
+	if err != nil {
 		t.Errorf("plugin.json: %v", err)
+	}
+	// The node rules drop everything from pods but registered gateways;
+	// only the plugin registers them.
+	if s, err := cni.ParseConfig(entry); err != nil || s.Conf.NodeEnforcement == nil || !*s.Conf.NodeEnforcement {
+		t.Errorf("plugin.json must set nodeEnforcement: %v", err)
 	}
 
 	if len(daemonSets) != 2 {

@@ -198,7 +198,11 @@ func validate(path string) error {
 // FindConfig returns the config file the runtime uses: ConfFile when set
 // (an invalid one is an error), otherwise the lexically first valid file,
 // skipping invalid ones as CRI-O and the kubelet's CNI loader do.
-func (in *Installer) FindConfig() (string, error) {
+func (in *Installer) FindConfig() (string, error) { return in.findConfig(false) }
+
+// findConfig is FindConfig; quiet does not log skipped files (for the
+// readiness check on every file event).
+func (in *Installer) findConfig(quiet bool) (string, error) {
 	dir := in.opts.ConfDir
 	if in.opts.ConfFile != "" {
 		path := filepath.Join(dir, in.opts.ConfFile)
@@ -222,6 +226,10 @@ func (in *Installer) FindConfig() (string, error) {
 	var skipped []error
 	for _, f := range files {
 		if err := validate(f); err != nil {
+			if quiet {
+				skipped = append(skipped, &ConfigError{Path: f, Err: err})
+				continue
+			}
 			in.log.Warn("skipping invalid CNI config, as the runtime does", "file", f, "error", err)
 			skipped = append(skipped, &ConfigError{Path: f, Err: err})
 			continue
@@ -267,7 +275,10 @@ const maxAttempts = 5
 
 // Install copies the binary and puts our entry last in the chain of the
 // runtime's config, under the node lock. A second call writes nothing.
-// On error no config file has been changed.
+// A config it cannot parse is never written. If the primary CNI keeps
+// rewriting a .conf during a conversion, our conflist may be left next to
+// the newer .conf, which sorts first and so stays the runtime's config;
+// the next reconcile converts again over our conflist.
 func (in *Installer) Install() (Result, error) {
 	l, err := acquire(in.opts.LockFile)
 	if err != nil {
@@ -400,7 +411,7 @@ func (in *Installer) checkPluginDir(path string, b []byte) error {
 
 // InPlace reports whether the runtime's config ends with our entry.
 func (in *Installer) InPlace() bool {
-	path, err := in.FindConfig()
+	path, err := in.findConfig(true)
 	if err != nil || filepath.Ext(path) != ".conflist" {
 		return false
 	}

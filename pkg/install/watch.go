@@ -85,6 +85,11 @@ func (in *Installer) Run(ctx context.Context) error {
 			in.reconcile(strings.Join(pending, "; "))
 			pending = pending[:0]
 		case <-resync.C:
+			// The directory may have been removed and recreated, which
+			// drops the inotify watch; adding it again is harmless.
+			if err := w.Add(in.opts.ConfDir); err != nil {
+				in.log.Warn("could not watch the config directory", "dir", in.opts.ConfDir, "error", err)
+			}
 			in.reconcile("resync")
 			if err := in.CheckNodeRules(); err != nil {
 				in.log.Error("node rules", "error", err)

@@ -176,3 +176,26 @@ func TestHealthEndpoint(t *testing.T) {
 		t.Fatalf("readyz after uninstall: %d", c)
 	}
 }
+
+// The config directory removed and recreated: the resync watches it again.
+func TestWatchDirRecreated(t *testing.T) {
+	e := newEnv(t, "10-flannel.conflist")
+	in := e.installer(t, func(o *Options) {
+		o.Debounce = 10 * time.Millisecond
+		o.Resync = 50 * time.Millisecond
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	eventually(t, "install", in.InPlace)
+	if err := os.RemoveAll(e.confDir); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "not ready", func() bool { return !in.Ready() })
+	if err := os.MkdirAll(e.confDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.copyFixture(t, "10-flannel.conflist")
+	eventually(t, "install in the new directory", in.InPlace)
+}
