@@ -1,0 +1,412 @@
+//go:build linux
+
+package netns_test
+
+// The simulated cluster of cluster_test.go: an "internet" host, a
+// "router", an app node and an egress node, each a network namespace of
+// ours, with pods made by the real CNI chain on each node.
+//
+//	internet  eth0 203.0.113.10/24  2001:db8:ff::10/64      echo :8080 (tcp, udp)
+//	   |
+//	router    inet0 203.0.113.1/24  2001:db8:ff::1/64
+//	          app0  192.0.2.1/30    2001:db8:a::1/64  -> 198.51.100.0/26, 2001:db8:1a::/64
+//	          egr0  192.0.2.5/30    2001:db8:e::1/64  -> 198.51.100.64/26, 2001:db8:1e::/64
+//	   |                  |
+//	app node  uplink 192.0.2.2/30   egress node uplink 192.0.2.6/30
+//	          cni0 198.51.100.1/26              cni0 198.51.100.65/26
+//	               2001:db8:1a::1/64                 2001:db8:1e::1/64
+//
+// Every address is from a documentation range; nothing has a route to
+// the machine's real network.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/node"
+)
+
+var (
+	inetIPv4     = netip.MustParseAddr("203.0.113.10")
+	inetIPv6     = netip.MustParseAddr("2001:db8:ff::10")
+	inetEchoPort = 8080
+	// gatewayForwardPort is where the gateway pod's forwarder listens
+	// (Istio's egress gateway uses 15443 for mTLS from sidecars).
+	gatewayForwardPort = 15443
+)
+
+// clusterNode is one node namespace with its CNI chain.
+type clusterNode struct {
+	name       string
+	ns         ns.NetNS
+	chain      *chain
+	uplink4    netip.Addr
+	uplink6    netip.Addr
+	nodeConfig string
+	cfg        *node.Config
+}
+
+type cluster struct {
+	t        *testing.T
+	internet ns.NetNS
+	router   ns.NetNS
+	app      *clusterNode
+	egress   *clusterNode
+}
+
+// clusterPodCIDRs etc. are what both nodes' configs allow.
+const clusterAllow = `"podCIDRs": ["198.51.100.0/25", "2001:db8:1a::/64", "2001:db8:1e::/64"],
+	"nodeCIDRs": ["192.0.2.0/29", "2001:db8:a::/64", "2001:db8:e::/64"]`
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+// newCluster builds the namespaces, links and routes; nodes get a chain
+// each but no node rules yet.
+func newCluster(t *testing.T, binDir string) *cluster {
+	t.Helper()
+	c := &cluster{t: t, internet: nstest.NewNS(t), router: nstest.NewNS(t)}
+	nstest.Link(t,
+		nstest.LinkEnd{NS: c.router, Name: "inet0", Addrs: []netip.Prefix{pfx("203.0.113.1/24"), pfx("2001:db8:ff::1/64")}},
+		nstest.LinkEnd{NS: c.internet, Name: "eth0", Addrs: []netip.Prefix{pfx("203.0.113.10/24"), pfx("2001:db8:ff::10/64")}})
+	nstest.Route(t, c.internet, pfx("0.0.0.0/0"), netip.MustParseAddr("203.0.113.1"))
+	nstest.Route(t, c.internet, pfx("::/0"), netip.MustParseAddr("2001:db8:ff::1"))
+	nstest.Sysctl(t, c.router, "net.ipv4.ip_forward", "1")
+	nstest.Sysctl(t, c.router, "net.ipv6.conf.all.forwarding", "1")
+	nstest.ServeEcho(t, c.internet, ":"+strconv.Itoa(inetEchoPort))
+	// What reaches the internet host at all, whatever the reply does:
+	// a spoofed datagram's answer goes to the real owner of the address.
+	nstest.MustExec(t, c.internet, "nft", `add table inet probe
+		add counter inet probe seen
+		add chain inet probe in { type filter hook prerouting priority -300; }
+		add rule inet probe in th dport 8080 counter name seen`)
+
+	c.app = c.newNode(binDir, "app", "app0", 0, "198.51.100.0/26", "198.51.100.1", "2001:db8:1a::/64", "2001:db8:1a::1",
+		`{"role": "app", `+clusterAllow+`}`)
+	c.egress = c.newNode(binDir, "egress", "egr0", 4, "198.51.100.64/26", "198.51.100.65", "2001:db8:1e::/64", "2001:db8:1e::1",
+		`{"role": "egress", "uplink": "uplink", "logDrops": true, `+clusterAllow+`}`)
+	return c
+}
+
+// newNode makes a node: its uplink to the router at 192.0.2.(off+1/off+2)/30,
+// routes both ways, forwarding on, and a CNI chain (bridge cni0 with a
+// dual-stack host-local range, then egress-cni with nodeEnforcement).
+func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string) *clusterNode {
+	t := c.t
+	t.Helper()
+	n := &clusterNode{name: name, ns: nstest.NewNS(t), nodeConfig: nodeConfig,
+		uplink4: netip.AddrFrom4([4]byte{192, 0, 2, off + 2})}
+	r4 := netip.AddrFrom4([4]byte{192, 0, 2, off + 1})
+	letter := name[:1]
+	r6 := netip.MustParseAddr("2001:db8:" + letter + "::1")
+	n.uplink6 = netip.MustParseAddr("2001:db8:" + letter + "::2")
+	nstest.Link(t,
+		nstest.LinkEnd{NS: c.router, Name: routerIf, Addrs: []netip.Prefix{netip.PrefixFrom(r4, 30), netip.PrefixFrom(r6, 64)}},
+		nstest.LinkEnd{NS: n.ns, Name: "uplink", Addrs: []netip.Prefix{netip.PrefixFrom(n.uplink4, 30), netip.PrefixFrom(n.uplink6, 64)}})
+	nstest.Route(t, n.ns, pfx("0.0.0.0/0"), r4)
+	nstest.Route(t, n.ns, pfx("::/0"), r6)
+	nstest.Route(t, c.router, pfx(sub4), n.uplink4)
+	nstest.Route(t, c.router, pfx(sub6), n.uplink6)
+	nstest.Sysctl(t, n.ns, "net.ipv4.ip_forward", "1")
+	nstest.Sysctl(t, n.ns, "net.ipv6.conf.all.forwarding", "1")
+	// The bridge made later must not hold its IPv6 gateway tentative.
+	nstest.Sysctl(t, n.ns, "net.ipv6.conf.default.accept_dad", "0")
+	var err error
+	if n.cfg, err = node.Parse([]byte(nodeConfig)); err != nil {
+		t.Fatalf("node config %s: %v", name, err)
+	}
+
+	ch := &chain{t: t, binDir: binDir, node: n.ns, dir: t.TempDir(), cniVersion: "1.1.0"}
+	ch.logFile = filepath.Join(ch.dir, "egress-cni.log")
+	conflist := fmt.Sprintf(`{
+  "cniVersion": "1.1.0",
+  "name": "cluster-%s",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": false,
+     "ipam": {"type": "host-local", "dataDir": %q,
+              "ranges": [[{"subnet": %q, "gateway": %q}], [{"subnet": %q, "gateway": %q}]],
+              "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
+    {"type": "egress-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+     "logFile": %q, "logLevel": "debug", "nodeEnforcement": true}
+  ]
+}`, name, filepath.Join(ch.dir, "ipam"), sub4, gw4, sub6, gw6, ch.logFile)
+	ch.list, err = libcni.ConfListFromBytes([]byte(conflist))
+	if err != nil {
+		t.Fatalf("bad conflist: %v\n%s", err, conflist)
+	}
+	ch.loopback, err = libcni.ConfFromBytes([]byte(`{"cniVersion": "1.1.0", "name": "cni-loopback", "type": "loopback"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch.cni = libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(ch.dir, "cache"), nil)
+	n.chain = ch
+	return n
+}
+
+// in runs fn in the node namespace (pkg/node works on the current one).
+func (n *clusterNode) in(fn func() error) error {
+	return n.ns.Do(func(ns.NetNS) error { return fn() })
+}
+
+func (n *clusterNode) apply(t *testing.T) {
+	t.Helper()
+	if err := n.in(func() error { return node.Apply(n.cfg) }); err != nil {
+		t.Fatalf("apply node rules on %s: %v", n.name, err)
+	}
+}
+
+func (n *clusterNode) drops(t *testing.T) uint64 {
+	t.Helper()
+	var p uint64
+	err := n.in(func() error {
+		var err error
+		p, _, err = node.DropCounter()
+		return err
+	})
+	if err != nil {
+		return 0 // rules not applied
+	}
+	return p
+}
+
+func (n *clusterNode) gateways(t *testing.T) []node.Gateway {
+	t.Helper()
+	var gws []node.Gateway
+	if err := n.in(func() error {
+		var err error
+		gws, err = node.ListGateways()
+		return err
+	}); err != nil {
+		t.Fatalf("list gateways on %s: %v", n.name, err)
+	}
+	return gws
+}
+
+// clusterPod is a pod on a node, with the addresses the chain gave it.
+type clusterPod struct {
+	*pod
+	node     *clusterNode
+	ip4, ip6 netip.Addr
+}
+
+// newClusterPod makes the pod's namespace (DAD off, so its IPv6 address
+// is usable at once).
+func (n *clusterNode) newClusterPod(t *testing.T, namespace, name string, ann map[string]string) *clusterPod {
+	t.Helper()
+	p := newPod(t, namespace, name, ann)
+	nstest.Sysctl(t, p.netns, "net.ipv6.conf.default.accept_dad", "0")
+	nstest.Sysctl(t, p.netns, "net.ipv6.conf.all.accept_dad", "0")
+	return &clusterPod{pod: p, node: n}
+}
+
+// add runs loopback and the chain for the pod, with extra CNI_ARGS (for
+// example IP= for host-local).
+func (n *clusterNode) add(p *clusterPod, extraArgs ...[2]string) error {
+	rt := n.chain.rt(p.pod, p.path)
+	rt.Args = append(rt.Args, extraArgs...)
+	var res types.Result
+	err := n.in(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := n.chain.cni.AddNetwork(ctx, n.chain.loopback, rt); err != nil {
+			return fmt.Errorf("loopback: %w", err)
+		}
+		var err error
+		res, err = n.chain.cni.AddNetworkList(ctx, n.chain.list, rt)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		return err
+	}
+	for _, ip := range r.IPs {
+		a, _ := netip.AddrFromSlice(ip.Address.IP)
+		if a = a.Unmap(); a.Is4() {
+			p.ip4 = a
+		} else {
+			p.ip6 = a
+		}
+	}
+	return nil
+}
+
+func (n *clusterNode) mustAdd(t *testing.T, p *clusterPod, extraArgs ...[2]string) {
+	t.Helper()
+	if err := n.add(p, extraArgs...); err != nil {
+		t.Fatalf("ADD %s/%s on %s: %v", p.namespace, p.name, n.name, err)
+	}
+}
+
+// del runs the chain's DEL with the same CNI_ARGS as ADD (host-local
+// releases by container ID).
+func (n *clusterNode) del(p *clusterPod) error {
+	return n.chain.del(p.pod, p.path)
+}
+
+// hostVeth is the name of the pod's host-side veth, read independently
+// of the plugin: eth0's IFLA_LINK in the pod, resolved in the node.
+func (n *clusterNode) hostVeth(t *testing.T, p *clusterPod) string {
+	t.Helper()
+	var idx int
+	if err := p.netns.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		idx = l.Attrs().ParentIndex
+		return nil
+	}); err != nil {
+		t.Fatalf("pod %s: %v", p.name, err)
+	}
+	var name string
+	if err := n.in(func() error {
+		l, err := netlink.LinkByIndex(idx)
+		if err != nil {
+			return err
+		}
+		name = l.Attrs().Name
+		return nil
+	}); err != nil {
+		t.Fatalf("host veth of %s: %v", p.name, err)
+	}
+	return name
+}
+
+// inetSeen reads how many packets to the echo port reached the internet
+// host.
+func (c *cluster) inetSeen(t *testing.T) uint64 {
+	t.Helper()
+	out := nstest.MustExec(t, c.internet, "nft", "list", "counter", "inet", "probe", "seen")
+	f := strings.Fields(out[strings.Index(out, "packets"):])
+	n, err := strconv.ParseUint(f[1], 10, 64)
+	if err != nil {
+		t.Fatalf("bad counter output %q", out)
+	}
+	return n
+}
+
+// relay copies both ways between a and b until either side is done, with
+// a bounded lifetime.
+func relay(a, b net.Conn) {
+	deadline := time.Now().Add(2 * time.Second)
+	_ = a.SetDeadline(deadline)
+	_ = b.SetDeadline(deadline)
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(a, b); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(b, a); done <- struct{}{} }()
+	<-done
+	a.Close()
+	b.Close()
+	<-done
+}
+
+// serveTCP listens on addr inside n and hands each connection to handle
+// on its own goroutine; it stops in t.Cleanup.
+func serveTCP(t *testing.T, n ns.NetNS, addr string, handle func(*net.TCPConn)) {
+	t.Helper()
+	var l net.Listener
+	if err := n.Do(func(ns.NetNS) error {
+		var err error
+		l, err = net.Listen("tcp4", addr)
+		return err
+	}); err != nil {
+		t.Fatalf("listen %s in %s: %v", addr, n.Path(), err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); handle(c.(*net.TCPConn)) }()
+		}
+	}()
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+}
+
+// dialIn connects from inside namespace n (the socket stays there).
+func dialIn(n ns.NetNS, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		c, err = net.DialTimeout(network, addr, 2*time.Second)
+		return err
+	})
+	return c, err
+}
+
+// serveSidecar stands in for the app pod's Envoy on 15001: it reads the
+// captured connection's original destination and hands it to the
+// gateway pod's forwarder ("<ip:port>\n", then the bytes), as a sidecar
+// sends external traffic to the egress gateway. Its connection to the
+// gateway must not be captured again: the app pod excludes the
+// forwarder's port (the real Envoy runs as UID 1337 instead).
+func serveSidecar(t *testing.T, p *clusterPod, gateway netip.AddrPort) {
+	serveTCP(t, p.netns, "0.0.0.0:15001", func(c *net.TCPConn) {
+		defer c.Close()
+		orig, err := nstest.OriginalDst(c)
+		if err != nil {
+			return
+		}
+		up, err := dialIn(p.netns, "tcp4", gateway.String())
+		if err != nil {
+			return
+		}
+		if _, err := fmt.Fprintf(up, "%s\n", orig); err != nil {
+			up.Close()
+			return
+		}
+		relay(c, up)
+	})
+}
+
+// serveForwarder stands in for the egress gateway: it reads the
+// destination line and connects there from the gateway pod.
+func serveForwarder(t *testing.T, p *clusterPod) {
+	serveTCP(t, p.netns, fmt.Sprintf("0.0.0.0:%d", gatewayForwardPort), func(c *net.TCPConn) {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		br := bufio.NewReader(c)
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return
+		}
+		dst, err := netip.ParseAddrPort(strings.TrimSpace(line))
+		if err != nil {
+			return
+		}
+		up, err := dialIn(p.netns, "tcp4", dst.String())
+		if err != nil {
+			return
+		}
+		// Nothing else was buffered: the client sends nothing first.
+		relay(c, up)
+	})
+}

@@ -1,0 +1,298 @@
+//go:build linux
+
+package netns_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/node"
+)
+
+// bypassRow is one line of the bypass table the test logs.
+type bypassRow struct{ path, expected, seen string }
+
+// probe is one connection attempt and what it observed.
+type probe struct {
+	replied bool
+	reply   nstest.Reply
+	err     error
+	drops   uint64 // rise of the source node's drop counter
+	seen    uint64 // rise of packets reaching the internet's echo port
+}
+
+func (p probe) String() string {
+	var b strings.Builder
+	if p.replied {
+		fmt.Fprintf(&b, "reply, source seen %s", p.reply.Src.Addr())
+	} else {
+		kind := "error"
+		if de, ok := p.err.(*nstest.DialError); ok {
+			kind = de.Kind
+		}
+		fmt.Fprintf(&b, "no reply (%s)", kind)
+	}
+	fmt.Fprintf(&b, "; node drops +%d; internet got %d pkt", p.drops, p.seen)
+	return b.String()
+}
+
+// TestCluster is issue 4's simulated cluster: pods made by the real CNI
+// chain (bridge, host-local, egress-cni with nodeEnforcement) on an app
+// node and an egress node behind a router, and an internet host. It first
+// shows that without node rules every bypass reaches the internet, then
+// applies the node rules and tries each bypass again.
+func TestCluster(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	start := time.Now()
+	binDir := t.TempDir()
+	buildReferencePlugins(t, binDir)
+	buildEgressCNI(t, binDir)
+	built := time.Since(start)
+
+	c := newCluster(t, binDir)
+	var table []bypassRow
+	t.Cleanup(func() {
+		var b strings.Builder
+		w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w, "path\texpected\tseen")
+		for _, r := range table {
+			fmt.Fprintf(w, "%s\t%s\t%s\n", r.path, r.expected, r.seen)
+		}
+		w.Flush()
+		t.Logf("bypass table:\n%s", b.String())
+	})
+	inet4 := net.JoinHostPort(inetIPv4.String(), strconv.Itoa(inetEchoPort))
+	inet6 := net.JoinHostPort(inetIPv6.String(), strconv.Itoa(inetEchoPort))
+
+	run := func(from *clusterPod, uid uint32, network, addr string, timeout time.Duration, opts ...nstest.DialOption) probe {
+		t.Helper()
+		d0, s0 := from.node.drops(t), c.inetSeen(t)
+		line, err := nstest.Dial(t, from.netns, uid, uid, network, addr, append(opts, nstest.WithTimeout(timeout))...)
+		p := probe{err: err}
+		if err == nil {
+			p.replied = true
+			if p.reply, err = nstest.ParseReply(line); err != nil {
+				t.Fatalf("bad reply %q: %v", line, err)
+			}
+		}
+		p.drops, p.seen = from.node.drops(t)-d0, c.inetSeen(t)-s0
+		return p
+	}
+	// expectReply: the connection works and the far end saw src (if
+	// valid).
+	expectReply := func(path string, src netip.Addr, from *clusterPod, uid uint32, network, addr string, opts ...nstest.DialOption) {
+		t.Helper()
+		p := run(from, uid, network, addr, 2*time.Second, opts...)
+		want := "reply"
+		if src.IsValid() {
+			want += " from " + src.String()
+		}
+		table = append(table, bypassRow{path, want, p.String()})
+		if !p.replied || (src.IsValid() && p.reply.Src.Addr() != src) || p.drops != 0 {
+			t.Errorf("%s: want %s and no drop, got %s (err %v)", path, want, p, p.err)
+		}
+	}
+	// expectDropped: no reply, the source node counted a drop, and
+	// nothing reached the internet.
+	expectDropped := func(path string, from *clusterPod, uid uint32, network, addr string, opts ...nstest.DialOption) {
+		t.Helper()
+		p := run(from, uid, network, addr, time.Second, opts...)
+		table = append(table, bypassRow{path, "dropped on its node, counted", p.String()})
+		if p.replied || p.drops == 0 || p.seen != 0 {
+			t.Errorf("%s: want dropped and counted on node %s, got %s (err %v)", path, from.node.name, p, p.err)
+		}
+	}
+
+	// Pods. The app pod is injected (captured by its pod rules) and lets
+	// its sidecar reach the gateway's forwarder port uncaptured; "plain"
+	// is in a namespace without injection.
+	app := c.app.newClusterPod(t, "team-a", "app", map[string]string{
+		"sidecar.istio.io/status":                       statusAnnotation,
+		"traffic.sidecar.istio.io/excludeOutboundPorts": strconv.Itoa(gatewayForwardPort),
+	})
+	plain := c.app.newClusterPod(t, "team-b", "plain", map[string]string{})
+	worker := c.egress.newClusterPod(t, "team-c", "worker", map[string]string{})
+	gw := c.egress.newClusterPod(t, "istio-system", "istio-egressgateway-5d8f9-abcde", map[string]string{})
+	for _, p := range []*clusterPod{app, plain} {
+		c.app.mustAdd(t, p)
+	}
+	c.egress.mustAdd(t, worker)
+	nstest.ServeEcho(t, worker.netns, ":8080")
+	workerAddr := net.JoinHostPort(worker.ip4.String(), "8080")
+	workerAddr6 := net.JoinHostPort(worker.ip6.String(), "8080")
+
+	// A gateway cannot start before the node rules exist: fail, clearly.
+	err := c.egress.add(gw)
+	if err == nil {
+		t.Fatal("gateway ADD succeeded without node rules")
+	}
+	if te := cniError(t, err); te.Code != types.ErrTryAgainLater || !strings.Contains(te.Msg, "egress-node apply") {
+		t.Errorf("gateway ADD without node rules: code %d %q, want code 11 naming egress-node apply", te.Code, te.Msg)
+	}
+	if err := c.egress.del(gw); err != nil {
+		t.Fatalf("DEL after failed ADD: %v", err)
+	}
+
+	// Without node rules every bypass reaches the internet: the test can
+	// fail.
+	expectReply("no node rules: app node pod -> internet tcp4 (UID 1000)", plain.ip4, plain, cniAppUID, "tcp4", inet4)
+	expectReply("no node rules: captured pod as UID 1337 -> internet tcp4", app.ip4, app, cniProxyUID, "tcp4", inet4)
+	expectReply("no node rules: captured pod -> internet udp4", app.ip4, app, cniAppUID, "udp4", inet4)
+	expectReply("no node rules: app node pod -> internet tcp6", plain.ip6, plain, cniAppUID, "tcp6", inet6)
+	expectReply("no node rules: egress node ordinary pod -> internet tcp4", worker.ip4, worker, cniAppUID, "tcp4", inet4)
+	if p := run(worker, 0, "udp4", inet4, time.Second, nstest.WithSource("198.51.100.100")); p.seen == 0 {
+		t.Errorf("no node rules: a spoofed datagram did not reach the internet: %s", p)
+	} else {
+		table = append(table, bypassRow{"no node rules: spoofed source udp4 (UID 0)", "reaches the internet", p.String()})
+	}
+
+	// Node rules: apply twice, nothing changes; Check passes.
+	before := map[*clusterNode]string{}
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		before[n] = nstest.NFTDump(t, n.ns)
+		n.apply(t)
+		first := nstest.NFTDump(t, n.ns)
+		n.apply(t)
+		if second := nstest.NFTDump(t, n.ns); second != first {
+			t.Errorf("%s: second apply changed the ruleset:\n--- first\n%s\n--- second\n%s", n.name, first, second)
+		}
+		if err := n.in(func() error { return node.Check(n.cfg) }); err != nil {
+			t.Errorf("%s: check after apply: %v", n.name, err)
+		}
+	}
+
+	// The gateway starts; its entries bind its addresses to its own veth.
+	c.egress.mustAdd(t, gw)
+	veth := c.egress.hostVeth(t, gw)
+	gws := c.egress.gateways(t)
+	if len(gws) != 2 {
+		t.Fatalf("gateway entries after ADD: %v, want its IPv4 and IPv6 on %s", gws, veth)
+	}
+	for _, g := range gws {
+		if g.Iface != veth || g.ContainerID != gw.id || (g.IP != gw.ip4 && g.IP != gw.ip6) {
+			t.Errorf("gateway entry %v, want %s . %s|%s (container %s)", g, veth, gw.ip4, gw.ip6, gw.id)
+		}
+	}
+	// The plugin found the veth from the pod's eth0 (IFLA_LINK), not
+	// from prevResult.
+	var how []any
+	for _, r := range c.egress.chain.logRecords(gw.pod) {
+		if r["msg"] == "gateway exempted" {
+			how = append(how, r["ifaceFrom"])
+		}
+	}
+	if len(how) != 1 || how[0] != "veth peer" {
+		t.Errorf("gateway log records say the interface came from %v, want one \"veth peer\"", how)
+	}
+	if d := nstest.NFTDump(t, c.egress.ns); !strings.Contains(d, veth) {
+		t.Errorf("gateway veth %s not in the egress node's sets:\n%s", veth, d)
+	}
+	// An ordinary pod's ADD on the app node must not have needed rules;
+	// a second ADD of the gateway (runtime retry) is harmless.
+	if _, err := c.egress.chain.execEgress(gw.pod, "ADD", c.egress.chain.cachedResult(gw.pod)); err != nil {
+		t.Errorf("second gateway ADD: %v", err)
+	}
+	if got := c.egress.gateways(t); len(got) != 2 {
+		t.Errorf("gateway entries after a second ADD: %v", got)
+	}
+	serveForwarder(t, gw)
+	serveSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
+
+	// Bypasses from the app node.
+	expectDropped("app node pod -> internet tcp4 (UID 1000, no sidecar)", plain, cniAppUID, "tcp4", inet4)
+	expectDropped("captured pod as UID 1337 -> internet tcp4", app, cniProxyUID, "tcp4", inet4)
+	expectDropped("captured pod -> internet udp4 (QUIC-like)", app, cniAppUID, "udp4", inet4)
+	expectDropped("app node pod -> internet tcp6", plain, cniAppUID, "tcp6", inet6)
+	expectDropped("captured pod as UID 1337 -> internet tcp6", app, cniProxyUID, "tcp6", inet6)
+	// In-cluster traffic is allowed.
+	expectReply("app node pod -> pod on egress node tcp4", plain.ip4, plain, cniAppUID, "tcp4", workerAddr)
+	expectReply("app node pod -> pod on egress node tcp6", plain.ip6, plain, cniAppUID, "tcp6", workerAddr6)
+	expectReply("captured pod as UID 1337 -> pod on egress node", app.ip4, app, cniProxyUID, "tcp4", workerAddr)
+	// The gateway reaches the internet, masqueraded to the uplink.
+	expectReply("gateway pod -> internet tcp4", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
+	expectReply("gateway pod -> internet udp4", c.egress.uplink4, gw, cniAppUID, "udp4", inet4)
+	expectReply("gateway pod -> internet tcp6", c.egress.uplink6, gw, cniAppUID, "tcp6", inet6)
+	// The full path: app -> its sidecar (REDIRECT) -> gateway -> internet.
+	expectReply("captured pod -> sidecar -> gateway -> internet", c.egress.uplink4, app, cniAppUID, "tcp4", inet4)
+	// Bypasses on the egress node.
+	expectDropped("egress node ordinary pod -> internet tcp4", worker, cniAppUID, "tcp4", inet4)
+	expectDropped("egress node ordinary pod -> internet udp4", worker, cniAppUID, "udp4", inet4)
+	expectDropped("egress node pod spoofing the gateway's IPv4 (UID 0) udp4", worker, 0, "udp4", inet4, nstest.WithSource(gw.ip4.String()))
+	expectDropped("egress node pod spoofing the gateway's IPv4 (UID 0) tcp4", worker, 0, "tcp4", inet4, nstest.WithSource(gw.ip4.String()))
+	expectDropped("egress node pod spoofing the gateway's IPv6 (UID 0) udp6", worker, 0, "udp6", inet6, nstest.WithSource(gw.ip6.String()))
+
+	// The gateway goes away; DEL drops its entries even without a netns.
+	if err := c.egress.chain.del(gw.pod, ""); err != nil {
+		t.Fatalf("gateway DEL without netns: %v", err)
+	}
+	if got := c.egress.gateways(t); len(got) != 0 {
+		t.Fatalf("gateway entries after DEL: %v", got)
+	}
+	if err := c.egress.del(gw); err != nil {
+		t.Fatalf("gateway DEL again: %v", err)
+	}
+	// A DEL that never came leaves an entry behind; an ordinary pod given
+	// the same address removes it on ADD and is dropped.
+	stale := node.Gateway{Iface: veth, IP: gw.ip4, ContainerID: gw.id}
+	if err := c.egress.in(func() error { return node.AddGateways(stale) }); err != nil {
+		t.Fatal(err)
+	}
+	reuse := c.egress.newClusterPod(t, "team-c", "reuse", map[string]string{})
+	c.egress.mustAdd(t, reuse, [2]string{"IP", gw.ip4.String()})
+	if reuse.ip4 != gw.ip4 {
+		t.Fatalf("reuse pod got %s, want the gateway's %s", reuse.ip4, gw.ip4)
+	}
+	if got := c.egress.gateways(t); len(got) != 0 {
+		t.Errorf("stale gateway entry survived an ordinary pod's ADD of the same IP: %v", got)
+	}
+	expectDropped("new ordinary pod with the departed gateway's IP -> internet tcp4", reuse, cniAppUID, "tcp4", inet4)
+
+	// GC drops entries of containers that are not valid attachments.
+	ghost := node.Gateway{Iface: "vethghost", IP: netip.MustParseAddr("198.51.100.99"), ContainerID: "c-ghost"}
+	keep := node.Gateway{Iface: "vethkeep", IP: netip.MustParseAddr("198.51.100.98"), ContainerID: worker.id}
+	if err := c.egress.in(func() error { return node.AddGateways(ghost, keep) }); err != nil {
+		t.Fatal(err)
+	}
+	err = c.egress.in(func() error {
+		return c.egress.chain.cni.GCNetworkList(t.Context(), c.egress.chain.list, &libcni.GCArgs{
+			ValidAttachments: []types.GCAttachment{{ContainerID: worker.id, IfName: "eth0"}, {ContainerID: reuse.id, IfName: "eth0"}},
+		})
+	})
+	if err != nil {
+		t.Errorf("GC: %v", err)
+	}
+	if got := c.egress.gateways(t); len(got) != 1 || got[0].ContainerID != worker.id {
+		t.Errorf("gateway entries after GC: %v, want only %v", got, keep)
+	}
+
+	// Removing the node rules leaves each node as it was.
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		if err := n.in(node.Remove); err != nil {
+			t.Fatalf("%s: remove: %v", n.name, err)
+		}
+		if got := nstest.NFTDump(t, n.ns); got != before[n] {
+			t.Errorf("%s: remove did not restore the ruleset:\n--- before\n%s\n--- after\n%s", n.name, before[n], got)
+		}
+	}
+	for _, p := range []*clusterPod{app, plain} {
+		if err := c.app.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
+	for _, p := range []*clusterPod{worker, reuse} {
+		if err := c.egress.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
+	t.Logf("plugins built in %s; cluster test ran in %s", built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
+}
