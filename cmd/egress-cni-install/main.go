@@ -82,16 +82,18 @@ func run(cmd string, args []string) int {
 	}
 	switch cmd {
 	case "install":
+		// Node rules first, as Run does: with nodeEnforcement a gateway's
+		// ADD fails until they exist.
+		if err := in.ApplyNodeRules(); err != nil {
+			log.Error("node rules", "error", err)
+			return 1
+		}
 		res, err := in.Install()
 		if err != nil {
 			log.Error("install failed", "error", err)
 			return 1
 		}
 		log.Info("installed", "file", res.File, "action", res.Action, "binary", res.Binary)
-		if err := in.ApplyNodeRules(); err != nil {
-			log.Error("node rules", "error", err)
-			return 1
-		}
 		return 0
 	case "uninstall":
 		if err := in.Uninstall(); err != nil {
