@@ -40,8 +40,8 @@ func newNode(t *testing.T) *node {
 		}
 	}
 	files := map[string]string{
-		n.src:    "binary",
-		n.plugin: `{"type":"egress-cni","capture":"all"}`,
+		n.src:                                   "binary",
+		n.plugin:                                `{"type":"egress-cni","capture":"all"}`,
 		filepath.Join(n.conf, "10-bridge.json"): `{"cniVersion":"1.0.0","name":"mynet","type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.22.0.0/16"}}` + "\n",
 	}
 	for p, c := range files {
