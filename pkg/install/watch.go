@@ -33,6 +33,10 @@ func relevant(ev fsnotify.Event) bool {
 // directory cannot be watched or the node rules cannot be applied at
 // start.
 func (in *Installer) Run(ctx context.Context) error {
+	// The ready file is on the host (shared with the next pod): it must
+	// not outlive the watcher, nor be trusted before the first check.
+	in.setReady(false)
+	defer in.setReady(false)
 	if err := os.MkdirAll(in.opts.ConfDir, 0o755); err != nil {
 		return fmt.Errorf("could not create %s: %w", in.opts.ConfDir, err)
 	}

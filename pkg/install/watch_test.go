@@ -51,6 +51,13 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // switches to a .conf; readiness follows, and each repair is logged.
 func TestWatchRepairs(t *testing.T) {
 	e := newEnv(t)
+	// A ready file left by a previous pod.
+	if err := os.MkdirAll(filepath.Dir(e.readyFile), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(e.readyFile, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	var logs syncBuffer
 	in := e.installer(t, func(o *Options) {
 		o.Debounce = 20 * time.Millisecond
@@ -67,12 +74,16 @@ func TestWatchRepairs(t *testing.T) {
 			if err != nil {
 				t.Errorf("Run: %v", err)
 			}
+			if _, err := os.Stat(e.readyFile); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("ready file outlives Run: %v", err)
+			}
 		case <-time.After(5 * time.Second):
 			t.Error("Run did not stop")
 		}
 	}()
 
 	readyFile := func() bool { _, err := os.Stat(e.readyFile); return err == nil }
+	eventually(t, "stale ready file removed", func() bool { return !readyFile() })
 	// No config yet: not ready, waiting.
 	time.Sleep(50 * time.Millisecond)
 	if in.Ready() || readyFile() {
