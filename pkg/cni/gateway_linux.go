@@ -18,6 +18,7 @@ import (
 type GatewayStore interface {
 	AddGateways(gws ...node.Gateway) error
 	RemoveGateways(match func(node.Gateway) bool) ([]node.Gateway, error)
+	ListGateways() ([]node.Gateway, error)
 }
 
 // nodeGateways is GatewayStore over pkg/node.
@@ -27,6 +28,8 @@ func (nodeGateways) AddGateways(gws ...node.Gateway) error { return node.AddGate
 func (nodeGateways) RemoveGateways(match func(node.Gateway) bool) ([]node.Gateway, error) {
 	return node.RemoveGateways(match)
 }
+
+func (nodeGateways) ListGateways() ([]node.Gateway, error) { return node.ListGateways() }
 
 func (p *Plugin) gateways() GatewayStore {
 	if p.Gateways != nil {
@@ -149,6 +152,36 @@ func errOr(err error, s string) string {
 		return err.Error()
 	}
 	return s
+}
+
+// checkGatewayMembership verifies that a gateway pod holds an entry for
+// each of its addresses, with its container ID. Other pods are not
+// checked: an entry of theirs would be removed by their next ADD.
+func (p *Plugin) checkGatewayMembership(inv *invocation, args *skel.CmdArgs) error {
+	s := inv.s
+	why := s.Gateways.IsGateway(inv.pod, s.Annotations)
+	if why == "" {
+		return nil
+	}
+	who := podOrNetns(inv.pod, args.Netns)
+	ips, err := resultIPs(s.Conf.PrevResult)
+	if err != nil {
+		return withCode(types.ErrDecodingFailure, err, "")
+	}
+	gws, err := p.gateways().ListGateways()
+	if err != nil {
+		return fmt.Errorf("%s is an egress gateway (%s): could not list the node's gateway sets: %w", who, why, err)
+	}
+	var missing []string
+	for _, ip := range ips {
+		if !slices.ContainsFunc(gws, func(g node.Gateway) bool { return g.IP == ip && g.ContainerID == args.ContainerID }) {
+			missing = append(missing, ip.String())
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%s is an egress gateway (%s) but the node's gateway sets lack its address(es) %v", who, why, missing)
+	}
+	return nil
 }
 
 // delGatewayMembership drops the container's gateway entries. It needs

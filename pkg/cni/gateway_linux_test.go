@@ -35,6 +35,8 @@ func (f *fakeGateways) RemoveGateways(match func(node.Gateway) bool) ([]node.Gat
 	return removed, nil
 }
 
+func (f *fakeGateways) ListGateways() ([]node.Gateway, error) { return f.gws, nil }
+
 func gw(iface, ip, id string) node.Gateway {
 	return node.Gateway{Iface: iface, IP: netip.MustParseAddr(ip), ContainerID: id}
 }

@@ -344,6 +344,11 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 		backend = string(b.Name())
 		return b.Check(dec.Ruleset)
 	})
+	if err == nil && s.NodeEnforcement {
+		if err := p.checkGatewayMembership(inv, args); err != nil {
+			return err
+		}
+	}
 	switch {
 	case err == nil:
 		inv.log.Info("CHECK done", "decision", decisionWord(dec), "reason", dec.Reason, "backend", backend, "duration", time.Since(inv.start))

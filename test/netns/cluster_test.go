@@ -205,6 +205,26 @@ func TestCluster(t *testing.T) {
 	if got := c.egress.gateways(t); len(got) != 2 {
 		t.Errorf("gateway entries after a second ADD: %v", got)
 	}
+	// CHECK verifies the gateway's entries; a lost entry is reported and
+	// ADD restores it.
+	if err := c.egress.chain.check(gw.pod); err != nil {
+		t.Errorf("CHECK of the gateway: %v", err)
+	}
+	if err := c.egress.in(func() error {
+		_, err := node.RemoveGateways(func(g node.Gateway) bool { return g.IP == gw.ip6 })
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.egress.chain.check(gw.pod); err == nil || !strings.Contains(err.Error(), gw.ip6.String()) {
+		t.Errorf("CHECK of a gateway missing its IPv6 entry: %v, want an error naming %s", err, gw.ip6)
+	}
+	if _, err := c.egress.chain.execEgress(gw.pod, "ADD", c.egress.chain.cachedResult(gw.pod)); err != nil {
+		t.Errorf("repairing ADD: %v", err)
+	}
+	if err := c.egress.chain.check(gw.pod); err != nil {
+		t.Errorf("CHECK after the repairing ADD: %v", err)
+	}
 	serveForwarder(t, gw)
 	serveSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
 
