@@ -214,6 +214,76 @@ func main() {
 }
 `
 
+// reaperSource runs containerd (its arguments) as its child and is a
+// child subreaper: containerd's shims daemonize, so without it they are
+// re-parented to PID 1 and, once they exit, stay zombies until PID 1
+// reaps them. With it they are re-parented here and reaped at once.
+// SIGTERM and SIGINT are forwarded to containerd. It exits when containerd
+// has exited and every other child is reaped, or 5s after containerd's
+// exit (remaining children then go to PID 1, and the test kills them).
+const reaperSource = `package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+const prSetChildSubreaper = 36
+
+func main() {
+	if _, _, e := syscall.RawSyscall(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0); e != 0 {
+		fmt.Fprintln(os.Stderr, "reaper: prctl(PR_SET_CHILD_SUBREAPER):", e)
+		os.Exit(1)
+	}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	cmd := exec.Command(os.Args[1], os.Args[2:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "reaper:", err)
+		os.Exit(1)
+	}
+	main := cmd.Process.Pid
+	go func() {
+		for s := range sigs {
+			_ = syscall.Kill(main, s.(syscall.Signal))
+		}
+	}()
+	code := -1
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, 0, nil)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			break
+		}
+		if pid == main {
+			code = ws.ExitStatus()
+			if ws.Signaled() {
+				code = 128 + int(ws.Signal())
+			}
+			go func() {
+				time.Sleep(5 * time.Second)
+				os.Exit(code)
+			}()
+		}
+	}
+	os.Exit(code)
+}
+`
+
+// buildReaper builds the subreaper that containerd runs under into out.
+func buildReaper(t testing.TB, out string) {
+	t.Helper()
+	buildSmall(t, reaperSource, out, "")
+}
+
 // buildSmall builds a single-file, dependency-free Go program, static
 // (CGO_ENABLED=0), into out.
 func buildSmall(t testing.TB, source, out string, ldflags string) {

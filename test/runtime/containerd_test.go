@@ -15,6 +15,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -112,6 +114,8 @@ func TestContainerdRunPodSandbox(t *testing.T) {
 	recordFile := filepath.Join(dir, "cni-calls.jsonl")
 	recorder := filepath.Join(plugins, "egress-cni-recorder")
 	buildRecorder(t, recorder, filepath.Join(plugins, "egress-cni"), recordFile)
+	reaper := filepath.Join(plugins, "reaper")
+	buildReaper(t, reaper)
 	imageTar := filepath.Join(dir, "pause.tar")
 	buildPauseImage(t, imageTar)
 	// containerd 1.6 takes a single CNI bin_dir: a folder of symlinks.
@@ -153,7 +157,7 @@ func TestContainerdRunPodSandbox(t *testing.T) {
 
 	pluginLog := filepath.Join(dir, "egress-cni.log")
 	writeCNIConf(t, dir, pluginLog)
-	c := startContainerd(t, dir, node.Path(), binDir, crictlBin)
+	c := startContainerd(t, dir, node.Path(), reaper, crictlBin)
 	t.Logf("containerd ready after %s", time.Since(start).Round(time.Millisecond))
 
 	if out, err := c.ctr("images", "import", imageTar); err != nil {
@@ -541,12 +545,12 @@ type containerd struct {
 	exited    chan struct{}
 }
 
-// startContainerd starts containerd inside the node namespace (nsenter
-// --net, which keeps the mount namespace and /sys as they are; `ip netns
-// exec` remounts /sys and runc then finds no cgroup mount) and waits until
-// its CRI service answers. Its cleanup removes every sandbox, stops
+// startContainerd starts containerd, under the reaper, inside the node
+// namespace (nsenter --net, which keeps the mount namespace and /sys as
+// they are; `ip netns exec` remounts /sys and runc then finds no cgroup
+// mount) and waits until its CRI service answers. Its cleanup removes every sandbox, stops
 // containerd, and kills whatever shim or container it left.
-func startContainerd(t *testing.T, dir, nodePath, binDir, crictlBin string) *containerd {
+func startContainerd(t *testing.T, dir, nodePath, reaper, crictlBin string) *containerd {
 	t.Helper()
 	cfg := strings.NewReplacer("{{dir}}", dir, "{{image}}", pauseImage).Replace(containerdConfig)
 	cfgPath := filepath.Join(dir, "containerd.toml")
@@ -564,7 +568,7 @@ func startContainerd(t *testing.T, dir, nodePath, binDir, crictlBin string) *con
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	c.cmd = exec.Command("nsenter", "--net="+nodePath, "containerd", "--config", cfgPath)
+	c.cmd = exec.Command("nsenter", "--net="+nodePath, reaper, "containerd", "--config", cfgPath)
 	c.cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + dir, "TMPDIR=" + dir}
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	c.cmd.Dir = dir
@@ -643,13 +647,15 @@ func (c *containerd) logTail() string {
 	return string(b)
 }
 
-// stop removes every sandbox while containerd still runs, then stops it
-// (SIGTERM, SIGKILL after 10s), then kills any shim it started and any
-// container runc still knows under our runc root.
+// stop removes every sandbox while containerd still runs, kills any
+// container or shim left (while the reaper still runs, so that it reaps
+// them), then stops containerd (SIGTERM, SIGKILL after 10s) and removes
+// what a killed shim or an unremoved sandbox leaves outside the work dir.
 func (c *containerd) stop() {
 	t := c.t
 	select {
 	case <-c.exited:
+		c.killLeftovers()
 	default:
 		if t.Failed() {
 			t.Logf("containerd log (tail):\n%s", c.logTail())
@@ -657,21 +663,44 @@ func (c *containerd) stop() {
 		if out, err := c.crictl("rmp", "--force", "--all"); err != nil {
 			t.Errorf("cleanup: crictl rmp --force --all: %v\n%s", err, out)
 		}
+		c.killLeftovers()
 		_ = c.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-c.exited:
 		case <-time.After(10 * time.Second):
 			t.Errorf("cleanup: containerd ignored SIGTERM for 10s; killing it")
-			_ = c.cmd.Process.Kill()
+			// The reaper and containerd share their own process group
+			// (shims make groups of their own).
+			_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
 			<-c.exited
 		}
+		c.killLeftovers()
 	}
+	// libcni's cached results of sandboxes that were never removed: they
+	// name our work dir (the netns path, the IPAM dir).
+	cached, _ := filepath.Glob("/var/lib/cni/results/*")
+	for _, f := range cached {
+		if b, err := os.ReadFile(f); err == nil && bytes.Contains(b, []byte(c.dir+"/")) {
+			t.Logf("cleanup: removing libcni cache %s of a sandbox never removed", f)
+			_ = os.Remove(f)
+		}
+	}
+}
+
+// killLeftovers deletes every container runc still knows under our runc
+// root, kills every shim of our containerd, and removes their sockets.
+func (c *containerd) killLeftovers() {
+	t := c.t
 	if out, err := c.runc("list", "-q"); err == nil {
 		for _, id := range strings.Fields(out) {
 			t.Errorf("cleanup: runc container %s left; deleting it", id)
 			if out, err := c.runc("delete", "--force", id); err != nil {
 				t.Errorf("cleanup: runc delete --force %s: %v\n%s", id, err, out)
 			}
+			// A shim killed below leaves its socket, named as containerd
+			// 1.6 names it (shim.SocketAddress).
+			sum := sha256.Sum256([]byte(filepath.Join(c.socket, "k8s.io", id)))
+			_ = os.Remove(filepath.Join("/run/containerd/s", hex.EncodeToString(sum[:])))
 		}
 	}
 	for _, pid := range shimPIDs(c.socket) {
