@@ -27,6 +27,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -39,6 +40,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -96,7 +98,9 @@ func newCluster(t *testing.T, binDir string) *cluster {
 	nstest.MustExec(t, c.internet, "nft", `add table inet probe
 		add counter inet probe seen
 		add chain inet probe in { type filter hook prerouting priority -300; }
-		add rule inet probe in th dport 8080 counter name seen`)
+		add rule inet probe in th dport 8080 counter name seen
+		add rule inet probe in icmp type echo-request counter name seen
+		add rule inet probe in icmpv6 type echo-request counter name seen`)
 
 	c.app = c.newNode(binDir, "app", "app0", 0, "198.51.100.0/26", "198.51.100.1", "2001:db8:1a::/64", "2001:db8:1a::1",
 		`{"role": "app", `+clusterAllow+`}`)
@@ -408,5 +412,59 @@ func serveForwarder(t *testing.T, p *clusterPod) {
 		}
 		// Nothing else was buffered: the client sends nothing first.
 		relay(c, up)
+	})
+}
+
+// pingIn sends one ICMP (or ICMPv6) echo request from inside n to dst
+// over a raw socket and waits up to timeout for the matching reply.
+func pingIn(n ns.NetNS, dst netip.Addr, timeout time.Duration) error {
+	return n.Do(func(ns.NetNS) error {
+		fam, proto, typ, replyType := unix.AF_INET, unix.IPPROTO_ICMP, byte(8), byte(0)
+		if dst.Is6() {
+			fam, proto, typ, replyType = unix.AF_INET6, unix.IPPROTO_ICMPV6, 128, 129
+		}
+		fd, err := unix.Socket(fam, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: dst.As16()}
+		if dst.Is4() {
+			sa = &unix.SockaddrInet4{Addr: dst.As4()}
+		}
+		tv := unix.NsecToTimeval(timeout.Nanoseconds())
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			return err
+		}
+		id := uint16(os.Getpid())
+		msg := []byte{typ, 0, 0, 0, byte(id >> 8), byte(id), 0, 1, 'e', 'g', 'r', 'e', 's', 's'}
+		if !dst.Is6() { // the kernel computes ICMPv6 checksums itself
+			var sum uint32
+			for i := 0; i < len(msg); i += 2 {
+				sum += uint32(msg[i])<<8 | uint32(msg[i+1])
+			}
+			sum = (sum >> 16) + (sum & 0xffff)
+			sum += sum >> 16
+			msg[2], msg[3] = byte(^sum>>8), byte(^sum)
+		}
+		if err := unix.Sendto(fd, msg, 0, sa); err != nil {
+			return err
+		}
+		deadline := time.Now().Add(timeout)
+		buf := make([]byte, 1500)
+		for time.Now().Before(deadline) {
+			k, _, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil {
+				return err
+			}
+			b := buf[:k]
+			if !dst.Is6() && len(b) > 20 {
+				b = b[int(b[0]&0x0f)*4:] // IPv4 raw sockets see the IP header
+			}
+			if len(b) >= 8 && b[0] == replyType && b[4] == byte(id>>8) && b[5] == byte(id) {
+				return nil
+			}
+		}
+		return errors.New("no echo reply")
 	})
 }

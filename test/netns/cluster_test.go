@@ -3,6 +3,7 @@
 package netns_test
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
+	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -33,12 +35,17 @@ type probe struct {
 
 func (p probe) String() string {
 	var b strings.Builder
-	if p.replied {
+	switch {
+	case p.replied && p.reply.Src.IsValid():
 		fmt.Fprintf(&b, "reply, source seen %s", p.reply.Src.Addr())
-	} else {
+	case p.replied:
+		b.WriteString("reply")
+	default:
 		kind := "error"
 		if de, ok := p.err.(*nstest.DialError); ok {
 			kind = de.Kind
+		} else if errors.Is(p.err, unix.EAGAIN) {
+			kind = "timeout"
 		}
 		fmt.Fprintf(&b, "no reply (%s)", kind)
 	}
@@ -102,6 +109,15 @@ func TestCluster(t *testing.T) {
 			t.Errorf("%s: want %s and no drop, got %s (err %v)", path, want, p, p.err)
 		}
 	}
+	// ping: an ICMP echo from the pod (as root: raw socket).
+	ping := func(from *clusterPod, dst netip.Addr, timeout time.Duration) probe {
+		t.Helper()
+		d0, s0 := from.node.drops(t), c.inetSeen(t)
+		err := pingIn(from.netns, dst, timeout)
+		p := probe{err: err, replied: err == nil}
+		p.drops, p.seen = from.node.drops(t)-d0, c.inetSeen(t)-s0
+		return p
+	}
 	// expectDropped: no reply, the source node counted a drop, and
 	// nothing reached the internet.
 	expectDropped := func(path string, from *clusterPod, uid uint32, network, addr string, opts ...nstest.DialOption) {
@@ -150,6 +166,14 @@ func TestCluster(t *testing.T) {
 	expectReply("no node rules: captured pod -> internet udp4", app.ip4, app, cniAppUID, "udp4", inet4)
 	expectReply("no node rules: app node pod -> internet tcp6", plain.ip6, plain, cniAppUID, "tcp6", inet6)
 	expectReply("no node rules: egress node ordinary pod -> internet tcp4", worker.ip4, worker, cniAppUID, "tcp4", inet4)
+	for _, dst := range []netip.Addr{inetIPv4, inetIPv6} {
+		path := "no node rules: app node pod -> internet ICMP echo " + dst.String()
+		p := ping(plain, dst, 2*time.Second)
+		table = append(table, bypassRow{path, "reply", p.String()})
+		if !p.replied || p.seen == 0 {
+			t.Errorf("%s: %s (err %v)", path, p, p.err)
+		}
+	}
 	if p := run(worker, 0, "udp4", inet4, time.Second, nstest.WithSource("198.51.100.100")); p.seen == 0 {
 		t.Errorf("no node rules: a spoofed datagram did not reach the internet: %s", p)
 	} else {
@@ -234,6 +258,14 @@ func TestCluster(t *testing.T) {
 	expectDropped("captured pod -> internet udp4 (QUIC-like)", app, cniAppUID, "udp4", inet4)
 	expectDropped("app node pod -> internet tcp6", plain, cniAppUID, "tcp6", inet6)
 	expectDropped("captured pod as UID 1337 -> internet tcp6", app, cniProxyUID, "tcp6", inet6)
+	for _, dst := range []netip.Addr{inetIPv4, inetIPv6} {
+		path := "app node pod -> internet ICMP echo " + dst.String()
+		p := ping(plain, dst, time.Second)
+		table = append(table, bypassRow{path, "dropped on its node, counted", p.String()})
+		if p.replied || p.drops == 0 || p.seen != 0 {
+			t.Errorf("%s: want dropped and counted, got %s (err %v)", path, p, p.err)
+		}
+	}
 	// In-cluster traffic is allowed.
 	expectReply("app node pod -> pod on egress node tcp4", plain.ip4, plain, cniAppUID, "tcp4", workerAddr)
 	expectReply("app node pod -> pod on egress node tcp6", plain.ip6, plain, cniAppUID, "tcp6", workerAddr6)
