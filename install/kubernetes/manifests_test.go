@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -374,5 +375,37 @@ func TestInitContainerArgs(t *testing.T) {
 	}
 	if n == 0 {
 		t.Error("no egress-init init container found")
+	}
+}
+
+// What `kubectl apply -k` sends is kustomize's output: decode that too
+// (as the issue asks of `helm template` output, should a chart appear).
+func TestKustomizeBuild(t *testing.T) {
+	kubectl, err := exec.LookPath("kubectl")
+	if err != nil {
+		t.Skip("kubectl not installed: kustomize output not checked (the source manifests are, by TestManifests)")
+	}
+	out, err := exec.Command(kubectl, "kustomize", ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kubectl kustomize: %v\n%s", err, out)
+	}
+	kinds := map[string]int{}
+	for i, doc := range docSep.Split(string(out), -1) {
+		if strings.TrimSpace(doc) == "" {
+			continue
+		}
+		obj, err := decodeManifest([]byte(doc))
+		if err != nil {
+			t.Errorf("document %d: %v", i, err)
+			continue
+		}
+		kinds[fmt.Sprintf("%T", obj)]++
+		if m, ok := obj.(metav1.Object); ok && m.GetLabels()["app.kubernetes.io/part-of"] != "egress-cni" {
+			t.Errorf("document %d: %s lacks the part-of label", i, m.GetName())
+		}
+	}
+	want := map[string]int{"*v1.Namespace": 1, "*v1.ServiceAccount": 1, "*v1.ConfigMap": 1, "*v1.DaemonSet": 2}
+	if fmt.Sprint(kinds) != fmt.Sprint(want) {
+		t.Errorf("kustomize output has %v, want %v", kinds, want)
 	}
 }
