@@ -274,6 +274,14 @@ func TestCluster(t *testing.T) {
 	expectReply("gateway pod -> internet tcp4", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	expectReply("gateway pod -> internet udp4", c.egress.uplink4, gw, cniAppUID, "udp4", inet4)
 	expectReply("gateway pod -> internet tcp6", c.egress.uplink6, gw, cniAppUID, "tcp6", inet6)
+	// On a bridge the IP forward hook sees only cni0: the gateway gets
+	// out because the bridge-family hook marked its packet and the mark
+	// survived to the forward hook. Without the bridge chain's rules it
+	// is dropped; re-applying restores them and keeps the gateway set.
+	nstest.MustExec(t, c.egress.ns, "nft", "flush", "chain", "bridge", node.Table, node.ChainBridgePre)
+	expectDropped("gateway pod -> internet tcp4, bridge mark rules flushed", gw, cniAppUID, "tcp4", inet4)
+	c.egress.apply(t)
+	expectReply("gateway pod -> internet tcp4, after re-apply", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	// The full path: app -> its sidecar (REDIRECT) -> gateway -> internet.
 	expectReply("captured pod -> sidecar -> gateway -> internet", c.egress.uplink4, app, cniAppUID, "tcp4", inet4)
 	// Bypasses on the egress node.
