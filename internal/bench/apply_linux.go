@@ -4,6 +4,7 @@ package bench
 
 import (
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -25,14 +26,22 @@ type ApplyRow struct {
 	Variant string // backend name, or floorOf[backend]
 	Backend string
 	Floor   bool
-	N       int
-	Stats   Stats
+	// Diag marks a diagnostic variant (egress-init with GOGC=off), shown
+	// but never judged.
+	Diag  bool
+	N     int
+	Stats Stats
+	// InProc is the program's own timer ("applied in"): egress-init
+	// from joining the namespace to the kernel's reply (Build and flag
+	// parsing excluded), nftfloor from opening the socket to the reply.
+	InProc Stats
 }
 
 // applyCase is one thing timed at one N.
 type applyCase struct {
 	backend string
 	floor   bool
+	diag    bool
 	run     func(n ns.NetNS) (proc, error)
 }
 
@@ -72,7 +81,18 @@ func (b *Bench) measureApply() ([]ApplyRow, error) {
 				return runIn(n, []byte(iptFile), nil, "/usr/sbin/iptables-legacy-restore", "--noflush", "-w", "5")
 			}},
 		)
+		if n == 10000 {
+			// Diagnostic: how much of egress-init's time at N=10000 is
+			// the garbage collector of a process that lives 50 ms.
+			env := append(os.Environ(), "GOGC=off")
+			for _, be := range Backends {
+				cases = append(cases, applyCase{backend: be, diag: true, run: func(n ns.NetNS) (proc, error) {
+					return runIn(n, nil, env, b.cfg.EgressInit, initArgs(be, n.Path(), x)...)
+				}})
+			}
+		}
 		samples := make([][]time.Duration, len(cases))
+		inproc := make([][]time.Duration, len(cases))
 		for range runs {
 			for i, c := range cases {
 				pod, err := newNS()
@@ -85,6 +105,9 @@ func (b *Bench) measureApply() ([]ApplyRow, error) {
 					return nil, fmt.Errorf("apply %s (floor %v) N=%d: %w", c.backend, c.floor, n, err)
 				}
 				samples[i] = append(samples[i], p.Took)
+				if d := appliedIn(p.Out); d > 0 {
+					inproc[i] = append(inproc[i], d)
+				}
 			}
 		}
 		for i, c := range cases {
@@ -92,7 +115,10 @@ func (b *Bench) measureApply() ([]ApplyRow, error) {
 			if c.floor {
 				v = floorOf[c.backend]
 			}
-			rows = append(rows, ApplyRow{Variant: v, Backend: c.backend, Floor: c.floor, N: n, Stats: summarize(samples[i])})
+			if c.diag {
+				v = c.backend + " with GOGC=off (diagnostic)"
+			}
+			rows = append(rows, ApplyRow{Variant: v, Backend: c.backend, Floor: c.floor, Diag: c.diag, N: n, Stats: summarize(samples[i]), InProc: summarize(inproc[i])})
 		}
 		logf("apply N=%d done (%d runs per variant)", n, runs)
 	}

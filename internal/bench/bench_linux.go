@@ -41,7 +41,7 @@ func DefaultConfig() Config {
 	return Config{
 		OutDir: "bench", ApplyNs: []int{0, 100, 1000, 5000, 10000},
 		ApplyRuns: 21, ApplyRunsLarge: 9, Pods: 200, Burst: 50, RSSRuns: 3,
-		DataNs: []int{0, 1000, 10000}, DataWindow: 2 * time.Second,
+		DataNs: []int{0, 1000, 10000}, DataWindow: 3 * time.Second,
 		NodeRuns: 20, ForwardRounds: 2,
 	}
 }
@@ -89,32 +89,32 @@ func Run(cfg Config) (*Results, error) {
 	start := time.Now()
 	res := &Results{Machine: machine(), Settings: cfg}
 	var err error
-	logf("apply: egress-init and floors, N=%v", cfg.ApplyNs)
 	if !cfg.Skip["apply"] {
+		logf("apply: egress-init and floors, N=%v", cfg.ApplyNs)
 		if res.Apply, err = b.measureApply(); err != nil {
 			return nil, err
 		}
 	}
-	logf("cni: %d pods, burst %d, per backend", cfg.Pods, cfg.Burst)
 	if !cfg.Skip["cni"] {
+		logf("cni: %d pods, burst %d, per backend", cfg.Pods, cfg.Burst)
 		if res.CNI, err = b.measureCNI(); err != nil {
 			return nil, err
 		}
 	}
-	logf("data plane: N=%v, %v per point", cfg.DataNs, cfg.DataWindow)
 	if !cfg.Skip["data"] {
+		logf("data plane: N=%v, %v per point", cfg.DataNs, cfg.DataWindow)
 		if res.Data, err = b.measureDataPlane(); err != nil {
 			return nil, err
 		}
 	}
-	logf("memory: peak RSS at N=10000")
 	if !cfg.Skip["memory"] {
+		logf("memory: peak RSS at N=10000")
 		if res.Memory, err = b.measureMemory(); err != nil {
 			return nil, err
 		}
 	}
-	logf("node layer")
 	if !cfg.Skip["node"] {
+		logf("node layer")
 		if res.Node, err = b.measureNode(); err != nil {
 			return nil, err
 		}

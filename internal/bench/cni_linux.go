@@ -18,6 +18,7 @@ import (
 type CNIRow struct {
 	Backend    string
 	Add        Stats
+	AddInProc  Stats // the plugin's own "duration" of each ADD, from its log
 	Check, Del Stats
 	BurstWall  time.Duration
 	Burst      Stats
@@ -26,8 +27,9 @@ type CNIRow struct {
 
 // CNIResult holds the plugin section.
 type CNIResult struct {
-	Rows  []CNIRow
-	Floor Stats // nftfloor -n 0, started the same way as the plugin
+	Rows        []CNIRow
+	Floor       Stats // nftfloor -n 0, started the same way as the plugin
+	FloorInProc Stats // nftfloor's own "applied in"
 }
 
 // istioStatus is what the sidecar injector leaves on a pod.
@@ -95,7 +97,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 	plugin := b.cfg.EgressCNI
 	binDir := filepath.Dir(plugin)
 	res := &CNIResult{}
-	var floor []time.Duration
+	var floor, floorIn []time.Duration
 	id := 0
 	for _, be := range Backends {
 		row := CNIRow{Backend: be}
@@ -135,9 +137,15 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 					return nil, err
 				}
 				floor = append(floor, p.Took)
+				if d := appliedIn(p.Out); d > 0 {
+					floorIn = append(floorIn, d)
+				}
 			}
 		}
 		row.Add, row.Check, row.Del = summarize(add), summarize(check), summarize(del)
+		logFile := filepath.Join(logDir, be+".log")
+		row.AddInProc = summarize(addDurations(logFile))
+		_ = os.Remove(logFile)
 
 		wall, burst, err := b.cniBurst(node, be, stdin, &id)
 		if err != nil {
@@ -167,7 +175,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 		res.Rows = append(res.Rows, row)
 		logf("cni %s: ADD p50 %s ms p99 %s ms; burst wall %s ms", be, ms(row.Add.P50), ms(row.Add.P99), ms(row.BurstWall))
 	}
-	res.Floor = summarize(floor)
+	res.Floor, res.FloorInProc = summarize(floor), summarize(floorIn)
 	return res, nil
 }
 
@@ -210,4 +218,25 @@ func (b *Bench) cniBurst(node ns.NetNS, be string, stdin []byte, id *int) (time.
 		}
 	}
 	return wall, took, nil
+}
+
+// addDurations reads the "duration" of every ADD record in the plugin's
+// JSON log: the plugin's own time, from its first line of Go to the
+// result.
+func addDurations(logFile string) []time.Duration {
+	data, err := os.ReadFile(logFile)
+	if err != nil {
+		return nil
+	}
+	var out []time.Duration
+	for _, l := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var rec struct {
+			Cmd      string `json:"cmd"`
+			Duration int64  `json:"duration"`
+		}
+		if json.Unmarshal([]byte(l), &rec) == nil && rec.Cmd == "ADD" && rec.Duration > 0 {
+			out = append(out, time.Duration(rec.Duration))
+		}
+	}
+	return out
 }

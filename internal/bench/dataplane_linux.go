@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -21,9 +22,11 @@ import (
 type DataRow struct {
 	Backend string // "none": no rules, the client connects to the listener directly
 	N       int
-	Rate    float64 // connections per second
+	Rate    float64 // connections per second: median over the slices
+	Mean    float64 // connections per second over all slices together
 	Conns   int
 	Window  time.Duration
+	Slices  []float64 // each slice's rate
 }
 
 // capturedDst is where the pod's client connects: an on-link address of
@@ -32,43 +35,21 @@ type DataRow struct {
 var capturedDst = netip.MustParseAddr("192.0.2.99")
 
 // dataRounds: each point's window is split into this many slices,
-// taken in turn across the points of one backend, so that a noisy moment
-// of the machine hits every N alike.
-const dataRounds = 4
+// taken in turn across all points, so that a noisy moment of the machine
+// hits every backend and N alike; the reported rate is the median slice,
+// which a burst of load from elsewhere does not move much.
+const dataRounds = 15
 
 // measureDataPlane counts sequential new TCP connections per second from
 // a pod namespace through the redirect to a listener on 15001.
 func (b *Bench) measureDataPlane() ([]DataRow, error) {
-	var rows []DataRow
 	// Reference: the same loop with no rules, straight to the listener.
-	groups := [][]DataRow{{{Backend: "none"}}}
-	for _, be := range Backends {
-		var g []DataRow
+	g := []DataRow{{Backend: "none"}}
+	for _, be := range append(slices.Clone(Backends), "nftfloor") {
 		for _, n := range b.cfg.DataNs {
 			g = append(g, DataRow{Backend: be, N: n})
 		}
-		groups = append(groups, g)
 	}
-	for _, g := range groups {
-		if err := b.dataGroup(g); err != nil {
-			return nil, err
-		}
-		for _, r := range g {
-			logf("data plane %s N=%d: %.0f conn/s", r.Backend, r.N, r.Rate)
-		}
-		rows = append(rows, g...)
-	}
-	return rows, nil
-}
-
-// dataPod is one pod namespace with rules and a listener.
-type dataPod struct {
-	ns  ns.NetNS
-	srv *server
-	dst netip.AddrPort
-}
-
-func (b *Bench) dataGroup(g []DataRow) error {
 	pods := make([]*dataPod, len(g))
 	defer func() {
 		for _, p := range pods {
@@ -86,28 +67,38 @@ func (b *Bench) dataGroup(g []DataRow) error {
 			pods[i] = p
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 	}
 	for range dataRounds {
 		for i, p := range pods {
 			c, d, err := connectLoop(p.ns, p.dst, b.cfg.DataWindow/dataRounds)
 			if err != nil {
-				return fmt.Errorf("data plane %s N=%d: %w", g[i].Backend, g[i].N, err)
+				return nil, fmt.Errorf("data plane %s N=%d: %w", g[i].Backend, g[i].N, err)
 			}
 			g[i].Conns += c
 			g[i].Window += d
+			g[i].Slices = append(g[i].Slices, float64(c)/d.Seconds())
 		}
 	}
 	for i, p := range pods {
 		// Every counted connection must have reached the listener
 		// through the redirect; nothing else answers at the address.
 		if got := p.srv.waitAccepted(int64(g[i].Conns), 2*time.Second); got < int64(g[i].Conns) {
-			return fmt.Errorf("data plane %s N=%d: %d connections counted but the listener accepted %d", g[i].Backend, g[i].N, g[i].Conns, got)
+			return nil, fmt.Errorf("data plane %s N=%d: %d connections counted but the listener accepted %d", g[i].Backend, g[i].N, g[i].Conns, got)
 		}
-		g[i].Rate = float64(g[i].Conns) / g[i].Window.Seconds()
+		g[i].Mean = float64(g[i].Conns) / g[i].Window.Seconds()
+		g[i].Rate = medianF(g[i].Slices)
+		logf("data plane %s N=%d: %.0f conn/s", g[i].Backend, g[i].N, g[i].Rate)
 	}
-	return nil
+	return g, nil
+}
+
+// dataPod is one pod namespace with rules and a listener.
+type dataPod struct {
+	ns  ns.NetNS
+	srv *server
+	dst netip.AddrPort
 }
 
 func (b *Bench) dataSetup(be string, n int) (*dataPod, error) {
@@ -126,9 +117,15 @@ func (b *Bench) dataSetup(be string, n int) (*dataPod, error) {
 	if err != nil {
 		return p, fmt.Errorf("could not set up the pod namespace: %w", err)
 	}
-	if be == "none" {
+	switch be {
+	case "none":
 		p.dst = netip.MustParseAddrPort("127.0.0.1:15001")
-	} else {
+	case "nftfloor":
+		// The floor's three rules: the kernel's own cost of the set.
+		if _, err := runIn(pod, nil, nil, b.cfg.NFTFloor, "-netns", pod.Path(), "-n", fmt.Sprint(n)); err != nil {
+			return p, err
+		}
+	default:
 		bare := excludedCIDRs(n)
 		for i := range bare {
 			bare[i] = strings.TrimSuffix(bare[i], "/32")
@@ -240,6 +237,7 @@ func (s *server) stop() {
 // another to dst from inside n for the window, and counts the
 // connections that completed the handshake. Bounded in time and count.
 func connectLoop(n ns.NetNS, dst netip.AddrPort, window time.Duration) (int, time.Duration, error) {
+	const warmup = 50
 	const maxConns = 5_000_000
 	sa := &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}
 	linger := &unix.Linger{Onoff: 1, Linger: 0}
@@ -247,8 +245,8 @@ func connectLoop(n ns.NetNS, dst netip.AddrPort, window time.Duration) (int, tim
 	var count, fails int
 	var took time.Duration
 	err := n.Do(func(ns.NetNS) error {
-		// Warm up (route and conntrack caches), untimed.
-		for range 200 {
+		// Warm up (caches, the listener's thread), untimed.
+		for range warmup {
 			if fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err == nil {
 				_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
 				_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, linger)
@@ -283,4 +281,16 @@ func connectLoop(n ns.NetNS, dst netip.AddrPort, window time.Duration) (int, tim
 		return nil
 	})
 	return count, took, err
+}
+
+func medianF(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return s[len(s)/2]
 }

@@ -81,6 +81,7 @@ func Cleanup() {
 // proc is one timed process run.
 type proc struct {
 	Took time.Duration
+	Out  []byte // stdout and stderr, the first 16 KiB
 }
 
 // runIn forks and execs a process from an OS thread that has joined n, so
@@ -106,7 +107,23 @@ func runIn(n ns.NetNS, stdin []byte, env []string, name string, args ...string) 
 	if err != nil {
 		return p, fmt.Errorf("%s %q: %w: %s", name, shorten(args), err, bytes.TrimSpace(out.b))
 	}
+	p.Out = out.b
 	return p, nil
+}
+
+// appliedIn is the program's own "applied in DURATION" figure (egress-init
+// and nftfloor print it on stderr), or 0.
+func appliedIn(out []byte) time.Duration {
+	_, rest, ok := bytes.Cut(out, []byte("applied in "))
+	if !ok {
+		return 0
+	}
+	f := bytes.Fields(rest)
+	if len(f) == 0 {
+		return 0
+	}
+	d, _ := time.ParseDuration(string(f[0]))
+	return d
 }
 
 func shorten(args []string) []string {

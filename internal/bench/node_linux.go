@@ -3,12 +3,16 @@
 package bench
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -18,14 +22,22 @@ import (
 // are timed in-process (library calls in the node namespace): they are
 // what egress-node and the plugin call.
 type NodeResult struct {
-	Apply          Stats // node.Apply into a fresh namespace
-	Reapply        Stats // node.Apply over existing rules
-	Gateway        Stats // AddGateways + RemoveGateways of one gateway
-	RateWithout    float64
-	RateWith       float64
-	ConnsWithout   int
-	ConnsWith      int
-	ForwardWindows int
+	Apply      Stats // node.Apply into a fresh namespace
+	Reapply    Stats // node.Apply over existing rules
+	Gateway    Stats // AddGateways + RemoveGateways of one gateway
+	GatewayAdd Stats // AddGateways alone
+	GatewayDel Stats // RemoveGateways alone
+	Forward    []ForwardRow
+}
+
+// ForwardRow is the forward-path rate in one state of the node.
+type ForwardRow struct {
+	State  string
+	Rate   float64 // median slice, connections per second
+	Mean   float64
+	Conns  int
+	Slices []float64
+	window time.Duration
 }
 
 // nodeConfig allows the pod and server subnets; the pod's host-side veth
@@ -50,7 +62,7 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 		return nil, err
 	}
 	res := &NodeResult{}
-	var apply, reapply, gw []time.Duration
+	var apply, reapply, gw, gwAdd, gwDel []time.Duration
 	for range b.cfg.NodeRuns {
 		n, err := newNS()
 		if err != nil {
@@ -72,11 +84,13 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 			if err := node.AddGateways(g); err != nil {
 				return err
 			}
+			mid := time.Now()
 			removed, err := node.RemoveGateways(func(x node.Gateway) bool { return x.ContainerID == g.ContainerID })
 			if err != nil {
 				return err
 			}
-			gw = append(gw, time.Since(start))
+			end := time.Now()
+			gw, gwAdd, gwDel = append(gw, end.Sub(start)), append(gwAdd, mid.Sub(start)), append(gwDel, end.Sub(mid))
 			if len(removed) != 1 {
 				return fmt.Errorf("removed %d gateways, want 1", len(removed))
 			}
@@ -88,11 +102,15 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 		}
 	}
 	res.Apply, res.Reapply, res.Gateway = summarize(apply), summarize(reapply), summarize(gw)
+	res.GatewayAdd, res.GatewayDel = summarize(gwAdd), summarize(gwDel)
 
 	if err := b.forwardRates(cfg, res); err != nil {
 		return nil, err
 	}
-	logf("node: apply %s ms, gateway update %s ms, forward %.0f/s without, %.0f/s with", ms(res.Apply.Median), ms(res.Gateway.Median), res.RateWithout, res.RateWith)
+	logf("node: apply %s ms, gateway update %s ms", ms(res.Apply.Median), ms(res.Gateway.Median))
+	for _, f := range res.Forward {
+		logf("node: forward path, %s: %.0f conn/s", f.State, f.Rate)
+	}
 	return res, nil
 }
 
@@ -138,33 +156,37 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 	}
 	defer l.stop()
 	dst := netip.AddrPortFrom(srvAddr.Addr(), srvPort)
-	var with, without time.Duration
-	for range b.cfg.ForwardRounds {
-		for _, rulesOn := range []bool{false, true} {
-			err := nodeNS.Do(func(ns.NetNS) error {
-				if rulesOn {
-					return node.Apply(cfg)
-				}
-				return node.Remove()
-			})
+	states := []struct {
+		name string
+		set  func() error
+	}{
+		{"no rules (no conntrack in the node namespace)", func() error { return errors.Join(node.Remove(), ctOnly(false)) }},
+		{"conntrack only (one ct state established,related accept rule)", func() error { return errors.Join(node.Remove(), ctOnly(true)) }},
+		{"node rules (pkg/node)", func() error {
+			if err := ctOnly(false); err != nil {
+				return err
+			}
+			return node.Apply(cfg)
+		}},
+	}
+	rows := make([]ForwardRow, len(states))
+	for range dataRounds {
+		for i, st := range states {
+			rows[i].State = st.name
+			if err := nodeNS.Do(func(ns.NetNS) error { return st.set() }); err != nil {
+				return fmt.Errorf("node state %q: %w", st.name, err)
+			}
+			c, d, err := connectLoop(pod, dst, b.cfg.DataWindow/dataRounds)
 			if err != nil {
-				return fmt.Errorf("node rules on=%v: %w", rulesOn, err)
+				return fmt.Errorf("forward path (%s): %w", st.name, err)
 			}
-			c, d, err := connectLoop(pod, dst, b.cfg.DataWindow)
-			if err != nil {
-				return fmt.Errorf("forward path (node rules %v): %w", rulesOn, err)
-			}
-			if rulesOn {
-				res.ConnsWith += c
-				with += d
-			} else {
-				res.ConnsWithout += c
-				without += d
-			}
+			rows[i].Conns += c
+			rows[i].window += d
+			rows[i].Slices = append(rows[i].Slices, float64(c)/d.Seconds())
 		}
 	}
-	// The drop rules must have let the allowed traffic through and
-	// counted nothing as dropped.
+	// The drop rules (in place after the last slice) must have let the
+	// allowed traffic through and counted nothing as dropped.
 	err = nodeNS.Do(func(ns.NetNS) error {
 		pk, _, err := node.DropCounter()
 		if err == nil && pk != 0 {
@@ -175,10 +197,41 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 	if err != nil {
 		return err
 	}
-	res.ForwardWindows = b.cfg.ForwardRounds
-	res.RateWith = float64(res.ConnsWith) / with.Seconds()
-	res.RateWithout = float64(res.ConnsWithout) / without.Seconds()
+	for i := range rows {
+		rows[i].Rate = medianF(rows[i].Slices)
+		rows[i].Mean = float64(rows[i].Conns) / rows[i].window.Seconds()
+	}
+	res.Forward = rows
 	return nil
+}
+
+// ctOnly adds (or removes) a table whose forward chain only asks
+// conntrack for the state, to tell the cost of conntrack itself from the
+// cost of the node rules.
+func ctOnly(on bool) error {
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	defer c.CloseLasting()
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: "egress_bench_ct"}
+	// Add then delete: idempotent removal in one batch.
+	c.AddTable(t)
+	c.DelTable(t)
+	if on {
+		c.AddTable(t)
+		ch := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter})
+		// ct state established,related accept
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED), Xor: []byte{0, 0, 0, 0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		}})
+	}
+	return c.Flush()
 }
 
 // wire connects peer to the node with a veth pair: hostIf in the node

@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -55,6 +56,10 @@ func run(nsPath string, n int) error {
 			})
 		}))
 	}
+	// Timed from here to the end of the batch, like egress-init's own
+	// "applied in" (after joining the namespace, to the kernel's reply).
+	start := time.Now()
+	defer func() { fmt.Fprintf(os.Stderr, "nftfloor: applied in %s\n", time.Since(start)) }()
 	c, err := nftables.New(opts...)
 	if err != nil {
 		return err
