@@ -255,7 +255,7 @@ func findings(res *Results) string {
 	if c := res.CNI; c != nil {
 		for _, r := range c.Rows {
 			if r.Backend == "nftables" && r.AddInProc.N > 0 && c.FloorInProc.N > 0 {
-				w("**CNI ADD.** The plugin's own time (from its log) has p50 %s ms against nftfloor's in-process %s ms; the rest of the %s ms p50 is exec, Go start-up and exit, which the floor pays too. The plugin parses the JSON config and annotations, decides, builds the model, opens the pod namespace, lists tables, sends Istio's layout and writes a JSON log line.\n\n",
+				w("**CNI ADD.** The plugin's own time (from its log) has p50 %s ms against nftfloor's in-process %s ms; the rest of the %s ms p50 is exec, Go start-up and exit, which the floor pays too. The plugin parses the JSON config and annotations, decides, builds the model, opens the pod namespace, lists tables, sends Istio's layout for both families (default `dual`: an inet table with the IPv6 rules too, so about twice the rules of the IPv4-only floor and of egress-init above) and writes a JSON log line; strace during development showed the time spread over the netlink messages' acknowledgements, read one recvmsg each, with no single slow step.\n\n",
 					ms(r.AddInProc.P50), ms(c.FloorInProc.Median), ms(r.Add.P50))
 			}
 		}
