@@ -165,42 +165,11 @@ func TestContainerdRunPodSandbox(t *testing.T) {
 	}
 
 	// runp: the CNI chain runs (loopback, then bridge + egress-cni).
-	podConfig := filepath.Join(dir, "pod.json")
-	writeJSON(t, podConfig, map[string]any{
-		"metadata":    map[string]any{"name": "web", "namespace": "default", "uid": "uid-web-e2e", "attempt": 0},
-		"hostname":    "web",
-		"annotations": podAnnotations,
-		"labels":      map[string]string{"app": "web"},
-		"linux":       map[string]any{"cgroup_parent": cgroupParent},
-	})
-	runpStart := time.Now()
-	out, err := c.crictl("runp", podConfig)
-	if err != nil {
-		t.Fatalf("crictl runp: %v\n%s\ncontainerd log:\n%s", err, out, c.logTail())
-	}
-	podID := strings.TrimSpace(out)
-	t.Logf("crictl runp: sandbox %.12s in %s", podID, time.Since(runpStart).Round(time.Millisecond))
-
-	sb := c.inspect(podID)
-	if sb.Status.State != "SANDBOX_READY" {
-		t.Fatalf("sandbox state %q, want SANDBOX_READY", sb.Status.State)
-	}
-	netnsPath := sb.netnsPath()
-	if netnsPath == "" {
-		t.Fatalf("crictl inspectp shows no network namespace path")
-	}
-	if !strings.HasPrefix(netnsPath, dir+"/") {
-		t.Fatalf("sandbox netns %s is not under our state dir %s", netnsPath, dir)
-	}
-	podIP, err := netip.ParseAddr(sb.Status.Network.IP)
-	if err != nil || !netip.MustParsePrefix(podSubnet).Contains(podIP) {
-		t.Fatalf("pod IP %q is not in %s (%v)", sb.Status.Network.IP, podSubnet, err)
-	}
-	t.Logf("sandbox netns %s, pod IP %s", netnsPath, podIP)
+	podID, netnsPath, podIP := c.runPod("web", podAnnotations, cgroupParent)
 
 	// containerd called egress-cni with the pod's annotations, and the
 	// plugin used them.
-	add := onePluginRecord(t, pluginLog, "ADD done")
+	add := onePluginRecord(t, pluginLog, "web", "ADD done")
 	for k, want := range map[string]any{
 		"decision": "captured", "backend": "nftables", "annotationsDelivered": true,
 		"containerID": podID, "netns": netnsPath, "ifname": "eth0",
@@ -270,7 +239,7 @@ func TestContainerdRunPodSandbox(t *testing.T) {
 		t.Errorf("after rmp %s still exists (%v)", netnsPath, err)
 	}
 
-	dels := pluginRecords(t, pluginLog, "DEL done")
+	dels := pluginRecords(t, pluginLog, "web", "DEL done")
 	if len(dels) != 2 {
 		t.Fatalf("egress-cni logged %d DEL, want 2 (stopp, rmp): %v", len(dels), dels)
 	}
@@ -314,7 +283,54 @@ func TestContainerdRunPodSandbox(t *testing.T) {
 		}
 	}
 
-	// Nothing of the sandbox is left: no runc container, no shim.
+	// A pod without annotations: containerd still declares them
+	// delivered (the key, with null), so the plugin skips the pod rather
+	// than refusing it, and its traffic is not captured.
+	plainID, plainPath, plainIP := c.runPod("plain", nil, cgroupParent)
+	skip := onePluginRecord(t, pluginLog, "plain", "ADD done")
+	for k, want := range map[string]any{
+		"decision": "skipped", "reason": "no sidecar.istio.io/status annotation",
+		"annotationsDelivered": true, "containerID": plainID,
+	} {
+		if skip[k] != want {
+			t.Errorf("plain pod ADD log %s = %v, want %v\n%v", k, skip[k], want, skip)
+		}
+	}
+	plainNS, err := ns.GetNS(plainPath)
+	if err != nil {
+		t.Fatalf("open the plain sandbox netns: %v", err)
+	}
+	defer plainNS.Close()
+	if d := nstest.DumpAll(t, plainNS); regexp.MustCompile(`ISTIO_|egress_cni`).MatchString(d) {
+		t.Errorf("the plain pod's namespace holds egress-cni rules:\n%s", d)
+	}
+	if r := dialReply(t, plainNS, appUID, target); r.Kind != nstest.KindDirect || r.Src.Addr() != plainIP {
+		t.Errorf("plain pod, UID %d to %s: got %+v, want direct from %s", appUID, target, r, plainIP)
+	}
+	if err := plainNS.Close(); err != nil {
+		t.Errorf("close the plain sandbox netns: %v", err)
+	}
+	for _, cmd := range []string{"stopp", "rmp"} {
+		if out, err := c.crictl(cmd, plainID); err != nil {
+			t.Fatalf("crictl %s plain: %v\n%s", cmd, err, out)
+		}
+	}
+	if n := len(pluginRecords(t, pluginLog, "plain", "DEL done")); n != 2 {
+		t.Errorf("egress-cni logged %d DEL for the plain pod, want 2", n)
+	}
+	plainCalls := readCalls(t, recordFile, plainID)
+	var plainSeq []string
+	for _, cl := range plainCalls {
+		plainSeq = append(plainSeq, cl.String())
+		// containerd 1.6.20 sends "io.kubernetes.cri.pod-annotations":
+		// null for a pod without annotations.
+		if _, ok := cl.RuntimeConfig["io.kubernetes.cri.pod-annotations"]; !ok || len(cl.annotations()) != 0 || cl.ExitCode != 0 {
+			t.Errorf("plain pod call %s: want the annotations key, empty, and exit 0 (runtimeConfig %v)", cl, cl.RuntimeConfig)
+		}
+	}
+	t.Logf("CNI calls to egress-cni for the plain pod:\n  %s", strings.Join(plainSeq, "\n  "))
+
+	// Nothing of the sandboxes is left: no runc container, no shim.
 	if out, err := c.runc("list", "-q"); err != nil || strings.TrimSpace(out) != "" {
 		t.Errorf("after rmp runc list = %q (%v), want none", out, err)
 	}
@@ -739,6 +755,47 @@ func shimPIDs(socket string) []int {
 	return pids
 }
 
+// runPod runs `crictl runp` for a pod default/name with the annotations,
+// checks that its sandbox is ready with a namespace under our state dir
+// and an address from the pod subnet, and returns its ID, namespace path
+// and address.
+func (c *containerd) runPod(name string, annotations map[string]string, cgroupParent string) (string, string, netip.Addr) {
+	t := c.t
+	t.Helper()
+	podConfig := filepath.Join(c.dir, name+"-pod.json")
+	writeJSON(t, podConfig, map[string]any{
+		"metadata":    map[string]any{"name": name, "namespace": "default", "uid": "uid-" + name + "-e2e", "attempt": 0},
+		"hostname":    name,
+		"annotations": annotations,
+		"labels":      map[string]string{"app": name},
+		"linux":       map[string]any{"cgroup_parent": cgroupParent},
+	})
+	start := time.Now()
+	out, err := c.crictl("runp", podConfig)
+	if err != nil {
+		t.Fatalf("crictl runp %s: %v\n%s\ncontainerd log:\n%s", name, err, out, c.logTail())
+	}
+	id := strings.TrimSpace(out)
+	took := time.Since(start)
+	sb := c.inspect(id)
+	if sb.Status.State != "SANDBOX_READY" {
+		t.Fatalf("sandbox %s state %q, want SANDBOX_READY", name, sb.Status.State)
+	}
+	netnsPath := sb.netnsPath()
+	if netnsPath == "" {
+		t.Fatalf("crictl inspectp %s shows no network namespace path", name)
+	}
+	if !strings.HasPrefix(netnsPath, c.dir+"/") {
+		t.Fatalf("sandbox %s netns %s is not under our state dir %s", name, netnsPath, c.dir)
+	}
+	ip, err := netip.ParseAddr(sb.Status.Network.IP)
+	if err != nil || !netip.MustParsePrefix(podSubnet).Contains(ip) {
+		t.Fatalf("pod %s IP %q is not in %s (%v)", name, sb.Status.Network.IP, podSubnet, err)
+	}
+	t.Logf("crictl runp %s: sandbox %.12s in %s, netns %s, IP %s", name, id, took.Round(time.Millisecond), netnsPath, ip)
+	return id, netnsPath, ip
+}
+
 // sandbox is the part of `crictl inspectp -o json` the test reads.
 type sandbox struct {
 	Status struct {
@@ -776,9 +833,9 @@ func (c *containerd) inspect(id string) *sandbox {
 	return &s
 }
 
-// pluginRecords returns egress-cni's log records of the pod default/web
+// pluginRecords returns egress-cni's log records of the pod default/name
 // with the given message, in order.
-func pluginRecords(t *testing.T, logFile, msg string) []map[string]any {
+func pluginRecords(t *testing.T, logFile, name, msg string) []map[string]any {
 	t.Helper()
 	f, err := os.Open(logFile)
 	if err != nil {
@@ -796,19 +853,19 @@ func pluginRecords(t *testing.T, logFile, msg string) []map[string]any {
 		if r["level"] == "ERROR" {
 			t.Errorf("egress-cni logged an error: %v", r)
 		}
-		if r["pod"] == "default/web" && r["msg"] == msg {
+		if r["pod"] == "default/"+name && r["msg"] == msg {
 			recs = append(recs, r)
 		}
 	}
 	return recs
 }
 
-func onePluginRecord(t *testing.T, logFile, msg string) map[string]any {
+func onePluginRecord(t *testing.T, logFile, name, msg string) map[string]any {
 	t.Helper()
-	recs := pluginRecords(t, logFile, msg)
+	recs := pluginRecords(t, logFile, name, msg)
 	if len(recs) != 1 {
 		b, _ := os.ReadFile(logFile)
-		t.Fatalf("egress-cni logged %q %d times for default/web, want once; log:\n%s", msg, len(recs), b)
+		t.Fatalf("egress-cni logged %q %d times for default/%s, want once; log:\n%s", msg, len(recs), name, b)
 	}
 	return recs[0]
 }
