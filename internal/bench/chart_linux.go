@@ -5,6 +5,7 @@ package bench
 import (
 	"fmt"
 	"image/color"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -17,12 +18,25 @@ import (
 func writeChart(res *Results, path string) error {
 	p := plot.New()
 	p.Title.Text = fmt.Sprintf("egress-init apply time vs floor (median, %s, %d cores)", res.Machine.Date.Format("2006-01-02"), res.Machine.Cores)
-	p.X.Label.Text = "excluded CIDRs (N)"
+	p.X.Label.Text = "excluded CIDRs (N), evenly spaced"
 	p.Y.Label.Text = "ms per process (log scale)"
 	p.Y.Scale = plot.LogScale{}
-	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	var yt []plot.Tick
+	for _, v := range []float64{0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000} {
+		yt = append(yt, plot.Tick{Value: v, Label: fmt.Sprint(v)})
+	}
+	p.Y.Tick.Marker = plot.ConstantTicks(yt)
+	// N grows by factors of 2 to 10: one slot per N reads better than a
+	// linear axis that crowds 0, 100 and 1000 into a corner.
+	var xt []plot.Tick
+	for i, n := range res.Settings.ApplyNs {
+		xt = append(xt, plot.Tick{Value: float64(i), Label: fmt.Sprint(n)})
+	}
+	p.X.Tick.Marker = plot.ConstantTicks(xt)
+	p.X.Min, p.X.Max = -0.2, float64(len(res.Settings.ApplyNs)-1)+0.2
 	p.Legend.Top = true
 	p.Legend.Left = true
+	p.Legend.XOffs = vg.Points(10)
 	p.Add(plotter.NewGrid())
 	colours := map[string]color.Color{
 		"nftables":        color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
@@ -33,7 +47,7 @@ func writeChart(res *Results, path string) error {
 		for _, floor := range []bool{false, true} {
 			var pts plotter.XYs
 			name := be
-			for _, n := range res.Settings.ApplyNs {
+			for i, n := range res.Settings.ApplyNs {
 				r, ok := applyRow(res.Apply, be, floor, n)
 				if !ok || r.Stats.Median <= 0 {
 					continue
@@ -42,7 +56,7 @@ func writeChart(res *Results, path string) error {
 				if !floor {
 					name = "egress-init " + be
 				}
-				pts = append(pts, plotter.XY{X: float64(n), Y: float64(r.Stats.Median.Microseconds()) / 1000})
+				pts = append(pts, plotter.XY{X: float64(i), Y: float64(r.Stats.Median.Microseconds()) / 1000})
 			}
 			if len(pts) == 0 {
 				continue
@@ -62,5 +76,9 @@ func writeChart(res *Results, path string) error {
 			p.Legend.Add(name, l, s)
 		}
 	}
-	return p.Save(9*vg.Inch, 5.5*vg.Inch, path)
+	if err := p.Save(9*vg.Inch, 5.5*vg.Inch, path); err != nil {
+		return err
+	}
+	// The same chart as PNG, for viewers that do not render SVG.
+	return p.Save(9*vg.Inch, 5.5*vg.Inch, strings.TrimSuffix(path, ".svg")+".png")
 }
