@@ -3,6 +3,7 @@
 package bench
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -134,6 +135,15 @@ func Run(cfg Config) (*Results, error) {
 		if err := writeChart(res, filepath.Join(cfg.OutDir, "apply.svg")); err != nil {
 			return nil, fmt.Errorf("could not draw the chart: %w", err)
 		}
+	}
+	raw, err := json.MarshalIndent(res, "", " ")
+	if err != nil {
+		return nil, err
+	}
+	// The raw numbers (durations in ns), for anyone who wants to redo the
+	// tables or the chart.
+	if err := os.WriteFile(filepath.Join(cfg.OutDir, "results.json"), raw, 0o644); err != nil {
+		return nil, err
 	}
 	md := Markdown(res)
 	if err := os.WriteFile(filepath.Join(cfg.OutDir, "results.md"), []byte(md), 0o644); err != nil {

@@ -53,7 +53,7 @@ func evaluate(res *Results) []Target {
 			r := ratio(ours.Stats.Median, fl.Stats.Median)
 			ts = append(ts, Target{
 				Name:     fmt.Sprintf("egress-init apply, %s, N=%d: median / %s median", be, n, floorOf[be]),
-				Measured: fmt.Sprintf("%.2fx (%s / %s ms)", r, ms(ours.Stats.Median), ms(fl.Stats.Median)),
+				Measured: fmt.Sprintf("%.3fx (%s / %s ms)", r, ms(ours.Stats.Median), ms(fl.Stats.Median)),
 				Limit:    fmt.Sprintf("<= %.1fx", limits[be]),
 				Pass:     r <= limits[be],
 			})
@@ -66,8 +66,8 @@ func evaluate(res *Results) []Target {
 			}
 			r50, r99 := ratio(row.Add.P50, c.Floor.Median), ratio(row.Add.P99, c.Floor.Median)
 			ts = append(ts,
-				Target{Name: "CNI ADD p50 (nftables) / nftfloor N=0 median", Measured: fmt.Sprintf("%.2fx (%s / %s ms)", r50, ms(row.Add.P50), ms(c.Floor.Median)), Limit: "<= 1.5x", Pass: r50 <= 1.5},
-				Target{Name: "CNI ADD p99 (nftables) / nftfloor N=0 median", Measured: fmt.Sprintf("%.2fx (%s / %s ms)", r99, ms(row.Add.P99), ms(c.Floor.Median)), Limit: "<= 3x", Pass: r99 <= 3},
+				Target{Name: "CNI ADD p50 (nftables) / nftfloor N=0 median", Measured: fmt.Sprintf("%.3fx (%s / %s ms)", r50, ms(row.Add.P50), ms(c.Floor.Median)), Limit: "<= 1.5x", Pass: r50 <= 1.5},
+				Target{Name: "CNI ADD p99 (nftables) / nftfloor N=0 median", Measured: fmt.Sprintf("%.3fx (%s / %s ms)", r99, ms(row.Add.P99), ms(c.Floor.Median)), Limit: "<= 3x", Pass: r99 <= 3},
 			)
 		}
 	}
