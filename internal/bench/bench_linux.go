@@ -41,7 +41,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		OutDir: "bench", ApplyNs: []int{0, 100, 1000, 5000, 10000},
-		ApplyRuns: 21, ApplyRunsLarge: 9, Pods: 200, Burst: 50, RSSRuns: 3,
+		ApplyRuns: 31, ApplyRunsLarge: 15, Pods: 200, Burst: 50, RSSRuns: 3,
 		DataNs: []int{0, 1000, 10000}, DataWindow: 3 * time.Second,
 		NodeRuns: 20, ForwardRounds: 2,
 	}
