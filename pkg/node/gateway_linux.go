@@ -110,7 +110,25 @@ func listGateways(c *nftables.Conn, t *nftables.Table) ([]Gateway, error) {
 // RemoveGateways deletes every gateway entry for which match returns true,
 // from both tables, in one batch, and returns what it removed. It
 // succeeds when nothing matches and when the tables are absent.
+//
+// Another remover (a second DEL of the same container, GC, an ADD
+// dropping stale entries) may delete a listed entry first: the kernel
+// then refuses the whole batch (ENOENT) and nothing of it happened, so
+// the entries are listed again and the batch retried.
 func RemoveGateways(match func(Gateway) bool) ([]Gateway, error) {
+	const attempts = 10
+	var err error
+	for range attempts {
+		var removed []Gateway
+		removed, err = removeGatewaysOnce(match)
+		if err == nil || !isNotFound(err) {
+			return removed, err
+		}
+	}
+	return nil, fmt.Errorf("could not remove gateways: entries kept changing under %d attempts: %w", attempts, err)
+}
+
+func removeGatewaysOnce(match func(Gateway) bool) ([]Gateway, error) {
 	c, err := nftables.New()
 	if err != nil {
 		return nil, fmt.Errorf("could not open nftables netlink socket: %w", err)
