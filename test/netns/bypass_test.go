@@ -1,0 +1,492 @@
+//go:build linux
+
+package netns_test
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// The bypass matrix of issue 7: from an injected app pod (its sidecar
+// stand-in on 15001 forwards to the egress gateway), every way out is
+// tried once with the node rules applied. Each path must end either in
+// the sidecar (captured, and then only the gateway talks to the
+// internet) or in the source node's drop counter with nothing reaching
+// the internet host.
+
+var inetDNS = netip.MustParseAddr("203.0.113.53")
+
+// Outcomes of a bypass attempt.
+const (
+	outCaptured = "captured by sidecar"
+	outDropped  = "dropped at node"
+	outGateway  = "gateway -> internet"
+)
+
+// recordingSidecar stands in for Envoy on 15001 (IPv4 and IPv6): it
+// records each captured connection's original destination and forwards
+// it through the egress gateway, as a sidecar does for external hosts.
+type recordingSidecar struct {
+	mu   sync.Mutex
+	orig []netip.AddrPort
+}
+
+func (s *recordingSidecar) captured() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]netip.AddrPort(nil), s.orig...)
+}
+
+// serveRecordingSidecar listens on [::]:15001 (dual stack) in p.
+func serveRecordingSidecar(t *testing.T, p *clusterPod, gateway netip.AddrPort) *recordingSidecar {
+	t.Helper()
+	s := &recordingSidecar{}
+	serveTCPOn(t, p.netns, "tcp", ":15001", func(c *net.TCPConn) {
+		defer c.Close()
+		orig, err := nstest.OriginalDst(c)
+		if err != nil {
+			return
+		}
+		orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+		s.mu.Lock()
+		s.orig = append(s.orig, orig)
+		s.mu.Unlock()
+		up, err := dialIn(p.netns, "tcp4", gateway.String())
+		if err != nil {
+			return
+		}
+		if _, err := fmt.Fprintf(up, "%s\n", orig); err != nil {
+			up.Close()
+			return
+		}
+		relay(c, up)
+	})
+	return s
+}
+
+// serveDualForwarder is serveForwarder that also reaches IPv6
+// destinations.
+func serveDualForwarder(t *testing.T, p *clusterPod) {
+	t.Helper()
+	serveTCPOn(t, p.netns, "tcp4", fmt.Sprintf("0.0.0.0:%d", gatewayForwardPort), func(c *net.TCPConn) {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return
+		}
+		dst, err := netip.ParseAddrPort(strings.TrimSpace(line))
+		if err != nil {
+			return
+		}
+		up, err := dialIn(p.netns, "tcp", dst.String())
+		if err != nil {
+			return
+		}
+		relay(c, up)
+	})
+}
+
+// serveTCPOn is serveTCP with a chosen network ("tcp" for dual stack).
+func serveTCPOn(t *testing.T, n ns.NetNS, network, addr string, handle func(*net.TCPConn)) {
+	t.Helper()
+	var l net.Listener
+	if err := n.Do(func(ns.NetNS) error {
+		var err error
+		l, err = net.Listen(network, addr)
+		return err
+	}); err != nil {
+		t.Fatalf("listen %s %s in %s: %v", network, addr, n.Path(), err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				if strings.Contains(err.Error(), "use of closed") {
+					return
+				}
+				continue
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); handle(c.(*net.TCPConn)) }()
+		}
+	}()
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+}
+
+// rawSendIn sends one packet from a raw socket inside n, as root. For
+// IPv4 it builds the whole IP header itself (IPPROTO_RAW, so
+// IP_HDRINCL) around a UDP datagram to dst:port from src; for IPv6 it
+// sends an experimental-protocol (253) payload. Nothing is read back.
+func rawSendIn(n ns.NetNS, src, dst netip.Addr, port uint16) error {
+	return n.Do(func(ns.NetNS) error {
+		payload := []byte("raw bypass\n")
+		if dst.Is6() {
+			fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 253)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			return unix.Sendto(fd, payload, 0, &unix.SockaddrInet6{Addr: dst.As16()})
+		}
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		udpLen := 8 + len(payload)
+		pkt := make([]byte, 20+udpLen)
+		pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP // the kernel fills length, id, checksum
+		s4, d4 := src.As4(), dst.As4()
+		copy(pkt[12:16], s4[:])
+		copy(pkt[16:20], d4[:])
+		u := pkt[20:]
+		u[0], u[1] = 0xbe, 0xef // source port 48879
+		u[2], u[3] = byte(port>>8), byte(port)
+		u[4], u[5] = byte(udpLen>>8), byte(udpLen)
+		copy(u[8:], payload) // UDP checksum 0: none (IPv4)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+	})
+}
+
+// inetCounters reads the internet host's per-source counters: packets
+// from the egress node's uplink (the gateway, masqueraded) and from
+// anywhere else outside the internet's own link.
+func (c *cluster) inetCounters(t *testing.T) (gw, other uint64) {
+	t.Helper()
+	read := func(name string) uint64 {
+		out := nstest.MustExec(t, c.internet, "nft", "list", "counter", "inet", "bypass", name)
+		i := strings.Index(out, "packets")
+		if i < 0 {
+			t.Fatalf("bad counter output %q", out)
+		}
+		n, err := strconv.ParseUint(strings.Fields(out[i:])[1], 10, 64)
+		if err != nil {
+			t.Fatalf("bad counter output %q", out)
+		}
+		return n
+	}
+	return read("gw"), read("other")
+}
+
+// bypassCase is one row of the matrix.
+type bypassCase struct {
+	path   string
+	from   *clusterPod
+	expect string
+	// run makes the attempt; replied says whether the client got an
+	// answer (src is who the far end saw, when known).
+	run func() (replied bool, src netip.Addr, err error)
+	// target is the destination a capture must record (captured rows).
+	target netip.AddrPort
+}
+
+// bypassResult is what one attempt observed.
+type bypassResult struct {
+	replied   bool
+	src       netip.Addr
+	err       error
+	captured  int    // new connections the sidecar accepted for target
+	drops     uint64 // rise of the source node's drop counter
+	gw, other uint64 // packets reaching the internet host, by source
+}
+
+func (r bypassResult) outcome() string {
+	switch {
+	case r.other > 0:
+		return "LEAK: internet reached from a non-gateway source"
+	case r.captured > 0 && r.drops == 0:
+		return outCaptured
+	case !r.replied && r.drops > 0 && r.gw == 0:
+		return outDropped
+	case r.replied && r.captured == 0 && r.drops == 0 && r.gw > 0:
+		return outGateway
+	}
+	return "UNEXPECTED"
+}
+
+func (r bypassResult) detail() string {
+	reply := "no reply"
+	if r.replied {
+		reply = "reply"
+		if r.src.IsValid() {
+			reply += ", far end saw " + r.src.String()
+		}
+	} else if de, ok := r.err.(*nstest.DialError); ok {
+		reply += " (" + de.Kind + ")"
+	} else if r.err != nil {
+		reply += " (" + r.err.Error() + ")"
+	}
+	return reply
+}
+
+// TestClusterBypassMatrix builds the simulated cluster once, applies the
+// node rules, and tries every bypass of issue 7 from an injected app
+// pod. The matrix is logged as a table.
+func TestClusterBypassMatrix(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	start := time.Now()
+	binDir := t.TempDir()
+	buildReferencePlugins(t, binDir)
+	buildEgressCNI(t, binDir)
+	built := time.Since(start)
+	c := newCluster(t, binDir)
+
+	// The internet host also runs a resolver stand-in (UDP and TCP
+	// echo on 203.0.113.53:53) and QUIC's port (UDP 443), and counts
+	// every packet it receives from outside its own link, by source.
+	if err := c.internet.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		a, err := netlink.ParseAddr(inetDNS.String() + "/24")
+		if err != nil {
+			return err
+		}
+		return netlink.AddrAdd(l, a)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	nstest.ServeEcho(t, c.internet, net.JoinHostPort(inetDNS.String(), "53"))
+	nstest.ServeEcho(t, c.internet, ":443")
+	nstest.MustExec(t, c.internet, "nft", fmt.Sprintf(`add table inet bypass
+		add counter inet bypass gw
+		add counter inet bypass other
+		add chain inet bypass in { type filter hook prerouting priority -310; }
+		add rule inet bypass in ip saddr 203.0.113.0/24 return
+		add rule inet bypass in ip6 saddr { 2001:db8:ff::/64, fe80::/10 } return
+		add rule inet bypass in ip saddr %s counter name gw return
+		add rule inet bypass in ip6 saddr %s counter name gw return
+		add rule inet bypass in counter name other`, c.egress.uplink4, c.egress.uplink6))
+
+	app := c.app.newClusterPod(t, "team-a", "app", map[string]string{
+		"sidecar.istio.io/status":                       statusAnnotation,
+		"traffic.sidecar.istio.io/excludeOutboundPorts": strconv.Itoa(gatewayForwardPort),
+	})
+	admin := c.app.newClusterPod(t, "team-a", "netadmin", map[string]string{"sidecar.istio.io/status": statusAnnotation})
+	worker := c.egress.newClusterPod(t, "team-c", "worker", map[string]string{})
+	gw := c.egress.newClusterPod(t, "istio-system", "istio-egressgateway-7c9d-bypass", map[string]string{})
+	c.app.mustAdd(t, app)
+	c.app.mustAdd(t, admin)
+	c.egress.mustAdd(t, worker)
+	// The counters can see a leak: before the node rules exist, an
+	// uncaptured datagram from the app pod reaches the internet.
+	g0, o0 := c.inetCounters(t)
+	if _, err := nstest.Dial(t, app.netns, cniAppUID, cniAppUID, "udp4", net.JoinHostPort(inetIPv4.String(), "443")); err != nil {
+		t.Errorf("before node rules: UDP :443 from the app pod: %v", err)
+	}
+	if g1, o1 := c.inetCounters(t); o1 == o0 || g1 != g0 {
+		t.Fatalf("before node rules: the internet's counters saw gw +%d other +%d, want other > 0", g1-g0, o1-o0)
+	} else {
+		t.Logf("before node rules: UDP :443 from the app pod reached the internet (other +%d): the matrix can fail", o1-o0)
+	}
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		n.apply(t)
+	}
+	c.egress.mustAdd(t, gw)
+	serveDualForwarder(t, gw)
+	sidecar := serveRecordingSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
+	for _, p := range []*clusterPod{app, admin} {
+		if err := p.node.chain.check(p.pod); err != nil {
+			t.Fatalf("CHECK %s before the matrix: %v", p.name, err)
+		}
+	}
+
+	ap := func(a netip.Addr, port int) netip.AddrPort { return netip.AddrPortFrom(a, uint16(port)) }
+	inet4, inet6 := ap(inetIPv4, inetEchoPort), ap(inetIPv6, inetEchoPort)
+	dial := func(p *clusterPod, uid, gid uint32, network string, dst netip.AddrPort, opts ...nstest.DialOption) func() (bool, netip.Addr, error) {
+		return func() (bool, netip.Addr, error) {
+			line, err := nstest.Dial(t, p.netns, uid, gid, network, dst.String(), append([]nstest.DialOption{nstest.WithTimeout(time.Second)}, opts...)...)
+			if err != nil {
+				return false, netip.Addr{}, err
+			}
+			r, err := nstest.ParseReply(line)
+			if err != nil {
+				return true, netip.Addr{}, fmt.Errorf("bad reply %q: %v", line, err)
+			}
+			return true, r.Src.Addr(), nil
+		}
+	}
+	ping := func(p *clusterPod, dst netip.Addr) func() (bool, netip.Addr, error) {
+		return func() (bool, netip.Addr, error) {
+			err := pingIn(p.netns, dst, time.Second)
+			return err == nil, netip.Addr{}, err
+		}
+	}
+	raw := func(p *clusterPod, src, dst netip.Addr) func() (bool, netip.Addr, error) {
+		return func() (bool, netip.Addr, error) {
+			if err := rawSendIn(p.netns, src, dst, uint16(inetEchoPort)); err != nil {
+				return false, netip.Addr{}, err
+			}
+			time.Sleep(300 * time.Millisecond) // no answer expected either way
+			return false, netip.Addr{}, nil
+		}
+	}
+	const uid, gid = cniAppUID, cniAppUID
+	cases := []bypassCase{
+		{path: "TCP as the app UID 1000 -> internet :8080", from: app, expect: outCaptured, target: inet4,
+			run: dial(app, uid, gid, "tcp4", inet4)},
+		{path: "TCP/IPv6 as the app UID 1000 -> internet :8080", from: app, expect: outCaptured, target: inet6,
+			run: dial(app, uid, gid, "tcp6", inet6)},
+		{path: "TCP as UID 1337 (proxy UID, not captured)", from: app, expect: outDropped,
+			run: dial(app, cniProxyUID, gid, "tcp4", inet4)},
+		{path: "TCP as GID 1337 (UID 1000)", from: app, expect: outDropped,
+			run: dial(app, uid, cniProxyUID, "tcp4", inet4)},
+		{path: "TCP/IPv6 as UID 1337", from: app, expect: outDropped,
+			run: dial(app, cniProxyUID, gid, "tcp6", inet6)},
+		{path: "UDP :443 (QUIC) as the app UID", from: app, expect: outDropped,
+			run: dial(app, uid, gid, "udp4", ap(inetIPv4, 443))},
+		{path: "UDP/IPv6 :443 (QUIC) as the app UID", from: app, expect: outDropped,
+			run: dial(app, uid, gid, "udp6", ap(inetIPv6, 443))},
+		{path: "ICMP echo (raw socket, root)", from: app, expect: outDropped, run: ping(app, inetIPv4)},
+		{path: "ICMPv6 echo (raw socket, root)", from: app, expect: outDropped, run: ping(app, inetIPv6)},
+		{path: "raw IPv4 packet, IP_HDRINCL, UDP :8080 (root)", from: app, expect: outDropped, run: raw(app, app.ip4, inetIPv4)},
+		{path: "raw IPv6 packet, protocol 253 (root)", from: app, expect: outDropped, run: raw(app, app.ip6, inetIPv6)},
+		{path: "spoofed source = gateway's IPv4, UDP (root)", from: app, expect: outDropped,
+			run: dial(app, 0, 0, "udp4", inet4, nstest.WithSource(gw.ip4.String()))},
+		{path: "spoofed source = gateway's IPv6, UDP (root)", from: app, expect: outDropped,
+			run: dial(app, 0, 0, "udp6", inet6, nstest.WithSource(gw.ip6.String()))},
+		{path: "spoofed source = gateway's IPv4, raw IP_HDRINCL (root)", from: app, expect: outDropped,
+			run: raw(app, gw.ip4, inetIPv4)},
+		{path: "spoofed source = egress node's IPv4 (its NAT address), UDP (root)", from: app, expect: outDropped,
+			run: dial(app, 0, 0, "udp4", inet4, nstest.WithSource(c.egress.uplink4.String()))},
+		{path: "spoofed source = egress node's IPv6, UDP (root)", from: app, expect: outDropped,
+			run: dial(app, 0, 0, "udp6", inet6, nstest.WithSource(c.egress.uplink6.String()))},
+		{path: "spoofed source = egress node's IPv4, raw IP_HDRINCL (root)", from: app, expect: outDropped,
+			run: raw(app, c.egress.uplink4, inetIPv4)},
+		{path: "DNS udp/53 to an outside resolver as the app UID", from: app, expect: outDropped,
+			run: dial(app, uid, gid, "udp4", ap(inetDNS, 53))},
+		{path: "DNS udp/53 to an outside resolver as UID 1337", from: app, expect: outDropped,
+			run: dial(app, cniProxyUID, gid, "udp4", ap(inetDNS, 53))},
+		{path: "DNS tcp/53 to an outside resolver as the app UID", from: app, expect: outCaptured, target: ap(inetDNS, 53),
+			run: dial(app, uid, gid, "tcp4", ap(inetDNS, 53))},
+		{path: "DNS tcp/53 to an outside resolver as UID 1337", from: app, expect: outDropped,
+			run: dial(app, cniProxyUID, gid, "tcp4", ap(inetDNS, 53))},
+	}
+	// The NET_ADMIN pod flushes its own capture, then connects out.
+	flushed := []bypassCase{
+		{path: "NET_ADMIN pod, own rules flushed: TCP as the app UID", from: admin, expect: outDropped,
+			run: dial(admin, uid, gid, "tcp4", inet4)},
+		{path: "NET_ADMIN pod, own rules flushed: TCP/IPv6 as the app UID", from: admin, expect: outDropped,
+			run: dial(admin, uid, gid, "tcp6", inet6)},
+		{path: "NET_ADMIN pod, own rules flushed: TCP as root", from: admin, expect: outDropped,
+			run: dial(admin, 0, 0, "tcp4", inet4)},
+	}
+	// Controls: what the node rules let through.
+	controls := []bypassCase{
+		{path: "control: ordinary pod on the egress node, TCP", from: worker, expect: outDropped,
+			run: dial(worker, uid, gid, "tcp4", inet4)},
+		{path: "control: the gateway pod, TCP", from: gw, expect: outGateway, run: dial(gw, uid, gid, "tcp4", inet4)},
+		{path: "control: the gateway pod, TCP/IPv6", from: gw, expect: outGateway, run: dial(gw, uid, gid, "tcp6", inet6)},
+		{path: "control: the gateway pod, UDP :443", from: gw, expect: outGateway, run: dial(gw, uid, gid, "udp4", ap(inetIPv4, 443))},
+	}
+
+	type row struct {
+		bypassCase
+		r   bypassResult
+		got string
+	}
+	var rows []row
+	t.Cleanup(func() {
+		var b strings.Builder
+		w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w, "#\tpath (from)\texpected\tobserved\tsidecar\tnode drops\tinternet saw (gw/other)\tclient\tok")
+		for i, r := range rows {
+			ok := "ok"
+			if r.got != r.expect {
+				ok = "FAIL"
+			}
+			fmt.Fprintf(w, "%d\t%s (%s/%s)\t%s\t%s\t+%d\t+%d\t+%d/+%d\t%s\t%s\n", i+1, r.path, r.from.node.name, r.from.name,
+				r.expect, r.got, r.r.captured, r.r.drops, r.r.gw, r.r.other, r.r.detail(), ok)
+		}
+		w.Flush()
+		t.Logf("bypass matrix (node rules applied on both nodes):\n%s", b.String())
+	})
+	try := func(bc bypassCase) {
+		t.Helper()
+		before := len(sidecar.captured())
+		d0 := bc.from.node.drops(t)
+		g0, o0 := c.inetCounters(t)
+		var r bypassResult
+		r.replied, r.src, r.err = bc.run()
+		// Let in-flight packets land before reading the counters.
+		time.Sleep(50 * time.Millisecond)
+		r.drops = bc.from.node.drops(t) - d0
+		g1, o1 := c.inetCounters(t)
+		r.gw, r.other = g1-g0, o1-o0
+		for _, o := range sidecar.captured()[before:] {
+			if o == bc.target {
+				r.captured++
+			}
+		}
+		got := r.outcome()
+		rows = append(rows, row{bc, r, got})
+		if got != bc.expect {
+			t.Errorf("%s: expected %s, observed %s (sidecar +%d, drops +%d, internet gw +%d other +%d, %s)",
+				bc.path, bc.expect, got, r.captured, r.drops, r.gw, r.other, r.detail())
+		}
+		// Only the gateway reaches the internet; a capture gets there
+		// through it, and the far end sees the egress node's address.
+		if r.other != 0 {
+			t.Errorf("%s: %d packets reached the internet from a source other than the gateway", bc.path, r.other)
+		}
+		if bc.expect == outCaptured && r.replied && r.src != c.egress.uplink4 && r.src != c.egress.uplink6 {
+			t.Errorf("%s: captured, but the internet saw %s, not the egress node", bc.path, r.src)
+		}
+	}
+	for _, bc := range cases {
+		try(bc)
+	}
+	// The NET_ADMIN container: flush everything it can (nft, and the nat
+	// table of both iptables families), as root inside its namespace.
+	nstest.MustExec(t, admin.netns, "nft", "flush", "ruleset")
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		if out, err := nstest.Exec(admin.netns, cmd, "-t", "nat", "-F"); err != nil {
+			t.Logf("%s -t nat -F in the pod: %v %s", cmd, err, out)
+		}
+	}
+	if err := c.app.chain.check(admin.pod); err == nil {
+		t.Error("CHECK of the NET_ADMIN pod passed after it flushed its rules")
+	}
+	for _, bc := range flushed {
+		try(bc)
+	}
+	for _, bc := range controls {
+		try(bc)
+	}
+	if n := len(sidecar.captured()); n == 0 {
+		t.Error("the sidecar captured nothing")
+	}
+	for _, p := range []*clusterPod{app, admin} {
+		if err := c.app.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
+	for _, p := range []*clusterPod{worker, gw} {
+		if err := c.egress.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
+	if got := c.egress.gateways(t); len(got) != 0 {
+		t.Errorf("gateway entries after the gateway's DEL: %v", got)
+	}
+	t.Logf("plugins built in %s; matrix ran in %s", built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
+}
