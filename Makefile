@@ -55,8 +55,13 @@ test-unit:
 test-netns: deps
 	$(GO) test $(TEST_FLAGS) -v ./test/netns/...
 
+# A simulated cluster in network namespaces of its own: the real installer
+# on each node, pods through the real CNI chain, traffic along every path
+# out, and a table (cmd/egress-demo). The CNI reference plugins it needs are
+# built once into $(BIN)/cni-plugins. `$(BIN)/egress-demo -capture-backends`
+# shows the pod layer alone, per backend.
 demo: build
-	$(BIN)/egress-demo -egress-init $(BIN)/egress-init
+	$(BIN)/egress-demo
 
 # The benchmark suite (root; network namespaces of its own only): pure Go
 # benchmarks at N=10,000, then cmd/egress-bench, which times egress-init,

@@ -1,373 +1,393 @@
-// Command egress-demo is `make demo`: it builds a pod and a "world" out of
-// network namespaces joined by a veth pair, runs egress-init with Istio's
-// injector arguments in the pod for each backend, sends real traffic and
-// prints what happened. Nothing leaves the namespaces it creates; they are
-// removed on exit, on error and on Ctrl-C.
+// Command egress-demo is `make demo`: egress-cni's whole job in one
+// command, on one machine, without a cluster. It builds a small simulated
+// cluster out of network namespaces (internet host, router, app node,
+// egress node; internal/sim), runs the real installer
+// (egress-cni-install) on each node against the node's own CNI dirs,
+// creates pods through the real CNI chain the installer edited (bridge,
+// host-local, egress-cni, via libcni), sends real traffic along each path
+// a pod might take to the internet, and prints what happened:
 //
-// Run as root: go run ./cmd/egress-demo [-egress-init bin/egress-init]
+//	PATH | EXPECTED | SEEN | OK
+//
+// It exits 1 if any path did not behave as expected. Everything it makes
+// (namespaces, processes, temporary directories) is removed on exit, on
+// error and on Ctrl-C; nothing touches the machine's own network, and
+// every address is from a documentation range.
+//
+// Run as root, after `make build`:
+//
+//	bin/egress-demo [-bin DIR] [-plugins-dir DIR] [-v]
+//	bin/egress-demo -capture-backends [-egress-init bin/egress-init]   # the pod layer alone, per backend
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"net"
+	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"runtime"
+	"regexp"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
-	"unsafe"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
-)
-
-// Addresses: documentation ranges only.
-const (
-	podV4, worldV4 = "192.0.2.2", "192.0.2.1"
-	podV6, worldV6 = "2001:db8:1::2", "2001:db8:1::1"
-	inetV4, inetV6 = "203.0.113.10", "2001:db8:2::10"
-	excludedV4     = "198.51.100.10"
+	"github.com/egress-cni/egress-cni/internal/sim"
 )
 
 func main() {
-	if len(os.Args) > 2 && os.Args[1] == "client" {
+	sim.RunChild()
+	if len(os.Args) > 2 && os.Args[1] == "client" { // -capture-backends' client
 		os.Exit(client(os.Args[2]))
 	}
-	initBin := flag.String("egress-init", "bin/egress-init", "path to the egress-init binary")
+	os.Exit(realMain())
+}
+
+func realMain() int {
+	exe, _ := os.Executable()
+	defBin := filepath.Dir(exe)
+	binDir := flag.String("bin", defBin, "directory holding egress-cni and egress-cni-install (default: this program's)")
+	pluginsDir := flag.String("plugins-dir", "", "cache of the CNI reference plugins, built on first use (default: <bin>/cni-plugins)")
+	verbose := flag.Bool("v", false, "also print the installers' logs and the chains' config files")
+	captureBackends := flag.Bool("capture-backends", false, "instead of the cluster, show pod capture alone for each egress-init backend")
+	initBin := flag.String("egress-init", "", "with -capture-backends: the egress-init binary (default: <bin>/egress-init)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "egress-demo: must run as root (it creates network namespaces)")
-		os.Exit(2)
+		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ok, err := run(ctx, *initBin)
-	if err != nil {
+
+	if *captureBackends {
+		if *initBin == "" {
+			*initBin = filepath.Join(*binDir, "egress-init")
+		}
+		ok, err := runCaptureBackends(ctx, *initBin)
+		return verdict(ctx, ok, err)
+	}
+	if *pluginsDir == "" {
+		*pluginsDir = filepath.Join(*binDir, "cni-plugins")
+	}
+	d := &demo{bin: *binDir, pluginsDir: *pluginsDir, verbose: *verbose}
+	ok, err := d.run(ctx)
+	return verdict(ctx, ok, err)
+}
+
+func verdict(ctx context.Context, ok bool, err error) int {
+	switch {
+	case ctx.Err() != nil:
+		fmt.Fprintln(os.Stderr, "egress-demo: interrupted; everything it made is removed")
+		return 130
+	case err != nil:
 		fmt.Fprintf(os.Stderr, "egress-demo: %v\n", err)
-		os.Exit(1)
+		return 1
+	case !ok:
+		fmt.Println("\nRESULT: at least one path did not behave as expected")
+		return 1
 	}
-	if !ok {
-		fmt.Println("\nRESULT: at least one scenario did not hold")
-		os.Exit(1)
-	}
-	fmt.Println("\nRESULT: every scenario held")
+	fmt.Println("\nRESULT: every path behaved as expected")
+	return 0
 }
 
-type cleanup []func()
+type demo struct {
+	bin, pluginsDir string
+	verbose         bool
 
-func (c *cleanup) add(f func()) { *c = append(*c, f) }
-func (c *cleanup) run() {
-	for i := len(*c) - 1; i >= 0; i-- {
-		(*c)[i]()
-	}
+	exe string // this program, runnable by any UID (clients, sidecar)
+	c   *sim.Cluster
 }
 
-func run(ctx context.Context, initBin string) (bool, error) {
-	var cl cleanup
-	defer cl.run()
+func step(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
-	initBin, err := filepath.Abs(initBin)
-	if err != nil {
-		return false, err
-	}
-	if _, err := os.Stat(initBin); err != nil {
-		return false, fmt.Errorf("egress-init binary: %w (run `make build`)", err)
-	}
-	self, err := worldExecutable()
-	if err != nil {
-		return false, err
-	}
-	cl.add(func() { os.RemoveAll(filepath.Dir(self)) })
+func (d *demo) run(ctx context.Context) (bool, error) {
+	start := time.Now()
+	var cl sim.Stack
+	defer cl.Run()
 
-	w := tabwriter.NewWriter(os.Stdout, 2, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "BACKEND\tPATH\tEXPECTED\tSEEN\tOK")
-	allOK := true
-	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
-		if ctx.Err() != nil {
-			return false, ctx.Err()
+	installer, plugin := filepath.Join(d.bin, "egress-cni-install"), filepath.Join(d.bin, "egress-cni")
+	for _, b := range []string{installer, plugin} {
+		if _, err := os.Stat(b); err != nil {
+			return false, fmt.Errorf("%w (run `make build`)", err)
 		}
-		rows, err := scenario(ctx, initBin, self, backend)
+	}
+	// 1. The primary CNI's plugins (ours are built by make).
+	built, err := sim.EnsureReferencePlugins(ctx, d.pluginsDir)
+	if err != nil {
+		return false, err
+	}
+	how := "cached"
+	if built {
+		how = "built from the Go module cache"
+	}
+	step("[1/5] CNI reference plugins (bridge, host-local, loopback): %s in %s", how, d.pluginsDir)
+	if d.exe, err = sim.Executable(&cl); err != nil {
+		return false, err
+	}
+
+	// 2. The cluster.
+	c, err := sim.NewCluster(&cl, d.pluginsDir)
+	if err != nil {
+		return false, err
+	}
+	d.c = c
+	step("[2/5] cluster in network namespaces: internet %s/%s, router, app node %s, egress node %s",
+		sim.InternetV4, sim.InternetV6, c.App.Uplink4, c.Egress.Uplink4)
+	if ctx.Err() != nil {
+		return false, ctx.Err()
+	}
+
+	// 3. The installer, on each node, as the DaemonSet runs it.
+	step("[3/5] %s install, inside each node's namespace, with the node's own CNI dirs:", installer)
+	for _, n := range []*sim.Node{c.App, c.Egress} {
+		out, err := n.Install(ctx, installer, plugin)
 		if err != nil {
-			return false, fmt.Errorf("backend %s: %w", backend, err)
+			return false, err
 		}
-		for _, r := range rows {
-			mark := "yes"
-			if !r.ok() {
-				mark, allOK = "NO", false
-			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", backend, r.path, r.want, r.seen, mark)
+		if err := n.LoadChain(); err != nil {
+			return false, err
 		}
+		action := "?"
+		if m := installAction.FindStringSubmatch(out); m != nil {
+			action = m[1]
+		}
+		step("      %-6s node: node rules for role %q applied; our entry %s: %s now chains %s",
+			n.Name, n.Role, action, filepath.Base(n.ConfFile), strings.Join(n.Plugins(), " -> "))
+		if d.verbose {
+			conf, _ := os.ReadFile(n.ConfFile)
+			fmt.Printf("%s%s\n", indent(out), indent(string(conf)))
+		}
+	}
+
+	// 4. Pods, through the chain.
+	step("[4/5] pods, through each node's CNI chain (loopback; %s):", strings.Join(c.App.Plugins(), ", "))
+	injected := map[string]string{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`}
+	type podSpec struct {
+		n        *sim.Node
+		ns, name string
+		ann      map[string]string
+		p        **sim.Pod
+		role     string
+	}
+	var app, plain, gw, worker *sim.Pod
+	for _, s := range []podSpec{
+		{c.Egress, "istio-system", "istio-egressgateway-5d8f9-abcde", nil, &gw, "egress gateway"},
+		{c.Egress, "team-c", "worker", nil, &worker, "no sidecar; echo server on 8080"},
+		{c.App, "team-a", "app", injected, &app, "sidecar injected; sidecar stand-in on 15001 as UID 1337"},
+		{c.App, "team-b", "no-sidecar", nil, &plain, "no sidecar"},
+	} {
+		p, err := s.n.NewPod(&cl, s.ns, s.name, s.ann)
+		if err != nil {
+			return false, err
+		}
+		if err := s.n.AddPod(ctx, &cl, p); err != nil {
+			return false, err
+		}
+		*s.p = p
+		step("      %-6s node: %-45s %-15s %s", s.n.Name, p.Namespace+"/"+p.Name, p.IP4, s.role)
+	}
+	gws, err := c.Egress.Gateways()
+	if err != nil {
+		return false, err
+	}
+	var entries []string
+	for _, g := range gws {
+		entries = append(entries, g.Iface+" . "+g.IP.String())
+	}
+	step("      egress node: gateways registered by the plugin: %s", strings.Join(entries, ", "))
+	if err := sim.ServeEcho(&cl, worker.NS, netip.AddrPortFrom(worker.IP4, sim.EchoPort), netip.AddrPortFrom(worker.IP6, sim.EchoPort)); err != nil {
+		return false, err
+	}
+	if err := sim.ServeForwarder(&cl, gw.NS, gw.IP4, sim.ForwardPort); err != nil {
+		return false, err
+	}
+	if _, err := sim.StartSidecar(ctx, &cl, d.exe, app.NS, proxyUID, 15001, netip.AddrPortFrom(gw.IP4, sim.ForwardPort), sim.ClusterCIDRs); err != nil {
+		return false, err
+	}
+
+	// 5. Traffic, once the pods' own link-local chatter is over (it is
+	// counted by the node rules too, see ResolveNeighbours).
+	for _, p := range []*sim.Pod{gw, worker, app, plain} {
+		p.ResolveNeighbours()
+	}
+	if err := settle(ctx, c.App, c.Egress); err != nil {
+		return false, err
+	}
+	step("[5/5] traffic (blocked paths wait %s for a reply)", blockedWait)
+	inet4 := netip.AddrPortFrom(sim.InternetV4, sim.EchoPort).String()
+	inet6 := netip.AddrPortFrom(sim.InternetV6, sim.EchoPort).String()
+	workerAddr := netip.AddrPortFrom(worker.IP4, sim.EchoPort).String()
+	viaGateway := func(src netip.Addr) string {
+		return "redirected to proxy, allowed via gateway, internet saw " + src.String()
+	}
+	blocked := "blocked at node"
+	rows := []scenario{
+		{"app pod (UID 1000) tcp4 -> internet", viaGateway(c.Egress.Uplink4), app, appUID, "tcp4", inet4, ""},
+		{"app pod (UID 1000) tcp6 -> internet", viaGateway(c.Egress.Uplink6), app, appUID, "tcp6", inet6, ""},
+		{"app pod (UID 1000) tcp4 -> worker pod", "redirected to proxy, allowed, pod saw " + app.IP4.String(), app, appUID, "tcp4", workerAddr, ""},
+		{"app pod as UID 1337 tcp4 -> internet", blocked, app, proxyUID, "tcp4", inet4, ""},
+		{"app pod as UID 1337 tcp6 -> internet", blocked, app, proxyUID, "tcp6", inet6, ""},
+		{"app pod (UID 1000) udp4 -> internet", blocked, app, appUID, "udp4", inet4, ""},
+		{"pod without sidecar tcp4 -> internet", blocked, plain, appUID, "tcp4", inet4, ""},
+		{"pod without sidecar tcp4 -> worker pod", "allowed, pod saw " + plain.IP4.String(), plain, appUID, "tcp4", workerAddr, ""},
+		{"gateway pod tcp4 -> internet", "allowed, internet saw " + c.Egress.Uplink4.String(), gw, appUID, "tcp4", inet4, ""},
+		{"gateway pod tcp6 -> internet", "allowed, internet saw " + c.Egress.Uplink6.String(), gw, appUID, "tcp6", inet6, ""},
+		{"worker pod tcp4 -> internet", blocked, worker, appUID, "tcp4", inet4, ""},
+		{"worker pod spoofing gateway IP udp4 -> internet", blocked, worker, 0, "udp4", inet4, gw.IP4.String()},
+	}
+	step("      internet = %s and %s; worker pod = team-c/worker %s on the egress node; gateway IP = %s",
+		inet4, inet6, workerAddr, gw.IP4)
+	fmt.Println()
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "PATH\tEXPECTED\tSEEN\tOK")
+	allOK := true
+	for _, s := range rows {
+		seen, ok, err := d.probe(ctx, s)
+		if err != nil {
+			w.Flush()
+			return false, err
+		}
+		mark := "ok"
+		if !ok {
+			mark, allOK = "FAIL", false
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.path, s.expect, seen, mark)
 	}
 	w.Flush()
+	fmt.Printf("\n%d paths in %.1fs; tearing down\n", len(rows), time.Since(start).Seconds())
 	return allOK, nil
 }
 
-type row struct{ path, want, seen string }
+const (
+	appUID   = 1000
+	proxyUID = 1337
+	// blockedWait is how long a blocked connection waits for a reply;
+	// TCP's first SYN retransmission (1s) comes after it, so a dropped
+	// connection counts one drop.
+	blockedWait = 800 * time.Millisecond
+)
 
-func (r row) ok() bool { return strings.HasPrefix(r.seen, r.want) }
-
-// scenario builds a fresh pod and world, applies the rules with egress-init
-// and runs the traffic.
-func scenario(ctx context.Context, initBin, self, backend string) ([]row, error) {
-	var cl cleanup
-	defer cl.run()
-	pod, err := newNS(&cl)
-	if err != nil {
-		return nil, err
-	}
-	world, err := newNS(&cl)
-	if err != nil {
-		return nil, err
-	}
-	if err := wire(pod, world); err != nil {
-		return nil, fmt.Errorf("could not wire the namespaces: %w", err)
-	}
-	// Servers: in the pod, the sidecar stand-in (15001, 15006) and an app
-	// on 8080 and 15021; in the world, the "internet" echo.
-	for _, l := range []struct {
-		n    ns.NetNS
-		addr string
-		tag  string
-	}{
-		{pod, ":15001", "redirected to proxy 15001"},
-		{pod, ":15006", "redirected to inbound 15006"},
-		{pod, ":8080", "direct to app"},
-		{pod, ":15021", "direct to app"},
-		{world, ":80", "direct"},
-	} {
-		stopFn, err := serve(l.n, l.addr, l.tag)
-		if err != nil {
-			return nil, err
-		}
-		cl.add(stopFn)
-	}
-	args := []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", excludedV4 + "/32",
-		"-b", "*", "-d", "15090,15021,15020", "--backend", backend, "--netns", pod.Path()}
-	cmd := exec.CommandContext(ctx, initBin, args...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("egress-init %s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	dial := func(uid uint32, addr string) string {
-		out, err := runClient(ctx, pod, self, uid, addr)
-		if err != nil {
-			return "error: " + err.Error()
-		}
-		return out
-	}
-	inbound := func(addr string) string {
-		var s string
-		_ = world.Do(func(ns.NetNS) error { s = fetch(addr); return nil })
-		return s
-	}
-	return []row{
-		{"app uid 1000 -> " + inetV4 + ":80", "redirected to proxy 15001 (orig " + inetV4 + ":80)", dial(1000, inetV4+":80")},
-		{"app uid 1000 -> [" + inetV6 + "]:80", "redirected to proxy 15001 (orig [" + inetV6 + "]:80)", dial(1000, "["+inetV6+"]:80")},
-		{"proxy uid 1337 -> " + inetV4 + ":80", "direct", dial(1337, inetV4+":80")},
-		{"app uid 1000 -> excluded " + excludedV4 + ":80", "direct", dial(1000, excludedV4+":80")},
-		{"app uid 1000 -> 127.0.0.1:8080", "direct to app", dial(1000, "127.0.0.1:8080")},
-		{"world -> pod " + podV4 + ":8080", "redirected to inbound 15006 (orig " + podV4 + ":8080)", inbound(podV4 + ":8080")},
-		{"world -> pod " + podV4 + ":15021 (excluded)", "direct to app", inbound(podV4 + ":15021")},
-	}, nil
+// scenario is one row: a connection from a pod, and what should happen.
+type scenario struct {
+	path, expect string
+	from         *sim.Pod
+	uid          uint32
+	network      string
+	addr, source string
 }
 
-func newNS(cl *cleanup) (ns.NetNS, error) {
-	n, err := testutils.NewNS()
-	if err != nil {
-		return nil, fmt.Errorf("could not create a network namespace: %w", err)
+// probe makes the connection and describes it in the vocabulary of the
+// expectations: "redirected to proxy", "allowed [via gateway]", "<who>
+// saw <source>", or "blocked at node (drop counter +N)".
+func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err error) {
+	blockedRow := strings.HasPrefix(s.expect, "blocked")
+	wait := 2 * time.Second
+	if blockedRow {
+		wait = blockedWait
 	}
-	cl.add(func() { n.Close(); _ = testutils.UnmountNS(n) })
-	err = n.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
+	d0, err := s.from.Node.Drops()
+	if err != nil {
+		return "", false, err
+	}
+	i0, err := d.c.InternetSeen()
+	if err != nil {
+		return "", false, err
+	}
+	r, derr := sim.Dial(ctx, d.exe, s.from.NS, s.uid, s.network, s.addr, s.source, wait)
+	if ctx.Err() != nil {
+		return "", false, ctx.Err()
+	}
+	d1, err := s.from.Node.Drops()
+	if err != nil {
+		return "", false, err
+	}
+	i1, err := d.c.InternetSeen()
+	if err != nil {
+		return "", false, err
+	}
+	drops, reached := d1-d0, i1-i0
+	var de *sim.DialError
+	if derr != nil && !errors.As(derr, &de) {
+		return "", false, derr
+	}
+	var parts []string
+	switch {
+	case derr == nil:
+		if r.Sidecar.IsValid() {
+			parts = append(parts, "redirected to proxy")
 		}
-		return netlink.LinkSetUp(lo)
-	})
-	return n, err
+		if r.Gateway.IsValid() {
+			parts = append(parts, "allowed via gateway")
+		} else {
+			parts = append(parts, "allowed")
+		}
+		who := "internet"
+		if !(netip.MustParseAddrPort(s.addr).Addr() == sim.InternetV4 || netip.MustParseAddrPort(s.addr).Addr() == sim.InternetV6) {
+			who = "pod"
+		}
+		if r.Src.IsValid() {
+			parts = append(parts, who+" saw "+r.Src.String())
+		} else {
+			parts = append(parts, "reply: "+strings.Join(r.Lines, " | "))
+		}
+		seen = strings.Join(parts, ", ")
+		return seen, seen == s.expect, nil
+	case drops > 0 && reached == 0:
+		seen = fmt.Sprintf("blocked at node (drop counter +%d)", drops)
+	case reached > 0:
+		seen = fmt.Sprintf("reached the internet (%d pkt), no reply (%s), drop counter +%d", reached, de.Kind, drops)
+	default:
+		seen = fmt.Sprintf("no reply (%s), drop counter +%d", de.Kind, drops)
+	}
+	return seen, blockedRow && strings.HasPrefix(seen, "blocked at node ("), nil
 }
 
-// wire joins pod and world with a veth pair, puts the "internet" addresses
-// on the world's loopback and routes the pod's default through the world.
-// Neither namespace has any link to the machine's real network.
-func wire(pod, world ns.NetNS) error {
-	return world.Do(func(ns.NetNS) error {
-		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "world0"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(pod.Fd()))}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
+// settle waits (at most 3s) until the nodes' drop counters have not
+// moved for 300ms.
+func settle(ctx context.Context, nodes ...*sim.Node) error {
+	read := func() (uint64, error) {
+		var sum uint64
+		for _, n := range nodes {
+			d, err := n.Drops()
+			if err != nil {
+				return 0, err
+			}
+			sum += d
 		}
-		if err := setup("world0", []string{worldV4 + "/24", worldV6 + "/64"}, nil); err != nil {
-			return err
-		}
-		if err := setup("lo", []string{inetV4 + "/32", inetV6 + "/128", excludedV4 + "/32"}, nil); err != nil {
-			return err
-		}
-		return pod.Do(func(ns.NetNS) error {
-			return setup("eth0", []string{podV4 + "/24", podV6 + "/64"}, []string{worldV4, worldV6})
-		})
-	})
-}
-
-func setup(link string, addrs, gateways []string) error {
-	l, err := netlink.LinkByName(link)
+		return sum, nil
+	}
+	last, err := read()
 	if err != nil {
 		return err
 	}
-	for _, a := range addrs {
-		addr, err := netlink.ParseAddr(a)
+	stable := time.Now()
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		now, err := read()
 		if err != nil {
 			return err
 		}
-		addr.Flags = unix.IFA_F_NODAD
-		if err := netlink.AddrAdd(l, addr); err != nil {
-			return fmt.Errorf("add %s to %s: %w", a, link, err)
-		}
-	}
-	if err := netlink.LinkSetUp(l); err != nil {
-		return err
-	}
-	for _, g := range gateways {
-		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.ParseIP(g)}); err != nil {
-			return fmt.Errorf("default route via %s: %w", g, err)
+		if now != last {
+			last, stable = now, time.Now()
+		} else if time.Since(stable) >= 300*time.Millisecond {
+			return nil
 		}
 	}
 	return nil
 }
 
-// serve listens in n (the socket stays in n after Do returns) and answers
-// each connection with tag and, for redirected connections, the original
-// destination read with SO_ORIGINAL_DST.
-func serve(n ns.NetNS, addr, tag string) (func(), error) {
-	var l net.Listener
-	err := n.Do(func(ns.NetNS) (err error) {
-		l, err = net.Listen("tcp", addr)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				msg := tag
-				if strings.HasPrefix(tag, "redirected") {
-					msg += " (orig " + origDst(c.(*net.TCPConn)) + ")"
-				}
-				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-				fmt.Fprintln(c, msg)
-			}()
-		}
-	}()
-	return func() { l.Close() }, nil
-}
+// installAction is the installer's log of what it did to the config.
+var installAction = regexp.MustCompile(`msg=installed .*action=(\S+)`)
 
-// origDst reads the pre-NAT destination of a redirected connection.
-func origDst(c *net.TCPConn) string {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return "?"
-	}
-	var out string
-	_ = raw.Control(func(fd uintptr) {
-		if c.LocalAddr().(*net.TCPAddr).IP.To4() != nil {
-			mreq, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
-			if err != nil {
-				out = "? " + err.Error()
-				return
-			}
-			b := mreq.Multiaddr
-			port := int(b[2])<<8 | int(b[3])
-			out = net.JoinHostPort(net.IP(b[4:8]).String(), fmt.Sprint(port))
-			return
-		}
-		// IP6T_SO_ORIGINAL_DST has the same number, 80, on SOL_IPV6 and
-		// fills a sockaddr_in6.
-		var sa unix.RawSockaddrInet6
-		size := uint32(unix.SizeofSockaddrInet6)
-		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IPV6, unix.SO_ORIGINAL_DST,
-			uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&size)), 0)
-		if e != 0 {
-			out = "? " + e.Error()
-			return
-		}
-		port := int(sa.Port&0xff)<<8 | int(sa.Port>>8)
-		out = net.JoinHostPort(net.IP(sa.Addr[:]).String(), fmt.Sprint(port))
-	})
-	return out
-}
+var lineStart = regexp.MustCompile(`(?m)^`)
 
-func fetch(addr string) string {
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-	if err != nil {
-		return "error: " + err.Error()
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return "error: " + err.Error()
-	}
-	return strings.TrimSpace(line)
-}
-
-func client(addr string) int {
-	fmt.Println(fetch(addr))
-	return 0
-}
-
-// runClient runs this binary's client mode as uid (and gid = uid) inside
-// the pod, so the owner match sees a real process of that identity.
-func runClient(ctx context.Context, pod ns.NetNS, self string, uid uint32, addr string) (string, error) {
-	var out []byte
-	err := pod.Do(func(ns.NetNS) error {
-		// The child inherits the namespace of this locked thread.
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(cctx, self, "client", addr)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
-		var err error
-		out, err = cmd.Output()
-		return err
-	})
-	return strings.TrimSpace(string(out)), err
-}
-
-// worldExecutable copies this binary to a world-readable temporary
-// directory, so that clients running as an unprivileged UID can execute it
-// (go run builds into a 0700 directory).
-func worldExecutable() (string, error) {
-	src, err := os.Executable()
-	if err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp("", "egress-demo-")
-	if err != nil {
-		return "", err
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return "", err
-	}
-	data, err := os.ReadFile(src)
-	if err != nil {
-		return "", err
-	}
-	dst := filepath.Join(dir, "egress-demo")
-	return dst, os.WriteFile(dst, data, 0o755)
+func indent(s string) string {
+	return lineStart.ReplaceAllString(strings.TrimRight(s, "\n"), "        ") + "\n"
 }

@@ -1,0 +1,575 @@
+package sim
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+)
+
+// Processes that must run as a given UID (clients, the sidecar) are this
+// program re-executed with childEnv set; RunChild, called first thing in
+// main, serves that mode.
+const (
+	childEnv      = "EGRESS_SIM_CHILD"
+	childNetwork  = "EGRESS_SIM_NETWORK"
+	childAddr     = "EGRESS_SIM_ADDR"
+	childSource   = "EGRESS_SIM_SOURCE"
+	childTimeout  = "EGRESS_SIM_TIMEOUT"
+	childGateway  = "EGRESS_SIM_GATEWAY"
+	childCluster  = "EGRESS_SIM_CLUSTER"
+	childListen   = "EGRESS_SIM_LISTEN"
+	modeDial      = "dial"
+	modeSidecar   = "sidecar"
+	errPrefix     = "sim-dial-error "
+	relayLifetime = 3 * time.Second
+)
+
+// RunChild runs the child mode this process was started in, if any, and
+// exits; it returns at once in an ordinary run. Call it first in main.
+func RunChild() {
+	switch os.Getenv(childEnv) {
+	case modeDial:
+		os.Exit(runDialChild())
+	case modeSidecar:
+		os.Exit(runSidecarChild())
+	}
+}
+
+// Executable copies the running program into a new 0755 directory, so
+// that processes running as an unprivileged UID can execute it whatever
+// the permissions of its own directory; cl removes the copy.
+func Executable(cl *Stack) (string, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp("", "egress-sim-exe-")
+	if err != nil {
+		return "", err
+	}
+	cl.Push(func() { _ = os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
+	src, err := os.Open(self)
+	if err != nil {
+		return "", err
+	}
+	defer src.Close()
+	p := filepath.Join(dir, filepath.Base(self))
+	dst, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
+	if err != nil {
+		return "", err
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		return "", err
+	}
+	return p, dst.Close()
+}
+
+// Reply is what a client saw: the lines each hop wrote on the way.
+//
+//	sidecar uid=1337 orig=203.0.113.10:8080   (the sidecar accepted a redirected connection)
+//	gateway pod=198.51.100.66                   (the egress gateway forwarded it)
+//	echo src=192.0.2.6:41234 dst=203.0.113.10:8080   (the server; src is who it saw)
+type Reply struct {
+	Lines []string
+	// Sidecar is the original destination the sidecar read
+	// (SO_ORIGINAL_DST); invalid if no sidecar was on the path.
+	Sidecar netip.AddrPort
+	// SidecarUID is the UID the sidecar ran as.
+	SidecarUID string
+	// Gateway is the gateway pod that forwarded the connection.
+	Gateway netip.Addr
+	// Src is the source address the echo server saw.
+	Src netip.Addr
+}
+
+func parseReply(out string) Reply {
+	var r Reply
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if l == "" {
+			continue
+		}
+		r.Lines = append(r.Lines, l)
+		f := strings.Fields(l)
+		kv := map[string]string{}
+		for _, x := range f[1:] {
+			k, v, _ := strings.Cut(x, "=")
+			kv[k] = v
+		}
+		switch f[0] {
+		case "sidecar":
+			r.Sidecar, _ = netip.ParseAddrPort(kv["orig"])
+			r.SidecarUID = kv["uid"]
+		case "gateway":
+			r.Gateway, _ = netip.ParseAddr(kv["pod"])
+		case "echo":
+			if ap, err := netip.ParseAddrPort(kv["src"]); err == nil {
+				r.Src = ap.Addr().Unmap()
+			}
+		}
+	}
+	return r
+}
+
+// DialError is a failed Dial, classified as the client saw it: "refused",
+// "timeout", "unreachable" or "other".
+type DialError struct{ Kind, Msg string }
+
+func (e *DialError) Error() string { return fmt.Sprintf("%s: %s", e.Kind, e.Msg) }
+
+// Dial runs a client process (exe, from Executable) inside n as uid:gid
+// (no supplementary groups), which connects to addr over network (tcp4,
+// tcp6, udp4, udp6) and reads until the far end closes or timeout. For
+// UDP it sends one datagram and reads one. A non-empty source binds the
+// socket to that address with IP_FREEBIND and IP_TRANSPARENT, so a root
+// client can forge a source address the pod does not own.
+func Dial(ctx context.Context, exe string, n ns.NetNS, uid uint32, network, addr, source string, timeout time.Duration) (Reply, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout+3*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, exe)
+	cmd.Dir = "/"
+	cmd.Env = []string{
+		childEnv + "=" + modeDial,
+		childNetwork + "=" + network,
+		childAddr + "=" + addr,
+		childSource + "=" + source,
+		childTimeout + "=" + timeout.String(),
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	// Started from a thread inside n, the child is in n.
+	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
+		return Reply{}, fmt.Errorf("could not start a client as UID %d: %w", uid, err)
+	}
+	werr := cmd.Wait()
+	if ctx.Err() != nil {
+		if err := context.Cause(ctx); errors.Is(err, context.Canceled) {
+			return Reply{}, err
+		}
+		return Reply{}, &DialError{Kind: "timeout", Msg: "client killed"}
+	}
+	if werr != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if rest, ok := strings.CutPrefix(msg, errPrefix); ok {
+			kind, m, _ := strings.Cut(rest, " ")
+			return Reply{}, &DialError{Kind: kind, Msg: m}
+		}
+		return Reply{}, &DialError{Kind: "other", Msg: fmt.Sprintf("client: %v: %s", werr, msg)}
+	}
+	return parseReply(stdout.String()), nil
+}
+
+func runDialChild() int {
+	network, addr, source := os.Getenv(childNetwork), os.Getenv(childAddr), os.Getenv(childSource)
+	timeout, err := time.ParseDuration(os.Getenv(childTimeout))
+	if err != nil {
+		timeout = 2 * time.Second
+	}
+	fail := func(err error) int {
+		fmt.Fprintf(os.Stderr, "%s%s %v\n", errPrefix, classify(err), err)
+		return 1
+	}
+	d := net.Dialer{Timeout: timeout}
+	if source != "" {
+		ip := net.ParseIP(source)
+		if ip == nil {
+			return fail(fmt.Errorf("bad source address %q", source))
+		}
+		if strings.HasPrefix(network, "udp") {
+			d.LocalAddr = &net.UDPAddr{IP: ip}
+		} else {
+			d.LocalAddr = &net.TCPAddr{IP: ip}
+		}
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				level, freebind, transparent := unix.SOL_IP, unix.IP_FREEBIND, unix.IP_TRANSPARENT
+				if ip.To4() == nil {
+					level, freebind, transparent = unix.SOL_IPV6, unix.IPV6_FREEBIND, unix.IPV6_TRANSPARENT
+				}
+				serr = unix.SetsockoptInt(int(fd), level, freebind, 1)
+				_ = unix.SetsockoptInt(int(fd), level, transparent, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	c, err := d.Dial(network, addr)
+	if err != nil {
+		return fail(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	if strings.HasPrefix(network, "udp") {
+		if _, err := c.Write([]byte("ping\n")); err != nil {
+			return fail(err)
+		}
+		buf := make([]byte, 2048)
+		k, err := c.Read(buf)
+		if err != nil {
+			return fail(err)
+		}
+		os.Stdout.Write(buf[:k])
+		return 0
+	}
+	b, err := io.ReadAll(c)
+	if len(b) == 0 && err != nil {
+		return fail(err)
+	}
+	if len(b) == 0 {
+		return fail(errors.New("connection closed without a reply"))
+	}
+	os.Stdout.Write(b)
+	return 0
+}
+
+func classify(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
+		return "unreachable"
+	}
+	return "other"
+}
+
+// servers tracks listening sockets and their handlers.
+type servers struct {
+	closers []func() error
+	wg      sync.WaitGroup
+}
+
+func (s *servers) close() {
+	for _, c := range s.closers {
+		_ = c()
+	}
+	s.wg.Wait()
+}
+
+// ServeEcho listens on TCP and UDP at each address inside n and answers
+// every connection or datagram with "echo src=<client> dst=<local>"; cl
+// stops it.
+func ServeEcho(cl *Stack, n ns.NetNS, addrs ...netip.AddrPort) error {
+	s := &servers{}
+	cl.Push(s.close)
+	for _, a := range addrs {
+		fam := "4"
+		if a.Addr().Is6() {
+			fam = "6"
+		}
+		var l net.Listener
+		var pc net.PacketConn
+		err := n.Do(func(ns.NetNS) error {
+			var err error
+			if l, err = net.Listen("tcp"+fam, a.String()); err != nil {
+				return err
+			}
+			pc, err = net.ListenPacket("udp"+fam, a.String())
+			return err
+		})
+		if l != nil {
+			s.closers = append(s.closers, l.Close)
+		}
+		if pc != nil {
+			s.closers = append(s.closers, pc.Close)
+		}
+		if err != nil {
+			return fmt.Errorf("echo server on %s: %w", a, err)
+		}
+		s.accept(l, func(c net.Conn) {
+			fmt.Fprintf(c, "echo src=%s dst=%s\n", c.RemoteAddr(), c.LocalAddr())
+		})
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			buf := make([]byte, 2048)
+			for {
+				_, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				_, _ = pc.WriteTo(fmt.Appendf(nil, "echo src=%s dst=%s\n", from, a), from)
+			}
+		}()
+	}
+	return nil
+}
+
+// accept serves each connection of l with handle on its own goroutine,
+// with a bounded lifetime, and closes it after.
+func (s *servers) accept(l net.Listener, handle func(net.Conn)) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue
+			}
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(relayLifetime))
+				handle(c)
+			}()
+		}
+	}()
+}
+
+// ServeForwarder stands in for an egress gateway inside the gateway pod's
+// namespace n: on TCP port it reads a destination line ("ip:port\n", what
+// the sidecar stand-in sends), answers "gateway pod=<podIP>", connects to
+// the destination from the pod and relays. cl stops it.
+func ServeForwarder(cl *Stack, n ns.NetNS, podIP netip.Addr, port uint16) error {
+	s := &servers{}
+	cl.Push(s.close)
+	var l net.Listener
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		l, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("gateway forwarder on %d: %w", port, err)
+	}
+	s.closers = append(s.closers, l.Close)
+	s.accept(l, func(c net.Conn) {
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return
+		}
+		dst, err := netip.ParseAddrPort(strings.TrimSpace(line))
+		if err != nil {
+			fmt.Fprintf(c, "gateway pod=%s error=bad-destination\n", podIP)
+			return
+		}
+		fmt.Fprintf(c, "gateway pod=%s\n", podIP)
+		var up net.Conn
+		_ = n.Do(func(ns.NetNS) error {
+			up, err = net.DialTimeout("tcp", dst.String(), 2*time.Second)
+			return nil
+		})
+		if err != nil {
+			fmt.Fprintf(c, "gateway error=%q\n", err)
+			return
+		}
+		relay(c, up)
+	})
+	return nil
+}
+
+// Sidecar is a running sidecar stand-in process.
+type Sidecar struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+}
+
+// StartSidecar starts the sidecar stand-in (exe re-executed) inside the
+// pod's namespace n as uid:uid, like Envoy: it listens on port (IPv4 and
+// IPv6), reads each redirected connection's original destination, writes
+// "sidecar uid=<uid> orig=<dst>", and connects onwards as its own UID
+// (which the pod's capture rules let through): directly for
+// destinations inside cluster, else to the egress gateway's forwarder,
+// to which it names the destination. It returns once the sidecar
+// listens; cl stops it (it also exits when this process dies, as its
+// stdin closes).
+func StartSidecar(ctx context.Context, cl *Stack, exe string, n ns.NetNS, uid uint32, port uint16, gateway netip.AddrPort, cluster []netip.Prefix) (*Sidecar, error) {
+	var cidrs []string
+	for _, p := range cluster {
+		cidrs = append(cidrs, p.String())
+	}
+	cmd := exec.Command(exe)
+	cmd.Dir = "/"
+	cmd.Env = []string{
+		childEnv + "=" + modeSidecar,
+		childListen + "=" + fmt.Sprint(port),
+		childGateway + "=" + gateway.String(),
+		childCluster + "=" + strings.Join(cidrs, ","),
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
+		return nil, fmt.Errorf("could not start the sidecar: %w", err)
+	}
+	sc := &Sidecar{cmd: cmd, stdin: stdin}
+	cl.Push(sc.stop)
+	ready := make(chan error, 1)
+	go func() {
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if err == nil && strings.TrimSpace(line) != "ready" {
+			err = fmt.Errorf("unexpected %q", line)
+		}
+		ready <- err
+		_, _ = io.Copy(io.Discard, stdout)
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			return nil, fmt.Errorf("sidecar did not start: %v: %s", err, strings.TrimSpace(stderr.String()))
+		}
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(5 * time.Second):
+		return nil, errors.New("sidecar did not start within 5s")
+	}
+	return sc, nil
+}
+
+// PID is the sidecar process's ID.
+func (s *Sidecar) PID() int { return s.cmd.Process.Pid }
+
+func (s *Sidecar) stop() {
+	_ = s.stdin.Close()
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+}
+
+func runSidecarChild() int {
+	gateway, err := netip.ParseAddrPort(os.Getenv(childGateway))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sidecar: bad gateway:", err)
+		return 2
+	}
+	var cluster []netip.Prefix
+	for _, c := range strings.Split(os.Getenv(childCluster), ",") {
+		if p, err := netip.ParsePrefix(c); err == nil {
+			cluster = append(cluster, p)
+		}
+	}
+	port := os.Getenv(childListen)
+	s := &servers{}
+	for _, a := range []string{"0.0.0.0:" + port, "[::]:" + port} {
+		network := "tcp4"
+		if strings.HasPrefix(a, "[") {
+			network = "tcp6"
+		}
+		l, err := net.Listen(network, a)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sidecar:", err)
+			return 1
+		}
+		s.closers = append(s.closers, l.Close)
+		s.accept(l, func(c net.Conn) {
+			orig, err := originalDst(c.(*net.TCPConn))
+			if err != nil {
+				fmt.Fprintf(c, "sidecar uid=%d error=%q\n", os.Getuid(), err)
+				return
+			}
+			fmt.Fprintf(c, "sidecar uid=%d orig=%s\n", os.Getuid(), orig)
+			direct := false
+			for _, p := range cluster {
+				if p.Contains(orig.Addr()) {
+					direct = true
+				}
+			}
+			target := gateway.String()
+			if direct {
+				target = orig.String()
+			}
+			up, err := net.DialTimeout("tcp", target, 2*time.Second)
+			if err != nil {
+				fmt.Fprintf(c, "sidecar error=%q\n", err)
+				return
+			}
+			if !direct {
+				if _, err := fmt.Fprintf(up, "%s\n", orig); err != nil {
+					up.Close()
+					return
+				}
+			}
+			relay(c, up)
+		})
+	}
+	fmt.Println("ready")
+	// The parent holds our stdin: EOF means it is gone.
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	s.close()
+	return 0
+}
+
+// relay copies both ways between a and b until either side is done, with
+// a bounded lifetime.
+func relay(a, b net.Conn) {
+	deadline := time.Now().Add(relayLifetime)
+	_ = a.SetDeadline(deadline)
+	_ = b.SetDeadline(deadline)
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(a, b); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(b, a); done <- struct{}{} }()
+	<-done
+	a.Close()
+	b.Close()
+	<-done
+}
+
+// originalDst returns a redirected TCP connection's destination before
+// NAT: SO_ORIGINAL_DST, or for IPv6 IP6T_SO_ORIGINAL_DST (also 80).
+func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	is6 := c.LocalAddr().(*net.TCPAddr).IP.To4() == nil
+	var ap netip.AddrPort
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		var sa4 unix.RawSockaddrInet4
+		var sa6 unix.RawSockaddrInet6
+		level, p, l := unix.SOL_IP, unsafe.Pointer(&sa4), uint32(unsafe.Sizeof(sa4))
+		if is6 {
+			level, p, l = unix.SOL_IPV6, unsafe.Pointer(&sa6), uint32(unsafe.Sizeof(sa6))
+		}
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), unix.SO_ORIGINAL_DST, uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+		if e != 0 {
+			serr = e
+			return
+		}
+		if is6 {
+			ap = netip.AddrPortFrom(netip.AddrFrom16(sa6.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:]))
+		} else {
+			ap = netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:]))
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	return ap, err
+}
