@@ -36,6 +36,7 @@ import (
 	"time"
 
 	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
 func main() {
@@ -225,18 +226,23 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 	}
 	blocked := "blocked at node"
 	rows := []scenario{
-		{"app pod (UID 1000) tcp4 -> internet", viaGateway(c.Egress.Uplink4), app, appUID, "tcp4", inet4, ""},
-		{"app pod (UID 1000) tcp6 -> internet", viaGateway(c.Egress.Uplink6), app, appUID, "tcp6", inet6, ""},
-		{"app pod (UID 1000) tcp4 -> worker pod", "redirected to proxy, allowed, pod saw " + app.IP4.String(), app, appUID, "tcp4", workerAddr, ""},
-		{"app pod as UID 1337 tcp4 -> internet", blocked, app, proxyUID, "tcp4", inet4, ""},
-		{"app pod as UID 1337 tcp6 -> internet", blocked, app, proxyUID, "tcp6", inet6, ""},
-		{"app pod (UID 1000) udp4 -> internet", blocked, app, appUID, "udp4", inet4, ""},
-		{"pod without sidecar tcp4 -> internet", blocked, plain, appUID, "tcp4", inet4, ""},
-		{"pod without sidecar tcp4 -> worker pod", "allowed, pod saw " + plain.IP4.String(), plain, appUID, "tcp4", workerAddr, ""},
-		{"gateway pod tcp4 -> internet", "allowed, internet saw " + c.Egress.Uplink4.String(), gw, appUID, "tcp4", inet4, ""},
-		{"gateway pod tcp6 -> internet", "allowed, internet saw " + c.Egress.Uplink6.String(), gw, appUID, "tcp6", inet6, ""},
-		{"worker pod tcp4 -> internet", blocked, worker, appUID, "tcp4", inet4, ""},
-		{"worker pod spoofing gateway IP udp4 -> internet", blocked, worker, 0, "udp4", inet4, gw.IP4.String()},
+		{"app pod (UID 1000) tcp4 -> internet", viaGateway(c.Egress.Uplink4), app, appUID, "tcp4", inet4, "", nil},
+		{"app pod (UID 1000) tcp6 -> internet", viaGateway(c.Egress.Uplink6), app, appUID, "tcp6", inet6, "", nil},
+		{"app pod (UID 1000) tcp4 -> worker pod", "redirected to proxy, allowed, pod saw " + app.IP4.String(), app, appUID, "tcp4", workerAddr, "", nil},
+		{"app pod as UID 1337 tcp4 -> internet", blocked, app, proxyUID, "tcp4", inet4, "", nil},
+		{"app pod as UID 1337 tcp6 -> internet", blocked, app, proxyUID, "tcp6", inet6, "", nil},
+		{"app pod (UID 1000) udp4 -> internet", blocked, app, appUID, "udp4", inet4, "", nil},
+		{"pod without sidecar tcp4 -> internet", blocked, plain, appUID, "tcp4", inet4, "", nil},
+		{"pod without sidecar tcp4 -> worker pod", "allowed, pod saw " + plain.IP4.String(), plain, appUID, "tcp4", workerAddr, "", nil},
+		{"gateway pod tcp4 -> internet", "allowed, internet saw " + c.Egress.Uplink4.String(), gw, appUID, "tcp4", inet4, "", nil},
+		{"gateway pod tcp6 -> internet", "allowed, internet saw " + c.Egress.Uplink6.String(), gw, appUID, "tcp6", inet6, "", nil},
+		{"worker pod tcp4 -> internet", blocked, worker, appUID, "tcp4", inet4, "", nil},
+		{"worker pod spoofing gateway IP udp4 -> internet", blocked, worker, 0, "udp4", inet4, gw.IP4.String(), nil},
+		// Last: a container with NET_ADMIN deletes its pod's capture.
+		{"app pod, capture deleted (NET_ADMIN), tcp4 -> internet", blocked, app, appUID, "tcp4", inet4, "", func() error {
+			_, err := sim.Exec(app.NS, "nft", "delete", "table", "inet", rules.NFTTable)
+			return err
+		}},
 	}
 	step("      internet = %s and %s; worker pod = team-c/worker %s on the egress node; gateway IP = %s",
 		inet4, inet6, workerAddr, gw.IP4)
@@ -277,6 +283,8 @@ type scenario struct {
 	uid          uint32
 	network      string
 	addr, source string
+	// before runs first (tampering by the pod itself).
+	before func() error
 }
 
 // probe makes the connection and describes it in the vocabulary of the
@@ -287,6 +295,11 @@ func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err
 	wait := 2 * time.Second
 	if blockedRow {
 		wait = blockedWait
+	}
+	if s.before != nil {
+		if err := s.before(); err != nil {
+			return "", false, err
+		}
 	}
 	d0, err := s.from.Node.Drops()
 	if err != nil {
