@@ -202,6 +202,9 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 	if err := sim.ServeEcho(&cl, worker.NS, netip.AddrPortFrom(worker.IP4, sim.EchoPort), netip.AddrPortFrom(worker.IP6, sim.EchoPort)); err != nil {
 		return false, err
 	}
+	if err := sim.ServeEcho(&cl, plain.NS, netip.AddrPortFrom(plain.IP6, sim.EchoPort)); err != nil {
+		return false, err
+	}
 	if err := sim.ServeForwarder(&cl, gw.NS, gw.IP4, sim.ForwardPort); err != nil {
 		return false, err
 	}
@@ -232,6 +235,9 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		{"app pod as UID 1337 tcp4 -> internet", blocked, app, proxyUID, "tcp4", inet4, "", nil},
 		{"app pod as UID 1337 tcp6 -> internet", blocked, app, proxyUID, "tcp6", inet6, "", nil},
 		{"app pod (UID 1000) udp4 -> internet", blocked, app, appUID, "udp4", inet4, "", nil},
+		// Same node over IPv6: needs neighbour discovery across the
+		// bridge, which the node rules must let through.
+		{"app pod as UID 1337 tcp6 -> pod on same node", "allowed, pod saw " + app.IP6.String(), app, proxyUID, "tcp6", netip.AddrPortFrom(plain.IP6, sim.EchoPort).String(), "", nil},
 		{"pod without sidecar tcp4 -> internet", blocked, plain, appUID, "tcp4", inet4, "", nil},
 		{"pod without sidecar tcp4 -> worker pod", "allowed, pod saw " + plain.IP4.String(), plain, appUID, "tcp4", workerAddr, "", nil},
 		{"gateway pod tcp4 -> internet", "allowed, internet saw " + c.Egress.Uplink4.String(), gw, appUID, "tcp4", inet4, "", nil},

@@ -40,6 +40,19 @@ var DefaultPodInterfaces = []string{"cni0", "veth*", "cali*", "eni*"}
 // uses this one.
 const DefaultGatewayMark = 0x00004000
 
+// LinkScope is always allowed: destinations that never leave the link.
+// On a bridge with br_netfilter, frames between two pods of the node pass
+// the IP forward hook, and IPv6 neighbour discovery (to ff02::1:ffXX:XXXX)
+// would otherwise be dropped, breaking IPv6 between pods of one node.
+// Link-local unicast 169.254.0.0/16 is NOT here: it holds cloud metadata
+// endpoints (169.254.169.254), which must be allowed explicitly.
+var LinkScope = []netip.Prefix{
+	netip.MustParsePrefix("224.0.0.0/24"),       // IPv4 local network control multicast
+	netip.MustParsePrefix("255.255.255.255/32"), // IPv4 limited broadcast
+	netip.MustParsePrefix("fe80::/10"),          // IPv6 link-local unicast
+	netip.MustParsePrefix("ff02::/16"),          // IPv6 link-local multicast (neighbour discovery)
+}
+
 // File is the node config file, JSON.
 type File struct {
 	Role          Role     `json:"role"`
@@ -135,6 +148,7 @@ func (f *File) Config() (*Config, error) {
 			c.Allowed = append(c.Allowed, ps...)
 		}
 	}
+	c.Allowed = append(c.Allowed, LinkScope...)
 	slices.SortFunc(c.Allowed, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	c.Allowed = slices.Compact(c.Allowed)
 	if f.Role == RoleEgress {

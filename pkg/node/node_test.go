@@ -44,17 +44,19 @@ func TestMergeRanges(t *testing.T) {
 	for _, r := range mergeRanges(v4) {
 		got = append(got, r.from.String()+"-"+r.to.String())
 	}
-	want := "10.96.0.0-10.111.255.255 10.244.0.0-10.245.255.255 255.255.255.0-255.255.255.255"
+	// 224.0.0.0/24 and the broadcast address are always allowed (LinkScope).
+	want := "10.96.0.0-10.111.255.255 10.244.0.0-10.245.255.255 224.0.0.0-224.0.0.255 255.255.255.0-255.255.255.255"
 	if strings.Join(got, " ") != want {
 		t.Fatalf("got %v want %s", got, want)
 	}
 	els := intervalElements(v4)
-	// Two closed ranges have an end element each; the last runs to the
+	// Three closed ranges have an end element each; the last runs to the
 	// top of the address space and has none.
-	if len(els) != 5 || els[4].IntervalEnd {
+	if len(els) != 7 || els[6].IntervalEnd {
 		t.Fatalf("elements: %+v", els)
 	}
-	if len(intervalElements(v6)) != 2 {
-		t.Fatal("v6 range")
+	// 2001:db8::/32, fe80::/10 and ff02::/16: three closed ranges.
+	if n := len(intervalElements(v6)); n != 6 {
+		t.Fatalf("v6 elements: %d", n)
 	}
 }

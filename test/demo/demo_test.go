@@ -23,7 +23,7 @@ import (
 )
 
 // wantRows is how many paths the demo's table has.
-const wantRows = 13
+const wantRows = 14
 
 // moduleRoot is the egress-cni module's root.
 func moduleRoot(t *testing.T) string {
