@@ -33,8 +33,12 @@ var inetDNS = netip.MustParseAddr("203.0.113.53")
 // Outcomes of a bypass attempt.
 const (
 	outCaptured = "captured by sidecar"
-	outDropped  = "dropped at node"
-	outGateway  = "gateway -> internet"
+	// outRedirected: the pod rules REDIRECTed the packet to the
+	// sidecar's port, but no connection could be accepted (a SYN from a
+	// foreign source address: the answer has nowhere to go).
+	outRedirected = "captured (REDIRECT to :15001, no handshake)"
+	outDropped    = "dropped at node"
+	outGateway    = "gateway -> internet"
 )
 
 // recordingSidecar stands in for Envoy on 15001 (IPv4 and IPv6): it
@@ -166,24 +170,55 @@ func rawSendIn(n ns.NetNS, src, dst netip.Addr, port uint16) error {
 	})
 }
 
+// nftCounter reads the packets of a named counter in table inet tbl.
+func nftCounter(t *testing.T, n ns.NetNS, tbl, name string) uint64 {
+	t.Helper()
+	out := nstest.MustExec(t, n, "nft", "list", "counter", "inet", tbl, name)
+	i := strings.Index(out, "packets")
+	if i < 0 {
+		t.Fatalf("bad counter output %q", out)
+	}
+	v, err := strconv.ParseUint(strings.Fields(out[i:])[1], 10, 64)
+	if err != nil {
+		t.Fatalf("bad counter output %q", out)
+	}
+	return v
+}
+
 // inetCounters reads the internet host's per-source counters: packets
 // from the egress node's uplink (the gateway, masqueraded) and from
 // anywhere else outside the internet's own link.
 func (c *cluster) inetCounters(t *testing.T) (gw, other uint64) {
 	t.Helper()
-	read := func(name string) uint64 {
-		out := nstest.MustExec(t, c.internet, "nft", "list", "counter", "inet", "bypass", name)
-		i := strings.Index(out, "packets")
-		if i < 0 {
-			t.Fatalf("bad counter output %q", out)
-		}
-		n, err := strconv.ParseUint(strings.Fields(out[i:])[1], 10, 64)
-		if err != nil {
-			t.Fatalf("bad counter output %q", out)
-		}
-		return n
-	}
-	return read("gw"), read("other")
+	return nftCounter(t, c.internet, "bypass", "gw"), nftCounter(t, c.internet, "bypass", "other")
+}
+
+// observeNode counts, in a table of the test's own, packets to the
+// internet's addresses in the node's forward hook before our chain
+// (priority -5) and after it: what reached the node, and what it let
+// through.
+func observeNode(t *testing.T, n *clusterNode) {
+	t.Helper()
+	nstest.MustExec(t, n.ns, "nft", `add table inet bypassobs
+		add counter inet bypassobs seen
+		add counter inet bypassobs passed
+		add chain inet bypassobs pre { type filter hook forward priority -10; }
+		add chain inet bypassobs post { type filter hook forward priority 10; }
+		add rule inet bypassobs pre ip daddr 203.0.113.0/24 counter name seen
+		add rule inet bypassobs pre ip6 daddr 2001:db8:ff::/64 counter name seen
+		add rule inet bypassobs post ip daddr 203.0.113.0/24 counter name passed
+		add rule inet bypassobs post ip6 daddr 2001:db8:ff::/64 counter name passed`)
+}
+
+// observePod counts, in a table of the test's own, packets the pod
+// sends to its sidecar's port on lo after NAT (a REDIRECT).
+func observePod(t *testing.T, p *clusterPod) {
+	t.Helper()
+	nstest.MustExec(t, p.netns, "nft", `add table inet bypassobs
+		add counter inet bypassobs redirected
+		add chain inet bypassobs post { type filter hook postrouting priority 400; }
+		add rule inet bypassobs post oifname "lo" ip daddr 127.0.0.1 tcp dport 15001 counter name redirected
+		add rule inet bypassobs post oifname "lo" ip6 daddr ::1 tcp dport 15001 counter name redirected`)
 }
 
 // bypassCase is one row of the matrix.
@@ -200,21 +235,27 @@ type bypassCase struct {
 
 // bypassResult is what one attempt observed.
 type bypassResult struct {
-	replied   bool
-	src       netip.Addr
-	err       error
-	captured  int    // new connections the sidecar accepted for target
-	drops     uint64 // rise of the source node's drop counter
-	gw, other uint64 // packets reaching the internet host, by source
+	replied    bool
+	src        netip.Addr
+	err        error
+	captured   int    // new connections the sidecar accepted for target
+	redirected uint64 // packets the pod REDIRECTed to 15001 (-1: not observed)
+	drops      uint64 // rise of the source node's drop counter
+	// seen, passed: packets to the internet in the source node's
+	// forward hook, before and after our chain.
+	seen, passed uint64
+	gw, other    uint64 // packets reaching the internet host, by source
 }
 
 func (r bypassResult) outcome() string {
 	switch {
 	case r.other > 0:
 		return "LEAK: internet reached from a non-gateway source"
-	case r.captured > 0 && r.drops == 0:
+	case r.captured > 0 && r.drops == 0 && r.passed == 0:
 		return outCaptured
-	case !r.replied && r.drops > 0 && r.gw == 0:
+	case !r.replied && r.redirected > 0 && r.seen == 0 && r.gw == 0:
+		return outRedirected
+	case !r.replied && r.drops > 0 && r.seen > 0 && r.passed == 0 && r.gw == 0:
 		return outDropped
 	case r.replied && r.captured == 0 && r.drops == 0 && r.gw > 0:
 		return outGateway
@@ -304,6 +345,10 @@ func TestClusterBypassMatrix(t *testing.T) {
 	c.egress.mustAdd(t, gw)
 	serveDualForwarder(t, gw)
 	sidecar := serveRecordingSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		observeNode(t, n)
+	}
+	observePod(t, app)
 	for _, p := range []*clusterPod{app, admin} {
 		if err := p.node.chain.check(p.pod); err != nil {
 			t.Fatalf("CHECK %s before the matrix: %v", p.name, err)
@@ -364,6 +409,8 @@ func TestClusterBypassMatrix(t *testing.T) {
 			run: dial(app, 0, 0, "udp4", inet4, nstest.WithSource(gw.ip4.String()))},
 		{path: "spoofed source = gateway's IPv6, UDP (root)", from: app, expect: outDropped,
 			run: dial(app, 0, 0, "udp6", inet6, nstest.WithSource(gw.ip6.String()))},
+		{path: "spoofed source = gateway's IPv4, TCP (root)", from: app, expect: outRedirected,
+			run: dial(app, 0, 0, "tcp4", inet4, nstest.WithSource(gw.ip4.String()))},
 		{path: "spoofed source = gateway's IPv4, raw IP_HDRINCL (root)", from: app, expect: outDropped,
 			run: raw(app, gw.ip4, inetIPv4)},
 		{path: "spoofed source = egress node's IPv4 (its NAT address), UDP (root)", from: app, expect: outDropped,
@@ -408,14 +455,18 @@ func TestClusterBypassMatrix(t *testing.T) {
 	t.Cleanup(func() {
 		var b strings.Builder
 		w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(w, "#\tpath (from)\texpected\tobserved\tsidecar\tnode drops\tinternet saw (gw/other)\tclient\tok")
+		fmt.Fprintln(w, "#\tpath (from)\texpected\tobserved\tsidecar accepted\tpod to :15001\tnode fwd to internet (seen/passed)\tnode drops\tinternet saw (gw/other)\tclient\tok")
 		for i, r := range rows {
 			ok := "ok"
 			if r.got != r.expect {
 				ok = "FAIL"
 			}
-			fmt.Fprintf(w, "%d\t%s (%s/%s)\t%s\t%s\t+%d\t+%d\t+%d/+%d\t%s\t%s\n", i+1, r.path, r.from.node.name, r.from.name,
-				r.expect, r.got, r.r.captured, r.r.drops, r.r.gw, r.r.other, r.r.detail(), ok)
+			pod := fmt.Sprintf("+%d", r.r.redirected)
+			if r.from != app {
+				pod = "-"
+			}
+			fmt.Fprintf(w, "%d\t%s (%s/%s)\t%s\t%s\t+%d\t%s\t+%d/+%d\t+%d\t+%d/+%d\t%s\t%s\n", i+1, r.path, r.from.node.name, r.from.name,
+				r.expect, r.got, r.r.captured, pod, r.r.seen, r.r.passed, r.r.drops, r.r.gw, r.r.other, r.r.detail(), ok)
 		}
 		w.Flush()
 		t.Logf("bypass matrix (node rules applied on both nodes):\n%s", b.String())
@@ -423,13 +474,22 @@ func TestClusterBypassMatrix(t *testing.T) {
 	try := func(bc bypassCase) {
 		t.Helper()
 		before := len(sidecar.captured())
-		d0 := bc.from.node.drops(t)
+		nodeNS := bc.from.node.ns
+		redirected := func() uint64 {
+			if bc.from != app {
+				return 0
+			}
+			return nftCounter(t, app.netns, "bypassobs", "redirected")
+		}
+		d0, r0 := bc.from.node.drops(t), redirected()
+		s0, p0 := nftCounter(t, nodeNS, "bypassobs", "seen"), nftCounter(t, nodeNS, "bypassobs", "passed")
 		g0, o0 := c.inetCounters(t)
 		var r bypassResult
 		r.replied, r.src, r.err = bc.run()
 		// Let in-flight packets land before reading the counters.
 		time.Sleep(50 * time.Millisecond)
-		r.drops = bc.from.node.drops(t) - d0
+		r.drops, r.redirected = bc.from.node.drops(t)-d0, redirected()-r0
+		r.seen, r.passed = nftCounter(t, nodeNS, "bypassobs", "seen")-s0, nftCounter(t, nodeNS, "bypassobs", "passed")-p0
 		g1, o1 := c.inetCounters(t)
 		r.gw, r.other = g1-g0, o1-o0
 		for _, o := range sidecar.captured()[before:] {
@@ -440,8 +500,8 @@ func TestClusterBypassMatrix(t *testing.T) {
 		got := r.outcome()
 		rows = append(rows, row{bc, r, got})
 		if got != bc.expect {
-			t.Errorf("%s: expected %s, observed %s (sidecar +%d, drops +%d, internet gw +%d other +%d, %s)",
-				bc.path, bc.expect, got, r.captured, r.drops, r.gw, r.other, r.detail())
+			t.Errorf("%s: expected %s, observed %s (sidecar +%d, pod to :15001 +%d, node seen/passed +%d/+%d, drops +%d, internet gw +%d other +%d, %s)",
+				bc.path, bc.expect, got, r.captured, r.redirected, r.seen, r.passed, r.drops, r.gw, r.other, r.detail())
 		}
 		// Only the gateway reaches the internet; a capture gets there
 		// through it, and the far end sees the egress node's address.
