@@ -6,9 +6,11 @@ package main
 import (
 	"os"
 
+	"github.com/egress-cni/egress-cni/internal/gctune"
 	"github.com/egress-cni/egress-cni/internal/initcmd"
 )
 
 func main() {
+	gctune.ShortLived()
 	os.Exit(initcmd.Run(os.Args[1:], os.Stdout, os.Stderr))
 }
