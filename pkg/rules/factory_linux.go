@@ -61,13 +61,22 @@ func Detect() (BackendName, error) {
 	if err != nil {
 		return "", fmt.Errorf("could not list nftables tables: %w", err)
 	}
+	natTable := false
 	for _, t := range tables {
 		if t.Name == NFTTable {
 			return BackendNFTables, nil
 		}
+		if t.Name == "nat" && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6) {
+			natTable = true
+		}
 	}
 	if legacyInUse() {
 		return BackendIPTablesLegacy, nil
+	}
+	if !natTable {
+		// No iptables-nft nat table, so no ISTIO_OUTPUT chain either:
+		// spare a fresh pod's ADD the chain listing.
+		return BackendNFTables, nil
 	}
 	chains, err := conn.ListChains()
 	if err != nil {
