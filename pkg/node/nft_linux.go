@@ -87,7 +87,7 @@ func Apply(cfg *Config) error {
 			return fmt.Errorf("could not add set %s: %w", s.set.Name, err)
 		}
 		c.FlushSet(s.set)
-		if els := intervalElements(s.ps); len(els) > 0 {
+		if els := rules.NFTIntervalElements(allowModel(s.set, s.ps)); len(els) > 0 {
 			if err := c.SetAddElements(s.set, els); err != nil {
 				return fmt.Errorf("could not add elements to set %s: %w", s.set.Name, err)
 			}
@@ -202,15 +202,15 @@ func Check(cfg *Config) error {
 	}
 	slices.Sort(want)
 	slices.Sort(have)
+	v4s, v6s := splitFamilies(cfg.Allowed)
 	for _, v6 := range []bool{false, true} {
-		s := allowSet(v6)
-		v4s, v6s := splitFamilies(cfg.Allowed)
-		ps := v4s
+		s, ps := allowSet(v6), v4s
 		if v6 {
 			ps = v6s
 		}
-		for _, r := range mergeRanges(ps) {
-			want = append(want, fmt.Sprintf("set %s: %s-%s", s.Name, r.from, r.to))
+		m := allowModel(s, ps)
+		for _, e := range rules.NFTSetElementTexts(m) {
+			want = append(want, fmt.Sprintf("set %s: %s", s.Name, e))
 		}
 		live, err := c.GetSetByName(inetTable, s.Name)
 		if err != nil {
@@ -220,46 +220,21 @@ func Check(cfg *Config) error {
 		if err != nil {
 			return fmt.Errorf("could not list set %s: %w", s.Name, err)
 		}
-		have = append(have, describeIntervals(s.Name, els, v6)...)
+		for _, e := range rules.NFTElementTexts(m.Type, els) {
+			have = append(have, fmt.Sprintf("set %s: %s", s.Name, e))
+		}
 	}
 	return rules.DiffLines("nftables node", want, have)
 }
 
-// describeIntervals turns interval elements back into "from-to" lines.
-func describeIntervals(name string, els []nftables.SetElement, v6 bool) []string {
-	slices.SortFunc(els, func(a, b nftables.SetElement) int {
-		x, _ := netip.AddrFromSlice(a.Key)
-		y, _ := netip.AddrFromSlice(b.Key)
-		return x.Compare(y)
-	})
-	var out []string
-	var start netip.Addr
-	open := false
-	for _, e := range els {
-		a, ok := netip.AddrFromSlice(e.Key)
-		if !ok {
-			continue
-		}
-		if e.IntervalEnd {
-			if open && a.IsValid() {
-				out = append(out, fmt.Sprintf("set %s: %s-%s", name, start, a.Prev()))
-			}
-			open = false
-			continue
-		}
-		if open {
-			out = append(out, fmt.Sprintf("set %s: %s-%s", name, start, start))
-		}
-		start, open = a, true
+// allowModel is an allow set as the pod layer's set model, for the
+// shared interval encoding.
+func allowModel(s *nftables.Set, ps []netip.Prefix) *rules.Set {
+	t := rules.SetIPv4
+	if s.KeyType == nftables.TypeIP6Addr {
+		t = rules.SetIPv6
 	}
-	if open {
-		top := netip.MustParseAddr("255.255.255.255")
-		if v6 {
-			top = netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
-		}
-		out = append(out, fmt.Sprintf("set %s: %s-%s", name, start, top))
-	}
-	return out
+	return &rules.Set{Name: s.Name, Type: t, Prefixes: ps}
 }
 
 func familyName(f nftables.TableFamily) string {

@@ -3,6 +3,8 @@ package node
 import (
 	"strings"
 	"testing"
+
+	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
 func TestParseErrors(t *testing.T) {
@@ -40,23 +42,21 @@ func TestMergeRanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	v4, v6 := splitFamilies(cfg.Allowed)
-	var got []string
-	for _, r := range mergeRanges(v4) {
-		got = append(got, r.from.String()+"-"+r.to.String())
-	}
-	// 224.0.0.0/24 and the broadcast address are always allowed (LinkScope).
-	want := "10.96.0.0-10.111.255.255 10.244.0.0-10.245.255.255 224.0.0.0-224.0.0.255 255.255.255.0-255.255.255.255"
+	got := rules.NFTSetElementTexts(&rules.Set{Type: rules.SetIPv4, Prefixes: v4})
+	// 224.0.0.0/24 and the broadcast address are always allowed (LinkScope);
+	// overlapping and adjacent ranges are merged.
+	want := "10.96.0.0/12 10.244.0.0/15 224.0.0.0/24 255.255.255.0/24"
 	if strings.Join(got, " ") != want {
 		t.Fatalf("got %v want %s", got, want)
 	}
-	els := intervalElements(v4)
-	// Three closed ranges have an end element each; the last runs to the
-	// top of the address space and has none.
-	if len(els) != 7 || els[6].IntervalEnd {
+	els := rules.NFTIntervalElements(&rules.Set{Type: rules.SetIPv4, Prefixes: v4})
+	// A leading end element at 0, three closed ranges with an end element
+	// each; the last runs to the top of the address space and has none.
+	if len(els) != 8 || els[7].IntervalEnd {
 		t.Fatalf("elements: %+v", els)
 	}
 	// 2001:db8::/32, fe80::/10 and ff02::/16: three closed ranges.
-	if n := len(intervalElements(v6)); n != 6 {
+	if n := len(rules.NFTIntervalElements(&rules.Set{Type: rules.SetIPv6, Prefixes: v6})); n != 7 {
 		t.Fatalf("v6 elements: %d", n)
 	}
 }

@@ -3,7 +3,6 @@ package node
 import (
 	"fmt"
 	"net/netip"
-	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -264,73 +263,4 @@ func ifnameKey(name string) []byte {
 // gatewayKey is the concatenated set key ifname . address.
 func gatewayKey(iface string, ip netip.Addr) []byte {
 	return append(ifnameKey(iface), ip.AsSlice()...)
-}
-
-// intervalElements encodes prefixes of one family as disjoint interval
-// set elements: each merged range [a, b] becomes a start element a and an
-// end element b+1 flagged IntervalEnd; a range that runs to the top of
-// the address space has no end element.
-func intervalElements(ps []netip.Prefix) []nftables.SetElement {
-	var out []nftables.SetElement
-	for _, r := range mergeRanges(ps) {
-		out = append(out, nftables.SetElement{Key: r.from.AsSlice()})
-		if next := r.to.Next(); next.IsValid() {
-			out = append(out, nftables.SetElement{Key: next.AsSlice(), IntervalEnd: true})
-		}
-	}
-	return out
-}
-
-type addrRange struct{ from, to netip.Addr }
-
-// String is nft's syntax: a prefix when the range is one, else from-to.
-func (r addrRange) String() string {
-	for bits := 0; bits <= r.from.BitLen(); bits++ {
-		if p := netip.PrefixFrom(r.from, bits); p.Masked().Addr() == r.from && lastAddr(p) == r.to {
-			return p.String()
-		}
-	}
-	return r.from.String() + "-" + r.to.String()
-}
-
-// mergeRanges turns sorted or unsorted prefixes into sorted, disjoint,
-// non-adjacent inclusive ranges.
-func mergeRanges(ps []netip.Prefix) []addrRange {
-	rs := make([]addrRange, 0, len(ps))
-	for _, p := range ps {
-		rs = append(rs, addrRange{p.Masked().Addr(), lastAddr(p)})
-	}
-	sortRanges(rs)
-	var out []addrRange
-	for _, r := range rs {
-		if n := len(out); n > 0 {
-			last := &out[n-1]
-			if nx := last.to.Next(); !nx.IsValid() || r.from.Compare(nx) <= 0 {
-				if r.to.Compare(last.to) > 0 {
-					last.to = r.to
-				}
-				continue
-			}
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-func sortRanges(rs []addrRange) {
-	slices.SortFunc(rs, func(a, b addrRange) int { return a.from.Compare(b.from) })
-}
-
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Masked().Addr().AsSlice()
-	bits := p.Bits()
-	for i := range b {
-		for bit := 0; bit < 8; bit++ {
-			if i*8+bit >= bits {
-				b[i] |= 0x80 >> bit
-			}
-		}
-	}
-	a, _ := netip.AddrFromSlice(b)
-	return a
 }

@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/google/nftables"
+
+	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
 // Render returns the node rules in `nft -f` syntax, as Apply programs
@@ -23,10 +25,11 @@ func Render(cfg *Config) string {
 			}{{SetAllowV4, "ipv4_addr", v4}, {SetAllowV6, "ipv6_addr", v6}} {
 				fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s\n\t\tflags interval\n", s.name, s.typ)
 				if len(s.ps) > 0 {
-					var items []string
-					for _, r := range mergeRanges(s.ps) {
-						items = append(items, r.String())
+					typ := rules.SetIPv4
+					if s.typ == "ipv6_addr" {
+						typ = rules.SetIPv6
 					}
+					items := rules.NFTSetElementTexts(&rules.Set{Type: typ, Prefixes: s.ps})
 					fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(items, ", "))
 				}
 				b.WriteString("\t}\n")
