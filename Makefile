@@ -81,7 +81,7 @@ bench: deps
 # Every fuzz target of every package, FUZZTIME each (default 2m). Their
 # seed corpora (f.Add and testdata/fuzz) also run in `make test`.
 fuzz:
-	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node; do \
+	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node ./pkg/install; do \
 		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
 			echo "== $$pkg $$t"; \
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $${FUZZTIME:-2m} $$pkg || exit 1; \
