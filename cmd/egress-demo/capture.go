@@ -20,12 +20,13 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
-	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // Addresses: documentation ranges only.
@@ -250,37 +251,11 @@ func serve(n ns.NetNS, addr, tag string) (func(), error) {
 
 // origDst reads the pre-NAT destination of a redirected connection.
 func origDst(c *net.TCPConn) string {
-	raw, err := c.SyscallConn()
+	ap, err := sockopt.OriginalDst(c)
 	if err != nil {
-		return "?"
+		return "? " + err.Error()
 	}
-	var out string
-	_ = raw.Control(func(fd uintptr) {
-		if c.LocalAddr().(*net.TCPAddr).IP.To4() != nil {
-			mreq, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
-			if err != nil {
-				out = "? " + err.Error()
-				return
-			}
-			b := mreq.Multiaddr
-			port := int(b[2])<<8 | int(b[3])
-			out = net.JoinHostPort(net.IP(b[4:8]).String(), fmt.Sprint(port))
-			return
-		}
-		// IP6T_SO_ORIGINAL_DST has the same number, 80, on SOL_IPV6 and
-		// fills a sockaddr_in6.
-		var sa unix.RawSockaddrInet6
-		size := uint32(unix.SizeofSockaddrInet6)
-		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IPV6, unix.SO_ORIGINAL_DST,
-			uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&size)), 0)
-		if e != 0 {
-			out = "? " + e.Error()
-			return
-		}
-		port := int(sa.Port&0xff)<<8 | int(sa.Port>>8)
-		out = net.JoinHostPort(net.IP(sa.Addr[:]).String(), fmt.Sprint(port))
-	})
-	return out
+	return ap.String()
 }
 
 func fetch(addr string) string {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,7 +17,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // Environment of a Dial child process. childEnv selects child mode in Main.
@@ -230,32 +230,8 @@ func runDialChild() int {
 	}
 	d := net.Dialer{Timeout: timeout}
 	if src := os.Getenv(childSource); src != "" {
-		ip := net.ParseIP(src)
-		if ip == nil {
-			return fail(fmt.Errorf("bad source address %q", src))
-		}
-		if strings.HasPrefix(network, "udp") {
-			d.LocalAddr = &net.UDPAddr{IP: ip}
-		} else {
-			d.LocalAddr = &net.TCPAddr{IP: ip}
-		}
-		d.Control = func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			err := rc.Control(func(fd uintptr) {
-				level, freebind, transparent := unix.SOL_IP, unix.IP_FREEBIND, unix.IP_TRANSPARENT
-				if ip.To4() == nil {
-					level, freebind, transparent = unix.SOL_IPV6, unix.IPV6_FREEBIND, unix.IPV6_TRANSPARENT
-				}
-				serr = unix.SetsockoptInt(int(fd), level, freebind, 1)
-				// Without CAP_NET_ADMIN this fails with EPERM, and
-				// the kernel refuses to route from a foreign source
-				// (ENETUNREACH): that is the unprivileged case.
-				_ = unix.SetsockoptInt(int(fd), level, transparent, 1)
-			})
-			if err != nil {
-				return err
-			}
-			return serr
+		if err := sockopt.SourceDialer(&d, network, src); err != nil {
+			return fail(err)
 		}
 	}
 	c, err := d.Dial(network, addr)
@@ -284,15 +260,4 @@ func runDialChild() int {
 	return 0
 }
 
-func classify(err error) string {
-	var ne net.Error
-	switch {
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return "refused"
-	case errors.As(err, &ne) && ne.Timeout():
-		return "timeout"
-	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
-		return "unreachable"
-	}
-	return "other"
-}
+func classify(err error) string { return sockopt.Classify(err) }

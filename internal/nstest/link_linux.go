@@ -1,7 +1,6 @@
 package nstest
 
 import (
-	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -9,6 +8,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // LinkEnd is one end of a veth pair made by Link.
@@ -81,10 +82,4 @@ func Sysctl(t testing.TB, n ns.NetNS, key, value string) {
 
 // OriginalDst returns a TCP connection's destination before a REDIRECT
 // (SO_ORIGINAL_DST, or its IPv6 twin), for test proxies.
-func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
-	s := originalDst(c)
-	if s == "none" {
-		return netip.AddrPort{}, fmt.Errorf("no original destination for %s", c.LocalAddr())
-	}
-	return netip.ParseAddrPort(s)
-}
+func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) { return sockopt.OriginalDst(c) }

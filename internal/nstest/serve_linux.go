@@ -2,7 +2,6 @@ package nstest
 
 import (
 	"bufio"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -10,13 +9,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // Reply kinds, the first word of every line the servers write.
@@ -256,59 +256,11 @@ func (s *Server) addListener(l *net.TCPListener, reply func(*net.TCPConn) string
 
 // originalDst returns the connection's pre-NAT destination, or "none".
 func originalDst(c *net.TCPConn) string {
-	rc, err := c.SyscallConn()
+	ap, err := sockopt.OriginalDst(c)
 	if err != nil {
 		return "none"
 	}
-	var ap netip.AddrPort
-	var serr error
-	is6 := false
-	if la, ok := c.LocalAddr().(*net.TCPAddr); ok && la.IP.To4() == nil {
-		is6 = true
-	}
-	err = rc.Control(func(fd uintptr) {
-		if is6 {
-			ap, serr = getOrigDst6(int(fd))
-		} else {
-			ap, serr = getOrigDst4(int(fd))
-		}
-	})
-	if err != nil || serr != nil {
-		return "none"
-	}
 	return ap.String()
-}
-
-// SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST
-// (linux/netfilter_ipv6/ip6_tables.h) are both 80.
-const soOriginalDst = 80
-
-func getOrigDst4(fd int) (netip.AddrPort, error) {
-	var sa unix.RawSockaddrInet4
-	l := uint32(unsafe.Sizeof(sa))
-	if err := getsockopt(fd, unix.SOL_IP, soOriginalDst, unsafe.Pointer(&sa), &l); err != nil {
-		return netip.AddrPort{}, err
-	}
-	port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
-	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port), nil
-}
-
-func getOrigDst6(fd int) (netip.AddrPort, error) {
-	var sa unix.RawSockaddrInet6
-	l := uint32(unsafe.Sizeof(sa))
-	if err := getsockopt(fd, unix.SOL_IPV6, soOriginalDst, unsafe.Pointer(&sa), &l); err != nil {
-		return netip.AddrPort{}, err
-	}
-	port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
-	return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), port), nil
-}
-
-func getsockopt(fd, level, opt int, p unsafe.Pointer, l *uint32) error {
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(l)), 0)
-	if e != 0 {
-		return syscall.Errno(e)
-	}
-	return nil
 }
 
 // setPktInfo asks for the destination address of each datagram.

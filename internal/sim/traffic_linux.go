@@ -3,7 +3,6 @@ package sim
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -16,10 +15,10 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // Processes that must run as a given UID (clients, the sidecar) are this
@@ -191,29 +190,8 @@ func runDialChild() int {
 	}
 	d := net.Dialer{Timeout: timeout}
 	if source != "" {
-		ip := net.ParseIP(source)
-		if ip == nil {
-			return fail(fmt.Errorf("bad source address %q", source))
-		}
-		if strings.HasPrefix(network, "udp") {
-			d.LocalAddr = &net.UDPAddr{IP: ip}
-		} else {
-			d.LocalAddr = &net.TCPAddr{IP: ip}
-		}
-		d.Control = func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			err := rc.Control(func(fd uintptr) {
-				level, freebind, transparent := unix.SOL_IP, unix.IP_FREEBIND, unix.IP_TRANSPARENT
-				if ip.To4() == nil {
-					level, freebind, transparent = unix.SOL_IPV6, unix.IPV6_FREEBIND, unix.IPV6_TRANSPARENT
-				}
-				serr = unix.SetsockoptInt(int(fd), level, freebind, 1)
-				_ = unix.SetsockoptInt(int(fd), level, transparent, 1)
-			})
-			if err != nil {
-				return err
-			}
-			return serr
+		if err := sockopt.SourceDialer(&d, network, source); err != nil {
+			return fail(err)
 		}
 	}
 	c, err := d.Dial(network, addr)
@@ -245,18 +223,7 @@ func runDialChild() int {
 	return 0
 }
 
-func classify(err error) string {
-	var ne net.Error
-	switch {
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return "refused"
-	case errors.As(err, &ne) && ne.Timeout():
-		return "timeout"
-	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
-		return "unreachable"
-	}
-	return "other"
-}
+func classify(err error) string { return sockopt.Classify(err) }
 
 // servers tracks listening sockets and their handlers.
 type servers struct {
@@ -542,34 +509,4 @@ func relay(a, b net.Conn) {
 
 // originalDst returns a redirected TCP connection's destination before
 // NAT: SO_ORIGINAL_DST, or for IPv6 IP6T_SO_ORIGINAL_DST (also 80).
-func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	is6 := c.LocalAddr().(*net.TCPAddr).IP.To4() == nil
-	var ap netip.AddrPort
-	var serr error
-	err = rc.Control(func(fd uintptr) {
-		var sa4 unix.RawSockaddrInet4
-		var sa6 unix.RawSockaddrInet6
-		level, p, l := unix.SOL_IP, unsafe.Pointer(&sa4), uint32(unsafe.Sizeof(sa4))
-		if is6 {
-			level, p, l = unix.SOL_IPV6, unsafe.Pointer(&sa6), uint32(unsafe.Sizeof(sa6))
-		}
-		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), unix.SO_ORIGINAL_DST, uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
-		if e != 0 {
-			serr = e
-			return
-		}
-		if is6 {
-			ap = netip.AddrPortFrom(netip.AddrFrom16(sa6.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:]))
-		} else {
-			ap = netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:]))
-		}
-	})
-	if err == nil {
-		err = serr
-	}
-	return ap, err
-}
+func originalDst(c *net.TCPConn) (netip.AddrPort, error) { return sockopt.OriginalDst(c) }
