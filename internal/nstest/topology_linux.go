@@ -1,17 +1,17 @@
 package nstest
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sim"
 )
 
 // Addresses of the pod topology. They are all from documentation ranges
@@ -154,41 +154,7 @@ func NewPod(t testing.TB, opts PodOptions) *Pod {
 	return p
 }
 
-// linkReadyTimeout bounds the wait for carrier on the veth.
-const linkReadyTimeout = 5 * time.Second
-
-// waitLinkReady waits until the link has carrier and IPv6 has configured
-// it. The veth's carrier comes up asynchronously (linkwatch), and only
-// then does IPv6 add the link-local address and the ff00::/8 route that
-// neighbour solicitations need: before that, the first IPv6 connection
-// of a test would stall on neighbour discovery.
-func waitLinkReady(name string) error {
-	deadline := time.Now().Add(linkReadyTimeout)
-	for {
-		link, err := netlink.LinkByName(name)
-		if err != nil {
-			return fmt.Errorf("could not find %s: %w", name, err)
-		}
-		if link.Attrs().OperState == netlink.OperUp {
-			// A dump interrupted by a concurrent change is retried by
-			// the loop. (netlinksafe would do that, but it drags a
-			// module this repo does not require.)
-			addrs, err := netlink.AddrList(link, netlink.FAMILY_V6)
-			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-				return fmt.Errorf("could not list addresses of %s: %w", name, err)
-			}
-			for _, a := range addrs {
-				if a.IP.IsLinkLocalUnicast() && a.Flags&unix.IFA_F_TENTATIVE == 0 {
-					return nil
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("link %s not ready after %s (operstate %s)", name, linkReadyTimeout, link.Attrs().OperState)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+func waitLinkReady(name string) error { return sim.WaitLinkReady(name) }
 
 // setupLink turns DAD off, adds the addresses and brings the link up. It
 // runs inside the link's namespace.

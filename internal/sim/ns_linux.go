@@ -122,7 +122,7 @@ func Link(a, b LinkEnd) error {
 		}
 	}
 	for _, e := range []LinkEnd{a, b} {
-		if err := e.NS.Do(func(ns.NetNS) error { return waitLinkReady(e.Name) }); err != nil {
+		if err := e.NS.Do(func(ns.NetNS) error { return WaitLinkReady(e.Name) }); err != nil {
 			return err
 		}
 	}
@@ -198,10 +198,12 @@ func setupLink(name string, addrs ...netip.Prefix) error {
 	return nil
 }
 
-// waitLinkReady waits until the link has carrier and a usable IPv6
-// link-local address, without which the first IPv6 connection would
-// stall on neighbour discovery.
-func waitLinkReady(name string) error {
+// WaitLinkReady waits until the link (in the calling thread's namespace)
+// has carrier and a usable IPv6 link-local address. A veth's carrier
+// comes up asynchronously, and only then does IPv6 configure the link:
+// before that, the first IPv6 connection would stall on neighbour
+// discovery. The test harness (internal/nstest) uses it too.
+func WaitLinkReady(name string) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		link, err := netlink.LinkByName(name)
