@@ -82,7 +82,8 @@ bench: deps
 # seed corpora (f.Add and testdata/fuzz) also run in `make test`.
 fuzz:
 	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node ./pkg/install; do \
-		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+		targets=$$($(GO) test -list '^Fuzz' $$pkg) || { echo "$$targets"; exit 1; }; \
+		for t in $$(echo "$$targets" | grep '^Fuzz'); do \
 			echo "== $$pkg $$t"; \
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $${FUZZTIME:-2m} $$pkg || exit 1; \
 		done; \

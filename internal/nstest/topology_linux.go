@@ -11,7 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/internal/netwait"
 )
 
 // Addresses of the pod topology. They are all from documentation ranges
@@ -154,7 +154,7 @@ func NewPod(t testing.TB, opts PodOptions) *Pod {
 	return p
 }
 
-func waitLinkReady(name string) error { return sim.WaitLinkReady(name) }
+func waitLinkReady(name string) error { return netwait.LinkReady(name) }
 
 // setupLink turns DAD off, adds the addresses and brings the link up. It
 // runs inside the link's namespace.

@@ -17,7 +17,6 @@
 package sim
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -26,11 +25,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/netwait"
 )
 
 // Stack holds cleanup functions and runs them last in, first out.
@@ -198,35 +198,8 @@ func setupLink(name string, addrs ...netip.Prefix) error {
 	return nil
 }
 
-// WaitLinkReady waits until the link (in the calling thread's namespace)
-// has carrier and a usable IPv6 link-local address. A veth's carrier
-// comes up asynchronously, and only then does IPv6 configure the link:
-// before that, the first IPv6 connection would stall on neighbour
-// discovery. The test harness (internal/nstest) uses it too.
-func WaitLinkReady(name string) error {
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		link, err := netlink.LinkByName(name)
-		if err != nil {
-			return fmt.Errorf("could not find %s: %w", name, err)
-		}
-		if link.Attrs().OperState == netlink.OperUp {
-			addrs, err := netlink.AddrList(link, netlink.FAMILY_V6)
-			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-				return fmt.Errorf("could not list addresses of %s: %w", name, err)
-			}
-			for _, a := range addrs {
-				if a.IP.IsLinkLocalUnicast() && a.Flags&unix.IFA_F_TENTATIVE == 0 {
-					return nil
-				}
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("link %s not ready after 5s (operstate %s)", name, link.Attrs().OperState)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// WaitLinkReady is netwait.LinkReady, kept for the demo's callers.
+func WaitLinkReady(name string) error { return netwait.LinkReady(name) }
 
 // writeSysctl writes a /proc/sys/net file; from a thread inside a
 // namespace, /proc/sys/net is that namespace's.
