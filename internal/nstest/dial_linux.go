@@ -1,12 +1,10 @@
 package nstest
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -228,35 +226,11 @@ func runDialChild() int {
 		fmt.Fprintf(os.Stderr, "%s%s %v\n", childErrPrefix, classify(err), err)
 		return 1
 	}
-	d := net.Dialer{Timeout: timeout}
-	if src := os.Getenv(childSource); src != "" {
-		if err := sockopt.SourceDialer(&d, network, src); err != nil {
-			return fail(err)
-		}
-	}
-	c, err := d.Dial(network, addr)
+	out, err := sockopt.Exchange(network, addr, os.Getenv(childSource), timeout, false)
 	if err != nil {
 		return fail(err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(timeout))
-	if strings.HasPrefix(network, "udp") {
-		if _, err := c.Write([]byte("ping\n")); err != nil {
-			return fail(err)
-		}
-		buf := make([]byte, 2048)
-		n, err := c.Read(buf)
-		if err != nil {
-			return fail(err)
-		}
-		os.Stdout.Write(buf[:n])
-		return 0
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return fail(err)
-	}
-	os.Stdout.WriteString(line)
+	os.Stdout.Write(out)
 	return 0
 }
 

@@ -188,38 +188,11 @@ func runDialChild() int {
 		fmt.Fprintf(os.Stderr, "%s%s %v\n", errPrefix, classify(err), err)
 		return 1
 	}
-	d := net.Dialer{Timeout: timeout}
-	if source != "" {
-		if err := sockopt.SourceDialer(&d, network, source); err != nil {
-			return fail(err)
-		}
-	}
-	c, err := d.Dial(network, addr)
+	out, err := sockopt.Exchange(network, addr, source, timeout, true)
 	if err != nil {
 		return fail(err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(timeout))
-	if strings.HasPrefix(network, "udp") {
-		if _, err := c.Write([]byte("ping\n")); err != nil {
-			return fail(err)
-		}
-		buf := make([]byte, 2048)
-		k, err := c.Read(buf)
-		if err != nil {
-			return fail(err)
-		}
-		os.Stdout.Write(buf[:k])
-		return 0
-	}
-	b, err := io.ReadAll(c)
-	if len(b) == 0 && err != nil {
-		return fail(err)
-	}
-	if len(b) == 0 {
-		return fail(errors.New("connection closed without a reply"))
-	}
-	os.Stdout.Write(b)
+	os.Stdout.Write(out)
 	return 0
 }
 

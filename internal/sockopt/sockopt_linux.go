@@ -5,13 +5,16 @@
 package sockopt
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -101,4 +104,50 @@ func Classify(err error) string {
 		return "unreachable"
 	}
 	return "other"
+}
+
+// Exchange is one probe, as the test clients and the demo's clients run
+// it in a child process of the identity under test: dial (from source,
+// if given), then for UDP send "ping\n" and return the first datagram;
+// for TCP return the first line, or with untilEOF everything until the
+// peer closes. Every step is bounded by timeout.
+func Exchange(network, addr, source string, timeout time.Duration, untilEOF bool) ([]byte, error) {
+	d := net.Dialer{Timeout: timeout}
+	if source != "" {
+		if err := SourceDialer(&d, network, source); err != nil {
+			return nil, err
+		}
+	}
+	c, err := d.Dial(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	if strings.HasPrefix(network, "udp") {
+		if _, err := c.Write([]byte("ping\n")); err != nil {
+			return nil, err
+		}
+		buf := make([]byte, 2048)
+		n, err := c.Read(buf)
+		if err != nil {
+			return nil, err
+		}
+		return buf[:n], nil
+	}
+	if !untilEOF {
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return nil, err
+		}
+		return []byte(line), nil
+	}
+	b, err := io.ReadAll(c)
+	if len(b) == 0 && err != nil {
+		return nil, err
+	}
+	if len(b) == 0 {
+		return nil, errors.New("connection closed without a reply")
+	}
+	return b, nil
 }
