@@ -118,6 +118,9 @@ type GatewaySelectorConf struct {
 	Namespace     *string `json:"namespace,omitempty"`
 	PodNamePrefix *string `json:"podNamePrefix,omitempty"`
 	Annotation    *string `json:"annotation,omitempty"`
+	// AllowedNamespaces are the namespaces whose pods the annotation
+	// may make gateways; without it the annotation is ignored.
+	AllowedNamespaces []string `json:"allowedNamespaces,omitempty"`
 }
 
 // Settings is a parsed, validated NetConf.
@@ -356,6 +359,12 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 			}
 			*m.dst = *m.v
 		}
+		for _, ns := range g.AllowedNamespaces {
+			if !validNamespace(ns) {
+				return nil, cfgErr("gatewaySelector.allowedNamespaces", ns, "not a Kubernetes namespace name")
+			}
+		}
+		s.Gateways.AllowedNamespaces = slices.Clone(g.AllowedNamespaces)
 	}
 	// Present means delivered, even as null: libcni passes a nil map
 	// (a pod without annotations) as null. Absent means the runtime
@@ -450,4 +459,18 @@ func reasonOf(err error) string {
 		return fe.Reason
 	}
 	return err.Error()
+}
+
+// validNamespace: an RFC 1123 label, as Kubernetes requires of a
+// namespace name.
+func validNamespace(s string) bool {
+	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-') {
+			return false
+		}
+	}
+	return true
 }

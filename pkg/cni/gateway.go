@@ -3,6 +3,7 @@ package cni
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -10,20 +11,25 @@ import (
 )
 
 // GatewaySelector says which pods are egress gateways, whose traffic the
-// node layer lets out of the cluster. A pod is a gateway if its namespace
-// is Namespace and its name starts with PodNamePrefix, or if it carries
-// Annotation with the value "true". An empty Namespace or PodNamePrefix
-// turns the name rule off; an empty Annotation turns the annotation rule
-// off.
+// node layer lets out of the cluster (on egress nodes only). A pod is a
+// gateway if its namespace is Namespace and its name starts with
+// PodNamePrefix: a protected namespace plus a name, which whoever can
+// create pods elsewhere cannot grant themselves. The annotation rule
+// (Annotation with the value "true") is honoured only for pods in
+// AllowedNamespaces, and trusts whoever can create pods there; with no
+// AllowedNamespaces it is off. An empty Namespace or PodNamePrefix turns
+// the name rule off.
 type GatewaySelector struct {
-	Namespace     string
-	PodNamePrefix string
-	Annotation    string
+	Namespace         string
+	PodNamePrefix     string
+	Annotation        string
+	AllowedNamespaces []string
 }
 
 // DefaultGatewaySelector matches Istio's default egress gateway
-// deployment (istio-system/istio-egressgateway-…) and pods annotated
-// egress-cni.io/gateway: "true".
+// deployment (istio-system/istio-egressgateway-…). The annotation
+// egress-cni.io/gateway is honoured only in namespaces listed in
+// gatewaySelector.allowedNamespaces, none by default.
 var DefaultGatewaySelector = GatewaySelector{
 	Namespace:     "istio-system",
 	PodNamePrefix: "istio-egressgateway",
@@ -32,15 +38,19 @@ var DefaultGatewaySelector = GatewaySelector{
 
 // IsGateway applies the selector to a pod and its annotations (nil when
 // the runtime delivered none: only the name rule applies then). It
-// returns why the pod is a gateway, for logs, or "".
-func (g GatewaySelector) IsGateway(pod Pod, ann map[string]string) string {
+// returns why the pod is a gateway, for logs, or "", and whether the pod
+// asked to be one by annotation and was refused (for a warning).
+func (g GatewaySelector) IsGateway(pod Pod, ann map[string]string) (why string, refused bool) {
 	if g.Namespace != "" && g.PodNamePrefix != "" && pod.Namespace == g.Namespace && strings.HasPrefix(pod.Name, g.PodNamePrefix) {
-		return fmt.Sprintf("namespace %s, name prefix %s", g.Namespace, g.PodNamePrefix)
+		return fmt.Sprintf("namespace %s, name prefix %s", g.Namespace, g.PodNamePrefix), false
 	}
 	if g.Annotation != "" && strings.TrimSpace(strings.ToLower(ann[g.Annotation])) == "true" {
-		return fmt.Sprintf("annotation %s=%q", g.Annotation, ann[g.Annotation])
+		if slices.Contains(g.AllowedNamespaces, pod.Namespace) {
+			return fmt.Sprintf("annotation %s=%q in allowed namespace %s", g.Annotation, ann[g.Annotation], pod.Namespace), false
+		}
+		return "", true
 	}
-	return ""
+	return "", false
 }
 
 // resultIPs returns every address of prevResult, unmapped, in order.

@@ -13,112 +13,104 @@ import (
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
-// GatewayStore edits the node layer's gateway sets in the current (host)
+// PodStore edits the node layer's per-pod sets in the current (host)
 // network namespace. pkg/node implements it; tests inject a fake.
-type GatewayStore interface {
-	AddGateways(gws ...node.Gateway) error
-	RemoveGateways(match func(node.Gateway) bool) ([]node.Gateway, error)
-	ListGateways() ([]node.Gateway, error)
+type PodStore interface {
+	RegisterPod(p node.Pod) ([]node.Pod, error)
+	UnregisterPods(match func(containerID string) bool) ([]node.Pod, error)
+	ListPods() ([]node.Pod, error)
 }
 
-// nodeGateways is GatewayStore over pkg/node.
-type nodeGateways struct{}
+// nodePods is PodStore over pkg/node.
+type nodePods struct{}
 
-func (nodeGateways) AddGateways(gws ...node.Gateway) error { return node.AddGateways(gws...) }
-func (nodeGateways) RemoveGateways(match func(node.Gateway) bool) ([]node.Gateway, error) {
-	return node.RemoveGateways(match)
+func (nodePods) RegisterPod(p node.Pod) ([]node.Pod, error) { return node.RegisterPod(p) }
+func (nodePods) UnregisterPods(match func(string) bool) ([]node.Pod, error) {
+	return node.UnregisterPods(match)
 }
+func (nodePods) ListPods() ([]node.Pod, error) { return node.ListPods() }
 
-func (nodeGateways) ListGateways() ([]node.Gateway, error) { return node.ListGateways() }
-
-func (p *Plugin) gateways() GatewayStore {
-	if p.Gateways != nil {
-		return p.Gateways
+func (p *Plugin) pods() PodStore {
+	if p.Pods != nil {
+		return p.Pods
 	}
-	return nodeGateways{}
+	return nodePods{}
 }
 
-// addGatewayMembership runs at the end of ADD with nodeEnforcement. For a
-// gateway pod it adds an (host interface, address) pair per address of
-// the pod, after dropping entries of another container that hold one of
-// those addresses; for any other pod it only drops such stale entries, so
-// an ordinary pod that reuses a departed gateway's address (a DEL that
-// never came) does not inherit its exemption. Each is one netlink batch
-// on the gateway sets: no rule is rewritten.
-func (p *Plugin) addGatewayMembership(inv *invocation, args *skel.CmdArgs) error {
+// registerPod runs at the end of ADD with nodeEnforcement, for every
+// pod: it registers the pod's host side and addresses with the node
+// rules (source validation), and a gateway's exemption on egress nodes.
+// One read and one netlink batch on the per-pod sets; no rule is
+// rewritten. It fails closed: a pod whose host side it cannot find, or
+// whose link is not a veth the host stack sees (macvlan, ipvlan, a moved
+// device), is refused, since the node could not enforce it.
+func (p *Plugin) registerPod(inv *invocation, args *skel.CmdArgs) error {
 	s := inv.s
+	who := podOrNetns(inv.pod, args.Netns)
 	ips, err := resultIPs(s.Conf.PrevResult)
 	if err != nil {
 		return withCode(types.ErrDecodingFailure, err, "")
 	}
-	why := s.Gateways.IsGateway(inv.pod, s.Annotations)
-	store := p.gateways()
-	stale := func(g node.Gateway) bool {
-		return g.ContainerID != args.ContainerID && slices.Contains(ips, g.IP)
-	}
-	if why == "" {
-		if len(ips) == 0 {
-			return nil
-		}
-		removed, err := store.RemoveGateways(stale)
-		if err != nil {
-			return fmt.Errorf("%s: could not remove stale gateway entries of its addresses: %w", podOrNetns(inv.pod, args.Netns), err)
-		}
-		if len(removed) > 0 {
-			inv.log.Warn("removed stale gateway entries holding this pod's addresses (a DEL was missed)", "removed", gatewayStrings(removed))
-		}
-		return nil
-	}
-	who := podOrNetns(inv.pod, args.Netns)
 	if len(ips) == 0 {
-		return withCode(types.ErrInvalidNetworkConfig, fmt.Errorf("%s is an egress gateway (%s) but prevResult has no IP address to exempt", who, why), "")
+		return withCode(types.ErrInvalidNetworkConfig, fmt.Errorf("%s: prevResult has no IP address, so the node cannot validate what the pod sends", who),
+			"nodeEnforcement needs the primary plugin's addresses in prevResult")
 	}
-	iface, how, err := hostInterface(args.Netns, args.IfName, s.Conf.PrevResult)
+	why, refused := s.Gateways.IsGateway(inv.pod, s.Annotations)
+	if refused {
+		inv.log.Warn("pod asks to be an egress gateway by annotation outside gatewaySelector.allowedNamespaces: not a gateway",
+			"annotation", s.Gateways.Annotation, "namespace", inv.pod.Namespace)
+	}
+	find := p.HostSide
+	if find == nil {
+		find = hostSide
+	}
+	port, l3, how, err := find(args.Netns, args.IfName, s.Conf.PrevResult)
 	if err != nil {
-		return fmt.Errorf("%s is an egress gateway (%s): %w", who, why, err)
+		return withCode(types.ErrInvalidNetworkConfig, fmt.Errorf("%s: the node cannot enforce this pod: %w", who, err),
+			"nodeEnforcement needs the pod's link to be a veth whose peer is in the host namespace (bridge, ptp, Calico, Cilium, …)")
 	}
-	gws := make([]node.Gateway, 0, len(ips))
-	for _, ip := range ips {
-		gws = append(gws, node.Gateway{Iface: iface, IP: ip, ContainerID: args.ContainerID})
+	entry := node.Pod{ContainerID: args.ContainerID, Port: port, L3: l3, IPs: ips, Gateway: why != ""}
+	stale, err := p.pods().RegisterPod(entry)
+	switch {
+	case errors.Is(err, node.ErrNotApplied):
+		return withCode(types.ErrTryAgainLater, fmt.Errorf("%s: the node's egress rules are not in place: %w", who, err),
+			"nodeEnforcement is on: no pod starts on a node without its rules; the installer applies them")
+	case errors.Is(err, node.ErrNotEgressNode):
+		return withCode(types.ErrInvalidNetworkConfig, fmt.Errorf("%s is an egress gateway (%s): %w", who, why, err),
+			"schedule egress gateways on egress nodes (nodeSelector egress-cni.io/role: egress)")
+	case err != nil:
+		return fmt.Errorf("%s: could not register with the node rules: %w", who, err)
 	}
-	removed, err := store.RemoveGateways(stale)
-	if err != nil {
-		return fmt.Errorf("%s: could not remove stale gateway entries of its addresses: %w", who, err)
+	if len(stale) > 0 {
+		inv.log.Warn("removed stale registrations holding this pod's addresses or port (a DEL was missed)", "removed", podStrings(stale))
 	}
-	if err := store.AddGateways(gws...); err != nil {
-		if errors.Is(err, node.ErrNotApplied) {
-			return withCode(types.ErrTryAgainLater, fmt.Errorf("%s is an egress gateway (%s) but the node's egress rules are not in place: %w", who, why, err),
-				"nodeEnforcement is on: apply the node rules (egress-node apply, or the installer) before gateway pods start")
-		}
-		return fmt.Errorf("%s: could not exempt gateway %s: %w", who, iface, err)
-	}
-	inv.log.Info("gateway exempted", "gateway", why, "iface", iface, "ifaceFrom", how, "ips", ips,
-		"staleRemoved", gatewayStrings(removed))
+	inv.log.Info("registered with the node rules", "port", port, "l3", l3, "found", how, "ips", ips, "gateway", why)
 	return nil
 }
 
-func gatewayStrings(gws []node.Gateway) []string {
-	out := make([]string, len(gws))
-	for i, g := range gws {
-		out[i] = g.String()
+func podStrings(ps []node.Pod) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.String()
 	}
 	return out
 }
 
-// hostInterface finds the host-side interface of the pod's link, for any
-// veth-based primary CNI: the pod's ifName inside its namespace names its
-// veth peer by index (IFLA_LINK), which is resolved in the current (host)
-// namespace and checked to be a veth whose own peer is that pod
-// interface. If that fails (another link type, a peer in a third
+// hostSide finds the host side of the pod's link: the pod's ifName
+// inside its namespace names its veth peer by index (IFLA_LINK), which is
+// resolved in the current (host) namespace and checked to be a veth whose
+// own peer is that pod interface. If that fails (a peer in a third
 // namespace), it falls back to prevResult's host interfaces that are
-// veths here. It says which way it found the name.
-func hostInterface(nsPath, ifName string, prev types.Result) (string, string, error) {
+// veths here. l3 is the bridge the veth is a port of, or the veth itself.
+func hostSide(nsPath, ifName string, prev types.Result) (port, l3, how string, err error) {
 	var podIndex, peerIndex int
-	err := netns.Do(nsPath, func() error {
+	var podType string
+	err = netns.Do(nsPath, func() error {
 		l, err := netlink.LinkByName(ifName)
 		if err != nil {
 			return err
 		}
+		podType = l.Type()
 		podIndex = l.Attrs().Index
 		peerIndex = l.Attrs().ParentIndex
 		if v, ok := l.(*netlink.Veth); ok && peerIndex == 0 {
@@ -129,22 +121,40 @@ func hostInterface(nsPath, ifName string, prev types.Result) (string, string, er
 		}
 		return nil
 	})
+	if err == nil && podType != "veth" {
+		return "", "", "", fmt.Errorf("its interface %s is a %s, not a veth: its traffic does not cross the node's forward path", ifName, podType)
+	}
+	var h netlink.Link
 	if err == nil && peerIndex > 0 {
-		if h, err := netlink.LinkByIndex(peerIndex); err == nil && h.Type() == "veth" && h.Attrs().ParentIndex == podIndex {
-			return h.Attrs().Name, "veth peer", nil
+		if l, e := netlink.LinkByIndex(peerIndex); e == nil && l.Type() == "veth" && l.Attrs().ParentIndex == podIndex {
+			h, how = l, "veth peer"
 		}
 	}
-	var found []string
-	for _, name := range hostInterfaces(prev) {
-		if h, err := netlink.LinkByName(name); err == nil && h.Type() == "veth" {
-			found = append(found, name)
+	if h == nil {
+		var found []netlink.Link
+		for _, name := range hostInterfaces(prev) {
+			if l, e := netlink.LinkByName(name); e == nil && l.Type() == "veth" {
+				found = append(found, l)
+			}
 		}
+		if len(found) != 1 {
+			return "", "", "", fmt.Errorf("could not find the host side of %s in %s (veth peer lookup: %v; veth host interfaces in prevResult: %d)",
+				ifName, nsPath, errOr(err, "peer not in this namespace"), len(found))
+		}
+		h, how = found[0], "prevResult"
 	}
-	if len(found) == 1 {
-		return found[0], "prevResult", nil
+	port, l3 = h.Attrs().Name, h.Attrs().Name
+	if m := h.Attrs().MasterIndex; m > 0 {
+		br, e := netlink.LinkByIndex(m)
+		if e != nil {
+			return "", "", "", fmt.Errorf("host veth %s has master index %d, which could not be read: %w", port, m, e)
+		}
+		if br.Type() != "bridge" {
+			return "", "", "", fmt.Errorf("host veth %s is enslaved to %s, a %s: only bridges and routed veths are enforced", port, br.Attrs().Name, br.Type())
+		}
+		l3 = br.Attrs().Name
 	}
-	return "", "", fmt.Errorf("could not find the host-side interface of %s in %s (veth peer lookup: %v; veth host interfaces in prevResult: %q)",
-		ifName, nsPath, errOr(err, "peer not in this namespace"), found)
+	return port, l3, how, nil
 }
 
 func errOr(err error, s string) string {
@@ -154,63 +164,66 @@ func errOr(err error, s string) string {
 	return s
 }
 
-// checkGatewayMembership verifies that a gateway pod holds an entry for
-// each of its addresses, with its container ID. Other pods are not
-// checked: an entry of theirs would be removed by their next ADD.
-func (p *Plugin) checkGatewayMembership(inv *invocation, args *skel.CmdArgs) error {
+// checkRegistration verifies that the pod is registered with each of
+// its addresses, as a gateway exactly when it is one.
+func (p *Plugin) checkRegistration(inv *invocation, args *skel.CmdArgs) error {
 	s := inv.s
-	why := s.Gateways.IsGateway(inv.pod, s.Annotations)
-	if why == "" {
-		return nil
-	}
 	who := podOrNetns(inv.pod, args.Netns)
 	ips, err := resultIPs(s.Conf.PrevResult)
 	if err != nil {
 		return withCode(types.ErrDecodingFailure, err, "")
 	}
-	gws, err := p.gateways().ListGateways()
+	why, _ := s.Gateways.IsGateway(inv.pod, s.Annotations)
+	pods, err := p.pods().ListPods()
 	if err != nil {
-		return fmt.Errorf("%s is an egress gateway (%s): could not list the node's gateway sets: %w", who, why, err)
+		return fmt.Errorf("%s: could not list the node's pod registrations: %w", who, err)
+	}
+	i := slices.IndexFunc(pods, func(x node.Pod) bool { return x.ContainerID == args.ContainerID })
+	if i < 0 {
+		return fmt.Errorf("%s is not registered with the node rules", who)
 	}
 	var missing []string
 	for _, ip := range ips {
-		if !slices.ContainsFunc(gws, func(g node.Gateway) bool { return g.IP == ip && g.ContainerID == args.ContainerID }) {
+		if !slices.Contains(pods[i].IPs, ip) {
 			missing = append(missing, ip.String())
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("%s is an egress gateway (%s) but the node's gateway sets lack its address(es) %v", who, why, missing)
+		return fmt.Errorf("%s: the node's registration lacks its address(es) %v", who, missing)
+	}
+	if pods[i].Gateway != (why != "") {
+		return fmt.Errorf("%s: registered as gateway=%v, but the selector says gateway=%v", who, pods[i].Gateway, why != "")
 	}
 	return nil
 }
 
-// delGatewayMembership drops the container's gateway entries. It needs
-// neither prevResult nor the pod's namespace, and succeeds when there is
-// nothing to drop or the node tables are absent.
-func (p *Plugin) delGatewayMembership(inv *invocation, containerID string) error {
-	removed, err := p.gateways().RemoveGateways(func(g node.Gateway) bool { return g.ContainerID == containerID })
+// unregisterPod drops the container's registration. It needs neither
+// prevResult nor the pod's namespace, and succeeds when there is nothing
+// to drop or the node tables are absent.
+func (p *Plugin) unregisterPod(inv *invocation, containerID string) error {
+	removed, err := p.pods().UnregisterPods(func(id string) bool { return id == containerID })
 	if err != nil {
-		return fmt.Errorf("could not remove gateway entries of container %s: %w", containerID, err)
+		return fmt.Errorf("could not remove the node registration of container %s: %w", containerID, err)
 	}
 	if len(removed) > 0 {
-		inv.log.Info("gateway entries removed", "removed", gatewayStrings(removed))
+		inv.log.Info("node registration removed", "removed", podStrings(removed))
 	}
 	return nil
 }
 
-// gcGatewayMembership drops entries whose container is not among the
-// valid attachments: gateways whose DEL never came.
-func (p *Plugin) gcGatewayMembership(inv *invocation, valid []types.GCAttachment) error {
+// gcRegistrations drops registrations whose container is not among the
+// valid attachments: pods whose DEL never came.
+func (p *Plugin) gcRegistrations(inv *invocation, valid []types.GCAttachment) error {
 	keep := map[string]bool{}
 	for _, a := range valid {
 		keep[a.ContainerID] = true
 	}
-	removed, err := p.gateways().RemoveGateways(func(g node.Gateway) bool { return !keep[g.ContainerID] })
+	removed, err := p.pods().UnregisterPods(func(id string) bool { return !keep[id] })
 	if err != nil {
-		return fmt.Errorf("could not collect gateway entries: %w", err)
+		return fmt.Errorf("could not collect node registrations: %w", err)
 	}
 	if len(removed) > 0 {
-		inv.log.Info("GC removed gateway entries of containers that no longer exist", "removed", gatewayStrings(removed))
+		inv.log.Info("GC removed node registrations of containers that no longer exist", "removed", podStrings(removed))
 	}
 	return nil
 }

@@ -1,90 +1,147 @@
 package cni
 
 import (
+	"errors"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
-// fakeGateways is an in-memory gateway set.
-type fakeGateways struct {
-	gws   []node.Gateway
-	calls int
+// fakePods is an in-memory node registration store with node.RegisterPod's
+// stale-removal semantics.
+type fakePods struct {
+	pods   []node.Pod
+	calls  int
+	egress bool
+	err    error
 }
 
-func (f *fakeGateways) AddGateways(gws ...node.Gateway) error {
+func (f *fakePods) RegisterPod(p node.Pod) ([]node.Pod, error) {
 	f.calls++
-	f.gws = append(f.gws, gws...)
-	return nil
-}
-
-func (f *fakeGateways) RemoveGateways(match func(node.Gateway) bool) ([]node.Gateway, error) {
-	f.calls++
-	var keep, removed []node.Gateway
-	for _, g := range f.gws {
-		if match(g) {
-			removed = append(removed, g)
+	if f.err != nil {
+		return nil, f.err
+	}
+	if p.Gateway && !f.egress {
+		return nil, node.ErrNotEgressNode
+	}
+	var keep, stale []node.Pod
+	for _, o := range f.pods {
+		if o.ContainerID != p.ContainerID && (o.Port == p.Port || slices.ContainsFunc(o.IPs, func(ip netip.Addr) bool { return slices.Contains(p.IPs, ip) })) {
+			stale = append(stale, o)
 		} else {
-			keep = append(keep, g)
+			keep = append(keep, o)
 		}
 	}
-	f.gws = keep
+	f.pods = append(keep, p)
+	return stale, nil
+}
+
+func (f *fakePods) UnregisterPods(match func(string) bool) ([]node.Pod, error) {
+	f.calls++
+	var keep, removed []node.Pod
+	for _, p := range f.pods {
+		if match(p.ContainerID) {
+			removed = append(removed, p)
+		} else {
+			keep = append(keep, p)
+		}
+	}
+	f.pods = keep
 	return removed, nil
 }
 
-func (f *fakeGateways) ListGateways() ([]node.Gateway, error) { return f.gws, nil }
+func (f *fakePods) ListPods() ([]node.Pod, error) { return f.pods, nil }
 
-func gw(iface, ip, id string) node.Gateway {
-	return node.Gateway{Iface: iface, IP: netip.MustParseAddr(ip), ContainerID: id}
+func fakeHostSide(port, l3 string, err error) func(string, string, types.Result) (string, string, string, error) {
+	return func(string, string, types.Result) (string, string, string, error) { return port, l3, "fake", err }
 }
 
-// An ordinary pod's ADD drops entries of other containers holding its
-// address in one call; DEL drops the container's entries without a
+func regPod(id, port, ip string, gw bool) node.Pod {
+	return node.Pod{ContainerID: id, Port: port, L3: "cni0", IPs: []netip.Addr{netip.MustParseAddr(ip)}, Gateway: gw}
+}
+
+// Every pod's ADD registers it (one call) and takes over stale entries of
+// its address; DEL drops the container's registration without a
 // namespace or prevResult; GC keeps only valid attachments.
-func TestGatewayMembershipAddDelGC(t *testing.T) {
+func TestRegistrationAddDelGC(t *testing.T) {
 	p, _, _ := fakePlugin()
-	f := &fakeGateways{gws: []node.Gateway{
-		gw("vethold", "198.51.100.5", "c-old"),    // departed gateway, same IP as the new pod
-		gw("vethgw", "198.51.100.9", "c-gw"),      // live gateway
-		gw("vethgone", "198.51.100.10", "c-gone"), // DEL missed, not valid any more
+	f := &fakePods{egress: true, pods: []node.Pod{
+		regPod("c-old", "vethold", "198.51.100.5", true), // departed gateway, same IP as the new pod
+		regPod("c-gw", "vethgw", "198.51.100.9", true),   // live gateway
+		regPod("c-gone", "vethgone", "198.51.100.10", false),
 	}}
-	p.Gateways = f
+	p.Pods = f
+	p.HostSide = fakeHostSide("veth1", "cni0", nil)
 	const keys = `"nodeEnforcement": true`
 	err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", keys, map[string]string{}, true)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.calls != 1 || len(f.gws) != 2 || f.gws[0].ContainerID != "c-gw" {
-		t.Fatalf("after ordinary ADD: %d calls, %v", f.calls, f.gws)
+	if f.calls != 1 || len(f.pods) != 3 || slices.ContainsFunc(f.pods, func(p node.Pod) bool { return p.ContainerID == "c-old" }) {
+		t.Fatalf("after ordinary ADD: %d calls, %v", f.calls, f.pods)
 	}
-	// DEL of the live gateway, with no netns: twice, idempotent.
+	if got := f.pods[2]; got.ContainerID != "c1" || got.Port != "veth1" || got.L3 != "cni0" || got.Gateway {
+		t.Fatalf("registered %+v", got)
+	}
 	for range 2 {
 		if err := p.Del(&skel.CmdArgs{ContainerID: "c-gw", IfName: "eth0", StdinData: stdin("1.0.0", keys, nil, false)}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if len(f.gws) != 1 || f.gws[0].ContainerID != "c-gone" {
-		t.Fatalf("after DEL: %v", f.gws)
+	if slices.ContainsFunc(f.pods, func(p node.Pod) bool { return p.ContainerID == "c-gw" }) {
+		t.Fatalf("after DEL: %v", f.pods)
 	}
-	f.gws = append(f.gws, gw("vethlive", "198.51.100.11", "c-live"))
-	// GC without the valid-attachments key collects nothing.
-	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", keys, nil, false)}); err != nil || len(f.gws) != 2 {
-		t.Fatalf("GC without attachments: %v, %v", err, f.gws)
+	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", keys, nil, false)}); err != nil || len(f.pods) != 2 {
+		t.Fatalf("GC without attachments: %v, %v", err, f.pods)
 	}
-	gc := keys + `, "cni.dev/valid-attachments": [{"containerID": "c-live", "ifname": "eth0"}]`
+	gc := keys + `, "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]`
 	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", gc, nil, false)}); err != nil {
 		t.Fatal(err)
 	}
-	if len(f.gws) != 1 || f.gws[0].ContainerID != "c-live" {
-		t.Fatalf("after GC: %v", f.gws)
+	if len(f.pods) != 1 || f.pods[0].ContainerID != "c1" {
+		t.Fatalf("after GC: %v", f.pods)
 	}
-	// Without nodeEnforcement nothing touches the sets.
 	f.calls = 0
-	_ = p.Del(&skel.CmdArgs{ContainerID: "c-live", StdinData: stdin("1.0.0", "", nil, false)})
+	_ = p.Del(&skel.CmdArgs{ContainerID: "c1", StdinData: stdin("1.0.0", "", nil, false)})
 	if f.calls != 0 {
-		t.Errorf("DEL without nodeEnforcement edited the gateway sets")
+		t.Errorf("DEL without nodeEnforcement edited the node sets")
+	}
+}
+
+// ADD fails closed, with the spec's codes: no host side (a macvlan pod),
+// no node rules, a gateway on an app node.
+func TestRegistrationRefusals(t *testing.T) {
+	const keys = `"nodeEnforcement": true`
+	gwArgs := "K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=istio-egressgateway-1;K8S_POD_INFRA_CONTAINER_ID=c2"
+	for _, tc := range []struct {
+		name     string
+		args     string
+		hostErr  error
+		storeErr error
+		egress   bool
+		code     uint
+		says     string
+	}{
+		{"macvlan pod", podArgs, errors.New("its interface eth0 is a macvlan, not a veth"), nil, true, types.ErrInvalidNetworkConfig, "cannot enforce"},
+		{"node rules missing", podArgs, nil, node.ErrNotApplied, true, types.ErrTryAgainLater, "not in place"},
+		{"gateway on an app node", gwArgs, nil, nil, false, types.ErrInvalidNetworkConfig, "egress nodes"},
+	} {
+		p, _, _ := fakePlugin()
+		f := &fakePods{egress: tc.egress, err: tc.storeErr}
+		p.Pods = f
+		p.HostSide = fakeHostSide("veth1", "cni0", tc.hostErr)
+		err := p.Add(&skel.CmdArgs{ContainerID: "c2", IfName: "eth0", Args: tc.args, StdinData: stdin("1.0.0", keys, map[string]string{}, true)})
+		if err == nil || Code(err) != tc.code || !strings.Contains(err.Error(), tc.says) {
+			t.Errorf("%s: err %v (code %d), want code %d saying %q", tc.name, err, Code(err), tc.code, tc.says)
+		}
+		if len(f.pods) != 0 {
+			t.Errorf("%s: registered %v", tc.name, f.pods)
+		}
 	}
 }

@@ -35,9 +35,12 @@ type Plugin struct {
 	NewBackend func(rules.BackendName, rules.BackendOptions) (rules.Backend, error)
 	// Stdout receives the CNI result, and nothing else.
 	Stdout io.Writer
-	// Gateways edits the node's gateway sets (nodeEnforcement); nil
-	// means pkg/node in the current namespace.
-	Gateways GatewayStore
+	// Pods edits the node's per-pod sets (nodeEnforcement); nil means
+	// pkg/node in the current namespace.
+	Pods PodStore
+	// HostSide finds a pod's host-side port and L3 interface; nil means
+	// hostSide (netlink). Tests without namespaces inject one.
+	HostSide func(nsPath, ifName string, prev types.Result) (port, l3, how string, err error)
 }
 
 // New returns the plugin wired to the real backends and os.Stdout.
@@ -110,7 +113,7 @@ func (p *Plugin) add(inv *invocation, args *skel.CmdArgs) error {
 	if s.NodeEnforcement {
 		// After the pod rules: a gateway is exempted only once its
 		// own capture (if any) is in place.
-		if err := p.addGatewayMembership(inv, args); err != nil {
+		if err := p.registerPod(inv, args); err != nil {
 			return err
 		}
 	}
@@ -193,7 +196,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	// does not parse cannot say nodeEnforcement; GC collects those.
 	var gwErr error
 	if err == nil && inv.s.NodeEnforcement {
-		gwErr = p.delGatewayMembership(inv, args.ContainerID)
+		gwErr = p.unregisterPod(inv, args.ContainerID)
 	}
 	if args.Netns == "" {
 		inv.log.Info("DEL done", "result", "no network namespace given, nothing to remove", "duration", time.Since(inv.start))
@@ -345,7 +348,7 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 		return b.Check(dec.Ruleset)
 	})
 	if err == nil && s.NodeEnforcement {
-		if err := p.checkGatewayMembership(inv, args); err != nil {
+		if err := p.checkRegistration(inv, args); err != nil {
 			return err
 		}
 	}
@@ -463,10 +466,10 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		return inv.end(withCode(types.ErrDecodingFailure, fmt.Errorf("could not parse GC config: %w", err), ""))
 	}
 	if _, ok := keys["cni.dev/valid-attachments"]; !ok {
-		inv.log.Warn("GC without cni.dev/valid-attachments: gateway entries left alone")
+		inv.log.Warn("GC without cni.dev/valid-attachments: node registrations left alone")
 		return inv.end(nil)
 	}
-	return inv.end(p.gcGatewayMembership(inv, inv.s.Conf.ValidAttachments))
+	return inv.end(p.gcRegistrations(inv, inv.s.Conf.ValidAttachments))
 }
 
 // findBinary looks in PATH, then in the sbin directories, as the

@@ -28,17 +28,27 @@ const (
 	RoleEgress Role = "egress"
 )
 
-// DefaultPodInterfaces are the host-side interface patterns of common
-// primary CNIs: the bridge of bridge/flannel, the per-pod veths of
-// ptp/kindnet, Calico's cali* and the AWS VPC CNI's eni*. A trailing '*'
-// is a prefix match.
-var DefaultPodInterfaces = []string{"cni0", "veth*", "cali*", "eni*"}
+// DefaultConnLabel is the conntrack label bit that marks a connection
+// created by a registered egress gateway. Labels (128 bits per
+// connection) are written by no component we know of on a Kubernetes
+// node, unlike packet marks (kube-proxy's 0x4000 and 0x8000, Calico's
+// 0xffff0000, Cilium's 0x0f00 and upper half) or the conntrack mark (the
+// AWS VPC CNI's 0x80). Only our rules set this bit, and only on the first
+// packet of a connection that comes from a gateway's own interface with
+// its own address.
+const DefaultConnLabel = 127
 
-// DefaultGatewayMark is the packet-mark bit that flags gateway traffic
-// between our bridge hook, forward hook and NAT. Pick another bit with
-// gatewayMark if a CNI on the node (Calico uses 0xffff0000 by default)
-// uses this one.
-const DefaultGatewayMark = 0x00004000
+// markOwners names who sets the packet-mark bits that a v1 config might
+// still hold in gatewayMark, for the error that refuses the key.
+var markOwners = []struct {
+	mask  uint32
+	owner string
+}{
+	{0x00004000, "kube-proxy's KUBE-MARK-MASQ (NodePort, externalIP, LoadBalancer and masqueradeAll traffic)"},
+	{0x00008000, "kube-proxy's KUBE-MARK-DROP"},
+	{0xffff0000, "Calico's default iptablesMarkMask and Cilium's identity bits"},
+	{0x00000f00, "Cilium's magic mark nibble"},
+}
 
 // LinkScope is always allowed: destinations that never leave the link.
 // On a bridge with br_netfilter, frames between two pods of the node pass
@@ -55,7 +65,10 @@ var LinkScope = []netip.Prefix{
 
 // File is the node config file, JSON.
 type File struct {
-	Role          Role     `json:"role"`
+	Role Role `json:"role"`
+	// PodInterfaces and GatewayMark are v1 keys. They are refused with
+	// a message rather than as unknown keys: coverage no longer depends
+	// on interface names, and no packet mark is used.
 	PodInterfaces []string `json:"podInterfaces,omitempty"`
 	PodCIDRs      []string `json:"podCIDRs"`
 	ServiceCIDRs  []string `json:"serviceCIDRs,omitempty"`
@@ -65,21 +78,24 @@ type File struct {
 	EgressIP      string   `json:"egressIP,omitempty"`
 	LogDrops      bool     `json:"logDrops,omitempty"`
 	LogRate       uint32   `json:"logRate,omitempty"`
-	GatewayMark   uint32   `json:"gatewayMark,omitempty"`
+	GatewayMark   *uint32  `json:"gatewayMark,omitempty"`
+	// ConnLabel is the conntrack label bit (0-127) for gateway
+	// connections; default DefaultConnLabel.
+	ConnLabel *int `json:"connLabel,omitempty"`
 }
 
 // Config is a validated node config.
 type Config struct {
-	Role          Role
-	PodInterfaces []string
+	Role Role
 	// Allowed holds every destination pods may reach: pod, service and
 	// node CIDRs and the explicit allow list, sorted.
-	Allowed     []netip.Prefix
-	Uplink      string
-	EgressIP    netip.Addr // invalid: masquerade
-	LogDrops    bool
-	LogRate     uint32
-	GatewayMark uint32
+	Allowed  []netip.Prefix
+	Uplink   string
+	EgressIP netip.Addr // invalid: masquerade
+	LogDrops bool
+	LogRate  uint32
+	// ConnLabel is the conntrack label bit of gateway connections.
+	ConnLabel int
 }
 
 // Load reads and parses a node config file.
@@ -109,21 +125,31 @@ func Parse(data []byte) (*Config, error) {
 
 // Config validates the file and returns the Config.
 func (f *File) Config() (*Config, error) {
-	c := &Config{Role: f.Role, LogDrops: f.LogDrops, LogRate: f.LogRate, GatewayMark: f.GatewayMark}
+	c := &Config{Role: f.Role, LogDrops: f.LogDrops, LogRate: f.LogRate, ConnLabel: DefaultConnLabel}
 	switch f.Role {
 	case RoleApp, RoleEgress:
 	default:
 		return nil, &rules.FieldError{Field: "role", Value: string(f.Role), Reason: `must be "app" or "egress"`}
 	}
-	c.PodInterfaces = f.PodInterfaces
-	if len(c.PodInterfaces) == 0 {
-		c.PodInterfaces = slices.Clone(DefaultPodInterfaces)
+	if f.PodInterfaces != nil {
+		return nil, &rules.FieldError{Field: "podInterfaces", Value: strings.Join(f.PodInterfaces, ","),
+			Reason: "was removed in node format 2: every forwarded packet is judged whatever interface it came in on, and the CNI plugin registers each pod's host interface; delete the key"}
 	}
-	for _, p := range c.PodInterfaces {
-		name := strings.TrimSuffix(p, "*")
-		if name == "" || len(name) > 15 || strings.ContainsAny(name, "/: \t*") {
-			return nil, &rules.FieldError{Field: "podInterfaces", Value: p, Reason: "not an interface name or name* prefix"}
+	if f.GatewayMark != nil {
+		why := "was removed in node format 2: gateway connections carry a conntrack label (connLabel), no packet mark; delete the key"
+		for _, o := range markOwners {
+			if *f.GatewayMark&o.mask != 0 {
+				why += fmt.Sprintf(" (and %#x is %s)", *f.GatewayMark&o.mask, o.owner)
+				break
+			}
 		}
+		return nil, &rules.FieldError{Field: "gatewayMark", Value: fmt.Sprintf("%#x", *f.GatewayMark), Reason: why}
+	}
+	if f.ConnLabel != nil {
+		if *f.ConnLabel < 0 || *f.ConnLabel > 127 {
+			return nil, &rules.FieldError{Field: "connLabel", Value: fmt.Sprint(*f.ConnLabel), Reason: "must be a conntrack label bit, 0-127"}
+		}
+		c.ConnLabel = *f.ConnLabel
 	}
 	if len(f.PodCIDRs) == 0 {
 		return nil, &rules.FieldError{Field: "podCIDRs", Value: "", Reason: "at least one pod CIDR is required"}
@@ -160,11 +186,6 @@ func (f *File) Config() (*Config, error) {
 		if _, err := rules.ParseInterfaceList("uplink", f.Uplink); err != nil || strings.Contains(f.Uplink, ",") {
 			return nil, &rules.FieldError{Field: "uplink", Value: f.Uplink, Reason: "not an interface name"}
 		}
-		for _, p := range c.PodInterfaces {
-			if matchIf(p, f.Uplink) {
-				return nil, &rules.FieldError{Field: "uplink", Value: f.Uplink, Reason: fmt.Sprintf("matches pod interface pattern %q; the uplink must not be treated as a pod", p)}
-			}
-		}
 		c.Uplink = f.Uplink
 	}
 	if f.EgressIP != "" {
@@ -180,18 +201,5 @@ func (f *File) Config() (*Config, error) {
 	if c.LogRate == 0 {
 		c.LogRate = 10
 	}
-	if c.GatewayMark == 0 {
-		c.GatewayMark = DefaultGatewayMark
-	}
-	if c.GatewayMark&(c.GatewayMark-1) != 0 {
-		return nil, &rules.FieldError{Field: "gatewayMark", Value: fmt.Sprintf("%#x", c.GatewayMark), Reason: "must be a single bit"}
-	}
 	return c, nil
-}
-
-func matchIf(pattern, name string) bool {
-	if p, ok := strings.CutSuffix(pattern, "*"); ok {
-		return strings.HasPrefix(name, p)
-	}
-	return pattern == name
 }

@@ -15,7 +15,7 @@ func FuzzNodeConfig(f *testing.F) {
 		egressCfg,
 		`{"role":"app","podCIDRs":["10.244.0.0/16"]}`,
 		`{"role":"app","podCIDRs":["10.244.0.0/33"]}`,
-		`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0","egressIP":"203.0.113.1","gatewayMark":1}`,
+		`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0","egressIP":"203.0.113.1","connLabel":5}`,
 		`{"role":"app","podCIDRs":["0.0.0.0/0"]}`,
 		`{"role":"app","podCIDRs":[],"x":1}`,
 		`[]`, `null`, `{"role":"app","podCIDRs":["::/1","8000::/1"]}`,
@@ -38,11 +38,11 @@ func FuzzNodeConfig(f *testing.F) {
 				t.Fatalf("accepted a default route %v", p)
 			}
 		}
-		if cfg.GatewayMark == 0 || cfg.GatewayMark&(cfg.GatewayMark-1) != 0 {
-			t.Fatalf("bad mark %#x", cfg.GatewayMark)
+		if cfg.ConnLabel < 0 || cfg.ConnLabel > 127 {
+			t.Fatalf("bad label %d", cfg.ConnLabel)
 		}
 		out := Render(cfg)
-		if !strings.Contains(out, "table inet "+Table) || !strings.Contains(out, `counter name "dropped" drop`) {
+		if !strings.Contains(out, "table inet "+Table) || !strings.Contains(out, "counter name dropped drop") {
 			t.Fatalf("rendering lacks the drop rule:\n%s", out)
 		}
 		if cfg.Role == RoleEgress && !strings.Contains(out, "masquerade") {

@@ -1,43 +1,31 @@
 package node
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/userdata"
-	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
 // Everything here works on the network namespace of the calling OS
-// thread; wrap calls in netns.Do to target another one.
+// thread; wrap calls in netns.Do to target another one. The socket,
+// chunking, comment and readback plumbing is the pod layer's
+// (pkg/rules), so both layers talk to the kernel the same way.
 
 var (
 	inetTable   = &nftables.Table{Name: Table, Family: nftables.TableFamilyINet}
 	bridgeTable = &nftables.Table{Name: Table, Family: nftables.TableFamilyBridge}
 )
 
-func gatewaySet(t *nftables.Table, v6 bool) *nftables.Set {
-	if v6 {
-		return &nftables.Set{Table: t, Name: SetGatewaysV6, KeyType: nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIP6Addr), Concatenation: true}
-	}
-	return &nftables.Set{Table: t, Name: SetGatewaysV4, KeyType: nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIPAddr), Concatenation: true}
-}
+// FormatVersion is the layout version of the node tables, recorded in
+// the comment of the allow sets. 1 was the interface-pattern layout; 2
+// judges at the exit by connection and validates every pod's source.
+const FormatVersion = 2
 
-func allowSet(v6 bool) *nftables.Set {
-	if v6 {
-		return &nftables.Set{Table: inetTable, Name: SetAllowV6, KeyType: nftables.TypeIP6Addr, Interval: true, Comment: formatComment}
-	}
-	return &nftables.Set{Table: inetTable, Name: SetAllowV4, KeyType: nftables.TypeIPAddr, Interval: true, Comment: formatComment}
-}
-
-// formatComment records the layout version of the node tables.
-var formatComment = fmt.Sprintf("egress-cni node format %d", rules.FormatVersion)
+var formatComment = fmt.Sprintf("egress-cni node format %d", FormatVersion)
 
 func splitFamilies(ps []netip.Prefix) (v4, v6 []netip.Prefix) {
 	for _, p := range ps {
@@ -57,89 +45,157 @@ func tableOf(f nftables.TableFamily) *nftables.Table {
 	return inetTable
 }
 
-// Apply programs the node rules in one netlink batch. It is idempotent
-// and coexists with everything else: it only touches our two tables.
-// Gateway membership is kept: re-applying the rules never drops a
-// gateway, so it needs no lock against concurrent CNI ADDs.
+// allowElements are the interval elements of an allow set.
+func (p *program) allowElements(s *setSpec) []nftables.SetElement {
+	return rules.NFTIntervalElements(p.allowModel(s))
+}
+
+func (p *program) allowModel(s *setSpec) *rules.Set {
+	v4, v6 := splitFamilies(p.cfg.Allowed)
+	if s.name == SetAllowV6 {
+		return &rules.Set{Name: s.name, Type: rules.SetIPv6, Prefixes: v6}
+	}
+	return &rules.Set{Name: s.name, Type: rules.SetIPv4, Prefixes: v4}
+}
+
+func (p *program) batchSize() int {
+	n := 64 << 10
+	for _, s := range p.sets {
+		if s.static {
+			n += rules.NFTElementBytes * len(p.allowElements(s))
+		}
+	}
+	for _, c := range p.chains {
+		n += 1024 * len(c.rules)
+	}
+	return n
+}
+
+func counters() []*nftables.CounterObj {
+	return []*nftables.CounterObj{
+		{Table: inetTable, Name: CounterDropped},
+		{Table: inetTable, Name: CounterForged},
+		{Table: bridgeTable, Name: CounterForged},
+	}
+}
+
+// Apply programs the node rules in one netlink batch: the kernel applies
+// all of it or none. It is idempotent and only touches our two tables.
+// Per-pod elements (sources, addresses, gateways) are kept: re-applying
+// never drops a pod's registration, so it needs no lock against
+// concurrent CNI ADDs. Chains and sets of ours that the program no
+// longer has (an older format, or an egress node turned app node) are
+// removed in the same batch.
 func Apply(cfg *Config) error {
-	c, err := nftables.New()
+	p := newProgram(cfg)
+	c, err := rules.NFTConn(p.batchSize())
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer c.CloseLasting()
-	p := newProgram(cfg)
 
-	// Chains of ours that the new program no longer has (an egress node
-	// turned into an app node loses its NAT chain).
 	existing, err := c.ListChains()
 	if err != nil {
 		return fmt.Errorf("could not list nftables chains: %w", err)
 	}
+	var oldSets []*nftables.Set
+	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+		ss, err := c.GetSets(t)
+		if err != nil && !rules.IsNFTNotFound(err) {
+			return fmt.Errorf("could not list sets of table %s %s: %w", familyName(t.Family), Table, err)
+		}
+		oldSets = append(oldSets, ss...)
+	}
 
+	var ours []*nftables.Chain
+	format1 := false
+	for _, ch := range existing {
+		if ch.Table != nil && ch.Table.Name == Table {
+			ours = append(ours, ch)
+		}
+	}
+	// A namespace with our tables but without the source chain holds
+	// the format-1 layout (interface patterns, a packet mark, gateway
+	// sets of another shape): replace both tables whole, in this batch.
+	if len(ours) > 0 && !slices.ContainsFunc(ours, func(ch *nftables.Chain) bool { return ch.Name == ChainSource }) {
+		format1 = true
+		for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+			c.AddTable(t)
+			c.DelTable(t)
+		}
+		ours, oldSets = nil, nil
+	}
 	c.AddTable(inetTable)
 	c.AddTable(bridgeTable)
-	v4, v6 := splitFamilies(cfg.Allowed)
-	for _, s := range []struct {
-		set *nftables.Set
-		ps  []netip.Prefix
-	}{{allowSet(false), v4}, {allowSet(true), v6}} {
-		if err := c.AddSet(s.set, nil); err != nil {
-			return fmt.Errorf("could not add set %s: %w", s.set.Name, err)
-		}
-		c.FlushSet(s.set)
-		if els := rules.NFTIntervalElements(allowModel(s.set, s.ps)); len(els) > 0 {
-			if err := c.SetAddElements(s.set, els); err != nil {
-				return fmt.Errorf("could not add elements to set %s: %w", s.set.Name, err)
-			}
-		}
+	// Old rules go first, so that nothing references a set we delete.
+	for _, ch := range ours {
+		c.FlushChain(ch)
 	}
-	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
-		for _, v6 := range []bool{false, true} {
-			if err := c.AddSet(gatewaySet(t, v6), nil); err != nil {
-				return fmt.Errorf("could not add gateway set: %w", err)
-			}
-		}
-	}
-	c.AddObj(&nftables.CounterObj{Table: inetTable, Name: CounterDropped})
-	for _, ch := range existing {
-		if ch.Table == nil || ch.Table.Name != Table {
-			continue
-		}
+	for _, ch := range ours {
 		if !slices.ContainsFunc(p.chains, func(s *chainSpec) bool { return s.name == ch.Name && s.family == ch.Table.Family }) {
-			c.FlushChain(ch)
 			c.DelChain(ch)
 		}
 	}
-	// Regular chains must exist before rules jump to them: add every
-	// chain first, then the rules.
+	for _, s := range oldSets {
+		if s.Anonymous {
+			continue
+		}
+		if !slices.ContainsFunc(p.sets, func(w *setSpec) bool { return w.name == s.Name && w.table.Family == s.Table.Family }) {
+			c.DelSet(s)
+		}
+	}
+	for _, s := range p.sets {
+		set := s.set()
+		if err := c.AddSet(set, nil); err != nil {
+			return fmt.Errorf("could not add set %s: %w", s.name, err)
+		}
+		if !s.static {
+			continue
+		}
+		c.FlushSet(set)
+		if err := rules.NFTQueueElements(c, set, p.allowElements(s)); err != nil {
+			return fmt.Errorf("could not add elements to set %s: %w", s.name, err)
+		}
+	}
+	for _, o := range counters() {
+		c.AddObj(o)
+	}
+	// Regular chains would have to exist before rules jump to them; all
+	// of ours are base chains, added before any rule.
 	chains := map[*chainSpec]*nftables.Chain{}
 	for _, s := range p.chains {
-		ch := &nftables.Chain{Table: tableOf(s.family), Name: s.name}
-		if s.hook != nil {
-			prio := nftables.ChainPriority(s.prio)
-			ch.Hooknum, ch.Priority, ch.Type = s.hook, &prio, s.typ
-			policy := nftables.ChainPolicyAccept
-			ch.Policy = &policy
-		}
-		chains[s] = c.AddChain(ch)
-		c.FlushChain(ch)
+		chains[s] = c.AddChain(s.chain())
 	}
 	for _, s := range p.chains {
 		for _, r := range s.rules {
-			c.AddRule(&nftables.Rule{Table: tableOf(s.family), Chain: chains[s], Exprs: r.exprs,
-				UserData: userdata.AppendString(nil, userdata.TypeComment, r.String())})
+			c.AddRule(&nftables.Rule{Table: tableOf(s.family), Chain: chains[s], Exprs: r.exprs, UserData: rules.NFTRuleComment(r.String())})
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("could not apply node rules (nothing was changed): %w", err)
+		what := "node rules"
+		if format1 {
+			what = "node rules over the format-1 tables"
+		}
+		return fmt.Errorf("could not apply %s (nothing was changed): %w", what, err)
 	}
 	return nil
 }
 
-// Remove deletes our tables, with their gateway sets and counters, and
-// nothing else. It succeeds when they are absent.
+func (s *chainSpec) chain() *nftables.Chain {
+	ch := &nftables.Chain{Table: tableOf(s.family), Name: s.name}
+	if s.hook != nil {
+		prio := nftables.ChainPriority(s.prio)
+		ch.Hooknum, ch.Priority, ch.Type = s.hook, &prio, s.typ
+		policy := nftables.ChainPolicyAccept
+		ch.Policy = &policy
+	}
+	return ch
+}
+
+// Remove deletes our tables, with their sets and counters, and nothing
+// else. It succeeds when they are absent.
 func Remove() error {
-	c, err := nftables.New()
+	c, err := rules.NFTConn(0)
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
@@ -147,7 +203,7 @@ func Remove() error {
 	n := 0
 	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
 		if _, err := c.ListTableOfFamily(t.Name, t.Family); err != nil {
-			if errors.Is(err, unix.ENOENT) || strings.Contains(err.Error(), "no such file") {
+			if rules.IsNFTNotFound(err) {
 				continue
 			}
 			return fmt.Errorf("could not look up table %s: %w", t.Name, err)
@@ -165,76 +221,161 @@ func Remove() error {
 }
 
 // Check compares the live node rules with cfg and returns a
-// *rules.DriftError naming what differs. Gateway membership is dynamic
-// and not compared.
+// *rules.DriftError naming what differs: chains with their hooks and
+// priorities, every rule by its comment AND its expressions (a rule
+// replaced under the same comment is reported), the sets and their key
+// types, the allow sets' elements and the counters. Per-pod elements are
+// dynamic and not compared.
 func Check(cfg *Config) error {
-	c, err := nftables.New()
+	p := newProgram(cfg)
+	c, err := rules.NFTConn(p.batchSize())
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer c.CloseLasting()
-	p := newProgram(cfg)
-	var want, have []string
+	// Chains, sets and counters are compared as sorted lines; rules
+	// chain by chain, in order, since order is meaning.
+	var want, have, wantRules, haveRules []string
+	for _, s := range p.chains {
+		want = append(want, chainLine(s.family, s.name, s.baseText()))
+		for _, r := range s.rules {
+			wantRules = append(wantRules, ruleLine(s.family, s.name, ruleComment(r)))
+		}
+	}
 	live, err := c.ListChains()
 	if err != nil {
 		return fmt.Errorf("could not list chains: %w", err)
 	}
+	var ours []*nftables.Chain
 	for _, ch := range live {
 		if ch.Table != nil && ch.Table.Name == Table {
-			fam := familyName(ch.Table.Family)
-			rs, err := c.GetRules(ch.Table, ch)
-			if err != nil {
-				return fmt.Errorf("could not list rules of chain %s: %w", ch.Name, err)
+			ours = append(ours, ch)
+			have = append(have, chainLine(ch.Table.Family, ch.Name, liveBaseText(ch)))
+		}
+	}
+	// The program's chains first, in program order, then any other.
+	rank := func(ch *nftables.Chain) int {
+		for i, s := range p.chains {
+			if s.name == ch.Name && s.family == ch.Table.Family {
+				return i
 			}
-			for _, r := range rs {
-				text, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-				have = append(have, fmt.Sprintf("%s %s: %s", fam, ch.Name, text))
+		}
+		return len(p.chains)
+	}
+	slices.SortStableFunc(ours, func(a, b *nftables.Chain) int { return rank(a) - rank(b) })
+	for _, ch := range ours {
+		var spec *chainSpec
+		if i := rank(ch); i < len(p.chains) {
+			spec = p.chains[i]
+		}
+		rs, err := c.GetRules(ch.Table, ch)
+		if err != nil {
+			return fmt.Errorf("could not list rules of chain %s: %w", ch.Name, err)
+		}
+		for i, r := range rs {
+			text := rules.NFTRuleCommentOf(r.UserData)
+			if text == "" {
+				text = fmt.Sprintf("rule handle %d without comment", r.Handle)
+			} else if spec != nil && i < len(spec.rules) && ruleComment(spec.rules[i]) == text &&
+				!rules.NFTExprsEqual(ch.Table.Family, spec.rules[i].exprs, r.Exprs) {
+				text += fmt.Sprintf(" (handle %d: expressions differ)", r.Handle)
 			}
-			if len(rs) == 0 {
-				have = append(have, fmt.Sprintf("%s %s: (chain)", fam, ch.Name))
+			haveRules = append(haveRules, ruleLine(ch.Table.Family, ch.Name, text))
+		}
+	}
+
+	for _, s := range p.sets {
+		want = append(want, setLine(s.table.Family, s.name, s.keyType.Name))
+		if s.static {
+			for _, e := range rules.NFTSetElementTexts(p.allowModel(s)) {
+				want = append(want, fmt.Sprintf("set %s element %s", s.name, e))
 			}
 		}
 	}
-	for _, s := range p.chains {
-		for _, r := range s.rules {
-			want = append(want, fmt.Sprintf("%s %s: %s", familyName(s.family), s.name, r))
+	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+		sets, err := c.GetSets(t)
+		if rules.IsNFTNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("could not list sets of table %s %s: %w", familyName(t.Family), Table, err)
+		}
+		for _, s := range sets {
+			if s.Anonymous {
+				continue
+			}
+			have = append(have, setLine(t.Family, s.Name, s.KeyType.Name))
+			if s.Name != SetAllowV4 && s.Name != SetAllowV6 {
+				continue
+			}
+			els, err := c.GetSetElements(s)
+			if err != nil {
+				return fmt.Errorf("could not list set %s: %w", s.Name, err)
+			}
+			typ := rules.SetIPv4
+			if s.Name == SetAllowV6 {
+				typ = rules.SetIPv6
+			}
+			for _, e := range rules.NFTElementTexts(typ, els) {
+				have = append(have, fmt.Sprintf("set %s element %s", s.Name, e))
+			}
+		}
+	}
+	for _, o := range counters() {
+		want = append(want, counterLine(o.Table.Family, o.Name))
+		objs, err := c.GetObj(&nftables.CounterObj{Table: o.Table, Name: o.Name})
+		if err != nil && !rules.IsNFTNotFound(err) {
+			return fmt.Errorf("could not read counter %s: %w", o.Name, err)
+		}
+		for _, ob := range objs {
+			if co, ok := ob.(*nftables.CounterObj); ok && co.Name == o.Name {
+				have = append(have, counterLine(o.Table.Family, o.Name))
+			}
 		}
 	}
 	slices.Sort(want)
 	slices.Sort(have)
-	v4s, v6s := splitFamilies(cfg.Allowed)
-	for _, v6 := range []bool{false, true} {
-		s, ps := allowSet(v6), v4s
-		if v6 {
-			ps = v6s
-		}
-		m := allowModel(s, ps)
-		for _, e := range rules.NFTSetElementTexts(m) {
-			want = append(want, fmt.Sprintf("set %s: %s", s.Name, e))
-		}
-		live, err := c.GetSetByName(inetTable, s.Name)
-		if err != nil {
-			continue // reported as missing elements (and rules)
-		}
-		els, err := c.GetSetElements(live)
-		if err != nil {
-			return fmt.Errorf("could not list set %s: %w", s.Name, err)
-		}
-		for _, e := range rules.NFTElementTexts(m.Type, els) {
-			have = append(have, fmt.Sprintf("set %s: %s", s.Name, e))
-		}
-	}
-	return rules.DiffLines("nftables node", want, have)
+	return rules.DiffLines("nftables node", append(want, wantRules...), append(have, haveRules...))
 }
 
-// allowModel is an allow set as the pod layer's set model, for the
-// shared interval encoding.
-func allowModel(s *nftables.Set, ps []netip.Prefix) *rules.Set {
-	t := rules.SetIPv4
-	if s.KeyType == nftables.TypeIP6Addr {
-		t = rules.SetIPv6
+func ruleComment(r *rule) string { return rules.NFTRuleCommentOf(rules.NFTRuleComment(r.String())) }
+
+func chainLine(f nftables.TableFamily, name, base string) string {
+	return fmt.Sprintf("%s chain %s: %s", familyName(f), name, base)
+}
+
+func ruleLine(f nftables.TableFamily, chain, text string) string {
+	return fmt.Sprintf("%s chain %s rule: %s", familyName(f), chain, text)
+}
+
+func setLine(f nftables.TableFamily, name, typ string) string {
+	return fmt.Sprintf("%s set %s: type %s", familyName(f), name, typ)
+}
+
+func counterLine(f nftables.TableFamily, name string) string {
+	return fmt.Sprintf("%s counter %s", familyName(f), name)
+}
+
+func liveBaseText(ch *nftables.Chain) string {
+	if ch.Hooknum == nil || ch.Priority == nil {
+		return ""
 	}
-	return &rules.Set{Name: s.Name, Type: t, Prefixes: ps}
+	s := &chainSpec{hook: hookOf(*ch.Hooknum), prio: int32(*ch.Priority), typ: ch.Type}
+	t := s.baseText()
+	if ch.Policy != nil && *ch.Policy != nftables.ChainPolicyAccept {
+		t += " (policy drop)"
+	}
+	return t
+}
+
+func hookOf(h nftables.ChainHook) *nftables.ChainHook {
+	for _, k := range []*nftables.ChainHook{nftables.ChainHookPrerouting, nftables.ChainHookForward, nftables.ChainHookPostrouting,
+		nftables.ChainHookInput, nftables.ChainHookOutput} {
+		if *k == h {
+			return k
+		}
+	}
+	return nil
 }
 
 func familyName(f nftables.TableFamily) string {
@@ -247,9 +388,49 @@ func familyName(f nftables.TableFamily) string {
 	return fmt.Sprint(f)
 }
 
-// DropCounter reads the drop counter.
+// Counters are the node's drop counters, in packets.
+type Counters struct {
+	// Dropped: toward the outside, at the exit.
+	Dropped uint64
+	// Forged: a source its interface may not use, in the inet and the
+	// bridge table together.
+	Forged uint64
+}
+
+// ReadCounters reads the drop counters.
+func ReadCounters() (Counters, error) {
+	c, err := rules.NFTConn(0)
+	if err != nil {
+		return Counters{}, fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	defer c.CloseLasting()
+	var out Counters
+	for _, o := range counters() {
+		objs, err := c.GetObj(&nftables.CounterObj{Table: o.Table, Name: o.Name})
+		if err != nil {
+			if rules.IsNFTNotFound(err) {
+				return Counters{}, fmt.Errorf("counter %s not found: %w", o.Name, ErrNotApplied)
+			}
+			return Counters{}, fmt.Errorf("could not read counter %s: %w", o.Name, err)
+		}
+		for _, ob := range objs {
+			co, ok := ob.(*nftables.CounterObj)
+			if !ok || co.Name != o.Name {
+				continue
+			}
+			if o.Name == CounterDropped {
+				out.Dropped += co.Packets
+			} else {
+				out.Forged += co.Packets
+			}
+		}
+	}
+	return out, nil
+}
+
+// DropCounter reads the exit's drop counter.
 func DropCounter() (packets, bytes uint64, err error) {
-	c, err := nftables.New()
+	c, err := rules.NFTConn(0)
 	if err != nil {
 		return 0, 0, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}

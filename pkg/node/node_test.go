@@ -15,11 +15,13 @@ func TestParseErrors(t *testing.T) {
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"allow":["0.0.0.0/0"]}`, "allow", "0.0.0.0/0"},
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"allow":["*"]}`, "allow", "*"},
 		{`{"role":"egress","podCIDRs":["10.244.0.0/16"]}`, "uplink", ""},
-		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"veth0"}`, "uplink", "veth0"},
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"egressIP":"203.0.113.1"}`, "egressIP", "203.0.113.1"},
 		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0","egressIP":"nope"}`, "egressIP", "nope"},
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"gatewayMark":3}`, "gatewayMark", "0x3"},
-		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"podInterfaces":["*"]}`, "podInterfaces", "*"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"gatewayMark":16384}`, "KUBE-MARK-MASQ", "0x4000"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"podInterfaces":["veth*"]}`, "podInterfaces", "veth*"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"connLabel":128}`, "connLabel", "128"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"connLabel":-1}`, "connLabel", "-1"},
 	}
 	for _, tc := range cases {
 		_, err := Parse([]byte(tc.json))

@@ -12,29 +12,49 @@ import (
 )
 
 // Names of what we own in the host namespace. They are a public contract
-// (runbooks read the counter by name): never rename them.
+// (runbooks read the counters by name): never rename them.
 const (
 	Table = "egress_cni_node"
 
-	ChainForward     = "forward"     // inet, filter hook forward
-	ChainFromPods    = "from_pods"   // inet, regular
-	ChainPostrouting = "postrouting" // inet, nat hook postrouting (egress role)
-	ChainBridgePre   = "prerouting"  // bridge, filter hook prerouting
+	// inet table
+	ChainSource      = "source"      // filter hook prerouting priority -300 (raw): source validation
+	ChainConn        = "conn"        // filter hook prerouting priority -150: gateway connections (egress role)
+	ChainForward     = "forward"     // filter hook forward: the exit judgement
+	ChainPostrouting = "postrouting" // nat hook postrouting (egress role)
+	// bridge table
+	ChainBridgePre = "prerouting" // filter hook prerouting priority -200: source validation per bridge port
 
-	SetAllowV4    = "allow_v4"
-	SetAllowV6    = "allow_v6"
-	SetGatewaysV4 = "gateways_v4" // ifname . ipv4_addr, in both tables
-	SetGatewaysV6 = "gateways_v6" // ifname . ipv6_addr, in both tables
+	SetAllowV4      = "allow_v4"
+	SetAllowV6      = "allow_v6"
+	SetPodIfaces    = "pod_ifaces"     // ifname: registered pod ports (bridge) or routed pod interfaces (inet)
+	SetPodSourcesV4 = "pod_sources_v4" // ifname . ipv4_addr: what a pod's interface may emit
+	SetPodSourcesV6 = "pod_sources_v6"
+	SetPodAddrsV4   = "pod_addrs_v4" // ipv4_addr: every registered pod address of the node
+	SetPodAddrsV6   = "pod_addrs_v6"
+	SetGatewaysV4   = "gateways_v4" // ifname . ipv4_addr, inet table, egress role only
+	SetGatewaysV6   = "gateways_v6"
 
-	// CounterDropped counts packets from pods dropped for leaving the
-	// cluster: `nft list counter inet egress_cni_node dropped`.
+	// CounterDropped counts packets toward the outside of the cluster
+	// dropped at the exit: `nft list counter inet egress_cni_node dropped`.
 	CounterDropped = "dropped"
+	// CounterForged counts packets dropped for a source address their
+	// interface may not use (inet and bridge tables).
+	CounterForged = "forged"
 
 	// LogPrefix starts the optional, rate-limited drop log line; the
 	// kernel's line carries SRC=, the pod's address.
 	LogPrefix = "egress-cni drop: "
 
 	ifNameSize = 16
+)
+
+// Priorities of our base chains.
+const (
+	prioSource    = -300 // raw: before conntrack (-200) sees the packet
+	prioConn      = -150 // after conntrack, before DNAT (-100)
+	prioForward   = -5
+	prioNAT       = 100
+	prioBridgePre = -200
 )
 
 // rule is one rule of the program: its nft text (shown by `show`, stored
@@ -57,88 +77,185 @@ func (r *rule) String() string { return strings.Join(r.text, " ") }
 
 // chainSpec is a chain of the program.
 type chainSpec struct {
-	family   nftables.TableFamily
-	name     string
-	hook     *nftables.ChainHook
-	prio     int32
-	typ      nftables.ChainType
-	rules    []*rule
-	baseText string
+	family nftables.TableFamily
+	name   string
+	hook   *nftables.ChainHook
+	prio   int32
+	typ    nftables.ChainType
+	rules  []*rule
 }
 
-// program is the whole desired node state, minus gateway membership,
-// which is dynamic and only changed by gateway updates.
+func (c *chainSpec) baseText() string {
+	if c.hook == nil {
+		return ""
+	}
+	hook := map[*nftables.ChainHook]string{nftables.ChainHookPrerouting: "prerouting", nftables.ChainHookForward: "forward",
+		nftables.ChainHookPostrouting: "postrouting"}[c.hook]
+	return fmt.Sprintf("type %s hook %s priority %d; policy accept;", c.typ, hook, c.prio)
+}
+
+// setSpec is a named set of the program. Dynamic sets hold per-pod
+// elements written by the CNI plugin; Apply creates them and never
+// flushes them.
+type setSpec struct {
+	table   *nftables.Table
+	name    string
+	keyType nftables.SetDatatype
+	concat  bool
+	// static: the allow sets, whose elements Apply replaces.
+	static bool
+}
+
+func (s *setSpec) set() *nftables.Set {
+	st := &nftables.Set{Table: s.table, Name: s.name, KeyType: s.keyType, Concatenation: s.concat}
+	if s.keyType.Name == nftables.TypeIFName.Name {
+		// nft prints (and reloads) a string key only when the set says
+		// its byte order.
+		st.KeyByteOrder = binaryutil.NativeEndian
+	}
+	if s.static {
+		st.Interval = true
+		st.Comment = formatComment
+	}
+	return st
+}
+
+func (s *setSpec) typeText() string {
+	if s.static {
+		return s.keyType.Name + "\n\t\tflags interval"
+	}
+	return strings.ReplaceAll(s.keyType.Name, " . ", " . ")
+}
+
+// program is the whole desired node state, minus per-pod elements.
 type program struct {
 	cfg    *Config
+	sets   []*setSpec
 	chains []*chainSpec
+}
+
+var (
+	ifaceV4 = nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIPAddr)
+	ifaceV6 = nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIP6Addr)
+)
+
+// podSets are the per-pod sets of a table.
+func podSets(t *nftables.Table) []*setSpec {
+	return []*setSpec{
+		{table: t, name: SetPodIfaces, keyType: nftables.TypeIFName},
+		{table: t, name: SetPodSourcesV4, keyType: ifaceV4, concat: true},
+		{table: t, name: SetPodSourcesV6, keyType: ifaceV6, concat: true},
+		{table: t, name: SetPodAddrsV4, keyType: nftables.TypeIPAddr},
+		{table: t, name: SetPodAddrsV6, keyType: nftables.TypeIP6Addr},
+	}
+}
+
+func gatewaySets() []*setSpec {
+	return []*setSpec{
+		{table: inetTable, name: SetGatewaysV4, keyType: ifaceV4, concat: true},
+		{table: inetTable, name: SetGatewaysV6, keyType: ifaceV6, concat: true},
+	}
 }
 
 func newProgram(cfg *Config) *program {
 	p := &program{cfg: cfg}
-	mark := cfg.GatewayMark
+	egress := cfg.Role == RoleEgress
+	label := labelBytes(cfg.ConnLabel)
 
-	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: -5, typ: nftables.ChainTypeFilter,
-		baseText: "type filter hook forward priority -5; policy accept;"}
-	for _, pat := range cfg.PodInterfaces {
-		r := &rule{}
-		matchIfname(r, "iifname", pat)
-		r.add("jump "+ChainFromPods, &expr.Verdict{Kind: expr.VerdictJump, Chain: ChainFromPods})
-		fwd.rules = append(fwd.rules, r)
+	p.sets = append(p.sets,
+		&setSpec{table: inetTable, name: SetAllowV4, keyType: nftables.TypeIPAddr, static: true},
+		&setSpec{table: inetTable, name: SetAllowV6, keyType: nftables.TypeIP6Addr, static: true})
+	p.sets = append(p.sets, podSets(inetTable)...)
+	if egress {
+		p.sets = append(p.sets, gatewaySets()...)
+	}
+	p.sets = append(p.sets, podSets(bridgeTable)...)
+
+	// 1. Source validation, in the raw prerouting hook: before conntrack
+	// sees the packet, so a forged packet neither creates nor rides a
+	// connection. A registered interface may emit only its pods'
+	// addresses; a registered address may come only from its own
+	// interface; anything else must arrive on the interface its source
+	// is routed through (strict reverse path).
+	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter}
+	for _, v6 := range []bool{false, true} {
+		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
+	}
+	// Link-scope multicast (neighbour discovery, MLD, DAD from ::) is
+	// never forwarded.
+	src.rules = append(src.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("return", verdict(expr.VerdictReturn)))
+	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
+		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
+	p.chains = append(p.chains, src)
+
+	// 2. Gateway connections: the first packet of a connection from a
+	// gateway's own interface and address gets our conntrack label.
+	if egress {
+		conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn, hook: nftables.ChainHookPrerouting, prio: prioConn, typ: nftables.ChainTypeFilter}
+		for _, v6 := range []bool{false, true} {
+			r := matchCtState(&rule{}, expr.CtStateBitNEW, "new")
+			matchNfproto(r, v6)
+			matchGateway(r, v6)
+			r.add(fmt.Sprintf("ct label set %d", cfg.ConnLabel),
+				&expr.Immediate{Register: 1, Data: label},
+				&expr.Ct{Key: expr.CtKeyLABELS, Register: 1, SourceRegister: true})
+			conn.rules = append(conn.rules, r)
+		}
+		p.chains = append(p.chains, conn)
 	}
 
-	pods := &chainSpec{family: nftables.TableFamilyINet, name: ChainFromPods}
-	// Replies of connections that the outside opened (ingress) and of
-	// connections we accepted.
-	pods.rules = append(pods.rules, (&rule{}).add("ct state established,related accept",
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED), Xor: make([]byte, 4)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
-		accept()))
-	// Bridged gateways were marked by the bridge table's prerouting hook,
-	// where the ingress bridge port (the gateway's own veth) is known.
-	pods.rules = append(pods.rules, matchMark(&rule{}, mark).add("accept", accept()))
-	// Routed gateways (the veth itself faces the host): match here, and
-	// mark for the NAT hook.
+	// 3. The exit: every forwarded packet, after DNAT, whatever it came
+	// in on. Cluster destinations pass; the gateway passes in its own
+	// labelled connection; replies of connections the outside opened
+	// pass; everything else is dropped.
+	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter}
 	for _, v6 := range []bool{false, true} {
-		r := &rule{}
-		matchNfproto(r, v6)
-		matchGateway(r, v6)
-		setMark(r, mark)
-		pods.rules = append(pods.rules, r.add("accept", accept()))
-	}
-	for _, v6 := range []bool{false, true} {
-		r := &rule{}
-		matchNfproto(r, v6)
 		set, fam := SetAllowV4, "ip"
 		if v6 {
 			set, fam = SetAllowV6, "ip6"
 		}
+		r := matchNfproto(&rule{}, v6)
 		r.add(fam+" daddr @"+set, daddr(v6), &expr.Lookup{SourceRegister: 1, SetName: set})
-		pods.rules = append(pods.rules, r.add("accept", accept()))
+		fwd.rules = append(fwd.rules, r.add("accept", verdict(expr.VerdictAccept)))
+	}
+	if egress {
+		for _, v6 := range []bool{false, true} {
+			r := matchLabel(&rule{}, cfg.ConnLabel, label)
+			matchNfproto(r, v6)
+			matchGateway(r, v6)
+			fwd.rules = append(fwd.rules, r.add("accept", verdict(expr.VerdictAccept)))
+		}
+	}
+	{
+		r := (&rule{}).add("ct direction reply",
+			// [ ct load direction => reg 1 ] [ cmp eq reg 1 0x01 ]
+			&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
+		matchCtState(r, expr.CtStateBitESTABLISHED, "established")
+		fwd.rules = append(fwd.rules, r.add("accept", verdict(expr.VerdictAccept)))
 	}
 	if cfg.LogDrops {
-		pods.rules = append(pods.rules, (&rule{}).add(fmt.Sprintf("limit rate %d/second log prefix %q", cfg.LogRate, LogPrefix),
+		fwd.rules = append(fwd.rules, (&rule{}).add(fmt.Sprintf("limit rate %d/second log prefix %q", cfg.LogRate, LogPrefix),
 			// [ limit rate N/second burst 5 type packets ]
 			&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(cfg.LogRate), Unit: expr.LimitTimeSecond, Burst: 5},
 			// [ log prefix ... ]
-			&expr.Log{Key: 1 << unix.NFTA_LOG_PREFIX, Data: []byte(LogPrefix)}))
+			// (level warn, nft's default, which the kernel fills in)
+			&expr.Log{Key: 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_LEVEL, Level: expr.LogLevelWarning, Data: []byte(LogPrefix)}))
 	}
-	pods.rules = append(pods.rules, (&rule{}).add(`counter name "`+CounterDropped+`" drop`,
-		// [ objref type 1 name dropped ]
-		&expr.Objref{Type: 1, Name: CounterDropped},
-		&expr.Verdict{Kind: expr.VerdictDrop}))
+	fwd.rules = append(fwd.rules, (&rule{}).add(counterDrop(CounterDropped)))
+	p.chains = append(p.chains, fwd)
 
-	p.chains = append(p.chains, fwd, pods)
-
-	if cfg.Role == RoleEgress {
-		post := &chainSpec{family: nftables.TableFamilyINet, name: ChainPostrouting, hook: nftables.ChainHookPostrouting, prio: 100, typ: nftables.ChainTypeNAT,
-			baseText: "type nat hook postrouting priority 100; policy accept;"}
+	if egress {
+		post := &chainSpec{family: nftables.TableFamilyINet, name: ChainPostrouting, hook: nftables.ChainHookPostrouting, prio: prioNAT, typ: nftables.ChainTypeNAT}
 		if cfg.EgressIP.IsValid() {
 			r := &rule{}
 			matchIfname(r, "oifname", cfg.Uplink)
 			matchNfproto(r, cfg.EgressIP.Is6())
-			matchMark(r, mark)
+			matchLabel(r, cfg.ConnLabel, label)
 			fam, nfp := "ip", uint32(unix.NFPROTO_IPV4)
 			if cfg.EgressIP.Is6() {
 				fam, nfp = "ip6", unix.NFPROTO_IPV6
@@ -153,62 +270,133 @@ func newProgram(cfg *Config) *program {
 		// or everything when no egress IP is set).
 		r := &rule{}
 		matchIfname(r, "oifname", cfg.Uplink)
-		matchMark(r, mark)
+		matchLabel(r, cfg.ConnLabel, label)
 		post.rules = append(post.rules, r.add("masquerade", &expr.Masq{}))
 		p.chains = append(p.chains, post)
 	}
 
-	br := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgePre, hook: nftables.ChainHookPrerouting, prio: -200, typ: nftables.ChainTypeFilter,
-		baseText: "type filter hook prerouting priority -200; policy accept;"}
-	// Nobody else gets our bit: clear it first.
-	br.rules = append(br.rules, (&rule{}).add(fmt.Sprintf("meta mark set meta mark & %#08x", ^mark),
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(^mark), Xor: make([]byte, 4)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1}))
+	// 4. Bridged pods: the IP hooks see the bridge, not the pod's port,
+	// so the same validation runs per bridge port here.
+	br := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgePre, hook: nftables.ChainHookPrerouting, prio: prioBridgePre, typ: nftables.ChainTypeFilter}
 	for _, v6 := range []bool{false, true} {
-		r := &rule{}
-		proto, name := uint16(unix.ETH_P_IP), "ip"
-		if v6 {
-			proto, name = unix.ETH_P_IPV6, "ip6"
-		}
-		r.add("meta protocol "+name,
-			// [ meta load protocol => reg 1 ] [ cmp eq reg 1 0x0008 ]
-			&expr.Meta{Key: expr.MetaKeyPROTOCOL, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(proto)})
-		matchGateway(r, v6)
-		setMark(r, mark)
-		br.rules = append(br.rules, r)
+		// An IP packet in a VLAN tag (even priority tag 0, which the
+		// host delivers as untagged) would not match "ether type ip"
+		// below: drop it first. Pod ports have no business tagging.
+		wrapped := matchProto(&rule{}, v6)
+		etherType(wrapped, v6, true)
+		br.rules = append(br.rules, wrapped.add(counterDrop(CounterForged)))
+		br.rules = append(br.rules, sourceRules(v6, func(r *rule) *rule { return etherType(r, v6, false) })...)
 	}
 	p.chains = append(p.chains, br)
 	return p
 }
 
-func accept() *expr.Verdict { return &expr.Verdict{Kind: expr.VerdictAccept} }
+// sourceRules are the per-family source checks of a registered pod
+// interface (bridge port or routed veth) and of registered addresses.
+func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
+	sources, addrs, fam := SetPodSourcesV4, SetPodAddrsV4, "ip"
+	if v6 {
+		sources, addrs, fam = SetPodSourcesV6, SetPodAddrsV6, "ip6"
+	}
+	ok := proto(&rule{})
+	ok.add("iifname . "+fam+" saddr @"+sources,
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		saddrTo(v6, 2),
+		&expr.Lookup{SourceRegister: 1, SetName: sources})
+	ok.add("return", verdict(expr.VerdictReturn))
 
-// matchIfname matches iifname/oifname; a trailing '*' is a prefix match.
-func matchIfname(r *rule, key, pattern string) {
+	wrongSrc := proto(&rule{})
+	wrongSrc.add("iifname @"+SetPodIfaces,
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces})
+	wrongSrc.add(counterDrop(CounterForged))
+
+	stolen := proto(&rule{})
+	stolen.add(fam+" saddr @"+addrs, saddrTo(v6, 1), &expr.Lookup{SourceRegister: 1, SetName: addrs})
+	stolen.add(counterDrop(CounterForged))
+	return []*rule{ok, wrongSrc, stolen}
+}
+
+// etherType matches the frame's EtherType (ether type ip), or with not
+// its absence (ether type != ip).
+func etherType(r *rule, v6, not bool) *rule {
+	proto, name := uint16(unix.ETH_P_IP), "ip"
+	if v6 {
+		proto, name = unix.ETH_P_IPV6, "ip6"
+	}
+	op, text := expr.CmpOpEq, "ether type "+name
+	if not {
+		op, text = expr.CmpOpNeq, "ether type != "+name
+	}
+	// [ payload load 2b @ link header + 12 => reg 1 ] [ cmp eq reg 1 0x0008 ]
+	return r.add(text,
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
+		&expr.Cmp{Op: op, Register: 1, Data: binaryutil.BigEndian.PutUint16(proto)})
+}
+
+// matchProto matches the packet's L3 protocol (skb->protocol, which a
+// VLAN tag does not hide).
+func matchProto(r *rule, v6 bool) *rule {
+	proto, name := uint16(unix.ETH_P_IP), "ip"
+	if v6 {
+		proto, name = unix.ETH_P_IPV6, "ip6"
+	}
+	// [ meta load protocol => reg 1 ] [ cmp eq reg 1 0x0008 ]
+	return r.add("meta protocol "+name,
+		&expr.Meta{Key: expr.MetaKeyPROTOCOL, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(proto)})
+}
+
+func verdict(k expr.VerdictKind) *expr.Verdict { return &expr.Verdict{Kind: k} }
+
+func counterDrop(name string) (string, expr.Any, expr.Any) {
+	// [ objref type 1 name NAME ] [ immediate reg 0 drop ]
+	return "counter name " + name + " drop", &expr.Objref{Type: 1, Name: name}, verdict(expr.VerdictDrop)
+}
+
+// labelBytes is the 16-byte conntrack label bitmap with bit n set, as
+// the kernel stores it (an array of native-endian 32-bit words).
+func labelBytes(n int) []byte {
+	b := make([]byte, 16)
+	copy(b[(n/32)*4:], binaryutil.NativeEndian.PutUint32(1<<(n%32)))
+	return b
+}
+
+func matchLabel(r *rule, n int, label []byte) *rule {
+	// [ ct load label => reg 1 ] [ bitwise reg 1 = (reg 1 & LABEL) ^ 0 ] [ cmp neq reg 1 0 ]
+	return r.add(fmt.Sprintf("ct label %d", n),
+		&expr.Ct{Key: expr.CtKeyLABELS, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 16, Mask: label, Xor: make([]byte, 16)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 16)})
+}
+
+func matchCtState(r *rule, bit uint32, name string) *rule {
+	// [ ct load state => reg 1 ] [ bitwise reg 1 = (reg 1 & BIT) ^ 0 ] [ cmp neq reg 1 0 ]
+	return r.add("ct state "+name,
+		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(bit), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)})
+}
+
+// matchIfname matches iifname/oifname exactly.
+func matchIfname(r *rule, key, name string) {
 	k := expr.MetaKeyIIFNAME
 	if key == "oifname" {
 		k = expr.MetaKeyOIFNAME
 	}
-	data := ifnameKey(pattern)
-	if p, ok := strings.CutSuffix(pattern, "*"); ok {
-		// A prefix match compares only the prefix's bytes.
-		data = []byte(p)
-	}
-	// [ meta load iifname => reg 1 ] [ cmp eq reg 1 NAME ]
-	r.add(fmt.Sprintf("%s %q", key, pattern),
+	// [ meta load oifname => reg 1 ] [ cmp eq reg 1 NAME ]
+	r.add(fmt.Sprintf("%s %q", key, name),
 		&expr.Meta{Key: k, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: data})
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifnameKey(name)})
 }
 
-func matchNfproto(r *rule, v6 bool) {
+func matchNfproto(r *rule, v6 bool) *rule {
 	p, name := byte(unix.NFPROTO_IPV4), "ipv4"
 	if v6 {
 		p, name = unix.NFPROTO_IPV6, "ipv6"
 	}
 	// [ meta load nfproto => reg 1 ] [ cmp eq reg 1 0x02 ]
-	r.add("meta nfproto "+name,
+	return r.add("meta nfproto "+name,
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}})
 }
@@ -216,17 +404,25 @@ func matchNfproto(r *rule, v6 bool) {
 // matchGateway: iifname . ip saddr @gateways_v4 (or v6).
 func matchGateway(r *rule, v6 bool) {
 	set, fam := SetGatewaysV4, "ip"
-	off, n := uint32(12), uint32(4)
 	if v6 {
-		set, fam, off, n = SetGatewaysV6, "ip6", 8, 16
+		set, fam = SetGatewaysV6, "ip6"
 	}
 	// [ meta load iifname => reg 1 ]
 	// [ payload load Nb @ network header + OFF => reg 2 ]
 	// [ lookup reg 1 set gateways_vX ]
 	r.add("iifname . "+fam+" saddr @"+set,
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
+		saddrTo(v6, 2),
 		&expr.Lookup{SourceRegister: 1, SetName: set})
+}
+
+func saddrTo(v6 bool, reg uint32) *expr.Payload {
+	off, n := uint32(12), uint32(4)
+	if v6 {
+		off, n = 8, 16
+	}
+	// [ payload load Nb @ network header + OFF => reg N ]
+	return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n}
 }
 
 func daddr(v6 bool) *expr.Payload {
@@ -238,29 +434,13 @@ func daddr(v6 bool) *expr.Payload {
 	return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n}
 }
 
-func matchMark(r *rule, mark uint32) *rule {
-	// [ meta load mark => reg 1 ] [ bitwise reg 1 = (reg 1 & MARK) ^ 0 ] [ cmp eq reg 1 MARK ]
-	return r.add(fmt.Sprintf("meta mark & %#08x == %#08x", mark, mark),
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(mark), Xor: make([]byte, 4)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)})
-}
-
-func setMark(r *rule, mark uint32) {
-	// [ meta load mark => reg 1 ] [ bitwise reg 1 = (reg 1 & ~MARK) ^ MARK ] [ meta set mark with reg 1 ]
-	r.add(fmt.Sprintf("meta mark set meta mark | %#08x", mark),
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(^mark), Xor: binaryutil.NativeEndian.PutUint32(mark)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
-}
-
 func ifnameKey(name string) []byte {
 	b := make([]byte, ifNameSize)
 	copy(b, name)
 	return b
 }
 
-// gatewayKey is the concatenated set key ifname . address.
-func gatewayKey(iface string, ip netip.Addr) []byte {
+// ifaceAddrKey is the concatenated set key ifname . address.
+func ifaceAddrKey(iface string, ip netip.Addr) []byte {
 	return append(ifnameKey(iface), ip.AsSlice()...)
 }

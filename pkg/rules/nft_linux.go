@@ -467,5 +467,14 @@ func marshalExprNoSetID(fam nftables.TableFamily, e expr.Any) ([]byte, error) {
 		c.SetID = 0
 		e = &c
 	}
+	// google/nftables v0.3.0 does not decode a ct set's source register
+	// (NFTA_CT_SREG): a "ct ... set" reads back as a load into register
+	// 0, which no rule can hold (register 0 is the verdict). Compare both
+	// sides in that form.
+	if c, ok := e.(*expr.Ct); ok && c.SourceRegister {
+		n := *c
+		n.Register, n.SourceRegister = 0, false
+		e = &n
+	}
 	return expr.Marshal(byte(fam), e)
 }
