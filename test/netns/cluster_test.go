@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -81,9 +82,18 @@ func TestCluster(t *testing.T) {
 	inet4 := net.JoinHostPort(inetIPv4.String(), strconv.Itoa(inetEchoPort))
 	inet6 := net.JoinHostPort(inetIPv6.String(), strconv.Itoa(inetEchoPort))
 
+	// blocked counts what a node's rules dropped: at the exit and, for
+	// a forged source, before conntrack.
+	blocked := func(n *clusterNode) uint64 {
+		var k node.Counters
+		if err := n.in(func() error { var err error; k, err = node.ReadCounters(); return err }); err != nil {
+			return 0 // rules not applied
+		}
+		return k.Dropped + k.Forged
+	}
 	run := func(from *clusterPod, uid uint32, network, addr string, timeout time.Duration, opts ...nstest.DialOption) probe {
 		t.Helper()
-		d0, s0 := from.node.drops(t), c.inetSeen(t)
+		d0, s0 := blocked(from.node), c.inetSeen(t)
 		line, err := nstest.Dial(t, from.netns, uid, uid, network, addr, append(opts, nstest.WithTimeout(timeout))...)
 		p := probe{err: err}
 		if err == nil {
@@ -92,7 +102,7 @@ func TestCluster(t *testing.T) {
 				t.Fatalf("bad reply %q: %v", line, err)
 			}
 		}
-		p.drops, p.seen = from.node.drops(t)-d0, c.inetSeen(t)-s0
+		p.drops, p.seen = blocked(from.node)-d0, c.inetSeen(t)-s0
 		return p
 	}
 	// expectReply: the connection works and the far end saw src (if
@@ -112,10 +122,10 @@ func TestCluster(t *testing.T) {
 	// ping: an ICMP echo from the pod (as root: raw socket).
 	ping := func(from *clusterPod, dst netip.Addr, timeout time.Duration) probe {
 		t.Helper()
-		d0, s0 := from.node.drops(t), c.inetSeen(t)
+		d0, s0 := blocked(from.node), c.inetSeen(t)
 		err := pingIn(from.netns, dst, timeout)
 		p := probe{err: err, replied: err == nil}
-		p.drops, p.seen = from.node.drops(t)-d0, c.inetSeen(t)-s0
+		p.drops, p.seen = blocked(from.node)-d0, c.inetSeen(t)-s0
 		return p
 	}
 	// expectDropped: no reply, the source node counted a drop, and
@@ -139,6 +149,32 @@ func TestCluster(t *testing.T) {
 	plain := c.app.newClusterPod(t, "team-b", "plain", map[string]string{})
 	worker := c.egress.newClusterPod(t, "team-c", "worker", map[string]string{})
 	gw := c.egress.newClusterPod(t, "istio-system", "istio-egressgateway-5d8f9-abcde", map[string]string{})
+	// No pod starts on a node without its rules: fail, clearly (code 11).
+	err := c.app.add(plain)
+	if err == nil {
+		t.Fatal("pod ADD succeeded without node rules")
+	}
+	if te := cniError(t, err); te.Code != types.ErrTryAgainLater || !strings.Contains(te.Msg, "egress-node apply") {
+		t.Errorf("pod ADD without node rules: code %d %q, want code 11 naming egress-node apply", te.Code, te.Msg)
+	}
+	if err := c.app.del(plain); err != nil {
+		t.Fatalf("DEL after failed ADD: %v", err)
+	}
+
+	// Node rules: apply twice, nothing changes; Check passes.
+	before := map[*clusterNode]string{}
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		before[n] = nstest.NFTDump(t, n.ns)
+		n.apply(t)
+		first := nstest.NFTDump(t, n.ns)
+		n.apply(t)
+		if second := nstest.NFTDump(t, n.ns); second != first {
+			t.Errorf("%s: second apply changed the ruleset:\n--- first\n%s\n--- second\n%s", n.name, first, second)
+		}
+		if err := n.in(func() error { return node.Check(n.cfg) }); err != nil {
+			t.Errorf("%s: check after apply: %v", n.name, err)
+		}
+	}
 	for _, p := range []*clusterPod{app, plain} {
 		c.app.mustAdd(t, p)
 	}
@@ -147,20 +183,11 @@ func TestCluster(t *testing.T) {
 	workerAddr := net.JoinHostPort(worker.ip4.String(), "8080")
 	workerAddr6 := net.JoinHostPort(worker.ip6.String(), "8080")
 
-	// A gateway cannot start before the node rules exist: fail, clearly.
-	err := c.egress.add(gw)
-	if err == nil {
-		t.Fatal("gateway ADD succeeded without node rules")
+	// Without our rules (flushed; the sets and registrations stay) every
+	// bypass reaches the internet: the test can fail.
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		nstest.MustExec(t, n.ns, "nft", "flush table inet "+node.Table+"; flush table bridge "+node.Table)
 	}
-	if te := cniError(t, err); te.Code != types.ErrTryAgainLater || !strings.Contains(te.Msg, "egress-node apply") {
-		t.Errorf("gateway ADD without node rules: code %d %q, want code 11 naming egress-node apply", te.Code, te.Msg)
-	}
-	if err := c.egress.del(gw); err != nil {
-		t.Fatalf("DEL after failed ADD: %v", err)
-	}
-
-	// Without node rules every bypass reaches the internet: the test can
-	// fail.
 	expectReply("no node rules: app node pod -> internet tcp4 (UID 1000)", plain.ip4, plain, cniAppUID, "tcp4", inet4)
 	expectReply("no node rules: captured pod as UID 1337 -> internet tcp4", app.ip4, app, cniProxyUID, "tcp4", inet4)
 	expectReply("no node rules: captured pod -> internet udp4", app.ip4, app, cniAppUID, "udp4", inet4)
@@ -179,20 +206,8 @@ func TestCluster(t *testing.T) {
 	} else {
 		table = append(table, bypassRow{"no node rules: spoofed source udp4 (UID 0)", "reaches the internet", p.String()})
 	}
-
-	// Node rules: apply twice, nothing changes; Check passes.
-	before := map[*clusterNode]string{}
 	for _, n := range []*clusterNode{c.app, c.egress} {
-		before[n] = nstest.NFTDump(t, n.ns)
 		n.apply(t)
-		first := nstest.NFTDump(t, n.ns)
-		n.apply(t)
-		if second := nstest.NFTDump(t, n.ns); second != first {
-			t.Errorf("%s: second apply changed the ruleset:\n--- first\n%s\n--- second\n%s", n.name, first, second)
-		}
-		if err := n.in(func() error { return node.Check(n.cfg) }); err != nil {
-			t.Errorf("%s: check after apply: %v", n.name, err)
-		}
 	}
 
 	// The gateway starts; its entries bind its addresses to its own veth.
@@ -200,19 +215,27 @@ func TestCluster(t *testing.T) {
 	veth := c.egress.hostVeth(t, gw)
 	gws := c.egress.gateways(t)
 	if len(gws) != 2 {
-		t.Fatalf("gateway entries after ADD: %v, want its IPv4 and IPv6 on %s", gws, veth)
+		t.Fatalf("gateway entries after ADD: %v, want its IPv4 and IPv6 on cni0", gws)
 	}
 	for _, g := range gws {
-		if g.Iface != veth || g.ContainerID != gw.id || (g.IP != gw.ip4 && g.IP != gw.ip6) {
-			t.Errorf("gateway entry %v, want %s . %s|%s (container %s)", g, veth, gw.ip4, gw.ip6, gw.id)
+		if g.Iface != "cni0" || g.ContainerID != gw.id || (g.IP != gw.ip4 && g.IP != gw.ip6) {
+			t.Errorf("gateway entry %v, want cni0 . %s|%s (container %s)", g, gw.ip4, gw.ip6, gw.id)
 		}
+	}
+	// Its sources are bound to its own veth.
+	var reg []node.Pod
+	if err := c.egress.in(func() error { var err error; reg, err = node.ListPods(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if i := slices.IndexFunc(reg, func(p node.Pod) bool { return p.ContainerID == gw.id }); i < 0 || reg[i].Port != veth || reg[i].L3 != "cni0" || !reg[i].Gateway {
+		t.Errorf("gateway registration %v, want port %s via cni0, gateway", reg, veth)
 	}
 	// The plugin found the veth from the pod's eth0 (IFLA_LINK), not
 	// from prevResult.
 	var how []any
 	for _, r := range c.egress.chain.logRecords(gw.pod) {
-		if r["msg"] == "gateway exempted" {
-			how = append(how, r["ifaceFrom"])
+		if r["msg"] == "registered with the node rules" {
+			how = append(how, r["found"])
 		}
 	}
 	if len(how) != 1 || how[0] != "veth peer" {
@@ -221,27 +244,26 @@ func TestCluster(t *testing.T) {
 	if d := nstest.NFTDump(t, c.egress.ns); !strings.Contains(d, veth) {
 		t.Errorf("gateway veth %s not in the egress node's sets:\n%s", veth, d)
 	}
-	// An ordinary pod's ADD on the app node must not have needed rules;
-	// a second ADD of the gateway (runtime retry) is harmless.
+	// A second ADD of the gateway (runtime retry) is harmless.
 	if _, err := c.egress.chain.execEgress(gw.pod, "ADD", c.egress.chain.cachedResult(gw.pod)); err != nil {
 		t.Errorf("second gateway ADD: %v", err)
 	}
 	if got := c.egress.gateways(t); len(got) != 2 {
 		t.Errorf("gateway entries after a second ADD: %v", got)
 	}
-	// CHECK verifies the gateway's entries; a lost entry is reported and
-	// ADD restores it.
+	// CHECK verifies the gateway's registration; a lost one is reported
+	// and ADD restores it.
 	if err := c.egress.chain.check(gw.pod); err != nil {
 		t.Errorf("CHECK of the gateway: %v", err)
 	}
 	if err := c.egress.in(func() error {
-		_, err := node.RemoveGateways(func(g node.Gateway) bool { return g.IP == gw.ip6 })
+		_, err := node.UnregisterPods(func(id string) bool { return id == gw.id })
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.egress.chain.check(gw.pod); err == nil || !strings.Contains(err.Error(), gw.ip6.String()) {
-		t.Errorf("CHECK of a gateway missing its IPv6 entry: %v, want an error naming %s", err, gw.ip6)
+	if err := c.egress.chain.check(gw.pod); err == nil || !strings.Contains(err.Error(), "not registered") {
+		t.Errorf("CHECK of a gateway that lost its registration: %v, want an error saying so", err)
 	}
 	if _, err := c.egress.chain.execEgress(gw.pod, "ADD", c.egress.chain.cachedResult(gw.pod)); err != nil {
 		t.Errorf("repairing ADD: %v", err)
@@ -274,12 +296,11 @@ func TestCluster(t *testing.T) {
 	expectReply("gateway pod -> internet tcp4", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	expectReply("gateway pod -> internet udp4", c.egress.uplink4, gw, cniAppUID, "udp4", inet4)
 	expectReply("gateway pod -> internet tcp6", c.egress.uplink6, gw, cniAppUID, "tcp6", inet6)
-	// On a bridge the IP forward hook sees only cni0: the gateway gets
-	// out because the bridge-family hook marked its packet and the mark
-	// survived to the forward hook. Without the bridge chain's rules it
-	// is dropped; re-applying restores them and keeps the gateway set.
-	nstest.MustExec(t, c.egress.ns, "nft", "flush", "chain", "bridge", node.Table, node.ChainBridgePre)
-	expectDropped("gateway pod -> internet tcp4, bridge mark rules flushed", gw, cniAppUID, "tcp4", inet4)
+	// The gateway gets out because its connection's first packet got our
+	// conntrack label. Without the conn chain's rules it is dropped at
+	// the exit; re-applying restores them and keeps the registrations.
+	nstest.MustExec(t, c.egress.ns, "nft", "flush", "chain", "inet", node.Table, node.ChainConn)
+	expectDropped("gateway pod -> internet tcp4, conn label rules flushed", gw, cniAppUID, "tcp4", inet4)
 	c.egress.apply(t)
 	expectReply("gateway pod -> internet tcp4, after re-apply", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	// The full path: app -> its sidecar (REDIRECT) -> gateway -> internet.
@@ -303,8 +324,8 @@ func TestCluster(t *testing.T) {
 	}
 	// A DEL that never came leaves an entry behind; an ordinary pod given
 	// the same address removes it on ADD and is dropped.
-	stale := node.Gateway{Iface: veth, IP: gw.ip4, ContainerID: gw.id}
-	if err := c.egress.in(func() error { return node.AddGateways(stale) }); err != nil {
+	stale := node.Pod{ContainerID: gw.id, Port: veth, L3: "cni0", IPs: []netip.Addr{gw.ip4}, Gateway: true}
+	if err := c.egress.in(func() error { _, err := node.RegisterPod(stale); return err }); err != nil {
 		t.Fatal(err)
 	}
 	reuse := c.egress.newClusterPod(t, "team-c", "reuse", map[string]string{})
@@ -317,10 +338,10 @@ func TestCluster(t *testing.T) {
 	}
 	expectDropped("new ordinary pod with the departed gateway's IP -> internet tcp4", reuse, cniAppUID, "tcp4", inet4)
 
-	// GC drops entries of containers that are not valid attachments.
-	ghost := node.Gateway{Iface: "vethghost", IP: netip.MustParseAddr("198.51.100.99"), ContainerID: "c-ghost"}
-	keep := node.Gateway{Iface: "vethkeep", IP: netip.MustParseAddr("198.51.100.98"), ContainerID: worker.id}
-	if err := c.egress.in(func() error { return node.AddGateways(ghost, keep) }); err != nil {
+	// GC drops registrations of containers that are not valid
+	// attachments.
+	ghost := node.Pod{ContainerID: "c-ghost", Port: "vethghost", L3: "cni0", IPs: []netip.Addr{netip.MustParseAddr("198.51.100.99")}, Gateway: true}
+	if err := c.egress.in(func() error { _, err := node.RegisterPod(ghost); return err }); err != nil {
 		t.Fatal(err)
 	}
 	err = c.egress.in(func() error {
@@ -331,8 +352,15 @@ func TestCluster(t *testing.T) {
 	if err != nil {
 		t.Errorf("GC: %v", err)
 	}
-	if got := c.egress.gateways(t); len(got) != 1 || got[0].ContainerID != worker.id {
-		t.Errorf("gateway entries after GC: %v, want only %v", got, keep)
+	if got := c.egress.gateways(t); len(got) != 0 {
+		t.Errorf("gateway entries after GC: %v, want none", got)
+	}
+	if err := c.egress.in(func() error { var err error; reg, err = node.ListPods(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if len(reg) != 2 || !slices.ContainsFunc(reg, func(p node.Pod) bool { return p.ContainerID == worker.id }) ||
+		!slices.ContainsFunc(reg, func(p node.Pod) bool { return p.ContainerID == reuse.id }) {
+		t.Errorf("registrations after GC: %v, want worker's and reuse's", reg)
 	}
 
 	// Removing the node rules leaves each node as it was.
