@@ -23,10 +23,11 @@ import (
 // what egress-node and the plugin call.
 type NodeResult struct {
 	Apply      Stats // node.Apply into a fresh namespace
+	Apply10k   Stats // node.Apply of a 10,000-entry allow list, fresh namespace
 	Reapply    Stats // node.Apply over existing rules
-	Gateway    Stats // AddGateways + RemoveGateways of one gateway
-	GatewayAdd Stats // AddGateways alone
-	GatewayDel Stats // RemoveGateways alone
+	Gateway    Stats // RegisterPod + UnregisterPods of one gateway pod (what ADD and DEL do)
+	GatewayAdd Stats // RegisterPod alone (ADD), with 100 other pods registered
+	GatewayDel Stats // UnregisterPods alone (DEL)
 	Forward    []ForwardRow
 }
 
@@ -40,12 +41,19 @@ type ForwardRow struct {
 	window time.Duration
 }
 
-// nodeConfig allows the pod and server subnets; the pod's host-side veth
-// matches the default "veth*" pod interface pattern.
-func nodeConfig() (*node.Config, error) {
-	f := node.File{Role: node.RoleApp, PodCIDRs: []string{"198.51.100.0/24"}, Allow: []string{"203.0.113.0/24"}}
+// nodeConfig allows the pod and server subnets; an egress node, so that
+// gateway registration is measured too. extra adds that many /32 allow
+// entries.
+func nodeConfig(extra int) (*node.Config, error) {
+	f := node.File{Role: node.RoleEgress, Uplink: "srvbench0", PodCIDRs: []string{"198.51.100.0/24"}, Allow: []string{"203.0.113.0/24"}}
+	for i := range extra {
+		f.Allow = append(f.Allow, fmt.Sprintf("100.%d.%d.%d/32", 64+i/(256*128), (i/128)%256, (i%128)*2))
+	}
 	return f.Config()
 }
+
+// benchPod is the forward path's pod as the plugin registers it.
+var benchPod = node.Pod{ContainerID: "bench-pod", Port: gwIfName, L3: gwIfName, IPs: []netip.Addr{podAddr.Addr()}}
 
 var (
 	podAddr  = netip.MustParsePrefix("198.51.100.2/24")
@@ -57,12 +65,16 @@ var (
 )
 
 func (b *Bench) measureNode() (*NodeResult, error) {
-	cfg, err := nodeConfig()
+	cfg, err := nodeConfig(0)
+	if err != nil {
+		return nil, err
+	}
+	big, err := nodeConfig(10000)
 	if err != nil {
 		return nil, err
 	}
 	res := &NodeResult{}
-	var apply, reapply, gw, gwAdd, gwDel []time.Duration
+	var apply, apply10k, reapply, gw, gwAdd, gwDel []time.Duration
 	for range b.cfg.NodeRuns {
 		n, err := newNS()
 		if err != nil {
@@ -79,20 +91,32 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 				return err
 			}
 			reapply = append(reapply, time.Since(start))
-			g := node.Gateway{Iface: gwIfName, IP: podAddr.Addr(), ContainerID: "bench-gateway"}
-			start = time.Now()
-			if err := node.AddGateways(g); err != nil {
-				return err
+			// A node with 100 pods, as a busy node has; then one
+			// gateway pod's ADD and DEL, 20 times.
+			for i := range 100 {
+				p := node.Pod{ContainerID: fmt.Sprintf("bench-%03d", i), Port: fmt.Sprintf("vethb%03d", i), L3: "cni0",
+					IPs: []netip.Addr{netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)})}}
+				if _, err := node.RegisterPod(p); err != nil {
+					return err
+				}
 			}
-			mid := time.Now()
-			removed, err := node.RemoveGateways(func(x node.Gateway) bool { return x.ContainerID == g.ContainerID })
-			if err != nil {
-				return err
-			}
-			end := time.Now()
-			gw, gwAdd, gwDel = append(gw, end.Sub(start)), append(gwAdd, mid.Sub(start)), append(gwDel, end.Sub(mid))
-			if len(removed) != 1 {
-				return fmt.Errorf("removed %d gateways, want 1", len(removed))
+			g := benchPod
+			g.Gateway = true
+			for range 20 {
+				start = time.Now()
+				if _, err := node.RegisterPod(g); err != nil {
+					return err
+				}
+				mid := time.Now()
+				removed, err := node.UnregisterPods(func(id string) bool { return id == g.ContainerID })
+				if err != nil {
+					return err
+				}
+				end := time.Now()
+				gw, gwAdd, gwDel = append(gw, end.Sub(start)), append(gwAdd, mid.Sub(start)), append(gwDel, end.Sub(mid))
+				if len(removed) != 1 {
+					return fmt.Errorf("removed %d pods, want 1", len(removed))
+				}
 			}
 			return nil
 		})
@@ -101,13 +125,32 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 			return nil, fmt.Errorf("node rules: %w", err)
 		}
 	}
-	res.Apply, res.Reapply, res.Gateway = summarize(apply), summarize(reapply), summarize(gw)
+	for range b.cfg.NodeRuns {
+		n, err := newNS()
+		if err != nil {
+			return nil, err
+		}
+		err = n.Do(func(ns.NetNS) error {
+			start := time.Now()
+			if err := node.Apply(big); err != nil {
+				return err
+			}
+			apply10k = append(apply10k, time.Since(start))
+			return node.Check(big)
+		})
+		delNS(n)
+		if err != nil {
+			return nil, fmt.Errorf("node rules, 10,000 allow entries: %w", err)
+		}
+	}
+	res.Apply, res.Apply10k, res.Reapply, res.Gateway = summarize(apply), summarize(apply10k), summarize(reapply), summarize(gw)
 	res.GatewayAdd, res.GatewayDel = summarize(gwAdd), summarize(gwDel)
 
 	if err := b.forwardRates(cfg, res); err != nil {
 		return nil, err
 	}
-	logf("node: apply %s ms, gateway update %s ms", ms(res.Apply.Median), ms(res.Gateway.Median))
+	logf("node: apply %s ms (10,000 allow entries: %s ms), pod ADD p50 %s p99 %s ms, DEL p50 %s p99 %s ms", ms(res.Apply.Median), ms(res.Apply10k.Median),
+		ms(res.GatewayAdd.P50), ms(res.GatewayAdd.P99), ms(res.GatewayDel.P50), ms(res.GatewayDel.P99))
 	for _, f := range res.Forward {
 		logf("node: forward path, %s: %.0f conn/s", f.State, f.Rate)
 	}
@@ -162,11 +205,15 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 	}{
 		{"no rules (no conntrack in the node namespace)", func() error { return errors.Join(node.Remove(), ctOnly(false)) }},
 		{"conntrack only (one ct state established,related accept rule)", func() error { return errors.Join(node.Remove(), ctOnly(true)) }},
-		{"node rules (pkg/node)", func() error {
+		{"node rules (pkg/node, the pod registered)", func() error {
 			if err := ctOnly(false); err != nil {
 				return err
 			}
-			return node.Apply(cfg)
+			if err := node.Apply(cfg); err != nil {
+				return err
+			}
+			_, err := node.RegisterPod(benchPod)
+			return err
 		}},
 	}
 	rows := make([]ForwardRow, len(states))
@@ -188,9 +235,9 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 	// The drop rules (in place after the last slice) must have let the
 	// allowed traffic through and counted nothing as dropped.
 	err = nodeNS.Do(func(ns.NetNS) error {
-		pk, _, err := node.DropCounter()
-		if err == nil && pk != 0 {
-			return fmt.Errorf("node rules dropped %d packets of allowed traffic", pk)
+		k, err := node.ReadCounters()
+		if err == nil && k.Dropped+k.Forged != 0 {
+			return fmt.Errorf("node rules dropped %d packets of allowed traffic (%d forged)", k.Dropped+k.Forged, k.Forged)
 		}
 		return err
 	})

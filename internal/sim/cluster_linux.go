@@ -436,15 +436,16 @@ func (n *Node) DelPod(p *Pod) error {
 	})
 }
 
-// Drops reads the node rules' drop counter (packets).
+// Drops reads the node rules' drop counters (packets): at the exit
+// (dropped) and for a forged source (forged), together.
 func (n *Node) Drops() (uint64, error) {
-	var p uint64
+	var c node.Counters
 	err := n.NS.Do(func(ns.NetNS) error {
 		var err error
-		p, _, err = node.DropCounter()
+		c, err = node.ReadCounters()
 		return err
 	})
-	return p, err
+	return c.Dropped + c.Forged, err
 }
 
 // Gateways lists the node's registered gateways (interface . address).
