@@ -76,6 +76,7 @@ func counters() []*nftables.CounterObj {
 		{Table: inetTable, Name: CounterDropped},
 		{Table: inetTable, Name: CounterForged},
 		{Table: bridgeTable, Name: CounterForged},
+		{Table: bridgeTable, Name: CounterDropped},
 	}
 }
 

@@ -23,6 +23,7 @@ const (
 	ChainPostrouting = "postrouting" // nat hook postrouting (egress role)
 	// bridge table
 	ChainBridgePre = "prerouting" // filter hook prerouting priority -200: source validation per bridge port
+	ChainBridgeFwd = "forward"    // filter hook forward: pod ports bridge only to pod ports
 
 	SetAllowV4      = "allow_v4"
 	SetAllowV6      = "allow_v6"
@@ -288,6 +289,19 @@ func newProgram(cfg *Config) *program {
 		br.rules = append(br.rules, sourceRules(v6, func(r *rule) *rule { return etherType(r, v6, false) })...)
 	}
 	p.chains = append(p.chains, br)
+
+	// 5. Bridged frames never reach the IP forward hook unless
+	// br_netfilter is on: a frame from a pod port may be bridged only to
+	// another pod port, never to a NIC or tunnel enslaved to the bridge.
+	bfwd := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgeFwd, hook: nftables.ChainHookForward, prio: 0, typ: nftables.ChainTypeFilter}
+	r := (&rule{}).add("iifname @"+SetPodIfaces,
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces})
+	r.add("oifname != @"+SetPodIfaces,
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces, Invert: true})
+	bfwd.rules = append(bfwd.rules, r.add(counterDrop(CounterDropped)))
+	p.chains = append(p.chains, bfwd)
 	return p
 }
 
@@ -304,6 +318,41 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 		saddrTo(v6, 2),
 		&expr.Lookup{SourceRegister: 1, SetName: sources})
 	ok.add("return", verdict(expr.VerdictReturn))
+	out := []*rule{ok}
+	if v6 {
+		// Link scope: a pod's link-local address (and :: for duplicate
+		// address detection) is not in its CNI result, but neighbour
+		// discovery and MLD need it. The kernel never forwards a
+		// link-local source, so this opens no way out.
+		for _, ls := range []struct {
+			text      string
+			src, dst  []byte
+			srcBits   int
+			dstPrefix []byte
+		}{
+			{"ip6 saddr fe80::/10 ip6 daddr fe80::/10 return", []byte{0xfe, 0x80}, nil, 10, []byte{0xfe, 0x80}},
+			{"ip6 saddr fe80::/10 ip6 daddr ff02::/16 return", []byte{0xfe, 0x80}, nil, 10, []byte{0xff, 0x02}},
+			{"ip6 saddr :: ip6 daddr ff02::/16 return", make([]byte, 16), nil, 128, []byte{0xff, 0x02}},
+		} {
+			r := proto(&rule{})
+			r.add(ls.text)
+			if ls.srcBits == 10 {
+				r.add("", &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
+					&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
+					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.src})
+			} else {
+				r.add("", saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.src})
+			}
+			dst := &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2}
+			if ls.dstPrefix[0] == 0xfe {
+				r.add("", dst, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
+					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.dstPrefix})
+			} else {
+				r.add("", dst, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.dstPrefix})
+			}
+			out = append(out, r.add("", verdict(expr.VerdictReturn)))
+		}
+	}
 
 	wrongSrc := proto(&rule{})
 	wrongSrc.add("iifname @"+SetPodIfaces,
@@ -314,7 +363,7 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 	stolen := proto(&rule{})
 	stolen.add(fam+" saddr @"+addrs, saddrTo(v6, 1), &expr.Lookup{SourceRegister: 1, SetName: addrs})
 	stolen.add(counterDrop(CounterForged))
-	return []*rule{ok, wrongSrc, stolen}
+	return append(out, wrongSrc, stolen)
 }
 
 // etherType matches the frame's EtherType (ether type ip), or with not
