@@ -82,6 +82,12 @@ type File struct {
 	// ConnLabel is the conntrack label bit (0-127) for gateway
 	// connections; default DefaultConnLabel.
 	ConnLabel *int `json:"connLabel,omitempty"`
+	// IngressReplies lets replies of connections opened from outside
+	// the cluster (NodePort, LoadBalancer, externalIP, hostPort ingress)
+	// leave the node. Default true on app nodes, false on egress nodes:
+	// an egress node's public address must not carry a NodePort a pod
+	// "replies" through.
+	IngressReplies *bool `json:"ingressReplies,omitempty"`
 }
 
 // Config is a validated node config.
@@ -96,6 +102,8 @@ type Config struct {
 	LogRate  uint32
 	// ConnLabel is the conntrack label bit of gateway connections.
 	ConnLabel int
+	// IngressReplies: replies of connections the outside opened pass.
+	IngressReplies bool
 }
 
 // Load reads and parses a node config file.
@@ -125,7 +133,10 @@ func Parse(data []byte) (*Config, error) {
 
 // Config validates the file and returns the Config.
 func (f *File) Config() (*Config, error) {
-	c := &Config{Role: f.Role, LogDrops: f.LogDrops, LogRate: f.LogRate, ConnLabel: DefaultConnLabel}
+	c := &Config{Role: f.Role, LogDrops: f.LogDrops, LogRate: f.LogRate, ConnLabel: DefaultConnLabel, IngressReplies: f.Role == RoleApp}
+	if f.IngressReplies != nil {
+		c.IngressReplies = *f.IngressReplies
+	}
 	switch f.Role {
 	case RoleApp, RoleEgress:
 	default:

@@ -56,7 +56,7 @@ func TestApplyRegisterCheckRemove(t *testing.T) {
 	mustApply(t, host, cfg)
 	first := nstest.NFTDump(t, host)
 	for _, want := range []string{"table inet egress_cni_node", "table bridge egress_cni_node", "fib saddr . iif oif missing",
-		"ct label set 127", "ct direction reply ct state established accept", `counter name "dropped" drop`, `counter name "forged" drop`,
+		"ct label set 127", `counter name "dropped" drop`, `counter name "forged" drop`,
 		"masquerade", "198.51.100.0/24", "table ip other", "egress-cni node format 2"} {
 		if !strings.Contains(first, want) {
 			t.Errorf("dump lacks %q:\n%s", want, first)

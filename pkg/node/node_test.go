@@ -62,3 +62,27 @@ func TestMergeRanges(t *testing.T) {
 		t.Fatalf("v6 elements: %d", n)
 	}
 }
+
+// Replies of connections opened from outside pass on app nodes and not,
+// by default, on egress nodes, whose public address would otherwise
+// carry any NodePort a pod "replies" through.
+func TestIngressRepliesDefault(t *testing.T) {
+	const reply = "ct direction reply ct state established accept"
+	for _, tc := range []struct {
+		json string
+		want bool
+	}{
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"]}`, true},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"ingressReplies":false}`, false},
+		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0"}`, false},
+		{`{"role":"egress","podCIDRs":["10.244.0.0/16"],"uplink":"eth0","ingressReplies":true}`, true},
+	} {
+		cfg, err := Parse([]byte(tc.json))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Contains(Render(cfg), reply); got != tc.want {
+			t.Errorf("%s: reply rule present = %v, want %v", tc.json, got, tc.want)
+		}
+	}
+}

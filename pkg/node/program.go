@@ -231,7 +231,7 @@ func newProgram(cfg *Config) *program {
 			fwd.rules = append(fwd.rules, r.add("accept", verdict(expr.VerdictAccept)))
 		}
 	}
-	{
+	if cfg.IngressReplies {
 		r := (&rule{}).add("ct direction reply",
 			// [ ct load direction => reg 1 ] [ cmp eq reg 1 0x01 ]
 			&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
