@@ -42,6 +42,7 @@ func run(cmd string, args []string) int {
 	pluginCfg := fs.String("plugin-config", "", `our conflist entry, JSON (default {"type":"egress-cni"}); the pod-annotations capability is added`)
 	fs.StringVar(&o.NodeConfig, "node-config", "", "node rules config (JSON, see docs/install.md); empty applies none")
 	fs.StringVar(&o.NetNS, "netns", "", "network namespace for the node rules (default: the current one)")
+	fs.StringVar(&o.NetNSDir, "netns-dir", install.DefaultNetNSDir, `where the runtime pins pod network namespaces; scanned for macvlan, ipvlan and SR-IOV attachments, which bypass the node rules ("" scans none)`)
 	fs.StringVar(&o.LockFile, "lock-file", install.DefaultLockFile, "lock file shared by the installers of this node")
 	fs.StringVar(&o.ReadyFile, "ready-file", install.DefaultReadyFile, "file that exists only while our entry is in place")
 	fs.DurationVar(&o.Resync, "resync", install.DefaultResync, "period of a full check besides the file watcher")

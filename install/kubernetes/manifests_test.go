@@ -283,7 +283,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 			mounted[hp] = m.MountPath
 		}
 	}
-	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/run/egress-cni", "/var/log"} {
+	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/run/egress-cni", "/var/log", "/run/netns"} {
 		if mounted[hp] == "" {
 			t.Errorf("%s: host path %s not mounted", ds.Name, hp)
 		}
@@ -293,6 +293,16 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 	for _, a := range c.Args {
 		if k, v, ok := strings.Cut(strings.TrimLeft(a, "-"), "="); ok {
 			args[k] = v
+		}
+	}
+	// The attachment scan's default directory is the netns mount, which
+	// must see pods created after the installer started.
+	if mounted["/run/netns"] != install.DefaultNetNSDir {
+		t.Errorf("%s: /run/netns mounted at %q, want %s (the installer's -netns-dir default)", ds.Name, mounted["/run/netns"], install.DefaultNetNSDir)
+	}
+	for _, m := range c.VolumeMounts {
+		if hostPaths[m.Name] == "/run/netns" && (m.MountPropagation == nil || *m.MountPropagation != "HostToContainer") {
+			t.Errorf("%s: /run/netns without mountPropagation HostToContainer: new pods' namespaces would not be seen", ds.Name)
 		}
 	}
 	if args["cni-conf-dir"] != mounted["/etc/cni/net.d"] || args["cni-bin-dir"] != mounted["/opt/cni/bin"] {

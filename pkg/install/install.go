@@ -78,6 +78,10 @@ type Options struct {
 	// NetNS is the network namespace for the node rules; "" is the
 	// installer's own (the host's, with hostNetwork).
 	NetNS string
+	// NetNSDir is where the runtime pins pod network namespaces; Run
+	// scans them at every resync for interfaces that bypass the host's
+	// IP stack (ScanAttachments). "" scans nothing.
+	NetNSDir string
 	// RemoveNodeRules makes Uninstall remove the node rules.
 	RemoveNodeRules bool
 	// Resync is the period of a full reconcile besides the watcher.
@@ -93,6 +97,10 @@ type Installer struct {
 	opts  Options
 	log   *slog.Logger
 	ready atomic.Bool
+	// bypassing: the host-bypassing attachments of the last scan (only
+	// Run's goroutine touches it); unenforceable: their count.
+	bypassing     map[string]bool
+	unenforceable atomic.Int64
 }
 
 // New checks the options and fills in defaults.

@@ -52,6 +52,7 @@ func (in *Installer) Run(ctx context.Context) error {
 		return err
 	}
 	in.reconcile("startup")
+	in.scanAttachments()
 
 	resync := time.NewTicker(in.opts.Resync)
 	defer resync.Stop()
@@ -98,6 +99,7 @@ func (in *Installer) Run(ctx context.Context) error {
 			if err := in.CheckNodeRules(); err != nil {
 				in.log.Error("node rules", "error", err)
 			}
+			in.scanAttachments()
 		}
 	}
 }
