@@ -29,6 +29,9 @@ type NodeResult struct {
 	GatewayAdd Stats // RegisterPod alone (ADD), with 100 other pods registered
 	GatewayDel Stats // UnregisterPods alone (DEL)
 	Forward    []ForwardRow
+	// UDP is the forward path's small-packet rate, one flow, in the
+	// same states: source validation is a per-packet lookup.
+	UDP []ForwardRow
 }
 
 // ForwardRow is the forward-path rate in one state of the node.
@@ -154,6 +157,9 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 	for _, f := range res.Forward {
 		logf("node: forward path, %s: %.0f conn/s", f.State, f.Rate)
 	}
+	for _, f := range res.UDP {
+		logf("node: forward path UDP, %s: %.0f packets/s", f.State, f.Rate)
+	}
 	return res, nil
 }
 
@@ -198,6 +204,11 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 		return err
 	}
 	defer l.stop()
+	sink, err := listenUDP(srv, netip.AddrPortFrom(netip.IPv4Unspecified(), srvPort))
+	if err != nil {
+		return err
+	}
+	defer sink.stop()
 	dst := netip.AddrPortFrom(srvAddr.Addr(), srvPort)
 	states := []struct {
 		name string
@@ -217,6 +228,7 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 		}},
 	}
 	rows := make([]ForwardRow, len(states))
+	udp := make([]ForwardRow, len(states))
 	for range dataRounds {
 		for i, st := range states {
 			rows[i].State = st.name
@@ -230,6 +242,14 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 			rows[i].Conns += c
 			rows[i].window += d
 			rows[i].Slices = append(rows[i].Slices, float64(c)/d.Seconds())
+			udp[i].State = st.name
+			c, d, err = udpLoop(pod, sink, dst, b.cfg.DataWindow/dataRounds/2)
+			if err != nil {
+				return fmt.Errorf("forward path, UDP (%s): %w", st.name, err)
+			}
+			udp[i].Conns += c
+			udp[i].window += d
+			udp[i].Slices = append(udp[i].Slices, float64(c)/d.Seconds())
 		}
 	}
 	// The drop rules (in place after the last slice) must have let the
@@ -244,11 +264,13 @@ func (b *Bench) forwardRates(cfg *node.Config, res *NodeResult) error {
 	if err != nil {
 		return err
 	}
-	for i := range rows {
-		rows[i].Rate = medianF(rows[i].Slices)
-		rows[i].Mean = float64(rows[i].Conns) / rows[i].window.Seconds()
+	for _, rs := range [][]ForwardRow{rows, udp} {
+		for i := range rs {
+			rs[i].Rate = medianF(rs[i].Slices)
+			rs[i].Mean = float64(rs[i].Conns) / rs[i].window.Seconds()
+		}
 	}
-	res.Forward = rows
+	res.Forward, res.UDP = rows, udp
 	return nil
 }
 

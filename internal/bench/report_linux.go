@@ -209,6 +209,14 @@ func Markdown(res *Results) string {
 			}
 			w("| %s | %.0f | %.0f | %d | %s |\n", f.State, f.Rate, f.Mean, f.Conns, rel)
 		}
+		w("\n| forward path UDP (64-byte datagrams, one flow, received), node state | packets/s (median slice) | mean | packets | rate / conntrack only |\n|---|---:|---:|---:|---:|\n")
+		for _, f := range n.UDP {
+			rel := ""
+			if len(n.UDP) > 1 && n.UDP[1].Rate > 0 {
+				rel = fmt.Sprintf("%.1f%%", 100*f.Rate/n.UDP[1].Rate)
+			}
+			w("| %s | %.0f | %.0f | %d | %s |\n", f.State, f.Rate, f.Mean, f.Conns, rel)
+		}
 		w("\n")
 	}
 
