@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,14 +20,18 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
 // The bypass matrix of issue 7: from an injected app pod (its sidecar
 // stand-in on 15001 forwards to the egress gateway), every way out is
 // tried once with the node rules applied. Each path must end either in
 // the sidecar (captured, and then only the gateway talks to the
-// internet) or in the source node's drop counter with nothing reaching
-// the internet host.
+// internet) or in one of the source node's drop counters (the exit's, or
+// source validation's for a forged source) with nothing reaching the
+// internet host. Every row the node rules drop is tried again with
+// the node rules flushed (its control): there the internet host must see
+// it, so the row shows the node rules, nothing else, stopping it.
 
 var inetDNS = netip.MustParseAddr("203.0.113.53")
 
@@ -38,7 +43,10 @@ const (
 	// foreign source address: the answer has nowhere to go).
 	outRedirected = "captured (REDIRECT to :15001, no handshake)"
 	outDropped    = "dropped at node"
-	outGateway    = "gateway -> internet"
+	// outForged: dropped by the node's source validation (a source the
+	// pod's port may not use), before conntrack and the forward hook.
+	outForged  = "dropped at node (forged source)"
+	outGateway = "gateway -> internet"
 )
 
 // recordingSidecar stands in for Envoy on 15001 (IPv4 and IPv6): it
@@ -240,7 +248,8 @@ type bypassResult struct {
 	err        error
 	captured   int    // new connections the sidecar accepted for target
 	redirected uint64 // packets the pod REDIRECTed to 15001 (-1: not observed)
-	drops      uint64 // rise of the source node's drop counter
+	drops      uint64 // rise of the source node's drop counter (the exit)
+	forged     uint64 // rise of the source node's forged counters (source validation)
 	// seen, passed: packets to the internet in the source node's
 	// forward hook, before and after our chain.
 	seen, passed uint64
@@ -257,6 +266,8 @@ func (r bypassResult) outcome() string {
 		return outRedirected
 	case !r.replied && r.drops > 0 && r.seen > 0 && r.passed == 0 && r.gw == 0:
 		return outDropped
+	case !r.replied && r.forged > 0 && r.seen == 0 && r.passed == 0 && r.gw == 0:
+		return outForged
 	case r.replied && r.captured == 0 && r.drops == 0 && r.gw > 0:
 		return outGateway
 	}
@@ -325,24 +336,45 @@ func TestClusterBypassMatrix(t *testing.T) {
 	admin := c.app.newClusterPod(t, "team-a", "netadmin", map[string]string{"sidecar.istio.io/status": statusAnnotation})
 	worker := c.egress.newClusterPod(t, "team-c", "worker", map[string]string{})
 	gw := c.egress.newClusterPod(t, "istio-system", "istio-egressgateway-7c9d-bypass", map[string]string{})
-	c.app.mustAdd(t, app)
-	c.app.mustAdd(t, admin)
-	c.egress.mustAdd(t, worker)
-	// The counters can see a leak: before the node rules exist, an
-	// uncaptured datagram from the app pod reaches the internet.
-	g0, o0 := c.inetCounters(t)
-	if _, err := nstest.Dial(t, app.netns, cniAppUID, cniAppUID, "udp4", net.JoinHostPort(inetIPv4.String(), "443")); err != nil {
-		t.Errorf("before node rules: UDP :443 from the app pod: %v", err)
-	}
-	if g1, o1 := c.inetCounters(t); o1 == o0 || g1 != g0 {
-		t.Fatalf("before node rules: the internet's counters saw gw +%d other +%d, want other > 0", g1-g0, o1-o0)
-	} else {
-		t.Logf("before node rules: UDP :443 from the app pod reached the internet (other +%d): the matrix can fail", o1-o0)
-	}
+	// Pods are registered with the node rules at ADD, so the rules come
+	// first (an ADD without them fails: try again later).
 	for _, n := range []*clusterNode{c.app, c.egress} {
 		n.apply(t)
 	}
+	c.app.mustAdd(t, app)
+	c.app.mustAdd(t, admin)
+	c.egress.mustAdd(t, worker)
 	c.egress.mustAdd(t, gw)
+	// The counters can see a leak: without the node rules, an
+	// uncaptured datagram from the app pod reaches the internet.
+	c.app.withoutNodeRules(t, func() {
+		g0, o0 := c.inetCounters(t)
+		if _, err := nstest.Dial(t, app.netns, cniAppUID, cniAppUID, "udp4", net.JoinHostPort(inetIPv4.String(), "443")); err != nil {
+			t.Errorf("without node rules: UDP :443 from the app pod: %v", err)
+		}
+		if g1, o1 := c.inetCounters(t); o1 == o0 || g1 != g0 {
+			t.Fatalf("without node rules: the internet's counters saw gw +%d other +%d, want other > 0", g1-g0, o1-o0)
+		} else {
+			t.Logf("without node rules: UDP :443 from the app pod reached the internet (other +%d): the matrix can fail", o1-o0)
+		}
+	})
+	for _, p := range []*clusterPod{app, admin, worker, gw} {
+		reg, ok := p.node.registration(t, p.id)
+		if veth := p.node.hostVeth(t, p); !ok || reg.Port != veth || reg.L3 != "cni0" || reg.Gateway != (p == gw) ||
+			!slices.Contains(reg.IPs, p.ip4) || !slices.Contains(reg.IPs, p.ip6) {
+			t.Fatalf("%s: registration %v (found %v), want port %s, l3 cni0, %s and %s, gateway %v", p.name, reg, ok, veth, p.ip4, p.ip6, p == gw)
+		}
+	}
+	if gws := c.egress.gateways(t); len(gws) != 2 || slices.ContainsFunc(gws, func(g node.Gateway) bool {
+		return g.Iface != "cni0" || g.ContainerID != gw.id || (g.IP != gw.ip4 && g.IP != gw.ip6)
+	}) {
+		t.Fatalf("gateway entries %v, want cni0 . %s and cni0 . %s for %s", gws, gw.ip4, gw.ip6, gw.id)
+	}
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		if k := n.counters(t); k.Forged != 0 || k.Dropped != 0 {
+			t.Logf("%s: counters before the matrix: %+v", n.name, k)
+		}
+	}
 	serveDualForwarder(t, gw)
 	sidecar := serveRecordingSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
 	for _, n := range []*clusterNode{c.app, c.egress} {
@@ -405,19 +437,19 @@ func TestClusterBypassMatrix(t *testing.T) {
 		{path: "ICMPv6 echo (raw socket, root)", from: app, expect: outDropped, run: ping(app, inetIPv6)},
 		{path: "raw IPv4 packet, IP_HDRINCL, UDP :8080 (root)", from: app, expect: outDropped, run: raw(app, app.ip4, inetIPv4)},
 		{path: "raw IPv6 packet, protocol 253 (root)", from: app, expect: outDropped, run: raw(app, app.ip6, inetIPv6)},
-		{path: "spoofed source = gateway's IPv4, UDP (root)", from: app, expect: outDropped,
+		{path: "spoofed source = gateway's IPv4, UDP (root)", from: app, expect: outForged,
 			run: dial(app, 0, 0, "udp4", inet4, nstest.WithSource(gw.ip4.String()))},
-		{path: "spoofed source = gateway's IPv6, UDP (root)", from: app, expect: outDropped,
+		{path: "spoofed source = gateway's IPv6, UDP (root)", from: app, expect: outForged,
 			run: dial(app, 0, 0, "udp6", inet6, nstest.WithSource(gw.ip6.String()))},
 		{path: "spoofed source = gateway's IPv4, TCP (root)", from: app, expect: outRedirected,
 			run: dial(app, 0, 0, "tcp4", inet4, nstest.WithSource(gw.ip4.String()))},
-		{path: "spoofed source = gateway's IPv4, raw IP_HDRINCL (root)", from: app, expect: outDropped,
+		{path: "spoofed source = gateway's IPv4, raw IP_HDRINCL (root)", from: app, expect: outForged,
 			run: raw(app, gw.ip4, inetIPv4)},
-		{path: "spoofed source = egress node's IPv4 (its NAT address), UDP (root)", from: app, expect: outDropped,
+		{path: "spoofed source = egress node's IPv4 (its NAT address), UDP (root)", from: app, expect: outForged,
 			run: dial(app, 0, 0, "udp4", inet4, nstest.WithSource(c.egress.uplink4.String()))},
-		{path: "spoofed source = egress node's IPv6, UDP (root)", from: app, expect: outDropped,
+		{path: "spoofed source = egress node's IPv6, UDP (root)", from: app, expect: outForged,
 			run: dial(app, 0, 0, "udp6", inet6, nstest.WithSource(c.egress.uplink6.String()))},
-		{path: "spoofed source = egress node's IPv4, raw IP_HDRINCL (root)", from: app, expect: outDropped,
+		{path: "spoofed source = egress node's IPv4, raw IP_HDRINCL (root)", from: app, expect: outForged,
 			run: raw(app, c.egress.uplink4, inetIPv4)},
 		{path: "DNS udp/53 to an outside resolver as the app UID", from: app, expect: outDropped,
 			run: dial(app, uid, gid, "udp4", ap(inetDNS, 53))},
@@ -450,12 +482,15 @@ func TestClusterBypassMatrix(t *testing.T) {
 		bypassCase
 		r   bypassResult
 		got string
+		// ctl: what the internet host saw of the same attempt with the
+		// source node's rules flushed (rows the node rules drop).
+		ctl string
 	}
 	var rows []row
 	t.Cleanup(func() {
 		var b strings.Builder
 		w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(w, "#\tpath (from)\texpected\tobserved\tsidecar accepted\tpod to :15001\tnode fwd to internet (seen/passed)\tnode drops\tinternet saw (gw/other)\tclient\tok")
+		fmt.Fprintln(w, "#\tpath (from)\texpected\tobserved\tsidecar accepted\tpod to :15001\tnode fwd to internet (seen/passed)\tnode drops (exit/forged)\tinternet saw (gw/other)\tclient\twithout node rules\tok")
 		for i, r := range rows {
 			ok := "ok"
 			if r.got != r.expect {
@@ -465,12 +500,40 @@ func TestClusterBypassMatrix(t *testing.T) {
 			if r.from != app {
 				pod = "-"
 			}
-			fmt.Fprintf(w, "%d\t%s (%s/%s)\t%s\t%s\t+%d\t%s\t+%d/+%d\t+%d\t+%d/+%d\t%s\t%s\n", i+1, r.path, r.from.node.name, r.from.name,
-				r.expect, r.got, r.r.captured, pod, r.r.seen, r.r.passed, r.r.drops, r.r.gw, r.r.other, r.r.detail(), ok)
+			ctl := r.ctl
+			if ctl == "" {
+				ctl = "-"
+			}
+			fmt.Fprintf(w, "%d\t%s (%s/%s)\t%s\t%s\t+%d\t%s\t+%d/+%d\t+%d/+%d\t+%d/+%d\t%s\t%s\t%s\n", i+1, r.path, r.from.node.name, r.from.name,
+				r.expect, r.got, r.r.captured, pod, r.r.seen, r.r.passed, r.r.drops, r.r.forged, r.r.gw, r.r.other, r.r.detail(), ctl, ok)
 		}
 		w.Flush()
 		t.Logf("bypass matrix (node rules applied on both nodes):\n%s", b.String())
 	})
+	// control makes the attempt again with the source node's rules
+	// flushed: the internet host must see it (from any source; a spoofed
+	// egress node address counts as gw), or the row proves nothing.
+	control := func(bc bypassCase) string {
+		t.Helper()
+		var g, o uint64
+		var replied bool
+		bc.from.node.withoutNodeRules(t, func() {
+			g0, o0 := c.inetCounters(t)
+			replied, _, _ = bc.run()
+			time.Sleep(50 * time.Millisecond)
+			g1, o1 := c.inetCounters(t)
+			g, o = g1-g0, o1-o0
+		})
+		if g+o == 0 {
+			t.Errorf("%s: control: with the node rules of %s flushed, nothing reached the internet either: the row does not show the node rules at work",
+				bc.path, bc.from.node.name)
+		}
+		reply := "no reply"
+		if replied {
+			reply = "reply"
+		}
+		return fmt.Sprintf("internet saw +%d/+%d, %s", g, o, reply)
+	}
 	try := func(bc bypassCase) {
 		t.Helper()
 		before := len(sidecar.captured())
@@ -481,14 +544,15 @@ func TestClusterBypassMatrix(t *testing.T) {
 			}
 			return nftCounter(t, app.netns, "bypassobs", "redirected")
 		}
-		d0, r0 := bc.from.node.drops(t), redirected()
+		k0, r0 := bc.from.node.counters(t), redirected()
 		s0, p0 := nftCounter(t, nodeNS, "bypassobs", "seen"), nftCounter(t, nodeNS, "bypassobs", "passed")
 		g0, o0 := c.inetCounters(t)
 		var r bypassResult
 		r.replied, r.src, r.err = bc.run()
 		// Let in-flight packets land before reading the counters.
 		time.Sleep(50 * time.Millisecond)
-		r.drops, r.redirected = bc.from.node.drops(t)-d0, redirected()-r0
+		k1 := bc.from.node.counters(t)
+		r.drops, r.forged, r.redirected = k1.Dropped-k0.Dropped, k1.Forged-k0.Forged, redirected()-r0
 		r.seen, r.passed = nftCounter(t, nodeNS, "bypassobs", "seen")-s0, nftCounter(t, nodeNS, "bypassobs", "passed")-p0
 		g1, o1 := c.inetCounters(t)
 		r.gw, r.other = g1-g0, o1-o0
@@ -498,10 +562,14 @@ func TestClusterBypassMatrix(t *testing.T) {
 			}
 		}
 		got := r.outcome()
-		rows = append(rows, row{bc, r, got})
+		ctl := ""
+		if bc.expect == outDropped || bc.expect == outForged {
+			ctl = control(bc)
+		}
+		rows = append(rows, row{bc, r, got, ctl})
 		if got != bc.expect {
-			t.Errorf("%s: expected %s, observed %s (sidecar +%d, pod to :15001 +%d, node seen/passed +%d/+%d, drops +%d, internet gw +%d other +%d, %s)",
-				bc.path, bc.expect, got, r.captured, r.redirected, r.seen, r.passed, r.drops, r.gw, r.other, r.detail())
+			t.Errorf("%s: expected %s, observed %s (sidecar +%d, pod to :15001 +%d, node seen/passed +%d/+%d, drops exit/forged +%d/+%d, internet gw +%d other +%d, %s)",
+				bc.path, bc.expect, got, r.captured, r.redirected, r.seen, r.passed, r.drops, r.forged, r.gw, r.other, r.detail())
 		}
 		// Only the gateway reaches the internet; a capture gets there
 		// through it, and the far end sees the egress node's address.
@@ -547,6 +615,11 @@ func TestClusterBypassMatrix(t *testing.T) {
 	}
 	if got := c.egress.gateways(t); len(got) != 0 {
 		t.Errorf("gateway entries after the gateway's DEL: %v", got)
+	}
+	for _, n := range []*clusterNode{c.app, c.egress} {
+		if got := n.pods(t); len(got) != 0 {
+			t.Errorf("%s: pod registrations after every pod's DEL: %v", n.name, got)
+		}
 	}
 	t.Logf("plugins built in %s; matrix ran in %s", built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
 }

@@ -112,7 +112,9 @@ func newCluster(t *testing.T, binDir string) *cluster {
 // newNode makes a node: its uplink to the router at 192.0.2.(off+1/off+2)/30,
 // routes both ways, forwarding on, and a CNI chain (bridge cni0 with a
 // dual-stack host-local range, then egress-cni with nodeEnforcement).
-func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string) *clusterNode {
+// pluginExtra are extra members of egress-cni's object in the conflist
+// (for example a gatewaySelector).
+func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string, pluginExtra ...string) *clusterNode {
 	t := c.t
 	t.Helper()
 	n := &clusterNode{name: name, ns: nstest.NewNS(t), nodeConfig: nodeConfig,
@@ -137,6 +139,10 @@ func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, su
 		t.Fatalf("node config %s: %v", name, err)
 	}
 
+	extra := ""
+	for _, e := range pluginExtra {
+		extra += ", " + e
+	}
 	ch := &chain{t: t, binDir: binDir, node: n.ns, dir: t.TempDir(), cniVersion: "1.1.0"}
 	ch.logFile = filepath.Join(ch.dir, "egress-cni.log")
 	conflist := fmt.Sprintf(`{
@@ -148,9 +154,9 @@ func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, su
               "ranges": [[{"subnet": %q, "gateway": %q}], [{"subnet": %q, "gateway": %q}]],
               "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
     {"type": "egress-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-     "logFile": %q, "logLevel": "debug", "nodeEnforcement": true}
+     "logFile": %q, "logLevel": "debug", "nodeEnforcement": true%s}
   ]
-}`, name, filepath.Join(ch.dir, "ipam"), sub4, gw4, sub6, gw6, ch.logFile)
+}`, name, filepath.Join(ch.dir, "ipam"), sub4, gw4, sub6, gw6, ch.logFile, extra)
 	ch.list, err = libcni.ConfListFromBytes([]byte(conflist))
 	if err != nil {
 		t.Fatalf("bad conflist: %v\n%s", err, conflist)
@@ -189,6 +195,86 @@ func (n *clusterNode) drops(t *testing.T) uint64 {
 	}
 	return p
 }
+
+// counters reads the node's drop counters (zero when the rules are not
+// applied).
+func (n *clusterNode) counters(t *testing.T) node.Counters {
+	t.Helper()
+	var c node.Counters
+	if err := n.in(func() error {
+		var err error
+		c, err = node.ReadCounters()
+		return err
+	}); err != nil {
+		return node.Counters{}
+	}
+	return c
+}
+
+// pods lists the node's pod registrations.
+func (n *clusterNode) pods(t *testing.T) []node.Pod {
+	t.Helper()
+	var ps []node.Pod
+	if err := n.in(func() error {
+		var err error
+		ps, err = node.ListPods()
+		return err
+	}); err != nil {
+		t.Fatalf("list pod registrations on %s: %v", n.name, err)
+	}
+	return ps
+}
+
+// registration is the node's registration of container id, if any.
+func (n *clusterNode) registration(t *testing.T, id string) (node.Pod, bool) {
+	t.Helper()
+	for _, p := range n.pods(t) {
+		if p.ContainerID == id {
+			return p, true
+		}
+	}
+	return node.Pod{}, false
+}
+
+// withoutNodeRules runs fn with our node rules flushed (both tables'
+// chains emptied; the tables, sets and so the pod registrations stay, so
+// pods can still be added), then re-applies them and forgets the
+// connections made meanwhile, so that none outlives the control. It is
+// the "control" of a test: the same path, with nothing of ours in the
+// way.
+func (n *clusterNode) withoutNodeRules(t *testing.T, fn func()) {
+	t.Helper()
+	before := len(n.pods(t))
+	nstest.MustExec(t, n.ns, "nft", "flush table inet "+node.Table+"; flush table bridge "+node.Table)
+	if got := len(n.pods(t)); got != before {
+		t.Fatalf("%s: flushing the node rules changed the pod registrations (%d -> %d)", n.name, before, got)
+	}
+	defer func() {
+		n.apply(t)
+		n.flushConntrack(t)
+	}()
+	fn()
+}
+
+// flushConntrack deletes every conntrack entry of the node, both
+// families.
+func (n *clusterNode) flushConntrack(t *testing.T) {
+	t.Helper()
+	if err := n.in(func() error {
+		for _, f := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+			if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, f, matchAllFlows{}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("flush conntrack on %s: %v", n.name, err)
+	}
+}
+
+type matchAllFlows struct{}
+
+func (matchAllFlows) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return true }
 
 func (n *clusterNode) gateways(t *testing.T) []node.Gateway {
 	t.Helper()

@@ -33,12 +33,13 @@ import (
 // and a node under load while its node rules are re-applied.
 
 // nodeState is what a node holds for its pods: host-side veths, host-local
-// allocations (file name -> owner), libcni cache files and gateway
-// entries.
+// allocations (file name -> owner), libcni cache files, pod
+// registrations with the node rules and gateway entries.
 type nodeState struct {
 	veths    []string
 	ipam     map[string]string
 	cache    []string
+	pods     []node.Pod
 	gateways []node.Gateway
 }
 
@@ -73,6 +74,7 @@ func (n *clusterNode) state(t *testing.T) nodeState {
 	for _, e := range ents {
 		s.cache = append(s.cache, e.Name())
 	}
+	s.pods = n.pods(t)
 	s.gateways = n.gateways(t)
 	return s
 }
@@ -88,6 +90,11 @@ func (s nodeState) leaksOf(id string) []string {
 	for _, f := range s.cache {
 		if strings.Contains(f, id) {
 			out = append(out, "libcni cache "+f)
+		}
+	}
+	for _, p := range s.pods {
+		if p.ContainerID == id {
+			out = append(out, "registration "+p.String())
 		}
 	}
 	for _, g := range s.gateways {
@@ -114,6 +121,11 @@ func (s nodeState) diff(base nodeState) []string {
 	for _, f := range s.cache {
 		if !slices.Contains(base.cache, f) {
 			out = append(out, "libcni cache "+f)
+		}
+	}
+	for _, p := range s.pods {
+		if !slices.ContainsFunc(base.pods, func(b node.Pod) bool { return b.String() == p.String() }) {
+			out = append(out, "registration "+p.String())
 		}
 	}
 	for _, g := range s.gateways {
@@ -153,9 +165,9 @@ func hasOurTable(n ns.NetNS) (bool, error) {
 // (sometimes two) for the same container, 20 rounds with random order and start
 // offsets, for a gateway pod on the egress node and a captured pod on
 // the app node at the same time. After each race the runtime's cleanup
-// DEL must leave nothing of the container (pod rules, gateway entries,
-// veth, IP allocation, cache), and ADD followed by two retried ADDs must
-// give exactly one complete state.
+// DEL must leave nothing of the container (pod rules, registration with
+// the node rules, gateway entries, veth, IP allocation, cache), and ADD
+// followed by two retried ADDs must give exactly one complete state.
 func TestClusterConcurrentAddDel(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	start := time.Now()
@@ -170,10 +182,12 @@ func TestClusterConcurrentAddDel(t *testing.T) {
 	for _, n := range []*clusterNode{c.app, c.egress} {
 		n.mustAdd(t, n.newClusterPod(t, "team-z", "warm-"+n.name, map[string]string{}))
 	}
-	// The gateway is selected by annotation and captured too, so that
-	// both pod rules and gateway entries race.
-	gw := c.egress.newClusterPod(t, "team-a", "race-gw", map[string]string{
-		"sidecar.istio.io/status": statusAnnotation, "egress-cni.io/gateway": "true"})
+	// The gateway is selected by its protected name (the annotation is
+	// honoured only in gatewaySelector.allowedNamespaces, which these
+	// nodes do not set) and captured too, so that both pod rules and
+	// gateway entries race.
+	gw := c.egress.newClusterPod(t, "istio-system", "istio-egressgateway-race", map[string]string{
+		"sidecar.istio.io/status": statusAnnotation})
 	app := c.app.newClusterPod(t, "team-a", "race", map[string]string{"sidecar.istio.io/status": statusAnnotation})
 	pods := []*clusterPod{gw, app}
 	base := map[*clusterPod]nodeState{}
@@ -224,6 +238,19 @@ func TestClusterConcurrentAddDel(t *testing.T) {
 		if err := p.node.chain.check(p.pod); err != nil {
 			t.Errorf("%s, %s: CHECK: %v", when, p.name, err)
 		}
+		// One registration: the pod's current host veth as its port,
+		// the bridge as its L3 interface, both addresses.
+		veth := p.node.hostVeth(t, p)
+		var regs []node.Pod
+		for _, r := range p.node.pods(t) {
+			if r.ContainerID == p.id {
+				regs = append(regs, r)
+			}
+		}
+		if len(regs) != 1 || regs[0].Port != veth || regs[0].L3 != "cni0" || len(regs[0].IPs) != 2 ||
+			!slices.Contains(regs[0].IPs, p.ip4) || !slices.Contains(regs[0].IPs, p.ip6) || regs[0].Gateway != (p == gw) {
+			t.Errorf("%s, %s: registrations %v, want exactly %s via cni0 [%s %s] (gateway %v)", when, p.name, regs, veth, p.ip4, p.ip6, p == gw)
+		}
 		var mine []node.Gateway
 		for _, g := range p.node.gateways(t) {
 			if g.ContainerID == p.id {
@@ -231,10 +258,10 @@ func TestClusterConcurrentAddDel(t *testing.T) {
 			}
 		}
 		if p == gw {
-			veth := p.node.hostVeth(t, p)
-			if len(mine) != 2 || !slices.ContainsFunc(mine, func(g node.Gateway) bool { return g.IP == p.ip4 && g.Iface == veth }) ||
-				!slices.ContainsFunc(mine, func(g node.Gateway) bool { return g.IP == p.ip6 && g.Iface == veth }) {
-				t.Errorf("%s, gateway: entries %v, want exactly %s and %s on %s", when, mine, p.ip4, p.ip6, veth)
+			// Gateway entries name the L3 interface: the bridge.
+			if len(mine) != 2 || !slices.ContainsFunc(mine, func(g node.Gateway) bool { return g.IP == p.ip4 && g.Iface == "cni0" }) ||
+				!slices.ContainsFunc(mine, func(g node.Gateway) bool { return g.IP == p.ip6 && g.Iface == "cni0" }) {
+				t.Errorf("%s, gateway: entries %v, want exactly cni0 . %s and cni0 . %s", when, mine, p.ip4, p.ip6)
 			}
 		} else if len(mine) != 0 {
 			t.Errorf("%s, %s: gateway entries for an ordinary pod: %v", when, p.name, mine)
@@ -441,10 +468,13 @@ func pct(ds []time.Duration, p int) time.Duration {
 // through the real chain, added in bursts of 50 in parallel while the
 // previous burst is deleted in parallel, while the node rules are
 // re-applied in a loop (alternating two allow lists). Every tenth pod is
-// a gateway. Before each burst's deletion, every live pod's CHECK must
-// pass and the gateway sets hold exactly the live gateways; afterwards
-// nothing is left: no pod rules (checked before each namespace goes), no
-// veth, IP allocation, cache entry or gateway entry, no namespace.
+// a gateway, by annotation (the node's plugin config allows it in the
+// pods' namespace). Before each burst's deletion, every live pod's CHECK
+// must pass, the node's registrations are exactly the live pods (each on
+// its own host veth) and the gateway sets hold exactly the live
+// gateways; afterwards nothing is left: no pod rules (checked before
+// each namespace goes), no veth, IP allocation, cache entry,
+// registration or gateway entry, no namespace.
 func TestClusterNodeLoad(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	const total, burst = 200, 50
@@ -457,7 +487,8 @@ func TestClusterNodeLoad(t *testing.T) {
 	const allow = `"podCIDRs": ["198.51.100.0/24", "2001:db8:1a::/64", "2001:db8:1b::/64", "2001:db8:1e::/64"],
 	"nodeCIDRs": ["192.0.2.0/28", "2001:db8:a::/64", "2001:db8:b::/64", "2001:db8:e::/64"]`
 	bulk := c.newNode(binDir, "bulk", "bulk0", 8, "198.51.100.128/25", "198.51.100.129", "2001:db8:1b::/64", "2001:db8:1b::1",
-		`{"role": "egress", "uplink": "uplink", `+allow+`}`)
+		`{"role": "egress", "uplink": "uplink", `+allow+`}`,
+		`"gatewaySelector": {"allowedNamespaces": ["team-load"]}`)
 	other, err := node.Parse([]byte(`{"role": "egress", "uplink": "uplink", "allow": ["203.0.113.99/32"], ` + allow + `}`))
 	if err != nil {
 		t.Fatal(err)
@@ -595,6 +626,19 @@ func TestClusterNodeLoad(t *testing.T) {
 				t.Errorf("%s: %s: our table present %v (%v)", stage, lp.name, ours, err)
 			}
 		}
+		wantRegs := []string{warm.id + " " + bulk.hostVeth(t, warm)}
+		for _, lp := range live {
+			wantRegs = append(wantRegs, lp.id+" "+bulk.hostVeth(t, lp.clusterPod))
+		}
+		var gotRegs []string
+		for _, r := range bulk.pods(t) {
+			gotRegs = append(gotRegs, r.ContainerID+" "+r.Port)
+		}
+		slices.Sort(wantRegs)
+		slices.Sort(gotRegs)
+		if !slices.Equal(gotRegs, wantRegs) {
+			t.Errorf("%s: registrations (container port) %v, want %v", stage, gotRegs, wantRegs)
+		}
 		var want []string
 		for _, lp := range live {
 			if lp.gateway {
@@ -663,6 +707,9 @@ func TestClusterNodeLoad(t *testing.T) {
 	}
 	if gws := bulk.gateways(t); len(gws) != 0 {
 		t.Errorf("gateway entries left: %v", gws)
+	}
+	if regs := bulk.pods(t); len(regs) != 1 || regs[0].ContainerID != warm.id {
+		t.Errorf("registrations left: %v, want only the warm pod's", regs)
 	}
 	for _, lp := range pods {
 		if lp.path == "" {

@@ -20,11 +20,13 @@ const benchNodeConfig = `{"role": "egress", "uplink": "uplink", "logDrops": true
 	"podCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"], "serviceCIDRs": ["10.96.0.0/12", "fd00:10:96::/112"],
 	"nodeCIDRs": ["192.0.2.0/24"], "allow": ["169.254.169.254/32", "198.51.100.53/32"]}`
 
-// BenchmarkNodeGatewayUpdate times one gateway's membership change as
-// the CNI plugin makes it: AddGateways (its IPv4 and IPv6, one netlink
-// batch) then RemoveGateways by container ID (list + one batch), in a
-// namespace holding the node rules and `others` other gateways. It
-// reports add-ns/op and remove-ns/op besides the pair's ns/op.
+// BenchmarkNodeGatewayUpdate times one gateway pod's registration as
+// the CNI plugin makes it (node format 2): RegisterPod at ADD (its port,
+// bridge, IPv4 and IPv6, gateway entries: one read of the per-pod sets,
+// one netlink batch) then UnregisterPods by container ID at DEL (one
+// read, one batch), in a namespace holding the node rules and `others`
+// other registered pods, every tenth of them a gateway. It reports
+// add-ns/op and remove-ns/op besides the pair's ns/op.
 //
 //	go test -run '^$' -bench NodeGatewayUpdate -benchtime 200x ./test/netns/
 func BenchmarkNodeGatewayUpdate(b *testing.B) {
@@ -40,33 +42,34 @@ func BenchmarkNodeGatewayUpdate(b *testing.B) {
 				if err := node.Apply(cfg); err != nil {
 					return err
 				}
-				var gws []node.Gateway
 				for i := range others {
-					gws = append(gws, node.Gateway{Iface: fmt.Sprintf("veth%08x", i), IP: netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)}), ContainerID: fmt.Sprintf("other-%d", i)})
+					if _, err := node.RegisterPod(node.Pod{ContainerID: fmt.Sprintf("other-%d", i), Port: fmt.Sprintf("veth%08x", i), L3: "cni0",
+						IPs:     []netip.Addr{netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)}), netip.AddrFrom16([16]byte{0: 0xfd, 5: 0x10, 6: 0x02, 7: 0x44, 14: byte(i >> 8), 15: byte(i)})},
+						Gateway: i%10 == 0}); err != nil {
+						return err
+					}
 				}
-				return node.AddGateways(gws...)
+				return nil
 			})
 			if err != nil {
 				b.Fatal(err)
 			}
-			gws := []node.Gateway{
-				{Iface: "vethbench0", IP: netip.MustParseAddr("10.244.200.7"), ContainerID: "bench"},
-				{Iface: "vethbench0", IP: netip.MustParseAddr("fd00:10:244::7"), ContainerID: "bench"},
-			}
+			gw := node.Pod{ContainerID: "bench", Port: "vethbench0", L3: "cni0", Gateway: true,
+				IPs: []netip.Addr{netip.MustParseAddr("10.244.200.7"), netip.MustParseAddr("fd00:10:244::c8:7")}}
 			var add, del int64
 			b.ResetTimer()
 			err = host.Do(func(ns.NetNS) error {
 				for range b.N {
 					t0 := nowNanos()
-					if err := node.AddGateways(gws...); err != nil {
-						return err
+					if stale, err := node.RegisterPod(gw); err != nil || len(stale) != 0 {
+						return fmt.Errorf("register: %v (stale %v)", err, stale)
 					}
 					t1 := nowNanos()
-					removed, err := node.RemoveGateways(func(g node.Gateway) bool { return g.ContainerID == "bench" })
+					removed, err := node.UnregisterPods(func(id string) bool { return id == "bench" })
 					if err != nil {
 						return err
 					}
-					if len(removed) != 2 {
+					if len(removed) != 1 || !removed[0].Gateway || len(removed[0].IPs) != 2 {
 						return fmt.Errorf("removed %v", removed)
 					}
 					add += t1 - t0
