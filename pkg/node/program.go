@@ -279,10 +279,30 @@ func newProgram(cfg *Config) *program {
 	// 4. Bridged pods: the IP hooks see the bridge, not the pod's port,
 	// so the same validation runs per bridge port here.
 	br := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgePre, hook: nftables.ChainHookPrerouting, prio: prioBridgePre, typ: nftables.ChainTypeFilter}
+	// A veth port (a pod's, registered or not) may send only untagged
+	// IPv4, IPv6 and ARP. A frame with two VLAN priority tags reads as
+	// VLAN in meta protocol here, while the host strips both and takes it
+	// for plain IP from the bridge: it would skip every rule below
+	// (found by the escape matrix). The outer EtherType is what counts.
+	{
+		r := (&rule{}).add(`meta iifkind "veth"`,
+			// [ meta load iifkind => reg 1 ] [ cmp eq reg 1 "veth" ]
+			&expr.Meta{Key: metaKeyIIFKIND, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifnameKey("veth")})
+		for _, et := range []struct {
+			name  string
+			proto uint16
+		}{{"ip", unix.ETH_P_IP}, {"ip6", unix.ETH_P_IPV6}, {"arp", unix.ETH_P_ARP}} {
+			r.add("ether type != "+et.name,
+				&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.BigEndian.PutUint16(et.proto)})
+		}
+		br.rules = append(br.rules, r.add(counterDrop(CounterForged)))
+	}
 	for _, v6 := range []bool{false, true} {
-		// An IP packet in a VLAN tag (even priority tag 0, which the
-		// host delivers as untagged) would not match "ether type ip"
-		// below: drop it first. Pod ports have no business tagging.
+		// An IP packet in a VLAN tag on another kind of port (even
+		// priority tag 0, which the host delivers as untagged) would not
+		// match "ether type ip" below: drop it too.
 		wrapped := matchProto(&rule{}, v6)
 		etherType(wrapped, v6, true)
 		br.rules = append(br.rules, wrapped.add(counterDrop(CounterForged)))
@@ -324,34 +344,21 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 		// address detection) is not in its CNI result, but neighbour
 		// discovery and MLD need it. The kernel never forwards a
 		// link-local source, so this opens no way out.
-		for _, ls := range []struct {
-			text      string
-			src, dst  []byte
-			srcBits   int
-			dstPrefix []byte
-		}{
-			{"ip6 saddr fe80::/10 ip6 daddr fe80::/10 return", []byte{0xfe, 0x80}, nil, 10, []byte{0xfe, 0x80}},
-			{"ip6 saddr fe80::/10 ip6 daddr ff02::/16 return", []byte{0xfe, 0x80}, nil, 10, []byte{0xff, 0x02}},
-			{"ip6 saddr :: ip6 daddr ff02::/16 return", make([]byte, 16), nil, 128, []byte{0xff, 0x02}},
-		} {
-			r := proto(&rule{})
-			r.add(ls.text)
-			if ls.srcBits == 10 {
-				r.add("", &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
-					&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
-					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.src})
-			} else {
-				r.add("", saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.src})
-			}
-			dst := &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2}
-			if ls.dstPrefix[0] == 0xfe {
-				r.add("", dst, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
-					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.dstPrefix})
-			} else {
-				r.add("", dst, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ls.dstPrefix})
-			}
-			out = append(out, r.add("", verdict(expr.VerdictReturn)))
-		}
+		// A link-local source, to any destination: neighbour
+		// solicitations to the gateway's global address come from it.
+		ll := proto(&rule{}).add("ip6 saddr fe80::/10 return",
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xfe, 0x80}},
+			verdict(expr.VerdictReturn))
+		// The unspecified source, to link-scope multicast only:
+		// duplicate address detection.
+		dad := proto(&rule{}).add("ip6 saddr :: ip6 daddr ff02::/16 return",
+			saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 16)},
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}},
+			verdict(expr.VerdictReturn))
+		out = append(out, ll, dad)
 	}
 
 	wrongSrc := proto(&rule{})
@@ -382,6 +389,10 @@ func etherType(r *rule, v6, not bool) *rule {
 		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
 		&expr.Cmp{Op: op, Register: 1, Data: binaryutil.BigEndian.PutUint16(proto)})
 }
+
+// metaKeyIIFKIND is NFT_META_IIFKIND (the input device's rtnl kind,
+// "veth"), which google/nftables v0.3.0 does not name.
+const metaKeyIIFKIND expr.MetaKey = 26
 
 // matchProto matches the packet's L3 protocol (skb->protocol, which a
 // VLAN tag does not hide).
