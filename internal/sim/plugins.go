@@ -12,9 +12,9 @@ import (
 )
 
 // ReferencePlugins are the primary CNI's plugins every simulated node
-// runs: bridge with host-local IPAM, and loopback (which containerd runs
-// as a network of its own).
-var ReferencePlugins = []string{"bridge", "host-local", "loopback"}
+// runs: bridge (or ptp, for the routed topology) with host-local IPAM,
+// and loopback (which containerd runs as a network of its own).
+var ReferencePlugins = []string{"bridge", "host-local", "loopback", "ptp"}
 
 const (
 	pluginsModule = "github.com/containernetworking/plugins"
@@ -41,13 +41,27 @@ func pluginVersions() (plugins, cni string, err error) {
 		}
 	}
 	if plugins == "" || cni == "" {
-		return "", "", fmt.Errorf("build information lacks %s or %s", pluginsModule, cniModule)
+		// A test binary carries no dependency list: ask the go command
+		// about the module of the working directory.
+		if plugins, cni = goListVersion(pluginsModule), goListVersion(cniModule); plugins == "" || cni == "" {
+			return "", "", fmt.Errorf("build information lacks %s or %s", pluginsModule, cniModule)
+		}
 	}
 	return plugins, cni, nil
 }
 
-// EnsureReferencePlugins makes sure dir holds bridge, host-local and
-// loopback built from the module cache at the versions of
+// goListVersion is the version of mod that the main module of the
+// working directory requires, or "".
+func goListVersion(mod string) string {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}", mod).Output()
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// EnsureReferencePlugins makes sure dir holds bridge, host-local,
+// loopback and ptp built from the module cache at the versions of
 // containernetworking/plugins and cni this binary was built with. A dir
 // that already holds them for those versions is used as is (built is
 // false). Otherwise they are built with the go command in a throwaway
@@ -97,7 +111,7 @@ func EnsureReferencePlugins(ctx context.Context, dir string) (built bool, err er
 		return false, err
 	}
 	args := []string{"build", "-trimpath", "-o", out + "/"}
-	for _, p := range []string{"main/bridge", "ipam/host-local", "main/loopback"} {
+	for _, p := range []string{"main/bridge", "ipam/host-local", "main/loopback", "main/ptp"} {
 		args = append(args, pluginsModule+"/plugins/"+p)
 	}
 	cmd := exec.CommandContext(ctx, goBin, args...)
