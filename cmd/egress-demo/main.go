@@ -173,10 +173,11 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		p        **sim.Pod
 		role     string
 	}
-	var app, plain, gw, worker *sim.Pod
+	var app, plain, gw, worker, selfGW *sim.Pod
 	for _, s := range []podSpec{
 		{c.Egress, "istio-system", "istio-egressgateway-5d8f9-abcde", nil, &gw, "egress gateway"},
 		{c.Egress, "team-c", "worker", nil, &worker, "no sidecar; echo server on 8080"},
+		{c.Egress, "team-x", "self-declared-gw", map[string]string{"egress-cni.io/gateway": "true"}, &selfGW, "annotated egress-cni.io/gateway: true (not a gateway: team-x is not allowed)"},
 		{c.App, "team-a", "app", injected, &app, "sidecar injected; sidecar stand-in on 15001 as UID 1337"},
 		{c.App, "team-b", "no-sidecar", nil, &plain, "no sidecar"},
 	} {
@@ -208,13 +209,23 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 	if err := sim.ServeForwarder(&cl, gw.NS, gw.IP4, sim.ForwardPort); err != nil {
 		return false, err
 	}
+	// A kube-proxy stand-in on the egress node: a NodePort whose Service
+	// has an internet endpoint (no selector, a hand-made EndpointSlice),
+	// marked with KUBE-MARK-MASQ's real bit 0x4000, as kube-proxy does.
+	kp := sim.KubeProxy{ClusterCIDRs: sim.ClusterCIDRs[:3], Services: []sim.Service{{
+		Name: "exfil", Protocols: []string{"tcp"}, Port: sim.EchoPort, NodePort: demoNodePort,
+		Endpoints: []netip.AddrPort{netip.AddrPortFrom(sim.InternetV4, sim.EchoPort)},
+	}}}
+	if err := sim.InstallKubeProxy(c.Egress.NS, kp); err != nil {
+		return false, err
+	}
 	if _, err := sim.StartSidecar(ctx, &cl, d.exe, app.NS, proxyUID, 15001, netip.AddrPortFrom(gw.IP4, sim.ForwardPort), sim.ClusterCIDRs); err != nil {
 		return false, err
 	}
 
 	// 5. Traffic, once the pods' own link-local chatter is over (it is
 	// counted by the node rules too, see ResolveNeighbours).
-	for _, p := range []*sim.Pod{gw, worker, app, plain} {
+	for _, p := range []*sim.Pod{gw, worker, selfGW, app, plain} {
 		p.ResolveNeighbours()
 	}
 	if err := settle(ctx, c.App, c.Egress); err != nil {
@@ -244,6 +255,9 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		{"gateway pod tcp6 -> internet", "allowed, internet saw " + c.Egress.Uplink6.String(), gw, appUID, "tcp6", inet6, "", nil},
 		{"worker pod tcp4 -> internet", blocked, worker, appUID, "tcp4", inet4, "", nil},
 		{"worker pod spoofing gateway IP udp4 -> internet", blocked, worker, 0, "udp4", inet4, gw.IP4.String(), nil},
+		{"self-declared gateway (annotation) tcp4 -> internet", blocked, selfGW, appUID, "tcp4", inet4, "", nil},
+		{fmt.Sprintf("worker pod tcp4 -> NodePort %d (kube-proxy mark 0x4000, internet endpoint)", demoNodePort), blocked, worker, appUID, "tcp4",
+			netip.AddrPortFrom(c.Egress.Uplink4, demoNodePort).String(), "", nil},
 		// Last: a container with NET_ADMIN deletes its pod's capture.
 		{"app pod, capture deleted (NET_ADMIN), tcp4 -> internet", blocked, app, appUID, "tcp4", inet4, "", func() error {
 			_, err := sim.Exec(app.NS, "nft", "delete", "table", "inet", rules.NFTTable)
@@ -274,8 +288,10 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 }
 
 const (
-	appUID   = 1000
-	proxyUID = 1337
+	// demoNodePort is the kube-proxy stand-in's NodePort.
+	demoNodePort = 30080
+	appUID       = 1000
+	proxyUID     = 1337
 	// blockedWait is how long a blocked connection waits for a reply;
 	// TCP's first SYN retransmission (1s) comes after it, so a dropped
 	// connection counts one drop.

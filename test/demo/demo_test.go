@@ -23,7 +23,7 @@ import (
 )
 
 // wantRows is how many paths the demo's table has.
-const wantRows = 14
+const wantRows = 16
 
 // moduleRoot is the egress-cni module's root.
 func moduleRoot(t *testing.T) string {
