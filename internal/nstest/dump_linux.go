@@ -1,6 +1,7 @@
 package nstest
 
 import (
+	"fmt"
 	"regexp"
 	"strings"
 	"testing"
@@ -125,4 +126,22 @@ func WithoutEmptyTables(dump string) string {
 		out = append(out, l)
 	}
 	return strings.Join(out, "\n")
+}
+
+var chainLine = regexp.MustCompile(`(?m)^\s*chain (\S+) \{`)
+
+// DeleteChains deletes every chain of table fam name in n, keeping its
+// sets (with their elements) and objects: a control that runs traffic
+// without a table's rules but keeps its state. (Flushing is not enough
+// for a table whose chains have a drop policy.)
+func DeleteChains(t testing.TB, n ns.NetNS, fam, table string) {
+	t.Helper()
+	out := MustExec(t, n, "nft", "list", "table", fam, table)
+	var cmds []string
+	for _, m := range chainLine.FindAllStringSubmatch(out, -1) {
+		cmds = append(cmds, fmt.Sprintf("flush chain %s %s %s; delete chain %s %s %s", fam, table, m[1], fam, table, m[1]))
+	}
+	if len(cmds) > 0 {
+		MustExec(t, n, "nft", strings.Join(cmds, "; "))
+	}
 }

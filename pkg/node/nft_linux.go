@@ -188,6 +188,9 @@ func (s *chainSpec) chain() *nftables.Chain {
 		prio := nftables.ChainPriority(s.prio)
 		ch.Hooknum, ch.Priority, ch.Type = s.hook, &prio, s.typ
 		policy := nftables.ChainPolicyAccept
+		if s.drop {
+			policy = nftables.ChainPolicyDrop
+		}
 		ch.Policy = &policy
 	}
 	return ch
@@ -361,12 +364,8 @@ func liveBaseText(ch *nftables.Chain) string {
 	if ch.Hooknum == nil || ch.Priority == nil {
 		return ""
 	}
-	s := &chainSpec{hook: hookOf(*ch.Hooknum), prio: int32(*ch.Priority), typ: ch.Type}
-	t := s.baseText()
-	if ch.Policy != nil && *ch.Policy != nftables.ChainPolicyAccept {
-		t += " (policy drop)"
-	}
-	return t
+	s := &chainSpec{hook: hookOf(*ch.Hooknum), prio: int32(*ch.Priority), typ: ch.Type, drop: ch.Policy != nil && *ch.Policy == nftables.ChainPolicyDrop}
+	return s.baseText()
 }
 
 func hookOf(h nftables.ChainHook) *nftables.ChainHook {

@@ -84,6 +84,11 @@ type chainSpec struct {
 	prio   int32
 	typ    nftables.ChainType
 	rules  []*rule
+	// drop: the chain's policy is drop and its last rule is an explicit
+	// verdict, so that `nft flush table` (or a flushed chain) fails
+	// closed: with no rule left, the policy drops everything. Only
+	// deleting the table opens the node, until the agent repairs it.
+	drop bool
 }
 
 func (c *chainSpec) baseText() string {
@@ -92,7 +97,11 @@ func (c *chainSpec) baseText() string {
 	}
 	hook := map[*nftables.ChainHook]string{nftables.ChainHookPrerouting: "prerouting", nftables.ChainHookForward: "forward",
 		nftables.ChainHookPostrouting: "postrouting"}[c.hook]
-	return fmt.Sprintf("type %s hook %s priority %d; policy accept;", c.typ, hook, c.prio)
+	policy := "accept"
+	if c.drop {
+		policy = "drop"
+	}
+	return fmt.Sprintf("type %s hook %s priority %d; policy %s;", c.typ, hook, c.prio, policy)
 }
 
 // setSpec is a named set of the program. Dynamic sets hold per-pod
@@ -178,7 +187,7 @@ func newProgram(cfg *Config) *program {
 	// addresses; a registered address may come only from its own
 	// interface; anything else must arrive on the interface its source
 	// is routed through (strict reverse path).
-	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter}
+	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter, drop: true}
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
@@ -186,17 +195,18 @@ func newProgram(cfg *Config) *program {
 	// never forwarded.
 	src.rules = append(src.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
 		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("return", verdict(expr.VerdictReturn)))
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("accept", verdict(expr.VerdictAccept)))
 	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
 		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
 		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
+	src.rules = append(src.rules, acceptRule())
 	p.chains = append(p.chains, src)
 
 	// 2. Gateway connections: the first packet of a connection from a
 	// gateway's own interface and address gets our conntrack label.
 	if egress {
-		conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn, hook: nftables.ChainHookPrerouting, prio: prioConn, typ: nftables.ChainTypeFilter}
+		conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn, hook: nftables.ChainHookPrerouting, prio: prioConn, typ: nftables.ChainTypeFilter, drop: true}
 		for _, v6 := range []bool{false, true} {
 			r := matchCtState(&rule{}, expr.CtStateBitNEW, "new")
 			matchNfproto(r, v6)
@@ -206,6 +216,7 @@ func newProgram(cfg *Config) *program {
 				&expr.Ct{Key: expr.CtKeyLABELS, Register: 1, SourceRegister: true})
 			conn.rules = append(conn.rules, r)
 		}
+		conn.rules = append(conn.rules, acceptRule())
 		p.chains = append(p.chains, conn)
 	}
 
@@ -213,7 +224,7 @@ func newProgram(cfg *Config) *program {
 	// in on. Cluster destinations pass; the gateway passes in its own
 	// labelled connection; replies of connections the outside opened
 	// pass; everything else is dropped.
-	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter}
+	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter, drop: true}
 	for _, v6 := range []bool{false, true} {
 		set, fam := SetAllowV4, "ip"
 		if v6 {
@@ -278,7 +289,7 @@ func newProgram(cfg *Config) *program {
 
 	// 4. Bridged pods: the IP hooks see the bridge, not the pod's port,
 	// so the same validation runs per bridge port here.
-	br := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgePre, hook: nftables.ChainHookPrerouting, prio: prioBridgePre, typ: nftables.ChainTypeFilter}
+	br := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgePre, hook: nftables.ChainHookPrerouting, prio: prioBridgePre, typ: nftables.ChainTypeFilter, drop: true}
 	// A veth port (a pod's, registered or not) may send only untagged
 	// IPv4, IPv6 and ARP. A frame with two VLAN priority tags reads as
 	// VLAN in meta protocol here, while the host strips both and takes it
@@ -308,19 +319,20 @@ func newProgram(cfg *Config) *program {
 		br.rules = append(br.rules, wrapped.add(counterDrop(CounterForged)))
 		br.rules = append(br.rules, sourceRules(v6, func(r *rule) *rule { return etherType(r, v6, false) })...)
 	}
+	br.rules = append(br.rules, acceptRule())
 	p.chains = append(p.chains, br)
 
 	// 5. Bridged frames never reach the IP forward hook unless
 	// br_netfilter is on: a frame from a pod port may be bridged only to
 	// another pod port, never to a NIC or tunnel enslaved to the bridge.
-	bfwd := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgeFwd, hook: nftables.ChainHookForward, prio: 0, typ: nftables.ChainTypeFilter}
+	bfwd := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgeFwd, hook: nftables.ChainHookForward, prio: 0, typ: nftables.ChainTypeFilter, drop: true}
 	r := (&rule{}).add("iifname @"+SetPodIfaces,
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces})
 	r.add("oifname != @"+SetPodIfaces,
 		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces, Invert: true})
-	bfwd.rules = append(bfwd.rules, r.add(counterDrop(CounterDropped)))
+	bfwd.rules = append(bfwd.rules, r.add(counterDrop(CounterDropped)), acceptRule())
 	p.chains = append(p.chains, bfwd)
 	return p
 }
@@ -337,7 +349,9 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		saddrTo(v6, 2),
 		&expr.Lookup{SourceRegister: 1, SetName: sources})
-	ok.add("return", verdict(expr.VerdictReturn))
+	// accept, not return: in a base chain return means the policy,
+	// which is drop (so that a flushed chain fails closed).
+	ok.add("accept", verdict(expr.VerdictAccept))
 	out := []*rule{ok}
 	if v6 {
 		// Link scope: a pod's link-local address (and :: for duplicate
@@ -346,18 +360,18 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 		// link-local source, so this opens no way out.
 		// A link-local source, to any destination: neighbour
 		// solicitations to the gateway's global address come from it.
-		ll := proto(&rule{}).add("ip6 saddr fe80::/10 return",
+		ll := proto(&rule{}).add("ip6 saddr fe80::/10 accept",
 			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xfe, 0x80}},
-			verdict(expr.VerdictReturn))
+			verdict(expr.VerdictAccept))
 		// The unspecified source, to link-scope multicast only:
 		// duplicate address detection.
-		dad := proto(&rule{}).add("ip6 saddr :: ip6 daddr ff02::/16 return",
+		dad := proto(&rule{}).add("ip6 saddr :: ip6 daddr ff02::/16 accept",
 			saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 16)},
 			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}},
-			verdict(expr.VerdictReturn))
+			verdict(expr.VerdictAccept))
 		out = append(out, ll, dad)
 	}
 
@@ -408,6 +422,9 @@ func matchProto(r *rule, v6 bool) *rule {
 }
 
 func verdict(k expr.VerdictKind) *expr.Verdict { return &expr.Verdict{Kind: k} }
+
+// acceptRule ends a policy-drop chain in steady state.
+func acceptRule() *rule { return (&rule{}).add("accept", verdict(expr.VerdictAccept)) }
 
 func counterDrop(name string) (string, expr.Any, expr.Any) {
 	// [ objref type 1 name NAME ] [ immediate reg 0 drop ]

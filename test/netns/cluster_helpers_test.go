@@ -237,7 +237,7 @@ func (n *clusterNode) registration(t *testing.T, id string) (node.Pod, bool) {
 }
 
 // withoutNodeRules runs fn with our node rules flushed (both tables'
-// chains emptied; the tables, sets and so the pod registrations stay, so
+// chains deleted; the tables, sets and so the pod registrations stay, so
 // pods can still be added), then re-applies them and forgets the
 // connections made meanwhile, so that none outlives the control. It is
 // the "control" of a test: the same path, with nothing of ours in the
@@ -245,9 +245,10 @@ func (n *clusterNode) registration(t *testing.T, id string) (node.Pod, bool) {
 func (n *clusterNode) withoutNodeRules(t *testing.T, fn func()) {
 	t.Helper()
 	before := len(n.pods(t))
-	nstest.MustExec(t, n.ns, "nft", "flush table inet "+node.Table+"; flush table bridge "+node.Table)
+	nstest.DeleteChains(t, n.ns, "inet", node.Table)
+	nstest.DeleteChains(t, n.ns, "bridge", node.Table)
 	if got := len(n.pods(t)); got != before {
-		t.Fatalf("%s: flushing the node rules changed the pod registrations (%d -> %d)", n.name, before, got)
+		t.Fatalf("%s: deleting the node rules' chains changed the pod registrations (%d -> %d)", n.name, before, got)
 	}
 	defer func() {
 		n.apply(t)

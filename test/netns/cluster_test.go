@@ -183,10 +183,21 @@ func TestCluster(t *testing.T) {
 	workerAddr := net.JoinHostPort(worker.ip4.String(), "8080")
 	workerAddr6 := net.JoinHostPort(worker.ip6.String(), "8080")
 
-	// Without our rules (flushed; the sets and registrations stay) every
-	// bypass reaches the internet: the test can fail.
+	// A flushed table fails closed: its chains' policy is drop, so
+	// nothing is forwarded at all, not even cluster traffic.
+	nstest.MustExec(t, c.app.ns, "nft", "flush table inet "+node.Table+"; flush table bridge "+node.Table)
+	if p := run(plain, cniAppUID, "tcp4", inet4, time.Second); p.replied || p.seen != 0 {
+		t.Errorf("flushed node rules: a pod reached the internet: %s", p)
+	} else {
+		table = append(table, bypassRow{"node rules flushed (nft flush table): app node pod -> internet tcp4", "nothing forwarded", p.String()})
+	}
+	c.app.apply(t)
+
+	// Without our rules (chains deleted; the sets and registrations
+	// stay) every bypass reaches the internet: the test can fail.
 	for _, n := range []*clusterNode{c.app, c.egress} {
-		nstest.MustExec(t, n.ns, "nft", "flush table inet "+node.Table+"; flush table bridge "+node.Table)
+		nstest.DeleteChains(t, n.ns, "inet", node.Table)
+		nstest.DeleteChains(t, n.ns, "bridge", node.Table)
 	}
 	expectReply("no node rules: app node pod -> internet tcp4 (UID 1000)", plain.ip4, plain, cniAppUID, "tcp4", inet4)
 	expectReply("no node rules: captured pod as UID 1337 -> internet tcp4", app.ip4, app, cniProxyUID, "tcp4", inet4)
@@ -297,10 +308,11 @@ func TestCluster(t *testing.T) {
 	expectReply("gateway pod -> internet udp4", c.egress.uplink4, gw, cniAppUID, "udp4", inet4)
 	expectReply("gateway pod -> internet tcp6", c.egress.uplink6, gw, cniAppUID, "tcp6", inet6)
 	// The gateway gets out because its connection's first packet got our
-	// conntrack label. Without the conn chain's rules it is dropped at
-	// the exit; re-applying restores them and keeps the registrations.
-	nstest.MustExec(t, c.egress.ns, "nft", "flush", "chain", "inet", node.Table, node.ChainConn)
-	expectDropped("gateway pod -> internet tcp4, conn label rules flushed", gw, cniAppUID, "tcp4", inet4)
+	// conntrack label. Without the conn chain it is dropped at the exit
+	// (a flushed conn chain would drop everything: its policy is drop);
+	// re-applying restores it and keeps the registrations.
+	nstest.MustExec(t, c.egress.ns, "nft", "flush chain inet "+node.Table+" "+node.ChainConn+"; delete chain inet "+node.Table+" "+node.ChainConn)
+	expectDropped("gateway pod -> internet tcp4, conn label chain deleted", gw, cniAppUID, "tcp4", inet4)
 	c.egress.apply(t)
 	expectReply("gateway pod -> internet tcp4, after re-apply", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	// The full path: app -> its sidecar (REDIRECT) -> gateway -> internet.
