@@ -41,6 +41,7 @@ func run(cmd string, args []string) int {
 	fs.StringVar(&o.BinarySource, "binary", install.DefaultBinary, `plugin binary to copy into -cni-bin-dir ("" copies none)`)
 	pluginCfg := fs.String("plugin-config", "", `our conflist entry, JSON (default {"type":"egress-cni"}); the pod-annotations capability is added`)
 	fs.StringVar(&o.NodeConfig, "node-config", "", "node rules config (JSON, see docs/install.md); empty applies none")
+	fs.StringVar(&o.NodeConfigCopy, "node-config-copy", "", `keep a copy of -node-config here (a host path as mounted), for the plugin's "nodeConfig" key: the first ADD after a reboot applies the node rules from it`)
 	fs.StringVar(&o.NetNS, "netns", "", "network namespace for the node rules (default: the current one)")
 	fs.StringVar(&o.NetNSDir, "netns-dir", install.DefaultNetNSDir, `where the runtime pins pod network namespaces; scanned for macvlan, ipvlan and SR-IOV attachments, which bypass the node rules ("" scans none)`)
 	fs.StringVar(&o.LockFile, "lock-file", install.DefaultLockFile, "lock file shared by the installers of this node")

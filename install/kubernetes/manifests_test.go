@@ -295,6 +295,11 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 			args[k] = v
 		}
 	}
+	// The plugin's nodeConfig is the host path of the installer's copy.
+	if copyPath := args["node-config-copy"]; copyPath == "" || mounted["/var/lib/egress-cni"] == "" ||
+		strings.Replace(copyPath, mounted["/var/lib/egress-cni"], "/var/lib/egress-cni", 1) != pluginNodeConfig(t, cm) {
+		t.Errorf("%s: -node-config-copy %q (mounted %v) is not the plugin's nodeConfig %q", ds.Name, copyPath, mounted, pluginNodeConfig(t, cm))
+	}
 	// The attachment scan's default directory is the netns mount, which
 	// must see pods created after the installer started.
 	if mounted["/run/netns"] != install.DefaultNetNSDir {
@@ -418,4 +423,16 @@ func TestKustomizeBuild(t *testing.T) {
 	if fmt.Sprint(kinds) != fmt.Sprint(want) {
 		t.Errorf("kustomize output has %v, want %v", kinds, want)
 	}
+}
+
+// pluginNodeConfig is plugin.json's "nodeConfig".
+func pluginNodeConfig(t *testing.T, cm *corev1.ConfigMap) string {
+	t.Helper()
+	var entry struct {
+		NodeConfig string `json:"nodeConfig"`
+	}
+	if err := json.Unmarshal([]byte(cm.Data["plugin.json"]), &entry); err != nil {
+		t.Fatalf("plugin.json: %v", err)
+	}
+	return entry.NodeConfig
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strconv"
@@ -110,6 +111,11 @@ type NetConf struct {
 	// GatewaySelector says which pods are egress gateways; see
 	// GatewaySelector. Only read with nodeEnforcement.
 	GatewaySelector *GatewaySelectorConf `json:"gatewaySelector,omitempty"`
+	// NodeConfig is the host path of the node rules' config, which the
+	// installer keeps there. With it, an ADD on a node without the node
+	// rules (after a reboot, before the installer runs again) applies
+	// them first instead of failing. Only read with nodeEnforcement.
+	NodeConfig *string `json:"nodeConfig,omitempty"`
 }
 
 // GatewaySelectorConf is the "gatewaySelector" key. Absent members keep
@@ -144,6 +150,8 @@ type Settings struct {
 	NodeEnforcement bool
 	// Gateways selects the egress-gateway pods.
 	Gateways GatewaySelector
+	// NodeConfig: see NetConf.NodeConfig; "" means none.
+	NodeConfig string
 }
 
 // ConfigKeys maps the engine's field names to our config keys, for
@@ -344,6 +352,12 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 	}
 	if conf.NodeEnforcement != nil {
 		s.NodeEnforcement = *conf.NodeEnforcement
+	}
+	if conf.NodeConfig != nil {
+		if !filepath.IsAbs(*conf.NodeConfig) || filepath.Clean(*conf.NodeConfig) != *conf.NodeConfig {
+			return nil, cfgErr("nodeConfig", *conf.NodeConfig, "must be a clean absolute path on the host")
+		}
+		s.NodeConfig = *conf.NodeConfig
 	}
 	if g := conf.GatewaySelector; g != nil {
 		for _, m := range []struct {

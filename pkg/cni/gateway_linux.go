@@ -71,6 +71,20 @@ func (p *Plugin) registerPod(inv *invocation, args *skel.CmdArgs) error {
 	}
 	entry := node.Pod{ContainerID: args.ContainerID, Port: port, L3: l3, IPs: ips, Gateway: why != ""}
 	stale, err := p.pods().RegisterPod(entry)
+	if errors.Is(err, node.ErrNotApplied) && s.NodeConfig != "" {
+		// The first ADD after boot protects the node: apply the node
+		// rules from the config the installer left on the host, then
+		// register. Racing ADDs apply once (one winner under the lock).
+		applied, aerr := p.applyNodeRules(s.NodeConfig)
+		if aerr != nil {
+			return withCode(types.ErrTryAgainLater, fmt.Errorf("%s: the node's egress rules are not in place and could not be applied from %s: %w", who, s.NodeConfig, aerr),
+				"nodeEnforcement is on: no pod starts on a node without its rules")
+		}
+		if applied {
+			inv.log.Warn("node rules were missing (reboot, or removed); applied them before this pod", "nodeConfig", s.NodeConfig)
+		}
+		stale, err = p.pods().RegisterPod(entry)
+	}
 	switch {
 	case errors.Is(err, node.ErrNotApplied):
 		return withCode(types.ErrTryAgainLater, fmt.Errorf("%s: the node's egress rules are not in place: %w", who, err),

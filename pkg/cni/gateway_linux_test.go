@@ -145,3 +145,55 @@ func TestRegistrationRefusals(t *testing.T) {
 		}
 	}
 }
+
+// With nodeConfig, an ADD on a node without its rules applies them and
+// registers the pod; if they cannot be applied it fails with code 11 and
+// registers nothing. Without nodeConfig nothing is applied.
+func TestRegistrationAppliesMissingNodeRules(t *testing.T) {
+	const keys = `"nodeEnforcement": true, "nodeConfig": "/var/lib/egress-cni/node.json"`
+	for _, tc := range []struct {
+		name     string
+		keys     string
+		applyErr error
+		applies  int
+		code     uint
+	}{
+		{"applied, then registered", keys, nil, 1, 0},
+		{"cannot apply", keys, errors.New("node config /var/lib/egress-cni/node.json: invalid JSON"), 1, types.ErrTryAgainLater},
+		{"no nodeConfig", `"nodeEnforcement": true`, nil, 0, types.ErrTryAgainLater},
+	} {
+		p, _, _ := fakePlugin()
+		f := &fakePods{egress: true, err: node.ErrNotApplied}
+		p.Pods = f
+		p.HostSide = fakeHostSide("veth1", "cni0", nil)
+		applies := 0
+		p.NodeRules = func(path string) (bool, error) {
+			applies++
+			if path != "/var/lib/egress-cni/node.json" {
+				t.Errorf("%s: applied from %q", tc.name, path)
+			}
+			if tc.applyErr == nil {
+				f.err = nil
+			}
+			return tc.applyErr == nil, tc.applyErr
+		}
+		err := p.Add(&skel.CmdArgs{ContainerID: "c3", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", tc.keys, map[string]string{}, true)})
+		if applies != tc.applies {
+			t.Errorf("%s: %d applies, want %d", tc.name, applies, tc.applies)
+		}
+		if tc.code == 0 {
+			if err != nil || len(f.pods) != 1 {
+				t.Errorf("%s: err %v, registered %v", tc.name, err, f.pods)
+			}
+			continue
+		}
+		if err == nil || Code(err) != tc.code || len(f.pods) != 0 {
+			t.Errorf("%s: err %v (code %d), registered %v; want code %d and nothing registered", tc.name, err, Code(err), f.pods, tc.code)
+		}
+	}
+	p, _, _ := fakePlugin()
+	if err := p.Add(&skel.CmdArgs{ContainerID: "c4", IfName: "eth0", Args: podArgs,
+		StdinData: stdin("1.0.0", `"nodeEnforcement": true, "nodeConfig": "etc/node.json"`, map[string]string{}, true)}); err == nil || Code(err) != types.ErrInvalidNetworkConfig || !strings.Contains(err.Error(), "nodeConfig") {
+		t.Errorf("relative nodeConfig: %v", err)
+	}
+}

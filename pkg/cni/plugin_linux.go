@@ -41,6 +41,9 @@ type Plugin struct {
 	// HostSide finds a pod's host-side port and L3 interface; nil means
 	// hostSide (netlink). Tests without namespaces inject one.
 	HostSide func(nsPath, ifName string, prev types.Result) (port, l3, how string, err error)
+	// NodeRules applies the node rules from a host config when they are
+	// missing (nil: applyNodeRules); tests inject one.
+	NodeRules func(path string) (applied bool, err error)
 }
 
 // New returns the plugin wired to the real backends and os.Stdout.

@@ -75,6 +75,11 @@ type Options struct {
 	ReadyFile string
 	// NodeConfig is the node rules config (pkg/node JSON).
 	NodeConfig string
+	// NodeConfigCopy, if set, is where ApplyNodeRules keeps a copy of
+	// NodeConfig on the host, for the plugin's "nodeConfig" key: after a
+	// reboot the first ADD applies the node rules from it before the
+	// installer runs again. Uninstall removes it.
+	NodeConfigCopy string
 	// NetNS is the network namespace for the node rules; "" is the
 	// installer's own (the host's, with hostNetwork).
 	NetNS string

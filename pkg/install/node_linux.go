@@ -1,7 +1,11 @@
 package install
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -22,6 +26,30 @@ func (in *Installer) ApplyNodeRules() error {
 		return fmt.Errorf("could not apply %s node rules: %w", cfg.Role, err)
 	}
 	in.log.Info("applied node rules", "role", cfg.Role, "config", in.opts.NodeConfig)
+	return in.keepNodeConfigCopy()
+}
+
+// keepNodeConfigCopy writes the node config (the version just applied,
+// so the copy never holds one that fails to parse) to NodeConfigCopy,
+// atomically, when it differs.
+func (in *Installer) keepNodeConfigCopy() error {
+	if in.opts.NodeConfigCopy == "" {
+		return nil
+	}
+	b, err := os.ReadFile(in.opts.NodeConfig)
+	if err != nil {
+		return fmt.Errorf("could not read node config: %w", err)
+	}
+	if cur, err := os.ReadFile(in.opts.NodeConfigCopy); err == nil && bytes.Equal(cur, b) {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(in.opts.NodeConfigCopy), 0o755); err != nil {
+		return fmt.Errorf("could not create the node config copy's directory: %w", err)
+	}
+	if err := writeAtomic(in.opts.NodeConfigCopy, b, 0o644, nil, nil); err != nil {
+		return fmt.Errorf("could not keep the node config copy for the plugin: %w", err)
+	}
+	in.log.Info("node config kept on the host for the plugin", "file", in.opts.NodeConfigCopy)
 	return nil
 }
 
@@ -43,8 +71,15 @@ func (in *Installer) CheckNodeRules() error {
 	return in.ApplyNodeRules()
 }
 
-// RemoveNodeRules deletes our node tables in Options.NetNS, nothing else.
+// RemoveNodeRules deletes the plugin's node config copy (so that no ADD
+// applies the rules again), then our node tables in Options.NetNS,
+// nothing else.
 func (in *Installer) RemoveNodeRules() error {
+	if in.opts.NodeConfigCopy != "" {
+		if err := os.Remove(in.opts.NodeConfigCopy); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("could not remove the node config copy: %w", err)
+		}
+	}
 	if err := netns.Do(in.opts.NetNS, node.Remove); err != nil {
 		return fmt.Errorf("could not remove node rules: %w", err)
 	}

@@ -22,11 +22,17 @@ func TestNodeRulesInNamespace(t *testing.T) {
 	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"serviceCIDRs":["192.0.2.128/25"],"uplink":"up0"}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	copyPath := filepath.Join(t.TempDir(), "var/lib/egress-cni/node.json")
 	in := e.installer(t, func(o *Options) {
-		o.NodeConfig, o.NetNS, o.RemoveNodeRules = nodeCfg, host.Path(), true
+		o.NodeConfig, o.NetNS, o.RemoveNodeRules, o.NodeConfigCopy = nodeCfg, host.Path(), true, copyPath
 	})
 	if err := in.ApplyNodeRules(); err != nil {
 		t.Fatal(err)
+	}
+	// The plugin's copy of the node config, for the first ADD after a
+	// reboot, holds what was applied.
+	if got, err := os.ReadFile(copyPath); err != nil || !strings.Contains(string(got), `"role":"egress"`) {
+		t.Fatalf("node config copy: %q %v", got, err)
 	}
 	dump := nstest.NFTDump(t, host)
 	for _, want := range []string{"table inet egress_cni_node", "table bridge egress_cni_node", "masquerade", "198.51.100.0/24", "table ip other"} {
@@ -54,5 +60,8 @@ func TestNodeRulesInNamespace(t *testing.T) {
 	dump = nstest.NFTDump(t, host)
 	if strings.Contains(dump, "egress_cni_node") || !strings.Contains(dump, "table ip other") {
 		t.Fatalf("after uninstall:\n%s", dump)
+	}
+	if _, err := os.Stat(copyPath); !os.IsNotExist(err) {
+		t.Fatalf("uninstall left the node config copy: %v", err)
 	}
 }
