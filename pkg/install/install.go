@@ -106,6 +106,9 @@ type Installer struct {
 	// Run's goroutine touches it); unenforceable: their count.
 	bypassing     map[string]bool
 	unenforceable atomic.Int64
+	// repairs counts node-rule repairs; watching: the monitor is up.
+	repairs  atomic.Int64
+	watching atomic.Bool
 }
 
 // New checks the options and fills in defaults.

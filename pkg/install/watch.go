@@ -51,6 +51,9 @@ func (in *Installer) Run(ctx context.Context) error {
 	if err := in.ApplyNodeRules(); err != nil {
 		return err
 	}
+	// Watch before the first check, so that nothing deleted between the
+	// two goes unnoticed.
+	tamper := in.watchNodeRules(ctx)
 	in.reconcile("startup")
 	in.scanAttachments()
 
@@ -86,6 +89,11 @@ func (in *Installer) Run(ctx context.Context) error {
 			// Usually a queue overflow: events were lost, look again.
 			in.log.Warn("watcher error; reconciling", "error", err)
 			debounce.Reset(in.opts.Debounce)
+		case <-tamper:
+			// Something deleted rules of ours: repair now, not at the
+			// next resync. A flushed table fails closed meanwhile; a
+			// deleted one is open until this runs.
+			in.repairNodeRules("nftables monitor", time.Now())
 		case <-debounce.C:
 			in.reconcile(strings.Join(pending, "; "))
 			pending = pending[:0]
@@ -96,9 +104,7 @@ func (in *Installer) Run(ctx context.Context) error {
 				in.log.Warn("could not watch the config directory", "dir", in.opts.ConfDir, "error", err)
 			}
 			in.reconcile("resync")
-			if err := in.CheckNodeRules(); err != nil {
-				in.log.Error("node rules", "error", err)
-			}
+			in.repairNodeRules("resync", time.Now())
 			in.scanAttachments()
 		}
 	}
