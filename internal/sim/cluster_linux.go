@@ -227,7 +227,9 @@ func (c *Cluster) newNode(cl *Stack, pluginsDir, name, routerIf string, off byte
   ]
 }
 `, n.ipamDir, sub4, gw4, sub6, gw6)
-	plugin := fmt.Sprintf(`{"type": "egress-cni", "nodeEnforcement": true, "logFile": %q, "logLevel": "debug"}`, n.LogFile)
+	// nodeConfig: the node config the installer applies, which the
+	// plugin applies itself when an ADD finds no node rules (a reboot).
+	plugin := fmt.Sprintf(`{"type": "egress-cni", "nodeEnforcement": true, "nodeConfig": %q, "logFile": %q, "logLevel": "debug"}`, n.NodeConfig, n.LogFile)
 	for f, b := range map[string]string{
 		filepath.Join(n.ConfDir, "10-bridge.conflist"): conflist,
 		n.NodeConfig:   nodeConfig + "\n",
