@@ -185,28 +185,25 @@ func newProgram(cfg *Config) *program {
 	// sees the packet, so a forged packet neither creates nor rides a
 	// connection. A registered interface may emit only its pods'
 	// addresses; a registered address may come only from its own
-	// interface; anything else must arrive on the interface its source
-	// is routed through (strict reverse path).
+	// interface. (The reverse path check for everything else is in the
+	// conn chain, on new connections.)
 	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter, drop: true}
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
-	// Link-scope multicast (neighbour discovery, MLD, DAD from ::) is
-	// never forwarded.
-	src.rules = append(src.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("accept", verdict(expr.VerdictAccept)))
-	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
-		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
-		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
 	src.rules = append(src.rules, acceptRule())
 	p.chains = append(p.chains, src)
 
-	// 2. Gateway connections: the first packet of a connection from a
-	// gateway's own interface and address gets our conntrack label.
+	// 2. New connections, after conntrack's lookup and before DNAT and
+	// before the entry is confirmed: packets of established connections
+	// pass at once; a new one must arrive on the interface its source is
+	// routed through (strict reverse path: a decapsulated packet claiming
+	// an internet source, a local address from elsewhere), or it is
+	// dropped and its connection never exists. A gateway's new
+	// connection gets our conntrack label.
+	conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn, hook: nftables.ChainHookPrerouting, prio: prioConn, typ: nftables.ChainTypeFilter, drop: true}
+	conn.rules = append(conn.rules, matchCtState(&rule{}, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, "established,related").add("accept", verdict(expr.VerdictAccept)))
 	if egress {
-		conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn, hook: nftables.ChainHookPrerouting, prio: prioConn, typ: nftables.ChainTypeFilter, drop: true}
 		for _, v6 := range []bool{false, true} {
 			r := matchCtState(&rule{}, expr.CtStateBitNEW, "new")
 			matchNfproto(r, v6)
@@ -216,9 +213,18 @@ func newProgram(cfg *Config) *program {
 				&expr.Ct{Key: expr.CtKeyLABELS, Register: 1, SourceRegister: true})
 			conn.rules = append(conn.rules, r)
 		}
-		conn.rules = append(conn.rules, acceptRule())
-		p.chains = append(p.chains, conn)
 	}
+	// Link-scope multicast (neighbour discovery, MLD, DAD from ::) is
+	// never forwarded.
+	conn.rules = append(conn.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("accept", verdict(expr.VerdictAccept)))
+	conn.rules = append(conn.rules, (&rule{}).add("fib saddr . iif oif missing",
+		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
+	conn.rules = append(conn.rules, acceptRule())
+	p.chains = append(p.chains, conn)
 
 	// 3. The exit: every forwarded packet, after DNAT, whatever it came
 	// in on. Cluster destinations pass; the gateway passes in its own
