@@ -59,6 +59,7 @@ type Results struct {
 	CNI      *CNIResult
 	Data     []DataRow
 	Node     *NodeResult
+	Enforced *EnforcedResult
 	Memory   []MemRow
 	Targets  []Target
 	Elapsed  time.Duration
@@ -117,6 +118,10 @@ func Run(cfg Config) (*Results, error) {
 	if !cfg.Skip["node"] {
 		logf("node layer")
 		if res.Node, err = b.measureNode(); err != nil {
+			return nil, err
+		}
+		logf("plugin with nodeEnforcement, agent repair")
+		if res.Enforced, err = b.measureEnforced(); err != nil {
 			return nil, err
 		}
 	}

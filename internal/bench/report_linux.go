@@ -209,6 +209,16 @@ func Markdown(res *Results) string {
 			}
 			w("| %s | %.0f | %.0f | %d | %s |\n", f.State, f.Rate, f.Mean, f.Conns, rel)
 		}
+		if e := res.Enforced; e != nil {
+			w("\nThe plugin with `nodeEnforcement` (nftables backend): each pod a real veth pair whose host side ADD finds and registers with the node rules (the plugin exec'd from the node namespace, as above); and the agent's repair: `egress-cni-install`'s Run (pkg/install) watching, the time from `nft delete table`, `nft flush table` or `nft flush ruleset` until Check passes again.\n\n")
+			w("| what | p50 ms | p99 ms | min | max | runs |\n|---|---:|---:|---:|---:|---:|\n")
+			for _, r := range []struct {
+				name string
+				s    Stats
+			}{{"ADD with nodeEnforcement (capture + registration)", e.Add}, {"DEL with nodeEnforcement", e.Del}, {"agent repair after tampering", e.Repair}} {
+				w("| %s | %s | %s | %s | %s | %d |\n", r.name, ms(r.s.P50), ms(r.s.P99), ms(r.s.Min), ms(r.s.Max), r.s.N)
+			}
+		}
 		w("\n| forward path UDP (64-byte datagrams, one flow, received), node state | packets/s (median slice) | mean | packets | rate / conntrack only |\n|---|---:|---:|---:|---:|\n")
 		for _, f := range n.UDP {
 			rel := ""
