@@ -101,3 +101,68 @@ func TestRunRepairsTampering(t *testing.T) {
 		t.Errorf("%d repairs counted, want %d", got, want)
 	}
 }
+
+// A pod's registration names its host veth. When that link is deleted
+// or renamed (a pod with CAP_NET_ADMIN in the initial user namespace can
+// do either to another pod's veth through the node's netnsid, then move
+// a veth of its own in under the name), Run drops the registration at
+// once, so the name no longer carries the pod's identity.
+func TestRunDropsRegistrationOfVanishedLink(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	e := newEnv(t, "10-flannel.conflist")
+	nodeCfg := filepath.Join(t.TempDir(), "node.json")
+	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"uplink":"up0"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"vethgw", "vethkeep", "vethren"} {
+		nstest.MustExec(t, host, "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p")
+	}
+	in := e.installer(t, func(o *Options) { o.NodeConfig, o.NetNS, o.Resync = nodeCfg, host.Path(), time.Hour })
+	if err := in.ApplyNodeRules(); err != nil {
+		t.Fatal(err)
+	}
+	reg := func(id, port, ip string, gw bool) {
+		t.Helper()
+		p := node.Pod{ContainerID: id, Port: port, L3: "cni0", IPs: []netip.Addr{netip.MustParseAddr(ip)}, Gateway: gw}
+		if err := netns.Do(host.Path(), func() error { _, err := node.RegisterPod(p); return err }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg("c-gw", "vethgw", "198.51.100.66", true)
+	reg("c-keep", "vethkeep", "198.51.100.67", false)
+	reg("c-ren", "vethren", "198.51.100.68", false)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	registered := func() map[string]bool {
+		var pods []node.Pod
+		if err := netns.Do(host.Path(), func() error { var err error; pods, err = node.ListPods(); return err }); err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]bool{}
+		for _, p := range pods {
+			m[p.ContainerID] = true
+		}
+		return m
+	}
+	time.Sleep(200 * time.Millisecond) // Run is following the links
+	nstest.MustExec(t, host, "ip", "link", "del", "vethgw")
+	nstest.MustExec(t, host, "ip", "link", "set", "vethren", "name", "renamed0")
+	start := time.Now()
+	for {
+		m := registered()
+		if !m["c-gw"] && !m["c-ren"] {
+			if !m["c-keep"] {
+				t.Fatal("the registration of a pod whose link stayed was dropped too")
+			}
+			break
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("registrations of a deleted and a renamed link still there after 5s: %v", m)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Logf("registrations dropped %v after the link changes", time.Since(start).Round(time.Microsecond))
+}

@@ -54,6 +54,7 @@ func (in *Installer) Run(ctx context.Context) error {
 	// Watch before the first check, so that nothing deleted between the
 	// two goes unnoticed.
 	tamper := in.watchNodeRules(ctx)
+	links := in.watchLinks(ctx)
 	in.reconcile("startup")
 	in.scanAttachments()
 
@@ -89,6 +90,8 @@ func (in *Installer) Run(ctx context.Context) error {
 			// Usually a queue overflow: events were lost, look again.
 			in.log.Warn("watcher error; reconciling", "error", err)
 			debounce.Reset(in.opts.Debounce)
+		case name := <-links:
+			in.dropRegistrationsOf(name)
 		case <-tamper:
 			// Something deleted rules of ours: repair now, not at the
 			// next resync. A flushed table fails closed meanwhile; a
