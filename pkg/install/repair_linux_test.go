@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+
 	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -21,23 +23,8 @@ import (
 // counted; per-pod elements written meanwhile do not wake it. The
 // delays are logged; make bench reports them too.
 func TestRunRepairsTampering(t *testing.T) {
-	nstest.RequirePrivileged(t)
-	host := nstest.NewNS(t)
-	e := newEnv(t, "10-flannel.conflist")
-	nodeCfg := filepath.Join(t.TempDir(), "node.json")
-	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"uplink":"up0"}`), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	in := e.installer(t, func(o *Options) { o.NodeConfig, o.NetNS, o.Resync = nodeCfg, host.Path(), time.Hour })
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- in.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	host, nodeCfg, in := agentEnv(t)
+	runAgent(t, in)
 	check := func() error {
 		cfg, err := node.Load(nodeCfg)
 		if err != nil {
@@ -108,17 +95,10 @@ func TestRunRepairsTampering(t *testing.T) {
 // a veth of its own in under the name), Run drops the registration at
 // once, so the name no longer carries the pod's identity.
 func TestRunDropsRegistrationOfVanishedLink(t *testing.T) {
-	nstest.RequirePrivileged(t)
-	host := nstest.NewNS(t)
-	e := newEnv(t, "10-flannel.conflist")
-	nodeCfg := filepath.Join(t.TempDir(), "node.json")
-	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"uplink":"up0"}`), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	host, _, in := agentEnv(t)
 	for _, name := range []string{"vethgw", "vethkeep", "vethren"} {
 		nstest.MustExec(t, host, "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p")
 	}
-	in := e.installer(t, func(o *Options) { o.NodeConfig, o.NetNS, o.Resync = nodeCfg, host.Path(), time.Hour })
 	if err := in.ApplyNodeRules(); err != nil {
 		t.Fatal(err)
 	}
@@ -132,10 +112,7 @@ func TestRunDropsRegistrationOfVanishedLink(t *testing.T) {
 	reg("c-gw", "vethgw", "198.51.100.66", true)
 	reg("c-keep", "vethkeep", "198.51.100.67", false)
 	reg("c-ren", "vethren", "198.51.100.68", false)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- in.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runAgent(t, in)
 	registered := func() map[string]bool {
 		var pods []node.Pod
 		if err := netns.Do(host.Path(), func() error { var err error; pods, err = node.ListPods(); return err }); err != nil {
@@ -165,4 +142,33 @@ func TestRunDropsRegistrationOfVanishedLink(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	t.Logf("registrations dropped %v after the link changes", time.Since(start).Round(time.Microsecond))
+}
+
+// agentEnv is an egress node's namespace and node config, and an
+// installer for them whose resync is an hour away: what happens within
+// a test is the watchers' doing.
+func agentEnv(t *testing.T) (ns.NetNS, string, *Installer) {
+	t.Helper()
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	e := newEnv(t, "10-flannel.conflist")
+	nodeCfg := filepath.Join(t.TempDir(), "node.json")
+	if err := os.WriteFile(nodeCfg, []byte(`{"role":"egress","podCIDRs":["198.51.100.0/24"],"uplink":"up0"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return host, nodeCfg, e.installer(t, func(o *Options) { o.NodeConfig, o.NetNS, o.Resync = nodeCfg, host.Path(), time.Hour })
+}
+
+// runAgent runs in.Run until the test ends.
+func runAgent(t *testing.T, in *Installer) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
 }

@@ -241,7 +241,16 @@ func RegisterPod(p Pod) ([]Pod, error) {
 // batch, and returns the pods removed. It succeeds when nothing matches
 // and when the node tables are absent.
 func UnregisterPods(match func(containerID string) bool) ([]Pod, error) {
-	return retryNotFound(func(c *nftables.Conn) ([]Pod, error) {
+	del, err := deleteElements(func(e element) bool { return match(e.comment) })
+	return (&state{elems: del}).pods(), err
+}
+
+// deleteElements removes, in one batch, every per-pod element for which
+// match is true, and returns them. No tables: nothing to delete.
+func deleteElements(match func(element) bool) ([]element, error) {
+	var deleted []element
+	_, err := retryNotFound(func(c *nftables.Conn) ([]Pod, error) {
+		deleted = nil
 		st, err := readState(c)
 		if errors.Is(err, ErrNotApplied) {
 			return nil, nil
@@ -249,23 +258,26 @@ func UnregisterPods(match func(containerID string) bool) ([]Pod, error) {
 		if err != nil {
 			return nil, err
 		}
-		var del []element
 		for _, e := range st.elems {
-			if match(e.comment) {
-				del = append(del, e)
+			if match(e) {
+				deleted = append(deleted, e)
 			}
 		}
-		if len(del) == 0 {
+		if len(deleted) == 0 {
 			return nil, nil
 		}
-		if err := queue(c, del, false); err != nil {
+		if err := queue(c, deleted, false); err != nil {
 			return nil, err
 		}
 		if err := c.Flush(); err != nil {
-			return nil, fmt.Errorf("could not unregister pods: %w", err)
+			return nil, fmt.Errorf("could not delete per-pod elements: %w", err)
 		}
-		return (&state{elems: del}).pods(), nil
+		return nil, nil
 	})
+	if err != nil {
+		return nil, err
+	}
+	return deleted, nil
 }
 
 // ListPods returns the registered pods.
@@ -376,11 +388,8 @@ func ListGateways() ([]Gateway, error) {
 	}
 	var out []Gateway
 	for _, e := range st.elems {
-		if e.set.name != SetGatewaysV4 && e.set.name != SetGatewaysV6 {
-			continue
-		}
-		if ip, ok := netip.AddrFromSlice(e.key[ifNameSize:]); ok {
-			out = append(out, Gateway{Iface: ifname(e.key[:ifNameSize]), IP: ip, ContainerID: e.comment})
+		if g, ok := gatewayOf(e); ok {
+			out = append(out, g)
 		}
 	}
 	return out, nil
@@ -420,35 +429,23 @@ func AddGateways(gws ...Gateway) error {
 
 // RemoveGateways deletes the gateway entries for which match is true.
 func RemoveGateways(match func(Gateway) bool) ([]Gateway, error) {
-	var removed []Gateway
-	_, err := retryNotFound(func(c *nftables.Conn) ([]Pod, error) {
-		removed = nil
-		st, err := readState(c)
-		if errors.Is(err, ErrNotApplied) {
-			return nil, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		var del []element
-		for _, e := range st.elems {
-			if e.set.name != SetGatewaysV4 && e.set.name != SetGatewaysV6 {
-				continue
-			}
-			ip, _ := netip.AddrFromSlice(e.key[ifNameSize:])
-			g := Gateway{Iface: ifname(e.key[:ifNameSize]), IP: ip, ContainerID: e.comment}
-			if match(g) {
-				del = append(del, e)
-				removed = append(removed, g)
-			}
-		}
-		if len(del) == 0 {
-			return nil, nil
-		}
-		if err := queue(c, del, false); err != nil {
-			return nil, err
-		}
-		return nil, c.Flush()
+	del, err := deleteElements(func(e element) bool {
+		g, ok := gatewayOf(e)
+		return ok && match(g)
 	})
+	var removed []Gateway
+	for _, e := range del {
+		g, _ := gatewayOf(e)
+		removed = append(removed, g)
+	}
 	return removed, err
+}
+
+// gatewayOf decodes a gateway set element.
+func gatewayOf(e element) (Gateway, bool) {
+	if e.set.name != SetGatewaysV4 && e.set.name != SetGatewaysV6 {
+		return Gateway{}, false
+	}
+	ip, ok := netip.AddrFromSlice(e.key[ifNameSize:])
+	return Gateway{Iface: ifname(e.key[:ifNameSize]), IP: ip, ContainerID: e.comment}, ok
 }
