@@ -137,10 +137,14 @@ var chainLine = regexp.MustCompile(`(?m)^\s*chain (\S+) \{`)
 func DeleteChains(t testing.TB, n ns.NetNS, fam, table string) {
 	t.Helper()
 	out := MustExec(t, n, "nft", "list", "table", fam, table)
-	var cmds []string
+	// Every chain is flushed before any is deleted: a jump to a chain
+	// holds it.
+	var flush, del []string
 	for _, m := range chainLine.FindAllStringSubmatch(out, -1) {
-		cmds = append(cmds, fmt.Sprintf("flush chain %s %s %s; delete chain %s %s %s", fam, table, m[1], fam, table, m[1]))
+		flush = append(flush, fmt.Sprintf("flush chain %s %s %s", fam, table, m[1]))
+		del = append(del, fmt.Sprintf("delete chain %s %s %s", fam, table, m[1]))
 	}
+	cmds := append(flush, del...)
 	if len(cmds) > 0 {
 		MustExec(t, n, "nft", strings.Join(cmds, "; "))
 	}

@@ -69,7 +69,7 @@ func TestRunRepairsTampering(t *testing.T) {
 		"delete table inet egress_cni_node",
 		"flush table bridge egress_cni_node",
 		"delete table bridge egress_cni_node",
-		"delete chain inet egress_cni_node conn",
+		"flush chain inet egress_cni_node conn",
 		"flush ruleset",
 	}
 	for range 3 {

@@ -133,7 +133,11 @@ func Apply(cfg *Config) error {
 		c.FlushChain(ch)
 	}
 	for _, ch := range ours {
-		if !slices.ContainsFunc(p.chains, func(s *chainSpec) bool { return s.name == ch.Name && s.family == ch.Table.Family }) {
+		// Gone from the program, or a base chain that is now a regular
+		// one (or the other way round): deleted, and re-added below.
+		if !slices.ContainsFunc(p.chains, func(s *chainSpec) bool {
+			return s.name == ch.Name && s.family == ch.Table.Family && (s.hook == nil) == (ch.Hooknum == nil)
+		}) {
 			c.DelChain(ch)
 		}
 	}

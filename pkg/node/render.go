@@ -38,7 +38,10 @@ func Render(cfg *Config) string {
 			if c.family != t.Family {
 				continue
 			}
-			fmt.Fprintf(&b, "\tchain %s {\n\t\t%s\n", c.name, c.baseText())
+			fmt.Fprintf(&b, "\tchain %s {\n", c.name)
+			if bt := c.baseText(); bt != "" {
+				fmt.Fprintf(&b, "\t\t%s\n", bt)
+			}
 			for _, r := range c.rules {
 				fmt.Fprintf(&b, "\t\t%s comment %q\n", r, ruleComment(r))
 			}

@@ -308,11 +308,10 @@ func TestCluster(t *testing.T) {
 	expectReply("gateway pod -> internet udp4", c.egress.uplink4, gw, cniAppUID, "udp4", inet4)
 	expectReply("gateway pod -> internet tcp6", c.egress.uplink6, gw, cniAppUID, "tcp6", inet6)
 	// The gateway gets out because its connection's first packet got our
-	// conntrack label. Without the conn chain it is dropped at the exit
-	// (a flushed conn chain would drop everything: its policy is drop);
-	// re-applying restores it and keeps the registrations.
-	nstest.MustExec(t, c.egress.ns, "nft", "flush chain inet "+node.Table+" "+node.ChainConn+"; delete chain inet "+node.Table+" "+node.ChainConn)
-	expectDropped("gateway pod -> internet tcp4, conn label chain deleted", gw, cniAppUID, "tcp4", inet4)
+	// conntrack label. Without the conn chain's rules it is dropped at
+	// the exit; re-applying restores them and keeps the registrations.
+	nstest.MustExec(t, c.egress.ns, "nft", "flush", "chain", "inet", node.Table, node.ChainConn)
+	expectDropped("gateway pod -> internet tcp4, conn label rules flushed", gw, cniAppUID, "tcp4", inet4)
 	c.egress.apply(t)
 	expectReply("gateway pod -> internet tcp4, after re-apply", c.egress.uplink4, gw, cniAppUID, "tcp4", inet4)
 	// The full path: app -> its sidecar (REDIRECT) -> gateway -> internet.
