@@ -64,4 +64,23 @@ func TestNodeRulesInNamespace(t *testing.T) {
 	if _, err := os.Stat(copyPath); !os.IsNotExist(err) {
 		t.Fatalf("uninstall left the node config copy: %v", err)
 	}
+	// Re-install, then uninstall again: clean both ways.
+	if err := in.ApplyNodeRules(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.CheckNodeRules(); err != nil {
+		t.Fatalf("after re-install: %v", err)
+	}
+	if _, err := os.Stat(copyPath); err != nil {
+		t.Fatalf("re-install did not write the node config copy: %v", err)
+	}
+	if err := in.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	if got := nstest.NFTDump(t, host); strings.Contains(got, "egress_cni_node") || !strings.Contains(got, "table ip other") {
+		t.Fatalf("after the second uninstall:\n%s", got)
+	}
 }
