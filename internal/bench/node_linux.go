@@ -79,11 +79,7 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 	res := &NodeResult{}
 	var apply, apply10k, reapply, gw, gwAdd, gwDel []time.Duration
 	for range b.cfg.NodeRuns {
-		n, err := newNS()
-		if err != nil {
-			return nil, err
-		}
-		err = n.Do(func(ns.NetNS) error {
+		err := inFreshNS(func() error {
 			start := time.Now()
 			if err := node.Apply(cfg); err != nil {
 				return err
@@ -123,17 +119,12 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 			}
 			return nil
 		})
-		delNS(n)
 		if err != nil {
 			return nil, fmt.Errorf("node rules: %w", err)
 		}
 	}
 	for range b.cfg.NodeRuns {
-		n, err := newNS()
-		if err != nil {
-			return nil, err
-		}
-		err = n.Do(func(ns.NetNS) error {
+		err := inFreshNS(func() error {
 			start := time.Now()
 			if err := node.Apply(big); err != nil {
 				return err
@@ -141,7 +132,6 @@ func (b *Bench) measureNode() (*NodeResult, error) {
 			apply10k = append(apply10k, time.Since(start))
 			return node.Check(big)
 		})
-		delNS(n)
 		if err != nil {
 			return nil, fmt.Errorf("node rules, 10,000 allow entries: %w", err)
 		}
@@ -347,4 +337,15 @@ func wire(nodeNS, peer ns.NetNS, hostIf string, addr, gw netip.Prefix) error {
 		}
 		return netlink.LinkSetUp(l)
 	})
+}
+
+// inFreshNS runs f inside a network namespace made for it and deleted
+// after.
+func inFreshNS(f func() error) error {
+	n, err := newNS()
+	if err != nil {
+		return err
+	}
+	defer delNS(n)
+	return n.Do(func(ns.NetNS) error { return f() })
 }

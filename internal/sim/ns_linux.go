@@ -156,10 +156,16 @@ func Sysctl(n ns.NetNS, key, value string) error {
 // Exec runs a command inside n and returns its standard output; standard
 // error goes into the error.
 func Exec(n ns.NetNS, name string, args ...string) (string, error) {
+	return execStdin(n, "", name, args...)
+}
+
+// execStdin is Exec with stdin.
+func execStdin(n ns.NetNS, stdin, name string, args ...string) (string, error) {
 	var out []byte
 	var stderr strings.Builder
 	err := n.Do(func(ns.NetNS) error {
 		cmd := exec.Command(name, args...)
+		cmd.Stdin = strings.NewReader(stdin)
 		cmd.Stderr = &stderr
 		var err error
 		out, err = cmd.Output()

@@ -6,10 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
-	"strings"
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -346,22 +344,4 @@ func NFTCounters(n ns.NetNS) (map[string]uint64, error) {
 		}
 	}
 	return m, nil
-}
-
-// execStdin runs a command inside n with stdin, returning its output.
-func execStdin(n ns.NetNS, stdin, name string, args ...string) (string, error) {
-	var out []byte
-	var stderr strings.Builder
-	err := n.Do(func(ns.NetNS) error {
-		cmd := exec.Command(name, args...)
-		cmd.Stdin = strings.NewReader(stdin)
-		cmd.Stderr = &stderr
-		var err error
-		out, err = cmd.Output()
-		return err
-	})
-	if err != nil {
-		return string(out), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
-	}
-	return string(out), nil
 }
