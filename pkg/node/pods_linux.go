@@ -282,16 +282,21 @@ func deleteElements(match func(element) bool) ([]element, error) {
 
 // ListPods returns the registered pods.
 func ListPods() ([]Pod, error) {
+	st, err := snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return st.pods(), nil
+}
+
+// snapshot reads every per-pod element on a connection of its own.
+func snapshot() (*state, error) {
 	c, err := rules.NFTConn(0)
 	if err != nil {
 		return nil, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer c.CloseLasting()
-	st, err := readState(c)
-	if err != nil {
-		return nil, err
-	}
-	return st.pods(), nil
+	return readState(c)
 }
 
 // IsEgressNode says whether the node rules in place are an egress
@@ -377,12 +382,7 @@ func (g Gateway) String() string {
 
 // ListGateways returns the gateway entries (none on an app node).
 func ListGateways() ([]Gateway, error) {
-	c, err := rules.NFTConn(0)
-	if err != nil {
-		return nil, fmt.Errorf("could not open nftables netlink socket: %w", err)
-	}
-	defer c.CloseLasting()
-	st, err := readState(c)
+	st, err := snapshot()
 	if err != nil {
 		return nil, err
 	}
