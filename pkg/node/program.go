@@ -18,7 +18,7 @@ const (
 
 	// inet table
 	ChainSource      = "source"      // filter hook prerouting priority -300 (raw): source validation
-	ChainConn        = "conn"        // regular, jumped to from forward for new connections: reverse path, gateway label
+	ChainConn        = "conn"        // regular, egress role, jumped to from forward for new connections: the gateway label
 	ChainForward     = "forward"     // filter hook forward: the exit judgement
 	ChainPostrouting = "postrouting" // nat hook postrouting (egress role)
 	// bridge table
@@ -184,23 +184,33 @@ func newProgram(cfg *Config) *program {
 	// sees the packet, so a forged packet neither creates nor rides a
 	// connection. A registered interface may emit only its pods'
 	// addresses; a registered address may come only from its own
-	// interface. (The reverse path check for everything else is in the
-	// conn chain, on new connections.)
+	// interface; anything else must arrive on the interface its source
+	// is routed through (strict reverse path), every packet, whatever
+	// its destination: the node itself answers a forged source too (an
+	// echo reply carrying the payload, an ICMP error quoting it, Time
+	// Exceeded for TTL 1, sent before the forward hook). Found by the
+	// second red-team pass when this check ran on new forwarded
+	// connections only.
 	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter, drop: true}
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
+	// Link-scope multicast (neighbour discovery, MLD, DAD from ::) is
+	// never forwarded.
+	src.rules = append(src.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("accept", verdict(expr.VerdictAccept)))
+	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
+		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
 	src.rules = append(src.rules, acceptRule())
 	p.chains = append(p.chains, src)
 
-	// 2. New connections, jumped to from the exit's first rule, before
-	// the entry is confirmed: a new one must arrive on the interface its
-	// source is routed through (strict reverse path: a decapsulated
-	// packet claiming an internet source, a local address from
-	// elsewhere), or it is dropped and its connection never exists. A
-	// gateway's new connection gets our conntrack label. (A chain of the
-	// forward hook rather than a base chain of its own: one hook less per
-	// packet, measured as 5% of the UDP rate.)
+	// 2. Egress nodes: a gateway's new connection gets our conntrack
+	// label, in a chain jumped to from the exit's first rule for new
+	// connections (a chain of the forward hook rather than a base chain
+	// of its own: one hook less per packet).
 	conn := &chainSpec{family: nftables.TableFamilyINet, name: ChainConn}
 	if egress {
 		for _, v6 := range []bool{false, true} {
@@ -211,25 +221,18 @@ func newProgram(cfg *Config) *program {
 				&expr.Ct{Key: expr.CtKeyLABELS, Register: 1, SourceRegister: true})
 			conn.rules = append(conn.rules, r)
 		}
+		p.chains = append(p.chains, conn)
 	}
-	// Link-scope multicast (neighbour discovery, MLD, DAD from ::) is
-	// never forwarded.
-	conn.rules = append(conn.rules, matchNfproto(&rule{}, true).add("ip6 daddr ff02::/16",
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}}).add("return", verdict(expr.VerdictReturn)))
-	conn.rules = append(conn.rules, (&rule{}).add("fib saddr . iif oif missing",
-		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
-		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
-	p.chains = append(p.chains, conn)
 
 	// 3. The exit: every forwarded packet, after DNAT, whatever it came
 	// in on. Cluster destinations pass; the gateway passes in its own
 	// labelled connection; replies of connections the outside opened
 	// pass; everything else is dropped.
 	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter, drop: true}
-	fwd.rules = append(fwd.rules, matchCtState(&rule{}, expr.CtStateBitNEW, "new").add("jump "+ChainConn,
-		&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainConn}))
+	if egress {
+		fwd.rules = append(fwd.rules, matchCtState(&rule{}, expr.CtStateBitNEW, "new").add("jump "+ChainConn,
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainConn}))
+	}
 	for _, v6 := range []bool{false, true} {
 		set, fam := SetAllowV4, "ip"
 		if v6 {

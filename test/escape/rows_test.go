@@ -198,6 +198,48 @@ func (w *world) rows() []row {
 		{class: "kube-proxy", path: "externalIP, internet endpoint, udp6", from: w.app,
 			run: w.probe(w.app, "udp6", ap(extIP6, exfilPort))},
 
+		// Reflection (the second red-team pass): a forged internet source
+		// makes the node itself answer the internet host with the pod's
+		// data, on its output path, which the exit never judges: an echo
+		// reply carrying the payload, a port unreachable or a Time
+		// Exceeded (sent before the forward hook) quoting it, also riding
+		// a flow the internet host really opened.
+		{class: "reflect", path: "VXLAN to the egress node, inner ICMP echo request from the internet host to the node (reply carries the data)", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })},
+		{class: "reflect", path: "VXLAN to the egress node, inner ICMPv6 echo request from the internet host to the node", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return echoRequest(inet6, c.Egress.Uplink6, a.lport, a.token) })},
+		{class: "reflect", path: "VXLAN to its own node, inner ICMP echo request from the internet host to the node", from: w.app,
+			run: w.vxlan(w.app, c.App, func(a *attempt) sim.Packet { return echoRequest(inet4, c.App.Uplink4, a.lport, a.token) })},
+		{class: "reflect", path: "VXLAN to the egress node, inner udp4 from the internet host to a closed node port (port unreachable quotes it)", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return udp(ap(inet4, a.lport), ap(c.Egress.Uplink4, 9), a.token) })},
+		{class: "reflect", path: "VXLAN to the egress node, inner udp4 from the internet host, TTL 1 (Time Exceeded before the forward hook)", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet {
+				p := udp(ap(inet4, a.lport), ap(inet4, echoPort), a.token)
+				p.TTL = 1
+				return p
+			})},
+		{class: "reflect", path: "VXLAN to the egress node, inner udp6 from the internet host, hop limit 1", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet {
+				p := udp(ap(inet6, a.lport), ap(inet6, echoPort), a.token)
+				p.TTL = 1
+				return p
+			})},
+		{class: "reflect", path: "VXLAN echo requests riding the internet host's own ping of the egress node (established)", from: w.app,
+			run: func(a *attempt) (string, error) {
+				real := echoRequest(inet4, c.Egress.Uplink4, a.lport, []byte("a real ping"))
+				b, err := real.Marshal()
+				if err != nil {
+					return "", err
+				}
+				if err := sim.SendRaw(c.Internet, b); err != nil {
+					return "", err
+				}
+				time.Sleep(100 * time.Millisecond)
+				return w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })(a)
+			}},
+		{class: "reflect", path: "unregistered pod on " + lxcName + ", raw ICMP echo request from the internet host to the node (root)", from: w.lxc,
+			run: w.raw(w.lxc, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })},
+
 		// VXLAN decapsulation, from an unprivileged UDP socket.
 		{class: "overlay", path: "VXLAN to the egress node's flannel.1, inner udp4 from an internet address", from: w.app,
 			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return udp(ap(foreign4, a.lport), ap(inet4, echoPort), a.token) })},
@@ -430,4 +472,13 @@ func (w *world) icmpQuote(v6 bool) func(*attempt) (string, error) {
 		}
 		return w.raw(w.worker, func(*attempt) sim.Packet { return sim.ICMPUnreachable(own, far.Addr(), quoted) })(a)
 	}
+}
+
+// echoRequest is an ICMP (or ICMPv6) echo request with identifier id.
+func echoRequest(src, dst netip.Addr, id uint16, payload []byte) sim.Packet {
+	typ, proto := uint8(8), uint8(unix.IPPROTO_ICMP)
+	if src.Is6() {
+		typ, proto = 128, unix.IPPROTO_ICMPV6
+	}
+	return sim.Packet{Src: netip.AddrPortFrom(src, 0), Dst: netip.AddrPortFrom(dst, 0), Proto: proto, Type: typ, Rest: uint32(id)<<16 | 1, Payload: payload}
 }
