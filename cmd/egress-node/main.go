@@ -2,7 +2,7 @@
 // egress rules, and edits gateway membership by hand.
 //
 //	egress-node apply  -config /etc/egress-cni/node.json [-netns PATH]
-//	egress-node show   -config FILE          the rules as nft syntax, gateways and drop counter
+//	egress-node show   -config FILE          the rules as nft syntax, gateways and drop counters
 //	egress-node check  -config FILE          exit 1 and name the drift
 //	egress-node remove                       delete our tables, nothing else
 //	egress-node gateway add|del -iface VETH -ip ADDR [-id CONTAINER]
@@ -96,11 +96,11 @@ func run(cmd, sub, cfgPath, iface, ip, id string) error {
 		for _, g := range gws {
 			fmt.Printf("#   %s\n", g)
 		}
-		p, b, err := node.DropCounter()
+		k, err := node.ReadCounters()
 		if err != nil {
 			return err
 		}
-		fmt.Printf("# dropped: %d packets, %d bytes\n", p, b)
+		fmt.Printf("# dropped at the exit: %d packets; forged sources: %d packets\n", k.Dropped, k.Forged)
 		return nil
 	case "check":
 		cfg, err := load(cfgPath)
