@@ -192,6 +192,22 @@ func newProgram(cfg *Config) *program {
 	// second red-team pass when this check ran on new forwarded
 	// connections only.
 	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter, drop: true}
+	// IPv4 source routing: the kernel rewrites the destination after the
+	// forward hook, so the exit would judge the node's own (allowed)
+	// address while the packet leaves for the next hop in the option
+	// (found by the third red-team pass, with accept_source_route on).
+	// Nobody needs it (RFC 7126): dropped from everywhere.
+	for _, o := range []struct {
+		name string
+		typ  uint8
+	}{{"lsrr", 131}, {"ssrr", 137}} {
+		r := matchNfproto(&rule{}, false)
+		r.add("ip option "+o.name+" exists",
+			// [ exthdr load ipv4 1b @ TYPE + 0 present => reg 1 ] [ cmp eq reg 1 1 ]
+			&expr.Exthdr{Op: exthdrOpIPv4, Type: o.typ, Len: 1, Flags: unix.NFT_EXTHDR_F_PRESENT, DestRegister: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
+		src.rules = append(src.rules, r.add(counterDrop(CounterForged)))
+	}
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
@@ -411,6 +427,10 @@ func etherType(r *rule, v6, not bool) *rule {
 		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
 		&expr.Cmp{Op: op, Register: 1, Data: binaryutil.BigEndian.PutUint16(proto)})
 }
+
+// exthdrOpIPv4 is NFT_EXTHDR_OP_IPV4 (IPv4 options), which
+// google/nftables v0.3.0 does not name.
+const exthdrOpIPv4 expr.ExthdrOp = 2
 
 // metaKeyIIFKIND is NFT_META_IIFKIND (the input device's rtnl kind,
 // "veth"), which google/nftables v0.3.0 does not name.

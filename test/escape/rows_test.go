@@ -3,9 +3,11 @@
 package escape_test
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"time"
 
@@ -239,6 +241,26 @@ func (w *world) rows() []row {
 			}},
 		{class: "reflect", path: "unregistered pod on " + lxcName + ", raw ICMP echo request from the internet host to the node (root)", from: w.lxc,
 			run: w.raw(w.lxc, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })},
+
+		// IPv4 loose source routing (the third red-team pass): sent to the
+		// node's own (allowed) address with the internet host as the next
+		// hop, the destination is rewritten after the forward hook. Only
+		// reachable where accept_source_route is on, so the row turns it
+		// on, on the egress node and the router, for itself.
+		{class: "options", path: "raw udp4 to the egress node's uplink address, loose source route via the internet host (accept_source_route on)", from: w.worker,
+			run: func(a *attempt) (string, error) {
+				restore, err := w.sourceRouting(true)
+				if err != nil {
+					return "", err
+				}
+				defer restore()
+				pkt := lsrrUDP(w.worker.IP4, c.Egress.Uplink4, inet4, a.lport, echoPort, a.token)
+				if err := sim.SendRaw(w.worker.NS, pkt); err != nil {
+					return "", err
+				}
+				time.Sleep(attemptGrace)
+				return fmt.Sprintf("sent udp %s -> %s, LSRR via %s", w.worker.IP4, c.Egress.Uplink4, inet4), nil
+			}},
 
 		// VXLAN decapsulation, from an unprivileged UDP socket.
 		{class: "overlay", path: "VXLAN to the egress node's flannel.1, inner udp4 from an internet address", from: w.app,
@@ -481,4 +503,100 @@ func echoRequest(src, dst netip.Addr, id uint16, payload []byte) sim.Packet {
 		typ, proto = 128, unix.IPPROTO_ICMPV6
 	}
 	return sim.Packet{Src: netip.AddrPortFrom(src, 0), Dst: netip.AddrPortFrom(dst, 0), Proto: proto, Type: typ, Rest: uint32(id)<<16 | 1, Payload: payload}
+}
+
+// lsrrUDP is an IPv4 UDP datagram from src to dst (the first hop) with a
+// loose source route option naming next (the final destination).
+func lsrrUDP(src, dst, next netip.Addr, sport, dport uint16, payload []byte) []byte {
+	// LSRR: type 131, length 7, pointer 4, one address; one EOL pads
+	// the header to 28 bytes (IHL 7).
+	opt := append([]byte{131, 7, 4}, next.AsSlice()...)
+	opt = append(opt, 0)
+	hl := 20 + len(opt)
+	b := make([]byte, hl+8+len(payload))
+	b[0] = 0x40 | byte(hl/4)
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	b[8], b[9] = 64, unix.IPPROTO_UDP
+	copy(b[12:16], src.AsSlice())
+	copy(b[16:20], dst.AsSlice())
+	copy(b[20:], opt)
+	binary.BigEndian.PutUint16(b[10:], ipChecksum(b[:hl]))
+	u := b[hl:]
+	binary.BigEndian.PutUint16(u[0:], sport)
+	binary.BigEndian.PutUint16(u[2:], dport)
+	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
+	copy(u[8:], payload) // UDP checksum 0: none, which IPv4 allows
+	return b
+}
+
+func ipChecksum(h []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		sum += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
+}
+
+// sourceRouting turns accept_source_route on (or off) on the egress node
+// and the router, and returns what puts the old values back.
+func (w *world) sourceRouting(on bool) (func(), error) {
+	v := "0"
+	if on {
+		v = "1"
+	}
+	var undo []func()
+	restore := func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	for _, n := range []ns.NetNS{w.c.Egress.NS, w.c.Router} {
+		for _, k := range []string{"net.ipv4.conf.all.accept_source_route", "net.ipv4.conf.default.accept_source_route"} {
+			path := "/proc/sys/" + strings.ReplaceAll(k, ".", "/")
+			var old []byte
+			if err := n.Do(func(ns.NetNS) error {
+				var err error
+				old, err = os.ReadFile(path)
+				return err
+			}); err != nil {
+				restore()
+				return nil, err
+			}
+			if err := sim.Sysctl(n, k, v); err != nil {
+				restore()
+				return nil, err
+			}
+			undo = append(undo, func() { _ = sim.Sysctl(n, k, strings.TrimSpace(string(old))) })
+		}
+		// Each interface too: the kernel takes the AND of all and the
+		// interface (the interfaces exist already, default does not
+		// reach them).
+		links, err := linkNames(n)
+		if err != nil {
+			restore()
+			return nil, err
+		}
+		for _, l := range links {
+			k := "net.ipv4.conf." + l + ".accept_source_route"
+			if err := sim.Sysctl(n, k, v); err == nil {
+				undo = append(undo, func() { _ = sim.Sysctl(n, k, "0") })
+			}
+		}
+	}
+	return restore, nil
+}
+
+func linkNames(n ns.NetNS) ([]string, error) {
+	var names []string
+	err := n.Do(func(ns.NetNS) error {
+		ifs, err := net.Interfaces()
+		for _, i := range ifs {
+			names = append(names, i.Name)
+		}
+		return err
+	})
+	return names, err
 }
