@@ -40,6 +40,10 @@ type Packet struct {
 	Proto uint8
 	// TTL is the IPv4 TTL or IPv6 hop limit; 0 means 64.
 	TTL uint8
+	// IPOptions are IPv4 header options, padded to 4 bytes by Marshal.
+	// A source route's last address is the final destination: the UDP
+	// and TCP checksums are computed for it.
+	IPOptions []byte
 	// TCP only.
 	Flags    uint8
 	Seq, Ack uint32
@@ -180,17 +184,23 @@ func (p Packet) Marshal() ([]byte, error) {
 		ttl = 64
 	}
 	if src.Is4() {
-		if len(l4) > 65535-20 {
+		opts := append([]byte(nil), p.IPOptions...)
+		for len(opts)%4 != 0 {
+			opts = append(opts, 0) // end of options list
+		}
+		hl := 20 + len(opts)
+		if len(l4) > 65535-hl || hl > 60 {
 			return nil, errors.New("packet too long")
 		}
 		if p.Proto != unix.IPPROTO_ICMP {
-			putL4Checksum(l4, p.Proto, pseudo4(src, dst, p.Proto, len(l4)))
+			putL4Checksum(l4, p.Proto, pseudo4(src, finalDst(dst, p.IPOptions), p.Proto, len(l4)))
 		} else {
 			binary.BigEndian.PutUint16(l4[2:], checksum(l4, 0))
 		}
-		h := make([]byte, 20, 20+len(l4))
-		h[0] = 0x45
-		binary.BigEndian.PutUint16(h[2:], uint16(20+len(l4)))
+		h := make([]byte, hl, hl+len(l4))
+		h[0] = 0x40 | byte(hl/4)
+		copy(h[20:], opts)
+		binary.BigEndian.PutUint16(h[2:], uint16(hl+len(l4)))
 		binary.BigEndian.PutUint16(h[4:], 0x5e5e) // identification
 		h[6] = 0x40                               // don't fragment
 		h[8], h[9] = ttl, p.Proto
@@ -212,6 +222,27 @@ func (p Packet) Marshal() ([]byte, error) {
 	copy(h[8:], s16[:])
 	copy(h[24:], d16[:])
 	return append(h, l4...), nil
+}
+
+// finalDst is the last address of a loose or strict source route among
+// the IPv4 options, else dst.
+func finalDst(dst netip.Addr, opts []byte) netip.Addr {
+	for i := 0; i < len(opts); {
+		switch t := opts[i]; {
+		case t == 0:
+			return dst
+		case t == 1:
+			i++
+			continue
+		case i+1 >= len(opts) || opts[i+1] < 2 || i+int(opts[i+1]) > len(opts):
+			return dst
+		case (t == 131 || t == 137) && opts[i+1] >= 7:
+			end := i + int(opts[i+1])
+			return netip.AddrFrom4([4]byte(opts[end-4 : end]))
+		}
+		i += int(opts[i+1])
+	}
+	return dst
 }
 
 func putL4Checksum(l4 []byte, proto uint8, pseudo uint32) {

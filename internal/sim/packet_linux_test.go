@@ -139,3 +139,29 @@ func TestKubeProxyRuleset(t *testing.T) {
 		}
 	}
 }
+
+// IPv4 options: padded into the header (IHL counts them), the header
+// checksum covers them, and with a source route the UDP checksum is the
+// final destination's (as the receiver checks it).
+func TestMarshalIPOptions(t *testing.T) {
+	final := netip.MustParseAddr("203.0.113.10")
+	p := Packet{Src: netip.MustParseAddrPort("198.51.100.67:4000"), Dst: netip.MustParseAddrPort("192.0.2.6:8080"),
+		Proto: unix.IPPROTO_UDP, Payload: []byte("x"), IPOptions: append([]byte{131, 7, 4}, final.AsSlice()...)}
+	b, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hl := int(b[0]&0x0f) * 4; hl != 28 || b[20] != 131 || b[27] != 0 {
+		t.Fatalf("header length %d, options % x", hl, b[20:28])
+	}
+	if checksum(b[:28], 0) != 0 {
+		t.Error("IPv4 header checksum does not cover the options")
+	}
+	if got := checksum(b[28:], pseudo4(p.Src.Addr(), final, unix.IPPROTO_UDP, len(b)-28)); got != 0 {
+		t.Errorf("UDP checksum is not the final destination's (residue %#x)", got)
+	}
+	q, err := ParsePacket(b)
+	if err != nil || q.Dst != p.Dst || string(q.Payload) != "x" {
+		t.Fatalf("parse: %v %v", q, err)
+	}
+}

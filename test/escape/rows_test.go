@@ -3,7 +3,6 @@
 package escape_test
 
 import (
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -254,7 +253,13 @@ func (w *world) rows() []row {
 					return "", err
 				}
 				defer restore()
-				pkt := lsrrUDP(w.worker.IP4, c.Egress.Uplink4, inet4, a.lport, echoPort, a.token)
+				p := udp(ap(w.worker.IP4, a.lport), ap(c.Egress.Uplink4, echoPort), a.token)
+				// LSRR: type 131, length 7, pointer 4, one address.
+				p.IPOptions = append([]byte{131, 7, 4}, inet4.AsSlice()...)
+				pkt, err := p.Marshal()
+				if err != nil {
+					return "", err
+				}
 				if err := sim.SendRaw(w.worker.NS, pkt); err != nil {
 					return "", err
 				}
@@ -503,41 +508,6 @@ func echoRequest(src, dst netip.Addr, id uint16, payload []byte) sim.Packet {
 		typ, proto = 128, unix.IPPROTO_ICMPV6
 	}
 	return sim.Packet{Src: netip.AddrPortFrom(src, 0), Dst: netip.AddrPortFrom(dst, 0), Proto: proto, Type: typ, Rest: uint32(id)<<16 | 1, Payload: payload}
-}
-
-// lsrrUDP is an IPv4 UDP datagram from src to dst (the first hop) with a
-// loose source route option naming next (the final destination).
-func lsrrUDP(src, dst, next netip.Addr, sport, dport uint16, payload []byte) []byte {
-	// LSRR: type 131, length 7, pointer 4, one address; one EOL pads
-	// the header to 28 bytes (IHL 7).
-	opt := append([]byte{131, 7, 4}, next.AsSlice()...)
-	opt = append(opt, 0)
-	hl := 20 + len(opt)
-	b := make([]byte, hl+8+len(payload))
-	b[0] = 0x40 | byte(hl/4)
-	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
-	b[8], b[9] = 64, unix.IPPROTO_UDP
-	copy(b[12:16], src.AsSlice())
-	copy(b[16:20], dst.AsSlice())
-	copy(b[20:], opt)
-	binary.BigEndian.PutUint16(b[10:], ipChecksum(b[:hl]))
-	u := b[hl:]
-	binary.BigEndian.PutUint16(u[0:], sport)
-	binary.BigEndian.PutUint16(u[2:], dport)
-	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
-	copy(u[8:], payload) // UDP checksum 0: none, which IPv4 allows
-	return b
-}
-
-func ipChecksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(h[i])<<8 | uint32(h[i+1])
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
 }
 
 // sourceRouting turns accept_source_route on (or off) on the egress node
