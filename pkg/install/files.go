@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/egress-cni/egress-cni/internal/flock"
 )
 
 // tempPattern names our temporary files. No config extension, so a
@@ -106,34 +106,8 @@ func copyBinary(src, dst string) (bool, error) {
 	return true, nil
 }
 
-// lock is an exclusive flock on a lock file, which serialises installers
-// on one node (an old and a new DaemonSet pod during an update, or two
-// DaemonSets). The lock file lives outside the CNI config directory so
-// that the runtime and the watcher never see it.
-type lock struct{ f *os.File }
-
-func acquire(path string) (*lock, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("could not create lock directory: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("could not open lock file: %w", err)
-	}
-	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
-		if !errors.Is(err, unix.EINTR) {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("could not lock %s: %w", path, err)
-	}
-	return &lock{f: f}, nil
-}
-
-func (l *lock) release() {
-	_ = unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
-	l.f.Close()
-}
+// acquire takes the lock that serialises installers on one node (an old
+// and a new DaemonSet pod during an update, or two DaemonSets). The lock
+// file lives outside the CNI config directory so that the runtime and the
+// watcher never see it.
+func acquire(path string) (*flock.Lock, error) { return flock.Acquire(path) }

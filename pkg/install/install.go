@@ -300,7 +300,7 @@ func (in *Installer) Install() (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	defer l.release()
+	defer l.Release()
 	var res Result
 	// A chain with another project's egress-cni plugin (AWS VPC CNI)
 	// must stop us before we overwrite that project's binary.
@@ -475,7 +475,7 @@ func (in *Installer) Uninstall() error {
 	if err != nil {
 		return err
 	}
-	defer l.release()
+	defer l.Release()
 	in.setReady(false)
 	var errs []error
 	files, err := libcni.ConfFiles(in.opts.ConfDir, ConfExtensions)
