@@ -133,6 +133,22 @@ func TestApplyRegisterCheckRemove(t *testing.T) {
 	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); err != ErrNotApplied {
 		t.Fatalf("register without tables: %v", err)
 	}
+	// Half the rules are not the rules: with only the bridge table gone,
+	// a bridged node cannot tell the gateway's port from a neighbour's.
+	mustApply(t, host, cfg)
+	nstest.MustExec(t, host, "nft", "delete", "table", "bridge", Table)
+	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); err != ErrNotApplied {
+		t.Fatalf("register with the bridge table gone: %v, want ErrNotApplied (so that ADD applies the rules)", err)
+	}
+	if _, err := in2(host, func() ([]Pod, error) { _, err := IsEgressNode(); return nil, err }); err != ErrNotApplied {
+		t.Fatalf("IsEgressNode with the bridge table gone: %v", err)
+	}
+	if err := in(host, func() error { return Check(cfg) }); !rules.IsDrift(err) {
+		t.Fatalf("Check with the bridge table gone: %v", err)
+	}
+	if err := in(host, Remove); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := in2(host, func() ([]Pod, error) { return UnregisterPods(func(string) bool { return true }) }); err != nil {
 		t.Fatalf("unregister without tables: %v", err)
 	}

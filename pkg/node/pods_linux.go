@@ -128,7 +128,12 @@ func readState(c *nftables.Conn) (*state, error) {
 			if !rules.IsNFTNotFound(err) {
 				return nil, fmt.Errorf("could not look up set %s: %w", s.name, err)
 			}
-			if s.table == inetTable && s.name == SetPodSourcesV4 {
+			// Any per-pod set missing, in either table, means the node
+			// rules are not (all) there: on a bridged node the inet table
+			// alone cannot tell the gateway's port from a neighbour's
+			// (found by the last red-team pass, with only the bridge
+			// table deleted). The gateway sets exist on egress nodes only.
+			if s.name != SetGatewaysV4 && s.name != SetGatewaysV6 {
 				return nil, ErrNotApplied
 			}
 			continue
@@ -307,11 +312,13 @@ func IsEgressNode() (bool, error) {
 		return false, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer c.CloseLasting()
-	if _, err := c.GetSetByName(inetTable, SetPodSourcesV4); err != nil {
-		if rules.IsNFTNotFound(err) {
-			return false, ErrNotApplied
+	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+		if _, err := c.GetSetByName(t, SetPodSourcesV4); err != nil {
+			if rules.IsNFTNotFound(err) {
+				return false, ErrNotApplied
+			}
+			return false, err
 		}
-		return false, err
 	}
 	_, err = c.GetSetByName(inetTable, SetGatewaysV4)
 	if rules.IsNFTNotFound(err) {

@@ -391,3 +391,27 @@ func TestLifeAgentKilledDuringChurn(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Half the node rules are not the rules: with only the bridge table gone
+// (the inet one cannot tell the gateway's port from a neighbour's on a
+// bridge), the next ADD applies them again before its pod starts.
+func TestLifeBridgeTableGone(t *testing.T) {
+	l := newLife(t)
+	egress := l.c.Egress
+	if _, err := sim.Exec(egress.NS, "nft", "delete", "table", "bridge", node.Table); err != nil {
+		t.Fatal(err)
+	}
+	if nodeCheck(egress) == nil {
+		t.Fatal("control: Check passes with the bridge table gone")
+	}
+	p := l.pod(egress, "team-c", "after-half")
+	if err := nodeCheck(egress); err != nil {
+		t.Fatalf("the ADD did not restore the node rules: %v", err)
+	}
+	if n := logCount(t, egress, appliedAtADD); n != 1 {
+		t.Errorf("%d ADDs applied the node rules, want 1", n)
+	}
+	if l.out(p, "udp4", 0) {
+		t.Error("the new pod reached the internet")
+	}
+}
