@@ -7,7 +7,7 @@ PKGS       := iptables nftables iproute2
 TEST_FLAGS ?= -count=1 -timeout 15m
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps test test-unit test-netns demo bench fuzz lint verify clean
+.PHONY: all build deps test test-unit test-netns demo bench fuzz lint verify clean image
 
 all: build
 
@@ -41,6 +41,17 @@ build: deps
 	$(GO) build -trimpath -o $(BIN)/egress-node ./cmd/egress-node
 	$(GO) build -trimpath -o $(BIN)/egress-cni-install ./cmd/egress-cni-install
 	$(GO) build -trimpath -o $(BIN)/egress-demo ./cmd/egress-demo
+
+# The DaemonSet image, without a container daemon (install/image): the
+# static binaries (CGO_ENABLED=0, -trimpath) in one layer, written as an
+# OCI layout ($(BIN)/image/oci), its tar for `ctr images import` or
+# `skopeo copy oci-archive:` ($(BIN)/image/egress-cni-image.tar) and a
+# docker-archive for `docker load`. Reproducible: the same sources give
+# the same digest ($(BIN)/image/egress-cni-image.digest). IMAGE sets the
+# reference (default: the one the manifests name).
+IMAGE ?=
+image: deps
+	$(GO) run ./install/image/build -out $(BIN)/image $(if $(IMAGE),-ref $(IMAGE))
 
 # The whole suite: pure tests and the privileged tests in network
 # namespaces of our own. As root the privileged tests run; set
