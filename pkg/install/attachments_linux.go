@@ -85,12 +85,28 @@ func ScanAttachments(dir, hostNS string) ([]Unenforceable, error) {
 		})
 		n.Close()
 		if err != nil {
+			// Entering takes CAP_SYS_ADMIN: without it every namespace
+			// would be skipped and the scan would find nothing, silently.
+			if ok, cerr := hasSysAdmin(); cerr == nil && !ok {
+				return nil, fmt.Errorf("could not enter pod network namespace %s: %v (entering another network namespace takes CAP_SYS_ADMIN, which this process lacks)", path, err)
+			}
 			continue
 		}
 		out = append(out, found...)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
 	return out, nil
+}
+
+// hasSysAdmin reports whether CAP_SYS_ADMIN is in the process's
+// effective set.
+func hasSysAdmin() (bool, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false, err
+	}
+	return data[unix.CAP_SYS_ADMIN/32].Effective&(1<<(unix.CAP_SYS_ADMIN%32)) != 0, nil
 }
 
 // nsInode identifies a network namespace (the current one for "").
