@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -265,9 +266,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 		t.Fatalf("%s: %d containers", ds.Name, len(spec.Containers))
 	}
 	c := spec.Containers[0]
-	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
-		t.Errorf("%s: not privileged", ds.Name)
-	}
+	checkLeastPrivilege(t, ds.Name, c.SecurityContext)
 	if c.ReadinessProbe == nil || c.ReadinessProbe.Exec == nil {
 		t.Errorf("%s: no readiness probe", ds.Name)
 	}
@@ -328,6 +327,47 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 			roles[cfg.Role] = true
 			checkPlacement(t, ds, cfg.Role)
 		}
+	}
+}
+
+// installerCaps are the capabilities the installer needs, and why
+// (test/runtime runs the container with exactly these, and shows the
+// installer's error without each).
+var installerCaps = map[corev1.Capability]string{
+	"NET_ADMIN": "nftables and link notifications in the host network namespace (the node rules)",
+	"SYS_ADMIN": "setns into the pods' network namespaces under /run/netns (the attachment scan)",
+}
+
+// checkLeastPrivilege: not privileged, every capability dropped but
+// installerCaps, read-only root filesystem, RuntimeDefault seccomp.
+func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext) {
+	t.Helper()
+	if sc == nil {
+		t.Errorf("%s: no securityContext", name)
+		return
+	}
+	if sc.Privileged == nil || *sc.Privileged {
+		t.Errorf("%s: privileged must be set, false", name)
+	}
+	if sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+		t.Errorf("%s: capabilities.drop must be [ALL]", name)
+	} else {
+		add := slices.Sorted(slices.Values(sc.Capabilities.Add))
+		want := slices.Sorted(maps.Keys(installerCaps))
+		if !slices.Equal(add, want) {
+			t.Errorf("%s: capabilities.add %v, want %v", name, add, want)
+		}
+	}
+	if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+		t.Errorf("%s: readOnlyRootFilesystem must be true", name)
+	}
+	if sc.SeccompProfile == nil || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("%s: seccompProfile must be RuntimeDefault", name)
+	}
+	// The API server refuses allowPrivilegeEscalation: false with
+	// CAP_SYS_ADMIN; with SYS_ADMIN no_new_privs would be no boundary.
+	if sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation && slices.Contains(sc.Capabilities.Add, "SYS_ADMIN") {
+		t.Errorf("%s: allowPrivilegeEscalation false with SYS_ADMIN", name)
 	}
 }
 

@@ -519,7 +519,7 @@ func writeCNIConf(t *testing.T, dir, pluginLog string) {
 // the snapshotters we do not use are disabled.
 const containerdConfig = `version = 2
 root = "{{dir}}/root"
-state = "{{dir}}/state"
+state = "{{state}}"
 disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
 [grpc]
@@ -539,8 +539,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{{dir}}/cni-bin"
-    conf_dir = "{{dir}}/cni-conf"
+    bin_dir = "{{cnibin}}"
+    conf_dir = "{{cniconf}}"
     max_conf_num = 1
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -570,7 +570,26 @@ type containerd struct {
 // containerd, and kills whatever shim or container it left.
 func startContainerd(t *testing.T, dir, nodePath, reaper, crictlBin string) *containerd {
 	t.Helper()
-	cfg := strings.NewReplacer("{{dir}}", dir, "{{image}}", pauseImage).Replace(containerdConfig)
+	return startContainerdWith(t, dir, nodePath, reaper, crictlBin, containerdPaths{
+		State: filepath.Join(dir, "state"), CNIBin: filepath.Join(dir, "cni-bin"), CNIConf: filepath.Join(dir, "cni-conf"),
+	})
+}
+
+// containerdPaths are where containerd keeps its state (and under it the
+// pods' network namespace mounts, in io.containerd.grpc.v1.cri/netns)
+// and where it finds the CNI plugins and config.
+type containerdPaths struct{ State, CNIBin, CNIConf string }
+
+// netnsDir is where this containerd pins the pods' network namespaces
+// (netns_mounts_under_state_dir; /run/netns on a node).
+func (p containerdPaths) netnsDir() string {
+	return filepath.Join(p.State, "io.containerd.grpc.v1.cri", "netns")
+}
+
+func startContainerdWith(t *testing.T, dir, nodePath, reaper, crictlBin string, p containerdPaths) *containerd {
+	t.Helper()
+	cfg := strings.NewReplacer("{{dir}}", dir, "{{image}}", pauseImage, "{{state}}", p.State,
+		"{{cnibin}}", p.CNIBin, "{{cniconf}}", p.CNIConf).Replace(containerdConfig)
 	cfgPath := filepath.Join(dir, "containerd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
