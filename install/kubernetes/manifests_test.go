@@ -250,7 +250,27 @@ func TestManifests(t *testing.T) {
 	}
 }
 
+// nodeLayout is what a DaemonSet must fit on the node: the CNI dirs, the
+// egress nodes' labels and taint.
+type nodeLayout struct {
+	cniBin, cniConf string
+	egressLabels    map[string]string
+	egressTaint     string
+}
+
+// defaultLayout is what the kustomize manifests (and the chart's
+// defaults) install for.
+var defaultLayout = nodeLayout{
+	cniBin: "/opt/cni/bin", cniConf: "/etc/cni/net.d",
+	egressLabels: map[string]string{"egress-cni.io/role": "egress"}, egressTaint: "egress-cni.io/egress",
+}
+
 func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, roles map[node.Role]bool) {
+	t.Helper()
+	checkDaemonSetOn(t, ds, cm, roles, defaultLayout)
+}
+
+func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, roles map[node.Role]bool, lay nodeLayout) {
 	t.Helper()
 	spec := ds.Spec.Template.Spec
 	if !spec.HostNetwork {
@@ -282,7 +302,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 			mounted[hp] = m.MountPath
 		}
 	}
-	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/run/egress-cni", "/var/log", "/run/netns"} {
+	for _, hp := range []string{lay.cniBin, lay.cniConf, "/run/egress-cni", "/var/log", "/run/netns"} {
 		if mounted[hp] == "" {
 			t.Errorf("%s: host path %s not mounted", ds.Name, hp)
 		}
@@ -309,7 +329,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 			t.Errorf("%s: /run/netns without mountPropagation HostToContainer: new pods' namespaces would not be seen", ds.Name)
 		}
 	}
-	if args["cni-conf-dir"] != mounted["/etc/cni/net.d"] || args["cni-bin-dir"] != mounted["/opt/cni/bin"] {
+	if args["cni-conf-dir"] != mounted[lay.cniConf] || args["cni-bin-dir"] != mounted[lay.cniBin] {
 		t.Errorf("%s: args %v do not match the mounts %v", ds.Name, args, mounted)
 	}
 	for _, flag := range []string{"plugin-config", "node-config"} {
@@ -325,7 +345,7 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 				continue
 			}
 			roles[cfg.Role] = true
-			checkPlacement(t, ds, cfg.Role)
+			checkPlacement(t, ds, cfg.Role, lay)
 		}
 	}
 }
@@ -373,7 +393,7 @@ func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext) 
 
 // checkPlacement: the egress DaemonSet runs exactly on egress nodes and
 // tolerates their taint; the app one runs everywhere else.
-func checkPlacement(t *testing.T, ds *appsv1.DaemonSet, role node.Role) {
+func checkPlacement(t *testing.T, ds *appsv1.DaemonSet, role node.Role, lay nodeLayout) {
 	t.Helper()
 	spec := ds.Spec.Template.Spec
 	tolerates := func(key string) bool {
@@ -382,24 +402,39 @@ func checkPlacement(t *testing.T, ds *appsv1.DaemonSet, role node.Role) {
 				(tl.Effect == "" || tl.Effect == corev1.TaintEffectNoSchedule)
 		})
 	}
-	if !tolerates("egress-cni.io/egress") && role == node.RoleEgress {
-		t.Errorf("%s: does not tolerate egress-cni.io/egress:NoSchedule", ds.Name)
-	}
 	switch role {
 	case node.RoleEgress:
-		if spec.NodeSelector["egress-cni.io/role"] != "egress" {
-			t.Errorf("%s: egress rules without nodeSelector egress-cni.io/role=egress", ds.Name)
+		if lay.egressTaint != "" && !tolerates(lay.egressTaint) {
+			t.Errorf("%s: does not tolerate %s:NoSchedule", ds.Name, lay.egressTaint)
+		}
+		if !maps.Equal(spec.NodeSelector, lay.egressLabels) {
+			t.Errorf("%s: egress rules with nodeSelector %v, want %v", ds.Name, spec.NodeSelector, lay.egressLabels)
 		}
 	case node.RoleApp:
+		// Off every egress node: some term must exclude each label, and
+		// the terms (ORed) each hold one NotIn on an egress label.
 		a := spec.Affinity
-		ok := a != nil && a.NodeAffinity != nil && a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil &&
-			slices.ContainsFunc(a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms, func(term corev1.NodeSelectorTerm) bool {
-				return slices.ContainsFunc(term.MatchExpressions, func(r corev1.NodeSelectorRequirement) bool {
-					return r.Key == "egress-cni.io/role" && r.Operator == corev1.NodeSelectorOpNotIn && slices.Contains(r.Values, "egress")
-				})
+		if a == nil || a.NodeAffinity == nil || a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
+			t.Errorf("%s: app rules must keep off egress nodes (no required node affinity)", ds.Name)
+			return
+		}
+		terms := a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms
+		covered := map[string]bool{}
+		for _, term := range terms {
+			ok := slices.ContainsFunc(term.MatchExpressions, func(r corev1.NodeSelectorRequirement) bool {
+				v, isLabel := lay.egressLabels[r.Key]
+				if isLabel && r.Operator == corev1.NodeSelectorOpNotIn && slices.Contains(r.Values, v) {
+					covered[r.Key] = true
+					return true
+				}
+				return false
 			})
-		if !ok {
-			t.Errorf("%s: app rules must keep off egress nodes (affinity egress-cni.io/role NotIn egress)", ds.Name)
+			if !ok {
+				t.Errorf("%s: affinity term %v admits egress nodes", ds.Name, term)
+			}
+		}
+		if len(terms) == 0 || len(covered) != len(lay.egressLabels) {
+			t.Errorf("%s: app rules must keep off egress nodes (affinity NotIn on each of %v; terms %v)", ds.Name, lay.egressLabels, terms)
 		}
 	}
 }
