@@ -774,16 +774,22 @@ func shimPIDs(socket string) []int {
 	return pids
 }
 
-// runPod runs `crictl runp` for a pod default/name with the annotations,
+// runPod runs `crictl runp` for a pod default/name (or namespace/name)
+// with the annotations,
 // checks that its sandbox is ready with a namespace under our state dir
 // and an address from the pod subnet, and returns its ID, namespace path
 // and address.
 func (c *containerd) runPod(name string, annotations map[string]string, cgroupParent string) (string, string, netip.Addr) {
 	t := c.t
 	t.Helper()
-	podConfig := filepath.Join(c.dir, name+"-pod.json")
+	// name is "name" (in default) or "namespace/name".
+	namespace := "default"
+	if n, pod, ok := strings.Cut(name, "/"); ok {
+		namespace, name = n, pod
+	}
+	podConfig := filepath.Join(c.dir, namespace+"_"+name+"-pod.json")
 	writeJSON(t, podConfig, map[string]any{
-		"metadata":    map[string]any{"name": name, "namespace": "default", "uid": "uid-" + name + "-e2e", "attempt": 0},
+		"metadata":    map[string]any{"name": name, "namespace": namespace, "uid": "uid-" + name + "-e2e", "attempt": 0},
 		"hostname":    name,
 		"annotations": annotations,
 		"labels":      map[string]string{"app": name},
@@ -861,6 +867,10 @@ func pluginRecords(t *testing.T, logFile, name, msg string) []map[string]any {
 		t.Fatalf("egress-cni log: %v", err)
 	}
 	defer f.Close()
+	full := name
+	if !strings.Contains(name, "/") {
+		full = "default/" + name
+	}
 	var recs []map[string]any
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -872,7 +882,7 @@ func pluginRecords(t *testing.T, logFile, name, msg string) []map[string]any {
 		if r["level"] == "ERROR" {
 			t.Errorf("egress-cni logged an error: %v", r)
 		}
-		if r["pod"] == "default/"+name && r["msg"] == msg {
+		if r["pod"] == full && r["msg"] == msg {
 			recs = append(recs, r)
 		}
 	}

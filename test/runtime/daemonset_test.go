@@ -316,13 +316,26 @@ func writeConfigMap(t *testing.T, cm *corev1.ConfigMap, dir string, host simHost
 			}
 		case strings.HasPrefix(k, "node-"):
 			m["podCIDRs"] = []string{podSubnet}
+			// The simulated node's uplink (egress role).
+			if _, ok := m["uplink"]; ok {
+				m["uplink"] = "uplink0"
+			}
 		}
 		writeJSON(t, filepath.Join(dir, k), m)
 	}
 }
 
+// TestDaemonSetContainer runs each DaemonSet's container: the app one on
+// an app node, the egress one on an egress node, each with its own
+// containerd and simulated host.
 func TestDaemonSetContainer(t *testing.T) {
 	nstest.RequirePrivileged(t)
+	for _, tc := range []struct{ file, role string }{{"daemonset.yaml", "app"}, {"daemonset-egress.yaml", "egress"}} {
+		t.Run(tc.role, func(t *testing.T) { runDaemonSet(t, tc.file, tc.role) })
+	}
+}
+
+func runDaemonSet(t *testing.T, file, role string) {
 	for _, b := range requiredBinaries {
 		if _, err := exec.LookPath(b); err != nil {
 			cannotStart(t, "%s is not installed (run `make deps-runtime`): %v", b, err)
@@ -336,7 +349,7 @@ func TestDaemonSetContainer(t *testing.T) {
 
 	var ds appsv1.DaemonSet
 	var cm corev1.ConfigMap
-	readManifest(t, "daemonset.yaml", &ds)
+	readManifest(t, file, &ds)
 	readManifest(t, "configmap.yaml", &cm)
 
 	// The image, as `make image` builds it.
@@ -467,7 +480,7 @@ func TestDaemonSetContainer(t *testing.T) {
 		if code == 0 {
 			t.Errorf("exit code 0 without NET_ADMIN; log:\n%s", logs)
 		}
-		const want = "could not apply app node rules"
+		want := "could not apply " + role + " node rules"
 		if !strings.Contains(logs, want) || !strings.Contains(logs, "operation not permitted") {
 			t.Errorf("log lacks %q and operation not permitted:\n%s", want, logs)
 		}
@@ -543,6 +556,37 @@ func TestDaemonSetContainer(t *testing.T) {
 		t.Errorf("the proxy UID to %s: %v, want a timeout (dropped at the node)", target, err)
 	}
 	proxy.Close()
+
+	// A gateway pod (istio-system/istio-egressgateway-…, matched by name)
+	// gets out on an egress node, masqueraded to the uplink's address,
+	// and is held in like any pod on an app node.
+	const gwPod = "istio-system/istio-egressgateway-5d4f"
+	if role == "egress" {
+		_, gwPath, _ := c.runPod(gwPod, nil, cgroupParent)
+		gwNS, err := ns.GetNS(gwPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer gwNS.Close()
+		line, err := nstest.Dial(t, gwNS, appUID, appUID, "tcp4", target, nstest.WithTimeout(2*time.Second))
+		if r, perr := nstest.ParseReply(line); err != nil || perr != nil || r.Kind != nstest.KindDirect || r.Src.Addr().String() != uplinkNodeIP {
+			t.Errorf("the gateway on the egress node to %s: %q %v, want direct from the uplink's %s", target, line, err, uplinkNodeIP)
+		}
+		if err := gwNS.Close(); err != nil {
+			t.Error(err)
+		}
+	} else {
+		// On an app node the plugin refuses a gateway's sandbox.
+		cfg := filepath.Join(dir, "gateway-pod.json")
+		writeJSON(t, cfg, map[string]any{
+			"metadata": map[string]any{"name": "istio-egressgateway-5d4f", "namespace": "istio-system", "uid": "uid-gw", "attempt": 0},
+			"linux":    map[string]any{"cgroup_parent": cgroupParent},
+		})
+		out, err := c.crictl("runp", cfg)
+		if err == nil || !strings.Contains(out, "egress gateways are honoured only on egress nodes") {
+			t.Errorf("a gateway's sandbox on an app node: %v\n%s", err, out)
+		}
+	}
 
 	// The container stops (a DaemonSet update, or delete): as documented,
 	// the entry, the binary and the node rules stay; readiness goes.
