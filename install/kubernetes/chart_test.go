@@ -334,9 +334,9 @@ func TestChartVariants(t *testing.T) {
 				"taints": []any{map[string]any{"key": "dedicated", "effect": "NoExecute"}},
 				"uplink": "bond0", "egressIP": "203.0.113.7",
 			},
-			"updateStrategy": map[string]any{"type": "OnDelete"},
-			"resources":      map[string]any{"requests": map[string]any{"cpu": "50m"}, "limits": nil},
-			"tolerations":    []any{map[string]any{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}},
+			"updateStrategy": map[string]any{"type": "OnDelete"}, "uninstallOnExit": true,
+			"resources":   map[string]any{"requests": map[string]any{"cpu": "50m"}, "limits": nil},
+			"tolerations": []any{map[string]any{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}},
 		}
 		r := checkRenderingOn(t, mustRender(t, ch, vals), true, nodeLayout{
 			cniBin: "/home/kubernetes/bin", cniConf: "/etc/cni/conf.d",
@@ -392,8 +392,8 @@ func TestChartVariants(t *testing.T) {
 			if hp["cni-bin"] != "/home/kubernetes/bin" || hp["cni-conf"] != "/etc/cni/conf.d" {
 				t.Errorf("%s: hostPaths %v", ds.Name, hp)
 			}
-			if !slices.Contains(c.Args, "-cni-conf-file=10-calico.conflist") || !slices.Contains(c.Args, "-v") {
-				t.Errorf("%s: args %v lack -cni-conf-file and -v", ds.Name, c.Args)
+			if !slices.Contains(c.Args, "-cni-conf-file=10-calico.conflist") || !slices.Contains(c.Args, "-v") || !slices.Contains(c.Args, "-uninstall-on-exit") {
+				t.Errorf("%s: args %v lack -cni-conf-file, -v and -uninstall-on-exit", ds.Name, c.Args)
 			}
 			if ds.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType {
 				t.Errorf("%s: updateStrategy %v", ds.Name, ds.Spec.UpdateStrategy)
@@ -485,6 +485,7 @@ func TestChartSchemaRejects(t *testing.T) {
 		{"tolerations: [{operator: Sometimes}]", "/tolerations/0/operator"},
 		{"excludeNamespaces: [Kube_System]", "/excludeNamespaces/0"},
 		{"updateStrategy: {type: Recreate}", "/updateStrategy/type"},
+		{"uninstallOnExit: yes please", "/uninstallOnExit"},
 	} {
 		var vals map[string]any
 		if err := yaml.Unmarshal([]byte(tc.vals), &vals); err != nil {
