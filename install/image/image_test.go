@@ -178,10 +178,17 @@ func TestWrite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		tars = append(tars, lt)
+		dt, err := os.ReadFile(res.DockerTar)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tars = append(tars, lt, dt)
 	}
-	if !bytes.Equal(tars[0], tars[1]) {
+	if !bytes.Equal(tars[0], tars[2]) {
 		t.Error("two writes of the same image gave different layout tars")
+	}
+	if !bytes.Equal(tars[1], tars[3]) {
+		t.Error("two writes of the same image gave different docker-archive tars")
 	}
 }
 
