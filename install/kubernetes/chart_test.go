@@ -449,6 +449,12 @@ func TestChartVariants(t *testing.T) {
 		}
 	})
 
+	t.Run("no attachment scan", func(t *testing.T) {
+		lay := defaultLayout
+		lay.noScan = true
+		checkRenderingOn(t, mustRender(t, ch, map[string]any{"attachmentScan": false}), true, lay)
+	})
+
 	t.Run("metrics port", func(t *testing.T) {
 		r := checkRendering(t, mustRender(t, ch, map[string]any{"metrics": map[string]any{"port": 19964}}), true)
 		for _, ds := range r.daemonSets {
@@ -486,6 +492,7 @@ func TestChartSchemaRejects(t *testing.T) {
 		{"excludeNamespaces: [Kube_System]", "/excludeNamespaces/0"},
 		{"updateStrategy: {type: Recreate}", "/updateStrategy/type"},
 		{"uninstallOnExit: yes please", "/uninstallOnExit"},
+		{"attachmentScan: 1", "/attachmentScan"},
 	} {
 		var vals map[string]any
 		if err := yaml.Unmarshal([]byte(tc.vals), &vals); err != nil {

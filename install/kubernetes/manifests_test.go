@@ -256,6 +256,9 @@ type nodeLayout struct {
 	cniBin, cniConf string
 	egressLabels    map[string]string
 	egressTaint     string
+	// noScan: the attachment scan is off (-netns-dir=): no /run/netns
+	// mount, no SYS_ADMIN.
+	noScan bool
 }
 
 // defaultLayout is what the kustomize manifests (and the chart's
@@ -286,7 +289,7 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 		t.Fatalf("%s: %d containers", ds.Name, len(spec.Containers))
 	}
 	c := spec.Containers[0]
-	checkLeastPrivilege(t, ds.Name, c.SecurityContext)
+	checkLeastPrivilege(t, ds.Name, c.SecurityContext, !lay.noScan)
 	if c.ReadinessProbe == nil || c.ReadinessProbe.Exec == nil {
 		t.Errorf("%s: no readiness probe", ds.Name)
 	}
@@ -302,7 +305,14 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 			mounted[hp] = m.MountPath
 		}
 	}
-	for _, hp := range []string{lay.cniBin, lay.cniConf, "/run/egress-cni", "/var/log", "/run/netns"} {
+	wantHost := []string{lay.cniBin, lay.cniConf, "/run/egress-cni", "/var/log", "/run/netns"}
+	if lay.noScan {
+		wantHost = wantHost[:4]
+		if _, ok := hostPathsOf(spec)["netns"]; ok {
+			t.Errorf("%s: /run/netns mounted without the attachment scan", ds.Name)
+		}
+	}
+	for _, hp := range wantHost {
 		if mounted[hp] == "" {
 			t.Errorf("%s: host path %s not mounted", ds.Name, hp)
 		}
@@ -319,9 +329,16 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 		strings.Replace(copyPath, mounted["/var/lib/egress-cni"], "/var/lib/egress-cni", 1) != pluginNodeConfig(t, cm) {
 		t.Errorf("%s: -node-config-copy %q (mounted %v) is not the plugin's nodeConfig %q", ds.Name, copyPath, mounted, pluginNodeConfig(t, cm))
 	}
+	if lay.noScan {
+		if v, ok := args["netns-dir"]; !ok || v != "" {
+			t.Errorf("%s: no attachment scan, but args %v lack -netns-dir=", ds.Name, c.Args)
+		}
+	} else if _, ok := args["netns-dir"]; ok {
+		t.Errorf("%s: -netns-dir=%s set: the scan must use the mount", ds.Name, args["netns-dir"])
+	}
 	// The attachment scan's default directory is the netns mount, which
 	// must see pods created after the installer started.
-	if mounted["/run/netns"] != install.DefaultNetNSDir {
+	if !lay.noScan && mounted["/run/netns"] != install.DefaultNetNSDir {
 		t.Errorf("%s: /run/netns mounted at %q, want %s (the installer's -netns-dir default)", ds.Name, mounted["/run/netns"], install.DefaultNetNSDir)
 	}
 	for _, m := range c.VolumeMounts {
@@ -359,8 +376,9 @@ var installerCaps = map[corev1.Capability]string{
 }
 
 // checkLeastPrivilege: not privileged, every capability dropped but
-// installerCaps, read-only root filesystem, RuntimeDefault seccomp.
-func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext) {
+// installerCaps (NET_ADMIN alone without the scan, and then no privilege
+// escalation), read-only root filesystem, RuntimeDefault seccomp.
+func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext, scan bool) {
 	t.Helper()
 	if sc == nil {
 		t.Errorf("%s: no securityContext", name)
@@ -374,6 +392,12 @@ func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext) 
 	} else {
 		add := slices.Sorted(slices.Values(sc.Capabilities.Add))
 		want := slices.Sorted(maps.Keys(installerCaps))
+		if !scan {
+			want = []corev1.Capability{"NET_ADMIN"}
+			if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+				t.Errorf("%s: without SYS_ADMIN, allowPrivilegeEscalation must be false", name)
+			}
+		}
 		if !slices.Equal(add, want) {
 			t.Errorf("%s: capabilities.add %v, want %v", name, add, want)
 		}
@@ -389,6 +413,16 @@ func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext) 
 	if sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation && slices.Contains(sc.Capabilities.Add, "SYS_ADMIN") {
 		t.Errorf("%s: allowPrivilegeEscalation false with SYS_ADMIN", name)
 	}
+}
+
+func hostPathsOf(spec corev1.PodSpec) map[string]string {
+	hp := map[string]string{}
+	for _, v := range spec.Volumes {
+		if v.HostPath != nil {
+			hp[v.Name] = v.HostPath.Path
+		}
+	}
+	return hp
 }
 
 // checkPlacement: the egress DaemonSet runs exactly on egress nodes and

@@ -33,6 +33,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/engine"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
@@ -328,14 +331,73 @@ func writeConfigMap(t *testing.T, cm *corev1.ConfigMap, dir string, host simHost
 // TestDaemonSetContainer runs each DaemonSet's container: the app one on
 // an app node, the egress one on an egress node, each with its own
 // containerd and simulated host.
+//
+// The third run is the chart's least-privileged variant
+// (attachmentScan=false: NET_ADMIN only, no privilege escalation),
+// rendered with Helm's library.
 func TestDaemonSetContainer(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	for _, tc := range []struct{ file, role string }{{"daemonset.yaml", "app"}, {"daemonset-egress.yaml", "egress"}} {
-		t.Run(tc.role, func(t *testing.T) { runDaemonSet(t, tc.file, tc.role) })
+		t.Run(tc.role, func(t *testing.T) {
+			var ds appsv1.DaemonSet
+			var cm corev1.ConfigMap
+			readManifest(t, tc.file, &ds)
+			readManifest(t, "configmap.yaml", &cm)
+			runDaemonSet(t, &ds, &cm, tc.role)
+		})
 	}
+	t.Run("app, chart attachmentScan=false", func(t *testing.T) {
+		ds, cm := renderChart(t, map[string]any{"attachmentScan": false})
+		runDaemonSet(t, ds["egress-cni"], cm, "app")
+	})
 }
 
-func runDaemonSet(t *testing.T, file, role string) {
+// renderChart renders install/helm/egress-cni with the values, as `helm
+// template` does, and returns its DaemonSets by name and its ConfigMap.
+func renderChart(t *testing.T, vals map[string]any) (map[string]*appsv1.DaemonSet, *corev1.ConfigMap) {
+	t.Helper()
+	ch, err := loader.Load(filepath.Join(moduleRoot(t), "install", "helm", "egress-cni"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rv, err := chartutil.ToRenderValues(ch, vals, chartutil.ReleaseOptions{Name: "egress-cni", Namespace: "kube-system", IsInstall: true}, chartutil.DefaultCapabilities)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := engine.Render(ch, rv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dss := map[string]*appsv1.DaemonSet{}
+	var cm *corev1.ConfigMap
+	for name, text := range out {
+		for _, doc := range regexp.MustCompile(`(?m)^---\s*$`).Split(text, -1) {
+			var tm struct{ Kind string }
+			if err := yaml.Unmarshal([]byte(doc), &tm); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			switch tm.Kind {
+			case "DaemonSet":
+				var ds appsv1.DaemonSet
+				if err := yaml.UnmarshalStrict([]byte(doc), &ds); err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+				dss[ds.Name] = &ds
+			case "ConfigMap":
+				cm = &corev1.ConfigMap{}
+				if err := yaml.UnmarshalStrict([]byte(doc), cm); err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+			}
+		}
+	}
+	if cm == nil || len(dss) != 2 {
+		t.Fatalf("chart rendered %d DaemonSets and ConfigMap %v", len(dss), cm != nil)
+	}
+	return dss, cm
+}
+
+func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, role string) {
 	for _, b := range requiredBinaries {
 		if _, err := exec.LookPath(b); err != nil {
 			cannotStart(t, "%s is not installed (run `make deps-runtime`): %v", b, err)
@@ -347,10 +409,11 @@ func runDaemonSet(t *testing.T, file, role string) {
 	cgroupParent := "/egress-cni-ds-" + filepath.Base(dir)
 	t.Cleanup(func() { removeCgroups(t, cgroupParent) })
 
-	var ds appsv1.DaemonSet
-	var cm corev1.ConfigMap
-	readManifest(t, file, &ds)
-	readManifest(t, "configmap.yaml", &cm)
+	ds, cm := *dsIn, *cmIn
+	// The attachment scan is on when /run/netns is mounted.
+	scan := slices.ContainsFunc(ds.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
+		return v.HostPath != nil && v.HostPath.Path == "/run/netns"
+	})
 
 	// The image, as `make image` builds it.
 	imgDir := filepath.Join(dir, "image")
@@ -616,6 +679,9 @@ func runDaemonSet(t *testing.T, file, role string) {
 	// Without SYS_ADMIN the installer cannot enter the pods' namespaces:
 	// it says so instead of finding nothing.
 	t.Run("without SYS_ADMIN", func(t *testing.T) {
+		if !scan {
+			t.Skip("the attachment scan is off: the manifest adds no SYS_ADMIN")
+		}
 		caps := criCaps(pod.container.SecurityContext.Capabilities.Add)
 		less := slices.DeleteFunc(slices.Clone(caps), func(s string) bool { return s == "SYS_ADMIN" })
 		if len(less) == len(caps) {
@@ -638,10 +704,15 @@ func runDaemonSet(t *testing.T, file, role string) {
 	// then the pod is deleted.
 	id2 := c.createContainer(sandboxID, pod.withArgs(1, "-uninstall-on-exit"), pod.sandbox, "uninstall")
 	c.waitReady(id2, pod.container, 30*time.Second)
-	seen := c.waitLog(id2, "bypasses the node's IP stack", 10*time.Second)
-	inContainer := filepath.Join("/host/run/netns", filepath.Base(webPath))
-	if line := grepLine(seen, "bypasses the node's IP stack"); !strings.Contains(line, inContainer) || !strings.Contains(line, "macvlan") {
-		t.Errorf("attachment scan: %q, want the macvlan in %s", line, inContainer)
+	if scan {
+		seen := c.waitLog(id2, "bypasses the node's IP stack", 10*time.Second)
+		inContainer := filepath.Join("/host/run/netns", filepath.Base(webPath))
+		if line := grepLine(seen, "bypasses the node's IP stack"); !strings.Contains(line, inContainer) || !strings.Contains(line, "macvlan") {
+			t.Errorf("attachment scan: %q, want the macvlan in %s", line, inContainer)
+		}
+	} else if logs := c.containerLogs(id2); strings.Contains(logs, "bypasses") || strings.Contains(logs, "could not scan") {
+		// Off: the macvlan goes unreported, as documented.
+		t.Errorf("attachment scan off, but:\n%s", logs)
 	}
 	c.stopContainer(id2, ds.Spec.Template.Spec.TerminationGracePeriodSeconds)
 	code, logs := c.waitExit(id2, 5*time.Second)
