@@ -110,7 +110,7 @@ type installerPod struct {
 	config    map[string]any
 }
 
-// criCapability is a capability as the CRI takes it (the kubelet passes
+// criCaps are capabilities as the CRI takes them (the kubelet passes
 // the manifest's names through; containerd adds CAP_).
 func criCaps(l []corev1.Capability) []string {
 	out := []string{}
@@ -410,6 +410,9 @@ func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, 
 	t.Cleanup(func() { removeCgroups(t, cgroupParent) })
 
 	ds, cm := *dsIn, *cmIn
+	if args := ds.Spec.Template.Spec.Containers[0].Args; !slices.Contains(args, "-node-config=/etc/egress-cni/node-"+role+".json") {
+		t.Fatalf("%s: args %v do not apply the %s node rules", ds.Name, args, role)
+	}
 	// The attachment scan is on when /run/netns is mounted.
 	scan := slices.ContainsFunc(ds.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
 		return v.HostPath != nil && v.HostPath.Path == "/run/netns"
