@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -22,9 +23,11 @@ func (in *Installer) ApplyNodeRules() error {
 	if err != nil {
 		return err
 	}
+	start := time.Now()
 	if err := netns.Do(in.opts.NetNS, func() error { return node.Apply(cfg) }); err != nil {
 		return fmt.Errorf("could not apply %s node rules: %w", cfg.Role, err)
 	}
+	in.applySeconds.Observe(time.Since(start).Seconds())
 	in.log.Info("applied node rules", "role", cfg.Role, "config", in.opts.NodeConfig)
 	return in.keepNodeConfigCopy()
 }

@@ -331,7 +331,9 @@ func TestLifeAgentKilledDuringChurn(t *testing.T) {
 	start := func() *exec.Cmd {
 		args := []string{"run", "-cni-conf-dir", app.ConfDir, "-cni-bin-dir", app.BinDir, "-binary", filepath.Join(l.bin, "egress-cni"),
 			"-plugin-config", app.PluginConfig, "-node-config", app.NodeConfig, "-netns", app.NS.Path(),
-			"-lock-file", filepath.Join(app.Dir, "run/agent.lock"), "-ready-file", app.ReadyFile, "-resync", "1h", "-netns-dir", ""}
+			"-lock-file", filepath.Join(app.Dir, "run/agent.lock"), "-ready-file", app.ReadyFile, "-resync", "1h", "-netns-dir", "",
+			// It runs in the test's own namespace: no metrics port there.
+			"-metrics-port", "0", "-state-dir", app.StateDir}
 		cmd := exec.Command(filepath.Join(l.bin, "egress-cni-install"), args...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := cmd.Start(); err != nil {

@@ -1,0 +1,385 @@
+//go:build linux
+
+package escape_test
+
+// The drop audit and the metrics (issue 14), in the simulated cluster:
+// the real agent (`egress-cni-install run`) on the app node, pods made
+// through the real CNI chain, real traffic, /metrics scraped over HTTP.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/pkg/audit"
+)
+
+// agent is a running `egress-cni-install run` in a node's namespace.
+type agent struct {
+	t      *testing.T
+	n      *sim.Node
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	lines  []audit.Line
+	stderr strings.Builder
+	bound  chan struct{}
+}
+
+const auditPodRetention = 2 * time.Second
+
+func startAgent(l *life, n *sim.Node) *agent {
+	l.t.Helper()
+	a := &agent{t: l.t, n: n, bound: make(chan struct{})}
+	args := []string{"run", "-cni-conf-dir", n.ConfDir, "-cni-bin-dir", n.BinDir, "-binary", filepath.Join(l.bin, "egress-cni"),
+		"-plugin-config", n.PluginConfig, "-node-config", n.NodeConfig, "-netns", n.NS.Path(),
+		"-lock-file", filepath.Join(n.Dir, "run/agent.lock"), "-ready-file", n.ReadyFile, "-resync", "1h", "-netns-dir", "",
+		"-state-dir", n.StateDir, "-node-name", n.Name, "-metrics-port", "9964",
+		"-pod-metrics-retention", auditPodRetention.String(), "-audit-dedup", "10s"}
+	a.cmd = exec.Command(filepath.Join(l.bin, "egress-cni-install"), args...)
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdout, err := a.cmd.StdoutPipe()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	stderr, err := a.cmd.StderrPipe()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	// Started from a thread in the node's namespace: hostNetwork, so its
+	// metrics port is the node's.
+	if err := in(n, a.cmd.Start); err != nil {
+		l.t.Fatal(err)
+	}
+	l.cl.Push(func() { _ = a.cmd.Process.Kill(); _ = a.cmd.Wait() })
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var ln audit.Line
+			if err := json.Unmarshal(sc.Bytes(), &ln); err != nil {
+				continue
+			}
+			a.mu.Lock()
+			a.lines = append(a.lines, ln)
+			a.mu.Unlock()
+		}
+	}()
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		once := sync.Once{}
+		for sc.Scan() {
+			a.mu.Lock()
+			a.stderr.WriteString(sc.Text() + "\n")
+			a.mu.Unlock()
+			if strings.Contains(sc.Text(), "audit: reading node-rule drops") {
+				once.Do(func() { close(a.bound) })
+			}
+		}
+	}()
+	select {
+	case <-a.bound:
+	case <-time.After(10 * time.Second):
+		l.t.Fatalf("the agent never bound the NFLOG group:\n%s", a.log())
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := a.scrape()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			l.t.Fatalf("no /metrics: %v\n%s", err, a.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return a
+}
+
+func (a *agent) log() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.stderr.String()
+}
+
+func (a *agent) audit() []audit.Line {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]audit.Line(nil), a.lines...)
+}
+
+// waitLine waits up to d for an audit line that match accepts.
+func (a *agent) waitLine(d time.Duration, match func(audit.Line) bool) (audit.Line, bool) {
+	deadline := time.Now().Add(d)
+	for {
+		for _, ln := range a.audit() {
+			if match(ln) {
+				return ln, true
+			}
+		}
+		if time.Now().After(deadline) {
+			return audit.Line{}, false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// scrape GETs /metrics over real HTTP from the node's namespace and
+// returns every sample, by its name and labels as exposed.
+func (a *agent) scrape() (map[string]float64, error) {
+	// The TCP socket is made on a thread in the node's namespace; the
+	// HTTP exchange then runs over it (a Transport would dial from
+	// another thread, in the test's own namespace).
+	addr := netip.AddrPortFrom(a.n.Uplink4, 9964).String()
+	var conn net.Conn
+	if err := in(a.n, func() error {
+		var err error
+		conn, err = net.DialTimeout("tcp", addr, 5*time.Second)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	used := false
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		DialContext: func(context.Context, string, string) (net.Conn, error) {
+			if used {
+				return nil, errors.New("one connection per scrape")
+			}
+			used = true
+			return conn, nil
+		}}}
+	var body []byte
+	err := func() error {
+		resp, err := c.Get("http://" + addr + "/metrics")
+		if err != nil {
+			conn.Close()
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("/metrics: %s", resp.Status)
+		}
+		body, err = io.ReadAll(resp.Body)
+		return err
+	}()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			return nil, fmt.Errorf("sample %q: %w", line, err)
+		}
+		out[line[:i]] = v
+	}
+	return out, nil
+}
+
+func (a *agent) mustScrape() map[string]float64 {
+	a.t.Helper()
+	m, err := a.scrape()
+	if err != nil {
+		a.t.Fatalf("scrape: %v\n%s", err, a.log())
+	}
+	return m
+}
+
+func nodeSeries(reason, family string) string {
+	return fmt.Sprintf(`egress_cni_node_dropped_packets_total{family=%q,reason=%q}`, family, reason)
+}
+
+func podSeries(p *sim.Pod, reason string) string {
+	return fmt.Sprintf(`egress_cni_pod_dropped_packets_total{namespace=%q,pod=%q,reason=%q}`, p.Namespace, p.Name, reason)
+}
+
+// udpOnce sends one datagram from p, which the node drops.
+func udpOnce(t *testing.T, l *life, p *sim.Pod, dst netip.AddrPort) {
+	t.Helper()
+	_, err := sim.RunProbe(context.Background(), l.exe, p.NS, appUID, sim.Probe{Network: "udp4", Addr: dst, Payload: []byte("x\n"), NoReply: true})
+	if err != nil {
+		t.Fatalf("send from %s: %v", p.Name, err)
+	}
+}
+
+func TestAuditAndMetrics(t *testing.T) {
+	l := newLife(t)
+	app := l.c.App
+	ag := startAgent(l, app)
+	pod := l.pod(app, "team-a", "curl-1")
+	other := l.pod(app, "team-b", "neighbour")
+
+	// 1. A pod tries the internet: one datagram, one line naming it and
+	// the destination within 2 s, both counters up by one.
+	before := ag.mustScrape()
+	dst := netip.AddrPortFrom(sim.InternetV4, 8443)
+	udpOnce(t, l, pod, dst)
+	sent := time.Now()
+	ln, ok := ag.waitLine(2*time.Second, func(ln audit.Line) bool { return ln.Pod == pod.Name && ln.Destination == dst.Addr().String() })
+	if !ok {
+		t.Fatalf("no audit line for %s/%s within 2 s; lines %+v\n%s", pod.Namespace, pod.Name, ag.audit(), ag.log())
+	}
+	t.Logf("audit line %v after sending: %+v", time.Since(sent).Round(time.Millisecond), ln)
+	want := audit.Line{Time: ln.Time, Node: "app", Namespace: "team-a", Pod: "curl-1", ContainerID: pod.ID, Source: pod.IP4.String(),
+		Destination: sim.InternetV4.String(), Protocol: "udp", DPort: 8443, Family: "ipv4", Reason: "not-a-gateway", Interface: ln.Interface}
+	if ln != want || ln.Interface == "" {
+		t.Errorf("audit line\n got %+v\nwant %+v", ln, want)
+	}
+	after := ag.mustScrape()
+	if d := after[nodeSeries("not-a-gateway", "ipv4")] - before[nodeSeries("not-a-gateway", "ipv4")]; d != 1 {
+		t.Errorf("node counter not-a-gateway/ipv4 moved by %v, want 1", d)
+	}
+	if d := after[podSeries(pod, "not-a-gateway")] - before[podSeries(pod, "not-a-gateway")]; d != 1 {
+		t.Errorf("pod counter moved by %v, want 1", d)
+	}
+	for _, k := range []string{"egress_cni_node_rules_in_sync", `egress_cni_gateways{node_role="app"}`, "egress_cni_node_rules_repairs_total",
+		"egress_cni_pods_unenforceable", "egress_cni_node_rules_apply_seconds_count", "egress_cni_audit_events_lost_total"} {
+		if _, ok := after[k]; !ok {
+			t.Errorf("/metrics lacks %s", k)
+		}
+	}
+	if after["egress_cni_node_rules_in_sync"] != 1 || after["egress_cni_node_rules_apply_seconds_count"] < 1 {
+		t.Errorf("in sync %v, applies %v; want 1 and at least 1", after["egress_cni_node_rules_in_sync"], after["egress_cni_node_rules_apply_seconds_count"])
+	}
+
+	// 2. A forged source: reported with the forged address and the pod
+	// that really sent it, known from its interface.
+	forged := netip.MustParseAddr("198.51.100.60") // in the node's pod range, nobody's
+	pkt, err := sim.Packet{Src: netip.AddrPortFrom(forged, 4000), Dst: netip.AddrPortFrom(sim.InternetV4, 8444), Proto: unix.IPPROTO_UDP, Payload: []byte("f")}.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before = ag.mustScrape()
+	if err := sim.SendRaw(other.NS, pkt); err != nil {
+		t.Fatal(err)
+	}
+	ln, ok = ag.waitLine(2*time.Second, func(ln audit.Line) bool { return ln.Source == forged.String() })
+	if !ok {
+		t.Fatalf("no audit line for the forged source within 2 s; lines %+v", ag.audit())
+	}
+	if ln.Reason != "forged-source" || ln.Pod != other.Name || ln.Namespace != other.Namespace || ln.ContainerID != other.ID || ln.DPort != 8444 {
+		t.Errorf("forged packet reported as %+v; want forged-source from %s/%s", ln, other.Namespace, other.Name)
+	}
+	after = ag.mustScrape()
+	// A bridged pod: the bridge table catches it at the pod's port.
+	if d := after[nodeSeries("forged-source", "ipv4")] - before[nodeSeries("forged-source", "ipv4")]; d != 1 {
+		t.Errorf("node counter forged-source/ipv4 moved by %v, want 1", d)
+	}
+	if d := after[podSeries(other, "forged-source")]; d != 1 {
+		t.Errorf("pod counter of %s forged-source is %v, want 1", other.Name, d)
+	}
+
+	// 3. A flood from one pod (10,000 datagrams here; make bench sends
+	// 100,000): the kernel counter is exact, the events are bounded by
+	// the kernel's rate limit, the lines by the dedup.
+	const flood = 10000
+	before = ag.mustScrape()
+	linesBefore := len(ag.audit())
+	cpu0, rss0 := procStat(t, ag.cmd.Process.Pid)
+	start := time.Now()
+	floodUDP(t, pod, netip.AddrPortFrom(sim.InternetV4, 9000), flood)
+	took := time.Since(start)
+	time.Sleep(500 * time.Millisecond) // the last NFLOG batch
+	after = ag.mustScrape()
+	cpu1, rss1 := procStat(t, ag.cmd.Process.Pid)
+	if d := after[nodeSeries("not-a-gateway", "ipv4")] - before[nodeSeries("not-a-gateway", "ipv4")]; d != flood {
+		t.Errorf("node counter moved by %v during a flood of %d", d, flood)
+	}
+	events := after[podSeries(pod, "not-a-gateway")] - before[podSeries(pod, "not-a-gateway")]
+	// Burst 20, 100/s: what the kernel lets through in the flood's time
+	// and the wait after it.
+	limit := 20 + 100*(took+600*time.Millisecond).Seconds() + 5
+	if events < 1 || events > limit {
+		t.Errorf("%v events of the flood reached the agent; the kernel's limit allows 1-%.0f", events, limit)
+	}
+	if n := len(ag.audit()) - linesBefore; n != 1 {
+		t.Errorf("the flood to one destination logged %d lines, want 1 (dedup)", n)
+	}
+	t.Logf("flood of %d datagrams in %v: %v events, agent CPU %v, RSS %d -> %d KiB, lost %v",
+		flood, took.Round(time.Millisecond), events, cpu1-cpu0, rss0, rss1, after["egress_cni_audit_events_lost_total"])
+
+	// 4. The pod is deleted: its series goes after the retention.
+	if err := app.DelPod(pod); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	if _, ok := ag.mustScrape()[podSeries(pod, "not-a-gateway")]; !ok {
+		t.Fatal("the pod's series went at once, before the retention")
+	}
+	for {
+		if _, ok := ag.mustScrape()[podSeries(pod, "not-a-gateway")]; !ok {
+			if took := time.Since(deleted); took < auditPodRetention {
+				t.Fatalf("the series went after %v, before the retention %v", took, auditPodRetention)
+			}
+			break
+		}
+		if time.Since(deleted) > auditPodRetention+5*time.Second {
+			t.Fatalf("the deleted pod's series is still there %v after DEL", time.Since(deleted))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, ok := ag.mustScrape()[podSeries(other, "forged-source")]; !ok {
+		t.Error("the live pod's series went too")
+	}
+	if _, err := os.Stat(filepath.Join(app.StateDir, "pods", pod.ID+".json")); !os.IsNotExist(err) {
+		t.Errorf("DEL left the identity record: %v", err)
+	}
+}
+
+// floodUDP sends n datagrams from p's namespace as fast as it can.
+func floodUDP(t *testing.T, p *sim.Pod, dst netip.AddrPort, n int) {
+	t.Helper()
+	var c *net.UDPConn
+	if err := p.NS.Do(func(ns.NetNS) error {
+		var err error
+		c, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b := []byte("flood")
+	for range n {
+		if _, err := c.Write(b); err != nil {
+			// ENOBUFS or an ICMP error reported on the socket: retry once.
+			if _, err := c.Write(b); err != nil {
+				t.Fatalf("flood write: %v", err)
+			}
+		}
+	}
+}
+
+// procStat reads a process's CPU time (user+system) and RSS (KiB).
+func procStat(t *testing.T, pid int) (time.Duration, int64) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	rss, _ := strconv.ParseInt(f[21], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond, rss * int64(os.Getpagesize()) / 1024
+}
