@@ -263,6 +263,46 @@ func TestAuditAndMetrics(t *testing.T) {
 		t.Errorf("in sync %v, applies %v; want 1 and at least 1", after["egress_cni_node_rules_in_sync"], after["egress_cni_node_rules_apply_seconds_count"])
 	}
 
+	// explain, against the live node: the same verdict and rule for the
+	// attempt, and for a path that is allowed.
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"team-a/curl-1", dst.String() + "/udp"}, []string{"verdict: drop (not-a-gateway)",
+			"decided by: inet forward: meta nfproto ipv4 iifname . ip saddr @pod_sources_v4 goto drop_not_a_gateway", "match the config"}},
+		{[]string{pod.IP4.String(), netip.AddrPortFrom(l.c.Egress.Uplink4, 22).String() + "/tcp"}, []string{"verdict: accept",
+			"decided by: inet forward: meta nfproto ipv4 ip daddr @allow_v4 accept"}},
+		{[]string{"-src-addr", "198.51.100.60", "team-b/neighbour", dst.String() + "/udp"}, []string{"verdict: drop (forged-source)",
+			"bridge prerouting: ether type ip iifname @pod_ifaces goto drop_forged_source"}},
+	} {
+		args := append([]string{"explain", "-live", "-config", app.NodeConfig, "-netns", app.NS.Path(), "-state-dir", app.StateDir}, tc.args...)
+		out, err := exec.Command(filepath.Join(l.bin, "egress-node"), args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("egress-node %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(string(out), w) {
+				t.Errorf("explain %v lacks %q:\n%s", tc.args, w, out)
+			}
+		}
+	}
+
+	// -live refuses to answer for a kernel that holds other rules than
+	// the config's (a chain added by hand: no deletion, so the agent's
+	// monitor does not repair it before the next resync).
+	if _, err := sim.Exec(app.NS, "nft", "add chain inet "+"egress_cni_node"+" by_hand"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(l.bin, "egress-node"), "explain", "-live", "-config", app.NodeConfig, "-netns", app.NS.Path(),
+		"-state-dir", app.StateDir, "team-a/curl-1", dst.String()+"/udp").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "by_hand") || !strings.Contains(string(out), "differ") {
+		t.Errorf("explain -live with a drifted kernel: %v\n%s", err, out)
+	}
+	if _, err := sim.Exec(app.NS, "nft", "delete chain inet egress_cni_node by_hand"); err != nil {
+		t.Fatal(err)
+	}
+
 	// 2. A forged source: reported with the forged address and the pod
 	// that really sent it, known from its interface.
 	forged := netip.MustParseAddr("198.51.100.60") // in the node's pod range, nobody's

@@ -95,6 +95,7 @@ func buildBinaries(t *testing.T) (binDir, pluginsDir string) {
 		for _, c := range []struct{ out, pkg string }{
 			{"egress-cni", "./cmd/egress-cni"},
 			{"egress-cni-install", "./cmd/egress-cni-install"},
+			{"egress-node", "./cmd/egress-node"},
 		} {
 			cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", filepath.Join(dir, c.out), c.pkg)
 			cmd.Dir = moduleRoot
