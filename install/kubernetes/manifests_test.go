@@ -313,6 +313,28 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, ro
 	if args["cni-conf-dir"] != mounted["/etc/cni/net.d"] || args["cni-bin-dir"] != mounted["/opt/cni/bin"] {
 		t.Errorf("%s: args %v do not match the mounts %v", ds.Name, args, mounted)
 	}
+	// The audit reads the plugin's identity records where the plugin
+	// writes them (its default stateDir, mounted).
+	if args["state-dir"] != mounted[node.DefaultStateDir] {
+		t.Errorf("%s: -state-dir %q is not the plugin's stateDir %s as mounted (%q)", ds.Name, args["state-dir"], node.DefaultStateDir, mounted[node.DefaultStateDir])
+	}
+	// Metrics: the container port named metrics, the flag and the scrape
+	// annotations agree (the Helm chart mirrors these names).
+	port := fmt.Sprint(install.DefaultMetricsPort)
+	if i := slices.IndexFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "metrics" }); i < 0 ||
+		fmt.Sprint(c.Ports[i].ContainerPort) != port || c.Ports[i].Protocol != corev1.ProtocolTCP || args["metrics-port"] != port {
+		t.Errorf("%s: want container port metrics %s/TCP and -metrics-port=%s; ports %v, flag %q", ds.Name, port, port, c.Ports, args["metrics-port"])
+	}
+	for k, v := range map[string]string{"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"} {
+		if got := ds.Spec.Template.Annotations[k]; got != v {
+			t.Errorf("%s: pod annotation %s=%q, want %q", ds.Name, k, got, v)
+		}
+	}
+	if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+	}) {
+		t.Errorf("%s: no NODE_NAME from spec.nodeName: the audit lines would name the pod's host name", ds.Name)
+	}
 	for _, flag := range []string{"plugin-config", "node-config"} {
 		key, ok := strings.CutPrefix(args[flag], "/etc/egress-cni/")
 		if !ok || cm.Data[key] == "" {
