@@ -7,22 +7,15 @@ package escape_test
 // through the real CNI chain, real traffic, /metrics scraped over HTTP.
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -33,175 +26,37 @@ import (
 	"github.com/egress-cni/egress-cni/pkg/audit"
 )
 
-// agent is a running `egress-cni-install run` in a node's namespace.
-type agent struct {
-	t      *testing.T
-	n      *sim.Node
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	lines  []audit.Line
-	stderr strings.Builder
-	bound  chan struct{}
-}
-
 const auditPodRetention = 2 * time.Second
+
+// agent wraps sim.Agent with the test's failures.
+type agent struct {
+	*sim.Agent
+	t *testing.T
+}
 
 func startAgent(l *life, n *sim.Node) *agent {
 	l.t.Helper()
-	a := &agent{t: l.t, n: n, bound: make(chan struct{})}
-	args := []string{"run", "-cni-conf-dir", n.ConfDir, "-cni-bin-dir", n.BinDir, "-binary", filepath.Join(l.bin, "egress-cni"),
-		"-plugin-config", n.PluginConfig, "-node-config", n.NodeConfig, "-netns", n.NS.Path(),
-		"-lock-file", filepath.Join(n.Dir, "run/agent.lock"), "-ready-file", n.ReadyFile, "-resync", "1h", "-netns-dir", "",
-		"-state-dir", n.StateDir, "-node-name", n.Name, "-metrics-port", "9964",
-		"-pod-metrics-retention", auditPodRetention.String(), "-audit-dedup", "10s"}
-	a.cmd = exec.Command(filepath.Join(l.bin, "egress-cni-install"), args...)
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdout, err := a.cmd.StdoutPipe()
+	a, err := n.StartAgent(l.cl, filepath.Join(l.bin, "egress-cni-install"), filepath.Join(l.bin, "egress-cni"),
+		"-pod-metrics-retention", auditPodRetention.String(), "-audit-dedup", "10s")
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	stderr, err := a.cmd.StderrPipe()
-	if err != nil {
-		l.t.Fatal(err)
-	}
-	// Started from a thread in the node's namespace: hostNetwork, so its
-	// metrics port is the node's.
-	if err := in(n, a.cmd.Start); err != nil {
-		l.t.Fatal(err)
-	}
-	l.cl.Push(func() { _ = a.cmd.Process.Kill(); _ = a.cmd.Wait() })
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			var ln audit.Line
-			if err := json.Unmarshal(sc.Bytes(), &ln); err != nil {
-				continue
-			}
-			a.mu.Lock()
-			a.lines = append(a.lines, ln)
-			a.mu.Unlock()
-		}
-	}()
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		once := sync.Once{}
-		for sc.Scan() {
-			a.mu.Lock()
-			a.stderr.WriteString(sc.Text() + "\n")
-			a.mu.Unlock()
-			if strings.Contains(sc.Text(), "audit: reading node-rule drops") {
-				once.Do(func() { close(a.bound) })
-			}
-		}
-	}()
-	select {
-	case <-a.bound:
-	case <-time.After(10 * time.Second):
-		l.t.Fatalf("the agent never bound the NFLOG group:\n%s", a.log())
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, err := a.scrape()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			l.t.Fatalf("no /metrics: %v\n%s", err, a.log())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return a
+	return &agent{a, l.t}
 }
 
-func (a *agent) log() string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.stderr.String()
-}
+func (a *agent) audit() []audit.Line { return a.Lines() }
 
-func (a *agent) audit() []audit.Line {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return append([]audit.Line(nil), a.lines...)
-}
+func (a *agent) log() string { return a.Log() }
 
-// waitLine waits up to d for an audit line that match accepts.
 func (a *agent) waitLine(d time.Duration, match func(audit.Line) bool) (audit.Line, bool) {
-	deadline := time.Now().Add(d)
-	for {
-		for _, ln := range a.audit() {
-			if match(ln) {
-				return ln, true
-			}
-		}
-		if time.Now().After(deadline) {
-			return audit.Line{}, false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// scrape GETs /metrics over real HTTP from the node's namespace and
-// returns every sample, by its name and labels as exposed.
-func (a *agent) scrape() (map[string]float64, error) {
-	// The TCP socket is made on a thread in the node's namespace; the
-	// HTTP exchange then runs over it (a Transport would dial from
-	// another thread, in the test's own namespace).
-	addr := netip.AddrPortFrom(a.n.Uplink4, 9964).String()
-	var conn net.Conn
-	if err := in(a.n, func() error {
-		var err error
-		conn, err = net.DialTimeout("tcp", addr, 5*time.Second)
-		return err
-	}); err != nil {
-		return nil, err
-	}
-	used := false
-	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
-		DialContext: func(context.Context, string, string) (net.Conn, error) {
-			if used {
-				return nil, errors.New("one connection per scrape")
-			}
-			used = true
-			return conn, nil
-		}}}
-	var body []byte
-	err := func() error {
-		resp, err := c.Get("http://" + addr + "/metrics")
-		if err != nil {
-			conn.Close()
-			return err
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("/metrics: %s", resp.Status)
-		}
-		body, err = io.ReadAll(resp.Body)
-		return err
-	}()
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]float64{}
-	for _, line := range strings.Split(string(body), "\n") {
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			return nil, fmt.Errorf("sample %q: %w", line, err)
-		}
-		out[line[:i]] = v
-	}
-	return out, nil
+	return a.WaitLine(context.Background(), 0, d, match)
 }
 
 func (a *agent) mustScrape() map[string]float64 {
 	a.t.Helper()
-	m, err := a.scrape()
+	m, err := a.Scrape()
 	if err != nil {
-		a.t.Fatalf("scrape: %v\n%s", err, a.log())
+		a.t.Fatalf("scrape: %v\n%s", err, a.Log())
 	}
 	return m
 }
@@ -340,13 +195,13 @@ func TestAuditAndMetrics(t *testing.T) {
 	for _, spread := range []bool{false, true} {
 		before = ag.mustScrape()
 		linesBefore := len(ag.audit())
-		cpu0, rss0 := procStat(t, ag.cmd.Process.Pid)
+		cpu0, rss0 := procStat(t, ag.Pid())
 		start := time.Now()
 		floodUDP(t, pod, netip.AddrPortFrom(sim.InternetV4, 9000), flood, spread)
 		took := time.Since(start)
 		time.Sleep(500 * time.Millisecond) // the last NFLOG batch
 		after = ag.mustScrape()
-		cpu1, rss1 := procStat(t, ag.cmd.Process.Pid)
+		cpu1, rss1 := procStat(t, ag.Pid())
 		if d := after[nodeSeries("not-a-gateway", "ipv4")] - before[nodeSeries("not-a-gateway", "ipv4")]; d != flood {
 			t.Errorf("node counter moved by %v during a flood of %d", d, flood)
 		}
