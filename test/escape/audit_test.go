@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -184,6 +185,15 @@ func TestAuditAndMetrics(t *testing.T) {
 	if d := after[podSeries(other, "forged-source")]; d != 1 {
 		t.Errorf("pod counter of %s forged-source is %v, want 1", other.Name, d)
 	}
+
+	var excerpt []string
+	for k, v := range after {
+		if strings.HasPrefix(k, "egress_cni_") && (v != 0 || !strings.Contains(k, "dropped_packets")) {
+			excerpt = append(excerpt, fmt.Sprintf("%s %v", k, v))
+		}
+	}
+	slices.Sort(excerpt)
+	t.Logf("/metrics (egress_cni_*, non-zero drop series):\n%s", strings.Join(excerpt, "\n"))
 
 	// 3. A flood from one pod, 100,000 datagrams, to one destination and
 	// then to 100,000 (a port each, so the dedup cannot fold them): the
