@@ -145,8 +145,18 @@ func (in *Installer) startObservability(ctx context.Context) {
 			} else {
 				in.auditor.Store(a)
 				go func() {
-					if err := a.Run(ctx); err != nil {
-						in.log.Error("audit stopped: drops are still counted by the kernel, but not logged", "error", err)
+					// Binding fails while another socket holds the group
+					// (one reader per group and namespace): try again.
+					for ctx.Err() == nil {
+						err := a.Run(ctx)
+						if err == nil {
+							return
+						}
+						in.log.Error("audit stopped: drops are still counted by the kernel, but not logged; retrying in 5s", "error", err)
+						select {
+						case <-ctx.Done():
+						case <-time.After(5 * time.Second):
+						}
 					}
 				}()
 			}
