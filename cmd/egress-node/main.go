@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
@@ -133,6 +134,15 @@ func run(cmd, sub, cfgPath, iface, ip, id string) error {
 			return err
 		}
 		fmt.Printf("# dropped at the exit: %d packets; forged sources: %d packets\n", k.Dropped, k.Forged)
+		for _, r := range node.Reasons() {
+			var parts []string
+			for _, fam := range []string{node.FamilyIPv4, node.FamilyIPv6, node.FamilyOther} {
+				if n, ok := k.ByReason[r][fam]; ok {
+					parts = append(parts, fmt.Sprintf("%s %d", fam, n))
+				}
+			}
+			fmt.Printf("#   %-15s %s\n", r, strings.Join(parts, ", "))
+		}
 		return nil
 	case "check":
 		cfg, err := load(cfgPath)
