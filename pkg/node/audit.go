@@ -96,7 +96,9 @@ var auditSpecs = []auditSpec{
 	{nftables.TableFamilyINet, ReasonReversePath, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonNotAGateway, CounterDropped, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonNoIdentity, CounterDropped, []string{FamilyIPv4, FamilyIPv6}},
-	{nftables.TableFamilyBridge, ReasonBadEtherType, CounterForged, []string{FamilyOther}},
+	// A frame with one VLAN tag reads as plain IP in meta protocol (the
+	// tag is taken off into the skb), so this reason has all three.
+	{nftables.TableFamilyBridge, ReasonBadEtherType, CounterForged, []string{FamilyIPv4, FamilyIPv6, FamilyOther}},
 	{nftables.TableFamilyBridge, ReasonVLANWrapped, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyBridge, ReasonForgedSource, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyBridge, ReasonStolenAddress, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
