@@ -80,7 +80,16 @@ func udpOnce(t *testing.T, l *life, p *sim.Pod, dst netip.AddrPort) {
 }
 
 func TestAuditAndMetrics(t *testing.T) {
-	l := newLife(t)
+	for _, tp := range []struct {
+		name string
+		opts *sim.Options
+	}{{"bridged", nil}, {"routed-ptp", &sim.Options{Topology: sim.Routed}}} {
+		t.Run(tp.name, func(t *testing.T) { testAuditAndMetrics(t, tp.opts) })
+	}
+}
+
+func testAuditAndMetrics(t *testing.T, opts *sim.Options) {
+	l := newLifeWith(t, opts)
 	app := l.c.App
 	ag := startAgent(l, app)
 	pod := l.pod(app, "team-a", "curl-1")
@@ -119,6 +128,12 @@ func TestAuditAndMetrics(t *testing.T) {
 		t.Errorf("in sync %v, applies %v; want 1 and at least 1", after["egress_cni_node_rules_in_sync"], after["egress_cni_node_rules_apply_seconds_count"])
 	}
 
+	// A bridged pod's forged packet is caught at its bridge port, a
+	// routed pod's at its veth in the inet source chain.
+	forgedRule := "decided by: bridge prerouting: ether type ip iifname @pod_ifaces goto drop_forged_source"
+	if opts != nil && opts.Topology == sim.Routed {
+		forgedRule = "decided by: inet source: meta nfproto ipv4 iifname @pod_ifaces goto drop_forged_source"
+	}
 	// explain, against the live node: the same verdict and rule for the
 	// attempt, and for a path that is allowed.
 	for _, tc := range []struct {
@@ -129,8 +144,7 @@ func TestAuditAndMetrics(t *testing.T) {
 			"decided by: inet forward: meta nfproto ipv4 iifname . ip saddr @pod_sources_v4 goto drop_not_a_gateway", "match the config"}},
 		{[]string{pod.IP4.String(), netip.AddrPortFrom(l.c.Egress.Uplink4, 22).String() + "/tcp"}, []string{"verdict: accept",
 			"decided by: inet forward: meta nfproto ipv4 ip daddr @allow_v4 accept"}},
-		{[]string{"-src-addr", "198.51.100.60", "team-b/neighbour", dst.String() + "/udp"}, []string{"verdict: drop (forged-source)",
-			"bridge prerouting: ether type ip iifname @pod_ifaces goto drop_forged_source"}},
+		{[]string{"-src-addr", "198.51.100.60", "team-b/neighbour", dst.String() + "/udp"}, []string{"verdict: drop (forged-source)", forgedRule}},
 	} {
 		args := append([]string{"explain", "-live", "-config", app.NodeConfig, "-netns", app.NS.Path(), "-state-dir", app.StateDir}, tc.args...)
 		out, err := exec.Command(filepath.Join(l.bin, "egress-node"), args...).CombinedOutput()
@@ -178,7 +192,8 @@ func TestAuditAndMetrics(t *testing.T) {
 		t.Errorf("forged packet reported as %+v; want forged-source from %s/%s", ln, other.Namespace, other.Name)
 	}
 	after = ag.mustScrape()
-	// A bridged pod: the bridge table catches it at the pod's port.
+	// A bridged pod: the bridge table catches it at the pod's port; a
+	// routed one: the inet source chain at its veth.
 	if d := after[nodeSeries("forged-source", "ipv4")] - before[nodeSeries("forged-source", "ipv4")]; d != 1 {
 		t.Errorf("node counter forged-source/ipv4 moved by %v, want 1", d)
 	}

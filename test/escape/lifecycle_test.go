@@ -45,7 +45,11 @@ type life struct {
 	nextPort atomic.Uint32
 }
 
-func newLife(t *testing.T) *life {
+func newLife(t *testing.T) *life { t.Helper(); return newLifeWith(t, nil) }
+
+// newLifeWith is newLife on a cluster of the given topology (nil: the
+// plain bridged one).
+func newLifeWith(t *testing.T, opts *sim.Options) *life {
 	t.Helper()
 	nstest.RequirePrivileged(t)
 	bin, plugins := buildBinaries(t)
@@ -56,7 +60,12 @@ func newLife(t *testing.T) *life {
 	if l.exe, err = sim.Executable(l.cl); err != nil {
 		t.Fatal(err)
 	}
-	if l.c, err = sim.NewCluster(l.cl, plugins); err != nil {
+	if opts == nil {
+		l.c, err = sim.NewCluster(l.cl, plugins)
+	} else {
+		l.c, err = sim.NewClusterWith(l.cl, plugins, *opts)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range []*sim.Node{l.c.App, l.c.Egress} {
