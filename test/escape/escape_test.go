@@ -40,6 +40,7 @@ func TestEscape(t *testing.T) {
 		t.Run(tp.name, func(t *testing.T) {
 			w := newWorld(t, tp.opts)
 			t.Run("legit", w.legit)
+			t.Run("explain", w.explainPaths)
 			t.Run("matrix", w.matrix)
 		})
 	}

@@ -139,6 +139,8 @@ type world struct {
 	selfRegistered []netip.Addr
 
 	built time.Duration
+	// bin holds the binaries (egress-node for explain).
+	bin string
 }
 
 func (w *world) ctx() context.Context { return context.Background() }
@@ -151,7 +153,7 @@ func newWorld(t *testing.T, topo sim.Options) *world {
 	start := time.Now()
 	cl := &sim.Stack{}
 	t.Cleanup(cl.Run)
-	w := &world{t: t, topo: topo, cl: cl}
+	w := &world{t: t, topo: topo, cl: cl, bin: binDir}
 	var err error
 	must := func(err error) {
 		t.Helper()
