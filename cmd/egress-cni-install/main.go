@@ -21,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egress-cni/egress-cni/pkg/audit"
 	"github.com/egress-cni/egress-cni/pkg/install"
 )
 
@@ -48,11 +49,27 @@ func run(cmd string, args []string) int {
 	fs.StringVar(&o.ReadyFile, "ready-file", install.DefaultReadyFile, "file that exists only while our entry is in place")
 	fs.DurationVar(&o.Resync, "resync", install.DefaultResync, "period of a full check besides the file watcher")
 	health := fs.String("health-addr", "", "serve /readyz and /healthz here (e.g. 127.0.0.1:9881); empty: none")
+	metricsPort := fs.Int("metrics-port", install.DefaultMetricsPort, "run: serve Prometheus metrics on this port, all addresses, at /metrics (0: none)")
+	auditLog := fs.String("audit-log", "-", `run: write the drop audit (one JSON line per connection attempt) here: "-" is stdout, "" none`)
+	fs.StringVar(&o.StateDir, "state-dir", install.DefaultStateDir, `run: the plugin's "stateDir" as mounted here (pod identity records, which name the pod of a drop)`)
+	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "run: the node's name in the audit (default $NODE_NAME, else the host name)")
+	fs.DurationVar(&o.AuditDedup, "audit-dedup", audit.DefaultDedup, "run: repeats of a connection attempt within this window are not logged again (0: log every event)")
+	fs.DurationVar(&o.PodRetention, "pod-metrics-retention", audit.DefaultPodRetention, "run: keep a gone pod's egress_cni_pod_dropped_packets_total series this long (0: no per-pod series)")
 	uninstallOnExit := fs.Bool("uninstall-on-exit", false, "uninstall on SIGTERM/SIGINT (also during DaemonSet updates: pods started meanwhile are not captured)")
 	keepNodeRules := fs.Bool("keep-node-rules", false, "uninstall: leave the node rules in place")
 	verbose := fs.Bool("v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *metricsPort < 0 || *metricsPort > 65535 {
+		fmt.Fprintf(os.Stderr, "-metrics-port %d: want a TCP port, 0-65535 (0: none)\n", *metricsPort)
+		return 2
+	}
+	if *metricsPort != 0 {
+		o.MetricsAddr = fmt.Sprintf(":%d", *metricsPort)
+	}
+	if o.NodeName == "" {
+		o.NodeName, _ = os.Hostname()
 	}
 	level := slog.LevelInfo
 	if *verbose {
@@ -76,6 +93,19 @@ func run(cmd string, args []string) int {
 			return 2
 		}
 		o.Entry = b
+	}
+	if cmd == "run" && *auditLog != "" {
+		if *auditLog == "-" {
+			o.AuditOut = os.Stdout
+		} else {
+			f, err := os.OpenFile(*auditLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+			if err != nil {
+				log.Error("could not open the audit log", "file", *auditLog, "error", err)
+				return 2
+			}
+			defer f.Close()
+			o.AuditOut = f
+		}
 	}
 	in, err := install.New(o)
 	if err != nil {

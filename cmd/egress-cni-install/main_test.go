@@ -52,12 +52,12 @@ func newNode(t *testing.T) *node {
 	return n
 }
 
-// args never include node rules: these tests must not touch the
-// machine's own network namespace.
+// args never include node rules, and serve no metrics: these tests must
+// not touch the machine's own network namespace.
 func (n *node) args(cmd string, extra ...string) []string {
 	return append([]string{cmd, "-cni-conf-dir=" + n.conf, "-cni-bin-dir=" + n.bin, "-binary=" + n.src,
 		"-plugin-config=" + n.plugin, "-lock-file=" + filepath.Join(n.dir, "lock"), "-ready-file=" + filepath.Join(n.dir, "ready"),
-		"-keep-node-rules"}, extra...)
+		"-keep-node-rules", "-metrics-port=0", "-audit-log="}, extra...)
 }
 
 func TestInstallUninstallCommands(t *testing.T) {

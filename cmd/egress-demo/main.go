@@ -22,6 +22,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,6 +37,7 @@ import (
 	"time"
 
 	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/pkg/audit"
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
@@ -100,6 +102,11 @@ type demo struct {
 
 	exe string // this program, runnable by any UID (clients, sidecar)
 	c   *sim.Cluster
+	// agents are the nodes' agents (the installer's run mode), whose
+	// audit lines name the pod of each blocked path.
+	agents map[*sim.Node]*sim.Agent
+	// audited are the audit lines of the blocked paths, in table order.
+	audited []audit.Line
 }
 
 func step(format string, args ...any) { fmt.Printf(format+"\n", args...) }
@@ -162,6 +169,19 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 			fmt.Printf("%s%s\n", indent(out), indent(string(conf)))
 		}
 	}
+
+	// The agent, as the DaemonSet runs it after the install: the drop
+	// audit (NFLOG) and the metrics. A short dedup window: two rows may
+	// try the same destination from one pod.
+	d.agents = map[*sim.Node]*sim.Agent{}
+	for _, n := range []*sim.Node{c.App, c.Egress} {
+		a, err := n.StartAgent(&cl, installer, plugin, "-audit-dedup", "500ms")
+		if err != nil {
+			return false, err
+		}
+		d.agents[n] = a
+	}
+	step("      agents (%s run) on both nodes: reading the drops from NFLOG, metrics on :%d/metrics", filepath.Base(installer), sim.AgentMetricsPort)
 
 	// 4. Pods, through the chain.
 	step("[4/5] pods, through each node's CNI chain (loopback; %s):", strings.Join(c.App.Plugins(), ", "))
@@ -283,6 +303,11 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.path, s.expect, seen, mark)
 	}
 	w.Flush()
+	fmt.Printf("\nThe agents' audit lines of the blocked paths (stdout of %s run, one per connection attempt):\n", filepath.Base(installer))
+	for _, ln := range d.audited {
+		b, _ := json.Marshal(ln)
+		fmt.Printf("  %s\n", b)
+	}
 	fmt.Printf("\n%d paths in %.1fs; tearing down\n", len(rows), time.Since(start).Seconds())
 	return allOK, nil
 }
@@ -327,6 +352,8 @@ func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err
 	if err != nil {
 		return "", false, err
 	}
+	ag := d.agents[s.from.Node]
+	lines0 := len(ag.Lines())
 	i0, err := d.c.InternetSeen()
 	if err != nil {
 		return "", false, err
@@ -371,7 +398,20 @@ func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err
 		seen = strings.Join(parts, ", ")
 		return seen, seen == s.expect, nil
 	case drops > 0 && reached == 0:
-		seen = fmt.Sprintf("blocked at node (drop counter +%d)", drops)
+		// The agent's line naming the pod: NFLOG delivers within 100 ms.
+		ln, ok := ag.WaitLine(ctx, lines0, 2*time.Second, func(ln audit.Line) bool {
+			return ln.Pod == s.from.Name && ln.Namespace == s.from.Namespace
+		})
+		if !ok {
+			return fmt.Sprintf("blocked at node (drop counter +%d), but the agent logged no line naming %s/%s", drops, s.from.Namespace, s.from.Name), false, nil
+		}
+		d.audited = append(d.audited, ln)
+		dst := ln.Destination
+		if a, err := netip.ParseAddr(dst); err == nil && ln.DPort != 0 {
+			dst = netip.AddrPortFrom(a, ln.DPort).String()
+		}
+		seen = fmt.Sprintf("blocked at node (drop counter +%d; audit: %s %s/%s %s -> %s/%s)", drops, ln.Reason, ln.Namespace, ln.Pod,
+			ln.Source, dst, ln.Protocol)
 	case reached > 0:
 		seen = fmt.Sprintf("reached the internet (%d pkt), no reply (%s), drop counter +%d", reached, de.Kind, drops)
 	default:

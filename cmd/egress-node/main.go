@@ -7,6 +7,7 @@
 //	egress-node remove                       delete our tables, nothing else
 //	egress-node gateway add|del -iface VETH -ip ADDR [-id CONTAINER]
 //	egress-node gateway list
+//	egress-node explain -config FILE [-live] SOURCE DEST   follow a packet through the node rules
 package main
 
 import (
@@ -14,6 +15,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
@@ -28,6 +30,12 @@ func usage() {
   egress-node remove [-netns PATH]
   egress-node gateway add|del -iface NAME -ip ADDR [-id CONTAINER_ID] [-netns PATH]
   egress-node gateway list [-netns PATH]
+  egress-node explain -config FILE [-netns PATH] [-live] [-state-dir DIR] [-established]
+                      [-src-addr ADDR] [-iif NAME] SOURCE DEST
+      SOURCE: a pod IP or NAMESPACE/NAME (from the plugin's identity records);
+      DEST: IP:PORT/tcp, IP:PORT/udp, [IPv6]:PORT/PROTO or IP/icmp.
+      Prints the verdict and the rule that decides it; -live first checks
+      that the kernel holds exactly the config's rules.
 `)
 }
 
@@ -51,8 +59,33 @@ func main() {
 	iface := fs.String("iface", "", "gateway's host-side interface")
 	ip := fs.String("ip", "", "gateway's IP address")
 	id := fs.String("id", "manual", "container ID recorded with the gateway entry")
+	var eo explainOpts
+	fs.BoolVar(&eo.live, "live", false, "explain: compare the kernel's node rules with the config first (Check)")
+	fs.StringVar(&eo.stateDir, "state-dir", node.DefaultStateDir, "explain: the plugin's stateDir (pod identity records)")
+	fs.BoolVar(&eo.established, "established", false, "explain: a packet of an established connection (default: a new one)")
+	fs.StringVar(&eo.srcAddr, "src-addr", "", "explain: the pod sends this (forged) source address instead of its own")
+	fs.StringVar(&eo.iif, "iif", "", "explain: the input interface of a SOURCE address that is no pod's")
 	if err := fs.Parse(args); err != nil {
 		os.Exit(2)
+	}
+	if cmd == "explain" {
+		if fs.NArg() != 2 {
+			usage()
+			os.Exit(2)
+		}
+		eo.source, eo.dest = fs.Arg(0), fs.Arg(1)
+		err := netns.Do(*nsPath, func() error {
+			cfg, err := load(*cfgPath)
+			if err != nil {
+				return err
+			}
+			return explain(os.Stdout, cfg, eo)
+		})
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "egress-node explain: %v\n", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if err := netns.Do(*nsPath, func() error { return run(cmd, sub, *cfgPath, *iface, *ip, *id) }); err != nil {
 		fmt.Fprintf(os.Stderr, "egress-node %s: %v\n", cmd, err)
@@ -101,6 +134,15 @@ func run(cmd, sub, cfgPath, iface, ip, id string) error {
 			return err
 		}
 		fmt.Printf("# dropped at the exit: %d packets; forged sources: %d packets\n", k.Dropped, k.Forged)
+		for _, r := range node.Reasons() {
+			var parts []string
+			for _, fam := range []string{node.FamilyIPv4, node.FamilyIPv6, node.FamilyOther} {
+				if n, ok := k.ByReason[r][fam]; ok {
+					parts = append(parts, fmt.Sprintf("%s %d", fam, n))
+				}
+			}
+			fmt.Printf("#   %-15s %s\n", r, strings.Join(parts, ", "))
+		}
 		return nil
 	case "check":
 		cfg, err := load(cfgPath)

@@ -226,21 +226,6 @@ func kustomizeObjects(t *testing.T) []any {
 	return objs
 }
 
-// metricsPending adds what issue 14 adds to the kustomize DaemonSets
-// (the `metrics` port 9964 and the prometheus.io annotations), to a
-// DaemonSet that has neither yet. Once the manifests carry them, this
-// changes nothing and the comparison is exact.
-func metricsPending(ds *appsv1.DaemonSet) {
-	c := &ds.Spec.Template.Spec.Containers[0]
-	if len(c.Ports) != 0 || len(ds.Spec.Template.Annotations) != 0 {
-		return
-	}
-	c.Ports = []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9964, Protocol: corev1.ProtocolTCP}}
-	ds.Spec.Template.Annotations = map[string]string{
-		"prometheus.io/scrape": "true", "prometheus.io/port": "9964", "prometheus.io/path": "/metrics",
-	}
-}
-
 // normalizeConfigMap re-encodes JSON values, so that key order and
 // indentation do not count.
 func normalizeConfigMap(t *testing.T, cm *corev1.ConfigMap) {
@@ -269,24 +254,12 @@ func TestChartMatchesKustomize(t *testing.T) {
 			switch o := o.(type) {
 			case *corev1.ConfigMap:
 				normalizeConfigMap(t, o)
-			case *appsv1.DaemonSet:
-				metricsPending(o)
 			}
 			out[key(o)] = o
 		}
 		return out
 	}
-	// Only the kustomize side can lack what issue 14 adds.
-	for _, o := range chartObjs {
-		if cm, ok := o.(*corev1.ConfigMap); ok {
-			normalizeConfigMap(t, cm)
-		}
-	}
-	c := map[string]any{}
-	for _, o := range chartObjs {
-		c[key(o)] = o
-	}
-	k := index(kustObjs)
+	c, k := index(chartObjs), index(kustObjs)
 	if ck, kk := slices.Sorted(maps.Keys(c)), slices.Sorted(maps.Keys(k)); !slices.Equal(ck, kk) {
 		t.Fatalf("chart renders %v, kustomize has %v", ck, kk)
 	}
@@ -341,6 +314,7 @@ func TestChartVariants(t *testing.T) {
 		r := checkRenderingOn(t, mustRender(t, ch, vals), true, nodeLayout{
 			cniBin: "/home/kubernetes/bin", cniConf: "/etc/cni/conf.d",
 			egressLabels: map[string]string{"node-role.example.com/egress": "true", "zone": "dmz"},
+			metricsPort:  install.DefaultMetricsPort,
 		})
 		cm := r.cm[0]
 		entry, err := install.NormalizeEntry([]byte(cm.Data["plugin.json"]))
@@ -434,10 +408,12 @@ func TestChartVariants(t *testing.T) {
 	})
 
 	t.Run("metrics off, namespace not created", func(t *testing.T) {
-		r := checkRendering(t, mustRender(t, ch, map[string]any{
+		lay := defaultLayout
+		lay.metricsPort = 0
+		r := checkRenderingOn(t, mustRender(t, ch, map[string]any{
 			"metrics":   map[string]any{"port": 0},
 			"namespace": map[string]any{"name": "platform-egress", "create": false},
-		}), false)
+		}), false, lay)
 		for _, ds := range r.daemonSets {
 			c := ds.Spec.Template.Spec.Containers[0]
 			if len(c.Ports) != 0 || len(ds.Spec.Template.Annotations) != 0 || !slices.Contains(c.Args, "-metrics-port=0") {
@@ -456,7 +432,9 @@ func TestChartVariants(t *testing.T) {
 	})
 
 	t.Run("metrics port", func(t *testing.T) {
-		r := checkRendering(t, mustRender(t, ch, map[string]any{"metrics": map[string]any{"port": 19964}}), true)
+		lay := defaultLayout
+		lay.metricsPort = 19964
+		r := checkRenderingOn(t, mustRender(t, ch, map[string]any{"metrics": map[string]any{"port": 19964}}), true, lay)
 		for _, ds := range r.daemonSets {
 			c := ds.Spec.Template.Spec.Containers[0]
 			if len(c.Ports) != 1 || c.Ports[0].Name != "metrics" || c.Ports[0].ContainerPort != 19964 ||

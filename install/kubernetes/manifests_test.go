@@ -259,6 +259,10 @@ type nodeLayout struct {
 	// noScan: the attachment scan is off (-netns-dir=): no /run/netns
 	// mount, no SYS_ADMIN.
 	noScan bool
+	// metricsPort is the agent's -metrics-port, container port and
+	// scrape annotation; 0 means metrics off (none of the three but the
+	// flag).
+	metricsPort int
 }
 
 // defaultLayout is what the kustomize manifests (and the chart's
@@ -266,6 +270,7 @@ type nodeLayout struct {
 var defaultLayout = nodeLayout{
 	cniBin: "/opt/cni/bin", cniConf: "/etc/cni/net.d",
 	egressLabels: map[string]string{"egress-cni.io/role": "egress"}, egressTaint: "egress-cni.io/egress",
+	metricsPort: install.DefaultMetricsPort,
 }
 
 func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, roles map[node.Role]bool) {
@@ -349,6 +354,27 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 	if args["cni-conf-dir"] != mounted[lay.cniConf] || args["cni-bin-dir"] != mounted[lay.cniBin] {
 		t.Errorf("%s: args %v do not match the mounts %v", ds.Name, args, mounted)
 	}
+	// The audit reads the plugin's identity records where the plugin
+	// writes them (its default stateDir, mounted).
+	if args["state-dir"] != mounted[node.DefaultStateDir] {
+		t.Errorf("%s: -state-dir %q is not the plugin's stateDir %s as mounted (%q)", ds.Name, args["state-dir"], node.DefaultStateDir, mounted[node.DefaultStateDir])
+	}
+	// Metrics: the container port named metrics, the flag and the scrape
+	// annotations agree (the Helm chart mirrors these names).
+	port := fmt.Sprint(lay.metricsPort)
+	switch {
+	case lay.metricsPort == 0:
+		if len(c.Ports) != 0 || len(ds.Spec.Template.Annotations) != 0 || args["metrics-port"] != "0" {
+			t.Errorf("%s: metrics off, but ports %v, annotations %v, -metrics-port=%q", ds.Name, c.Ports, ds.Spec.Template.Annotations, args["metrics-port"])
+		}
+	default:
+		checkMetrics(t, ds, c, args, port)
+	}
+	if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+	}) {
+		t.Errorf("%s: no NODE_NAME from spec.nodeName: the audit lines would name the pod's host name", ds.Name)
+	}
 	for _, flag := range []string{"plugin-config", "node-config"} {
 		key, ok := strings.CutPrefix(args[flag], "/etc/egress-cni/")
 		if !ok || cm.Data[key] == "" {
@@ -378,6 +404,21 @@ var installerCaps = map[corev1.Capability]string{
 // checkLeastPrivilege: not privileged, every capability dropped but
 // installerCaps (NET_ADMIN alone without the scan, and then no privilege
 // escalation), read-only root filesystem, RuntimeDefault seccomp.
+// checkMetrics: the container port named metrics, the flag and the
+// scrape annotations agree on port.
+func checkMetrics(t *testing.T, ds *appsv1.DaemonSet, c corev1.Container, args map[string]string, port string) {
+	t.Helper()
+	if i := slices.IndexFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "metrics" }); i < 0 ||
+		fmt.Sprint(c.Ports[i].ContainerPort) != port || c.Ports[i].Protocol != corev1.ProtocolTCP || args["metrics-port"] != port {
+		t.Errorf("%s: want container port metrics %s/TCP and -metrics-port=%s; ports %v, flag %q", ds.Name, port, port, c.Ports, args["metrics-port"])
+	}
+	for k, v := range map[string]string{"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"} {
+		if got := ds.Spec.Template.Annotations[k]; got != v {
+			t.Errorf("%s: pod annotation %s=%q, want %q", ds.Name, k, got, v)
+		}
+	}
+}
+
 func checkLeastPrivilege(t *testing.T, name string, sc *corev1.SecurityContext, scan bool) {
 	t.Helper()
 	if sc == nil {

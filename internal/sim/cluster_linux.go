@@ -76,6 +76,8 @@ type Node struct {
 	NodeConfig, PluginConfig   string
 	LogFile, ReadyFile, lockFl string
 	ipamDir, cacheDir          string
+	// StateDir is the plugin's stateDir: the pods' identity records.
+	StateDir string
 
 	list     *libcni.NetworkConfigList
 	loopback *libcni.NetworkConfig
@@ -229,7 +231,10 @@ func (c *Cluster) newNode(cl *Stack, pluginsDir, name, routerIf string, off byte
 `, n.ipamDir, sub4, gw4, sub6, gw6)
 	// nodeConfig: the node config the installer applies, which the
 	// plugin applies itself when an ADD finds no node rules (a reboot).
-	plugin := fmt.Sprintf(`{"type": "egress-cni", "nodeEnforcement": true, "nodeConfig": %q, "logFile": %q, "logLevel": "debug"}`, n.NodeConfig, n.LogFile)
+	// stateDir: the pods' identity records, which the agent reads to
+	// name the pod of a drop.
+	n.StateDir = filepath.Join(n.Dir, "state")
+	plugin := fmt.Sprintf(`{"type": "egress-cni", "nodeEnforcement": true, "nodeConfig": %q, "stateDir": %q, "logFile": %q, "logLevel": "debug"}`, n.NodeConfig, n.StateDir, n.LogFile)
 	for f, b := range map[string]string{
 		filepath.Join(n.ConfDir, "10-bridge.conflist"): conflist,
 		n.NodeConfig:   nodeConfig + "\n",

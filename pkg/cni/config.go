@@ -21,6 +21,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 
+	"github.com/egress-cni/egress-cni/pkg/node"
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
@@ -116,6 +117,12 @@ type NetConf struct {
 	// rules (after a reboot, before the installer runs again) applies
 	// them first instead of failing. Only read with nodeEnforcement.
 	NodeConfig *string `json:"nodeConfig,omitempty"`
+	// StateDir is the host directory where ADD records each pod's
+	// identity (namespace, name, container ID) for the agent's drop
+	// audit, under pods/; DEL and GC remove the records. Default
+	// node.DefaultStateDir; "" records none. Only read with
+	// nodeEnforcement.
+	StateDir *string `json:"stateDir,omitempty"`
 }
 
 // GatewaySelectorConf is the "gatewaySelector" key. Absent members keep
@@ -152,6 +159,8 @@ type Settings struct {
 	Gateways GatewaySelector
 	// NodeConfig: see NetConf.NodeConfig; "" means none.
 	NodeConfig string
+	// StateDir: see NetConf.StateDir; "" records no identities.
+	StateDir string
 }
 
 // ConfigKeys maps the engine's field names to our config keys, for
@@ -358,6 +367,13 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 			return nil, cfgErr("nodeConfig", *conf.NodeConfig, "must be a clean absolute path on the host")
 		}
 		s.NodeConfig = *conf.NodeConfig
+	}
+	s.StateDir = node.DefaultStateDir
+	if conf.StateDir != nil {
+		if *conf.StateDir != "" && (!filepath.IsAbs(*conf.StateDir) || filepath.Clean(*conf.StateDir) != *conf.StateDir) {
+			return nil, cfgErr("stateDir", *conf.StateDir, `must be a clean absolute path on the host, or "" for none`)
+		}
+		s.StateDir = *conf.StateDir
 	}
 	if g := conf.GatewaySelector; g != nil {
 		for _, m := range []struct {

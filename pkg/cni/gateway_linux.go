@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -97,6 +98,25 @@ func (p *Plugin) registerPod(inv *invocation, args *skel.CmdArgs) error {
 	}
 	if len(stale) > 0 {
 		inv.log.Warn("removed stale registrations holding this pod's addresses or port (a DEL was missed)", "removed", podStrings(stale))
+		if s.StateDir != "" {
+			gone := map[string]bool{}
+			for _, x := range stale {
+				gone[x.ContainerID] = x.ContainerID != args.ContainerID
+			}
+			if _, err := node.RemoveIdentities(s.StateDir, func(id string) bool { return gone[id] }); err != nil {
+				inv.log.Warn("could not remove the identity records of stale registrations", "error", err)
+			}
+		}
+	}
+	// The identity record names the pod in the agent's drop audit. It
+	// is not enforcement: a failure to write it is logged, and the
+	// audit says "unknown" for this pod's drops.
+	if s.StateDir != "" {
+		rec := node.Identity{ContainerID: args.ContainerID, Namespace: inv.pod.Namespace, Name: inv.pod.Name, UID: inv.pod.UID,
+			Port: port, L3: l3, IPs: ips, Gateway: why != "", Created: time.Now().UTC()}
+		if err := node.WriteIdentity(s.StateDir, rec); err != nil {
+			inv.log.Warn("could not record the pod's identity for the drop audit", "stateDir", s.StateDir, "error", err)
+		}
 	}
 	inv.log.Info("registered with the node rules", "port", port, "l3", l3, "found", how, "ips", ips, "gateway", why)
 	return nil
@@ -219,6 +239,11 @@ func (p *Plugin) unregisterPod(inv *invocation, containerID string) error {
 	if err != nil {
 		return fmt.Errorf("could not remove the node registration of container %s: %w", containerID, err)
 	}
+	if dir := inv.s.StateDir; dir != "" {
+		if _, err := node.RemoveIdentities(dir, func(id string) bool { return id == containerID }); err != nil {
+			inv.log.Warn("could not remove the pod's identity record", "error", err)
+		}
+	}
 	if len(removed) > 0 {
 		inv.log.Info("node registration removed", "removed", podStrings(removed))
 	}
@@ -235,6 +260,13 @@ func (p *Plugin) gcRegistrations(inv *invocation, valid []types.GCAttachment) er
 	removed, err := p.pods().UnregisterPods(func(id string) bool { return !keep[id] })
 	if err != nil {
 		return fmt.Errorf("could not collect node registrations: %w", err)
+	}
+	if dir := inv.s.StateDir; dir != "" {
+		if ids, err := node.RemoveIdentities(dir, func(id string) bool { return !keep[id] }); err != nil {
+			inv.log.Warn("could not collect identity records", "error", err)
+		} else if len(ids) > 0 {
+			inv.log.Info("GC removed identity records of containers that no longer exist", "removed", ids)
+		}
 	}
 	if len(removed) > 0 {
 		inv.log.Info("GC removed node registrations of containers that no longer exist", "removed", podStrings(removed))

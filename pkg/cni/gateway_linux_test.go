@@ -78,7 +78,26 @@ func TestRegistrationAddDelGC(t *testing.T) {
 	}}
 	p.Pods = f
 	p.HostSide = fakeHostSide("veth1", "cni0", nil)
-	const keys = `"nodeEnforcement": true`
+	state := t.TempDir()
+	// Records of the departed gateway and of the pods DEL and GC remove.
+	for _, id := range []string{"c-old", "c-gw", "c-gone"} {
+		if err := node.WriteIdentity(state, node.Identity{ContainerID: id, Namespace: "x", Name: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	records := func() []string {
+		m, err := node.ReadIdentities(state)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for id := range m {
+			ids = append(ids, id)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	keys := `"nodeEnforcement": true, "stateDir": "` + state + `"`
 	err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", keys, map[string]string{}, true)})
 	if err != nil {
 		t.Fatal(err)
@@ -89,6 +108,14 @@ func TestRegistrationAddDelGC(t *testing.T) {
 	if got := f.pods[2]; got.ContainerID != "c1" || got.Port != "veth1" || got.L3 != "cni0" || got.Gateway {
 		t.Fatalf("registered %+v", got)
 	}
+	// ADD recorded the pod's identity from CNI_ARGS, and dropped the
+	// record of the stale registration it replaced.
+	if m, _ := node.ReadIdentities(state); m["c1"].Namespace != "team-a" || m["c1"].Name != "web-0" || m["c1"].Port != "veth1" || len(m["c1"].IPs) == 0 {
+		t.Fatalf("identity record of c1: %+v", m["c1"])
+	}
+	if got := records(); !slices.Equal(got, []string{"c-gone", "c-gw", "c1"}) {
+		t.Fatalf("records after ADD: %v", got)
+	}
 	for range 2 {
 		if err := p.Del(&skel.CmdArgs{ContainerID: "c-gw", IfName: "eth0", StdinData: stdin("1.0.0", keys, nil, false)}); err != nil {
 			t.Fatal(err)
@@ -96,6 +123,9 @@ func TestRegistrationAddDelGC(t *testing.T) {
 	}
 	if slices.ContainsFunc(f.pods, func(p node.Pod) bool { return p.ContainerID == "c-gw" }) {
 		t.Fatalf("after DEL: %v", f.pods)
+	}
+	if got := records(); !slices.Equal(got, []string{"c-gone", "c1"}) {
+		t.Fatalf("records after DEL: %v", got)
 	}
 	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", keys, nil, false)}); err != nil || len(f.pods) != 2 {
 		t.Fatalf("GC without attachments: %v, %v", err, f.pods)
@@ -107,6 +137,9 @@ func TestRegistrationAddDelGC(t *testing.T) {
 	if len(f.pods) != 1 || f.pods[0].ContainerID != "c1" {
 		t.Fatalf("after GC: %v", f.pods)
 	}
+	if got := records(); !slices.Equal(got, []string{"c1"}) {
+		t.Fatalf("records after GC: %v", got)
+	}
 	f.calls = 0
 	_ = p.Del(&skel.CmdArgs{ContainerID: "c1", StdinData: stdin("1.0.0", "", nil, false)})
 	if f.calls != 0 {
@@ -117,7 +150,7 @@ func TestRegistrationAddDelGC(t *testing.T) {
 // ADD fails closed, with the spec's codes: no host side (a macvlan pod),
 // no node rules, a gateway on an app node.
 func TestRegistrationRefusals(t *testing.T) {
-	const keys = `"nodeEnforcement": true`
+	const keys = `"nodeEnforcement": true, "stateDir": ""`
 	gwArgs := "K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=istio-egressgateway-1;K8S_POD_INFRA_CONTAINER_ID=c2"
 	for _, tc := range []struct {
 		name     string
@@ -150,7 +183,7 @@ func TestRegistrationRefusals(t *testing.T) {
 // registers the pod; if they cannot be applied it fails with code 11 and
 // registers nothing. Without nodeConfig nothing is applied.
 func TestRegistrationAppliesMissingNodeRules(t *testing.T) {
-	const keys = `"nodeEnforcement": true, "nodeConfig": "/var/lib/egress-cni/node.json"`
+	const keys = `"nodeEnforcement": true, "stateDir": "", "nodeConfig": "/var/lib/egress-cni/node.json"`
 	for _, tc := range []struct {
 		name     string
 		keys     string

@@ -53,10 +53,10 @@ func TestParseConfigGatewayKeys(t *testing.T) {
 	if !s.NodeEnforcement || !reflect.DeepEqual(s.Gateways, want) {
 		t.Errorf("got nodeEnforcement %v, selector %+v; want true, %+v", s.NodeEnforcement, s.Gateways, want)
 	}
-	for _, bad := range []string{`"gatewaySelector": {"podNamePrefx": "a"}`, `"gatewaySelector": {"namespace": " a"}`, `"nodeEnforcement": "yes"`, `"gatewaySelector": {"allowedNamespaces": ["Team_A"]}`} {
+	for _, bad := range []string{`"stateDir": "var/lib/egress-cni"`, `"stateDir": "/var/lib/../x"`, `"gatewaySelector": {"podNamePrefx": "a"}`, `"gatewaySelector": {"namespace": " a"}`, `"nodeEnforcement": "yes"`, `"gatewaySelector": {"allowedNamespaces": ["Team_A"]}`} {
 		if _, err := ParseConfig(conf(bad)); err == nil || Code(err) != 7 {
 			t.Errorf("%s: err %v (code %d), want code 7", bad, err, Code(err))
-		} else if !strings.Contains(err.Error(), "odeEnforcement") && !strings.Contains(err.Error(), "gatewaySelector") && !strings.Contains(err.Error(), "podNamePrefx") {
+		} else if !strings.Contains(err.Error(), "odeEnforcement") && !strings.Contains(err.Error(), "stateDir") && !strings.Contains(err.Error(), "gatewaySelector") && !strings.Contains(err.Error(), "podNamePrefx") {
 			t.Errorf("%s: error %q does not name the key", bad, err)
 		}
 	}

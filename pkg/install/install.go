@@ -24,7 +24,9 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/egress-cni/egress-cni/pkg/audit"
 	"github.com/egress-cni/egress-cni/pkg/cni"
 )
 
@@ -95,6 +97,22 @@ type Options struct {
 	Debounce time.Duration
 	// Logger; nil logs nothing.
 	Logger *slog.Logger
+
+	// MetricsAddr is where Run serves Prometheus metrics at /metrics
+	// (":9964"); "" serves none.
+	MetricsAddr string
+	// AuditOut receives Run's drop audit, one JSON line per connection
+	// attempt (pkg/audit); nil: no audit lines (the per-pod counters
+	// are still kept while PodRetention is set).
+	AuditOut io.Writer
+	// StateDir holds the plugin's pod identity records (the plugin's
+	// "stateDir", as mounted here).
+	StateDir string
+	// NodeName names the node in the audit lines.
+	NodeName string
+	// AuditDedup is the audit's dedup window; PodRetention how long a
+	// gone pod's per-pod series are kept (0: no per-pod series).
+	AuditDedup, PodRetention time.Duration
 }
 
 // Installer installs and uninstalls egress-cni on one node.
@@ -109,6 +127,10 @@ type Installer struct {
 	// repairs counts node-rule repairs; watching: the monitor is up.
 	repairs  atomic.Int64
 	watching atomic.Bool
+	// applySeconds times every ApplyNodeRules.
+	applySeconds prometheus.Histogram
+	// auditor is Run's drop audit, once started.
+	auditor atomic.Pointer[audit.Auditor]
 }
 
 // New checks the options and fills in defaults.
@@ -143,7 +165,10 @@ func New(o Options) (*Installer, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Installer{opts: o, log: log}, nil
+	if o.AuditDedup < 0 || o.PodRetention < 0 {
+		return nil, fmt.Errorf("audit dedup window %v and pod metrics retention %v cannot be negative", o.AuditDedup, o.PodRetention)
+	}
+	return &Installer{opts: o, log: log, applySeconds: newApplySeconds()}, nil
 }
 
 // Entry returns the normalized entry the installer inserts.

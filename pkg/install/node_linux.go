@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -22,9 +23,11 @@ func (in *Installer) ApplyNodeRules() error {
 	if err != nil {
 		return err
 	}
+	start := time.Now()
 	if err := netns.Do(in.opts.NetNS, func() error { return node.Apply(cfg) }); err != nil {
 		return fmt.Errorf("could not apply %s node rules: %w", cfg.Role, err)
 	}
+	in.applySeconds.Observe(time.Since(start).Seconds())
 	in.log.Info("applied node rules", "role", cfg.Role, "config", in.opts.NodeConfig)
 	return in.keepNodeConfigCopy()
 }
@@ -72,8 +75,8 @@ func (in *Installer) CheckNodeRules() error {
 }
 
 // RemoveNodeRules deletes the plugin's node config copy (so that no ADD
-// applies the rules again), then our node tables in Options.NetNS,
-// nothing else.
+// applies the rules again), then our node tables in Options.NetNS, then
+// the pod identity records in Options.StateDir, nothing else.
 func (in *Installer) RemoveNodeRules() error {
 	if in.opts.NodeConfigCopy != "" {
 		if err := os.Remove(in.opts.NodeConfigCopy); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -82,6 +85,13 @@ func (in *Installer) RemoveNodeRules() error {
 	}
 	if err := netns.Do(in.opts.NetNS, node.Remove); err != nil {
 		return fmt.Errorf("could not remove node rules: %w", err)
+	}
+	// The pods' identity records: no DEL removes them once our entry is
+	// gone from the chain.
+	if in.opts.StateDir != "" {
+		if _, err := node.RemoveIdentities(in.opts.StateDir, func(string) bool { return true }); err != nil {
+			return fmt.Errorf("could not remove the pod identity records: %w", err)
+		}
 	}
 	return nil
 }

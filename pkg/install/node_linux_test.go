@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
 // The installer applies the node rules of the config's role in a
@@ -23,9 +24,13 @@ func TestNodeRulesInNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	copyPath := filepath.Join(t.TempDir(), "var/lib/egress-cni/node.json")
+	state := t.TempDir()
 	in := e.installer(t, func(o *Options) {
-		o.NodeConfig, o.NetNS, o.RemoveNodeRules, o.NodeConfigCopy = nodeCfg, host.Path(), true, copyPath
+		o.NodeConfig, o.NetNS, o.RemoveNodeRules, o.NodeConfigCopy, o.StateDir = nodeCfg, host.Path(), true, copyPath, state
 	})
+	if err := node.WriteIdentity(state, node.Identity{ContainerID: "c1", Namespace: "team-a", Name: "web-0"}); err != nil {
+		t.Fatal(err)
+	}
 	if err := in.ApplyNodeRules(); err != nil {
 		t.Fatal(err)
 	}
@@ -63,6 +68,9 @@ func TestNodeRulesInNamespace(t *testing.T) {
 	}
 	if _, err := os.Stat(copyPath); !os.IsNotExist(err) {
 		t.Fatalf("uninstall left the node config copy: %v", err)
+	}
+	if ids, err := node.ReadIdentities(state); err != nil || len(ids) != 0 {
+		t.Fatalf("uninstall left identity records: %v %v", ids, err)
 	}
 	// Re-install, then uninstall again: clean both ways.
 	if err := in.ApplyNodeRules(); err != nil {

@@ -51,6 +51,7 @@ func (in *Installer) Run(ctx context.Context) error {
 	if err := in.ApplyNodeRules(); err != nil {
 		return err
 	}
+	in.startObservability(ctx)
 	// Watch before the first check, so that nothing deleted between the
 	// two goes unnoticed.
 	tamper := in.watchNodeRules(ctx)

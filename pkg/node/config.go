@@ -88,6 +88,13 @@ type File struct {
 	// an egress node's public address must not carry a NodePort a pod
 	// "replies" through.
 	IngressReplies *bool `json:"ingressReplies,omitempty"`
+	// AuditGroup is the NFLOG group every drop is sent to (rate
+	// limited), which the agent reads; default DefaultAuditGroup.
+	AuditGroup *int `json:"auditGroup,omitempty"`
+	// AuditRate and AuditBurst limit the packets sent to NFLOG, per
+	// reason, per second; defaults DefaultAuditRate, DefaultAuditBurst.
+	AuditRate  *int `json:"auditRate,omitempty"`
+	AuditBurst *int `json:"auditBurst,omitempty"`
 }
 
 // Config is a validated node config.
@@ -104,6 +111,11 @@ type Config struct {
 	ConnLabel int
 	// IngressReplies: replies of connections the outside opened pass.
 	IngressReplies bool
+	// AuditGroup is the NFLOG group of the drops; AuditRate and
+	// AuditBurst their kernel rate limit per reason chain.
+	AuditGroup uint16
+	AuditRate  uint32
+	AuditBurst uint32
 }
 
 // Load reads and parses a node config file.
@@ -211,6 +223,25 @@ func (f *File) Config() (*Config, error) {
 	}
 	if c.LogRate == 0 {
 		c.LogRate = 10
+	}
+	c.AuditGroup, c.AuditRate, c.AuditBurst = DefaultAuditGroup, DefaultAuditRate, DefaultAuditBurst
+	for _, l := range []struct {
+		field    string
+		v        *int
+		min, max int
+		to       func(int)
+	}{
+		{"auditGroup", f.AuditGroup, 0, 65535, func(n int) { c.AuditGroup = uint16(n) }},
+		{"auditRate", f.AuditRate, 1, 1 << 20, func(n int) { c.AuditRate = uint32(n) }},
+		{"auditBurst", f.AuditBurst, 1, 1 << 20, func(n int) { c.AuditBurst = uint32(n) }},
+	} {
+		if l.v == nil {
+			continue
+		}
+		if *l.v < l.min || *l.v > l.max {
+			return nil, &rules.FieldError{Field: l.field, Value: fmt.Sprint(*l.v), Reason: fmt.Sprintf("must be %d-%d", l.min, l.max)}
+		}
+		l.to(*l.v)
 	}
 	return c, nil
 }

@@ -72,12 +72,18 @@ func (p *program) batchSize() int {
 }
 
 func counters() []*nftables.CounterObj {
-	return []*nftables.CounterObj{
+	out := []*nftables.CounterObj{
 		{Table: inetTable, Name: CounterDropped},
 		{Table: inetTable, Name: CounterForged},
 		{Table: bridgeTable, Name: CounterForged},
 		{Table: bridgeTable, Name: CounterDropped},
 	}
+	for _, a := range auditSpecs {
+		for _, f := range a.families {
+			out = append(out, &nftables.CounterObj{Table: tableOf(a.family), Name: ReasonCounter(a.reason, f)})
+		}
+	}
+	return out
 }
 
 // Apply programs the node rules in one netlink batch: the kernel applies
@@ -399,6 +405,9 @@ type Counters struct {
 	// Forged: a source its interface may not use, in the inet and the
 	// bridge table together.
 	Forged uint64
+	// ByReason: every drop by reason and family (FamilyIPv4, …), both
+	// tables added up. Kernel counters: exact, not sampled.
+	ByReason map[Reason]map[string]uint64
 }
 
 // ReadCounters reads the drop counters.
@@ -408,25 +417,42 @@ func ReadCounters() (Counters, error) {
 		return Counters{}, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
 	defer c.CloseLasting()
-	var out Counters
-	for _, o := range counters() {
-		objs, err := c.GetObj(&nftables.CounterObj{Table: o.Table, Name: o.Name})
+	out := Counters{ByReason: map[Reason]map[string]uint64{}}
+	// One dump per table: the counters of the two tables by name.
+	have := map[nftables.TableFamily]map[string]uint64{}
+	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+		objs, err := c.GetObjects(t)
 		if err != nil {
 			if rules.IsNFTNotFound(err) {
-				return Counters{}, fmt.Errorf("counter %s not found: %w", o.Name, ErrNotApplied)
+				return Counters{}, fmt.Errorf("table %s %s not found: %w", familyName(t.Family), Table, ErrNotApplied)
 			}
-			return Counters{}, fmt.Errorf("could not read counter %s: %w", o.Name, err)
+			return Counters{}, fmt.Errorf("could not read the counters of table %s %s: %w", familyName(t.Family), Table, err)
 		}
+		have[t.Family] = map[string]uint64{}
 		for _, ob := range objs {
-			co, ok := ob.(*nftables.CounterObj)
-			if !ok || co.Name != o.Name {
-				continue
+			if co, ok := ob.(*nftables.CounterObj); ok {
+				have[t.Family][co.Name] = co.Packets
 			}
-			if o.Name == CounterDropped {
-				out.Dropped += co.Packets
-			} else {
-				out.Forged += co.Packets
+		}
+	}
+	for _, o := range counters() {
+		n, ok := have[o.Table.Family][o.Name]
+		if !ok {
+			return Counters{}, fmt.Errorf("counter %s not found: %w", o.Name, ErrNotApplied)
+		}
+		switch o.Name {
+		case CounterDropped:
+			out.Dropped += n
+		case CounterForged:
+			out.Forged += n
+		}
+	}
+	for _, a := range auditSpecs {
+		for _, f := range a.families {
+			if out.ByReason[a.reason] == nil {
+				out.ByReason[a.reason] = map[string]uint64{}
 			}
+			out.ByReason[a.reason][f] += have[a.family][ReasonCounter(a.reason, f)]
 		}
 	}
 	return out, nil

@@ -383,3 +383,69 @@ func TestRenderIsValidNft(t *testing.T) {
 		}
 	}
 }
+
+// A node upgraded from format 2 before the drop chains (every drop a
+// "counter name dropped|forged drop" in place) is taken over by Apply
+// in place: the drop chains and reason counters are added, the pods'
+// registrations are kept, and Check then passes. The old layout is made
+// from Apply's own tables (nft -f of Render makes objects Apply cannot
+// re-add, a separate matter): the base chains' rules rewritten, the drop
+// chains and reason counters deleted.
+func TestApplyAddsDropChains(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	cfg := mustParse(t, egressCfg)
+	mustApply(t, host, cfg)
+	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); err != nil {
+		t.Fatal(err)
+	}
+	p := newProgram(cfg)
+	var script []string
+	for _, c := range p.chains {
+		if c.hook == nil || c.typ != "filter" {
+			continue
+		}
+		fam := familyName(c.family)
+		script = append(script, fmt.Sprintf("flush chain %s %s %s", fam, Table, c.name))
+		for _, r := range c.rules {
+			text := r.String()
+			for _, a := range auditSpecs {
+				text = strings.ReplaceAll(text, "goto "+AuditChain(a.reason), "counter name "+a.kind+" drop")
+			}
+			script = append(script, fmt.Sprintf("add rule %s %s %s %s", fam, Table, c.name, text))
+		}
+	}
+	for _, a := range auditSpecs {
+		fam := familyName(a.family)
+		script = append(script, fmt.Sprintf("delete chain %s %s %s", fam, Table, AuditChain(a.reason)))
+		for _, f := range a.families {
+			script = append(script, fmt.Sprintf("delete counter %s %s %s", fam, Table, ReasonCounter(a.reason, f)))
+		}
+	}
+	if out, err := nstest.Exec(host, "sh", "-c", "nft -f - <<'EOF'\n"+strings.Join(script, "\n")+"\nEOF\n"); err != nil {
+		t.Fatalf("making the old layout: %v\n%s\n%s", err, out, strings.Join(script, "\n"))
+	}
+	if d := nstest.NFTDump(t, host); strings.Contains(d, "drop_") || !strings.Contains(d, `counter name "dropped" drop`) {
+		t.Fatalf("not the old layout:\n%s", d)
+	}
+	if err := in(host, func() error { return Check(cfg) }); err == nil {
+		t.Fatal("Check passed on the layout without drop chains")
+	}
+	mustApply(t, host, cfg)
+	if err := in(host, func() error { return Check(cfg) }); err != nil {
+		t.Fatalf("check after Apply over the old layout: %v", err)
+	}
+	pods, err := in2(host, ListPods)
+	if err != nil || len(pods) != 1 || pods[0].ContainerID != bridgedPod.ContainerID {
+		t.Fatalf("registration after the upgrade: %v %v", pods, err)
+	}
+	var k Counters
+	err = in(host, func() error {
+		var err error
+		k, err = ReadCounters()
+		return err
+	})
+	if err != nil || len(k.ByReason) != len(Reasons()) {
+		t.Fatalf("reason counters after the upgrade: %+v %v", k, err)
+	}
+}

@@ -22,6 +22,9 @@ func TestParseErrors(t *testing.T) {
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"podInterfaces":["veth*"]}`, "podInterfaces", "veth*"},
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"connLabel":128}`, "connLabel", "128"},
 		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"connLabel":-1}`, "connLabel", "-1"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"auditGroup":65536}`, "auditGroup", "65536"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"auditRate":0}`, "auditRate", "0"},
+		{`{"role":"app","podCIDRs":["10.244.0.0/16"],"auditBurst":-3}`, "auditBurst", "-3"},
 	}
 	for _, tc := range cases {
 		_, err := Parse([]byte(tc.json))

@@ -206,7 +206,7 @@ func newProgram(cfg *Config) *program {
 			// [ exthdr load ipv4 1b @ TYPE + 0 present => reg 1 ] [ cmp eq reg 1 1 ]
 			&expr.Exthdr{Op: exthdrOpIPv4, Type: o.typ, Len: 1, Flags: unix.NFT_EXTHDR_F_PRESENT, DestRegister: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
-		src.rules = append(src.rules, r.add(counterDrop(CounterForged)))
+		src.rules = append(src.rules, r.add(gotoAudit(ReasonSourceRoute)))
 	}
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
@@ -219,7 +219,7 @@ func newProgram(cfg *Config) *program {
 	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
 		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
 		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(counterDrop(CounterForged)))
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(gotoAudit(ReasonReversePath)))
 	src.rules = append(src.rules, acceptRule())
 	p.chains = append(p.chains, src)
 
@@ -282,7 +282,21 @@ func newProgram(cfg *Config) *program {
 			// (level warn, nft's default, which the kernel fills in)
 			&expr.Log{Key: 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_LEVEL, Level: expr.LogLevelWarning, Data: []byte(LogPrefix)}))
 	}
-	fwd.rules = append(fwd.rules, (&rule{}).add(counterDrop(CounterDropped)))
+	// A registered pod's own packet is not-a-gateway; anything else
+	// (no pod's interface and address) has no identity.
+	for _, v6 := range []bool{false, true} {
+		sources, fam := SetPodSourcesV4, "ip"
+		if v6 {
+			sources, fam = SetPodSourcesV6, "ip6"
+		}
+		r := matchNfproto(&rule{}, v6)
+		r.add("iifname . "+fam+" saddr @"+sources,
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			saddrTo(v6, 2),
+			&expr.Lookup{SourceRegister: 1, SetName: sources})
+		fwd.rules = append(fwd.rules, r.add(gotoAudit(ReasonNotAGateway)))
+	}
+	fwd.rules = append(fwd.rules, (&rule{}).add(gotoAudit(ReasonNoIdentity)))
 	p.chains = append(p.chains, fwd)
 
 	if egress {
@@ -332,7 +346,7 @@ func newProgram(cfg *Config) *program {
 				&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 12, Len: 2},
 				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.BigEndian.PutUint16(et.proto)})
 		}
-		br.rules = append(br.rules, r.add(counterDrop(CounterForged)))
+		br.rules = append(br.rules, r.add(gotoAudit(ReasonBadEtherType)))
 	}
 	for _, v6 := range []bool{false, true} {
 		// An IP packet in a VLAN tag on another kind of port (even
@@ -340,7 +354,7 @@ func newProgram(cfg *Config) *program {
 		// match "ether type ip" below: drop it too.
 		wrapped := matchProto(&rule{}, v6)
 		etherType(wrapped, v6, true)
-		br.rules = append(br.rules, wrapped.add(counterDrop(CounterForged)))
+		br.rules = append(br.rules, wrapped.add(gotoAudit(ReasonVLANWrapped)))
 		br.rules = append(br.rules, sourceRules(v6, func(r *rule) *rule { return etherType(r, v6, false) })...)
 	}
 	br.rules = append(br.rules, acceptRule())
@@ -356,8 +370,14 @@ func newProgram(cfg *Config) *program {
 	r.add("oifname != @"+SetPodIfaces,
 		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces, Invert: true})
-	bfwd.rules = append(bfwd.rules, r.add(counterDrop(CounterDropped)), acceptRule())
+	bfwd.rules = append(bfwd.rules, r.add(gotoAudit(ReasonBridgeBypass)), acceptRule())
 	p.chains = append(p.chains, bfwd)
+
+	// 6. The drop chains, one per reason and table, which every drop
+	// above goes to.
+	for _, a := range auditSpecs {
+		p.chains = append(p.chains, p.auditChain(a))
+	}
 	return p
 }
 
@@ -403,11 +423,11 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 	wrongSrc.add("iifname @"+SetPodIfaces,
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Lookup{SourceRegister: 1, SetName: SetPodIfaces})
-	wrongSrc.add(counterDrop(CounterForged))
+	wrongSrc.add(gotoAudit(ReasonForgedSource))
 
 	stolen := proto(&rule{})
 	stolen.add(fam+" saddr @"+addrs, saddrTo(v6, 1), &expr.Lookup{SourceRegister: 1, SetName: addrs})
-	stolen.add(counterDrop(CounterForged))
+	stolen.add(gotoAudit(ReasonStolenAddress))
 	return append(out, wrongSrc, stolen)
 }
 

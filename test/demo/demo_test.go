@@ -125,6 +125,10 @@ func TestDemo(t *testing.T) {
 	for _, want := range []string{
 		"allowed via gateway, internet saw 192.0.2.6",
 		"blocked at node (drop counter +",
+		// The agents' audit names the pod of each blocked path.
+		"audit: not-a-gateway team-b/no-sidecar 198.51.100.3 -> 203.0.113.10:8080/tcp",
+		"audit: forged-source team-c/worker 198.51.100.66 -> 203.0.113.10:8080/udp",
+		`"namespace":"team-x","pod":"self-declared-gw"`,
 		"RESULT: every path behaved as expected",
 	} {
 		if !strings.Contains(out.String(), want) {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
 var topologies = []struct {
@@ -39,6 +40,7 @@ func TestEscape(t *testing.T) {
 		t.Run(tp.name, func(t *testing.T) {
 			w := newWorld(t, tp.opts)
 			t.Run("legit", w.legit)
+			t.Run("explain", w.explainPaths)
 			t.Run("matrix", w.matrix)
 		})
 	}
@@ -226,9 +228,41 @@ func (w *world) try(r row, i int, control bool) result {
 		match = func(p sim.Packet) bool { return !sim.IsNoise(p) && r.match(a, p) }
 	}
 	res.seen = w.rec.Wait(mark, match, wait)
-	res.counters = counterDelta(c0, w.counters())
+	c1 := w.counters()
+	res.counters = counterDelta(c0, c1)
+	if !control {
+		w.checkReasonCounters(r, c0, c1)
+	}
 	res.note = strings.Join(a.note, "; ")
 	return res
+}
+
+// checkReasonCounters: every drop of the attempt went through a drop
+// chain, so per node and table the reason counters (drop_<reason>_<family>)
+// rose by as much as dropped and forged together.
+func (w *world) checkReasonCounters(r row, before, after map[string]uint64) {
+	w.t.Helper()
+	sums := map[string][2]uint64{} // "node table" -> {reasons, dropped+forged}
+	for k, v := range after {
+		f := strings.Fields(k) // node table counter
+		if len(f) != 3 {
+			continue
+		}
+		d := v - before[k]
+		s := sums[f[0]+" "+f[1]]
+		switch {
+		case strings.HasPrefix(f[2], "drop_"):
+			s[0] += d
+		case f[2] == node.CounterDropped || f[2] == node.CounterForged:
+			s[1] += d
+		}
+		sums[f[0]+" "+f[1]] = s
+	}
+	for k, s := range sums {
+		if s[0] != s[1] {
+			w.t.Errorf("%s (from %s): %s reason counters rose by %d, dropped and forged by %d", r.path, r.sender(), k, s[0], s[1])
+		}
+	}
 }
 
 // clientOutcome describes a probe's result.

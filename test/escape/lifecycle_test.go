@@ -45,7 +45,11 @@ type life struct {
 	nextPort atomic.Uint32
 }
 
-func newLife(t *testing.T) *life {
+func newLife(t *testing.T) *life { t.Helper(); return newLifeWith(t, nil) }
+
+// newLifeWith is newLife on a cluster of the given topology (nil: the
+// plain bridged one).
+func newLifeWith(t *testing.T, opts *sim.Options) *life {
 	t.Helper()
 	nstest.RequirePrivileged(t)
 	bin, plugins := buildBinaries(t)
@@ -56,7 +60,12 @@ func newLife(t *testing.T) *life {
 	if l.exe, err = sim.Executable(l.cl); err != nil {
 		t.Fatal(err)
 	}
-	if l.c, err = sim.NewCluster(l.cl, plugins); err != nil {
+	if opts == nil {
+		l.c, err = sim.NewCluster(l.cl, plugins)
+	} else {
+		l.c, err = sim.NewClusterWith(l.cl, plugins, *opts)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range []*sim.Node{l.c.App, l.c.Egress} {
@@ -331,7 +340,9 @@ func TestLifeAgentKilledDuringChurn(t *testing.T) {
 	start := func() *exec.Cmd {
 		args := []string{"run", "-cni-conf-dir", app.ConfDir, "-cni-bin-dir", app.BinDir, "-binary", filepath.Join(l.bin, "egress-cni"),
 			"-plugin-config", app.PluginConfig, "-node-config", app.NodeConfig, "-netns", app.NS.Path(),
-			"-lock-file", filepath.Join(app.Dir, "run/agent.lock"), "-ready-file", app.ReadyFile, "-resync", "1h", "-netns-dir", ""}
+			"-lock-file", filepath.Join(app.Dir, "run/agent.lock"), "-ready-file", app.ReadyFile, "-resync", "1h", "-netns-dir", "",
+			// It runs in the test's own namespace: no metrics port there.
+			"-metrics-port", "0", "-state-dir", app.StateDir}
 		cmd := exec.Command(filepath.Join(l.bin, "egress-cni-install"), args...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := cmd.Start(); err != nil {

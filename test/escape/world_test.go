@@ -95,6 +95,7 @@ func buildBinaries(t *testing.T) (binDir, pluginsDir string) {
 		for _, c := range []struct{ out, pkg string }{
 			{"egress-cni", "./cmd/egress-cni"},
 			{"egress-cni-install", "./cmd/egress-cni-install"},
+			{"egress-node", "./cmd/egress-node"},
 		} {
 			cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", filepath.Join(dir, c.out), c.pkg)
 			cmd.Dir = moduleRoot
@@ -138,6 +139,8 @@ type world struct {
 	selfRegistered []netip.Addr
 
 	built time.Duration
+	// bin holds the binaries (egress-node for explain).
+	bin string
 }
 
 func (w *world) ctx() context.Context { return context.Background() }
@@ -150,7 +153,7 @@ func newWorld(t *testing.T, topo sim.Options) *world {
 	start := time.Now()
 	cl := &sim.Stack{}
 	t.Cleanup(cl.Run)
-	w := &world{t: t, topo: topo, cl: cl}
+	w := &world{t: t, topo: topo, cl: cl, bin: binDir}
 	var err error
 	must := func(err error) {
 		t.Helper()

@@ -154,9 +154,9 @@ func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, su
               "ranges": [[{"subnet": %q, "gateway": %q}], [{"subnet": %q, "gateway": %q}]],
               "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
     {"type": "egress-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-     "logFile": %q, "logLevel": "debug", "nodeEnforcement": true%s}
+     "logFile": %q, "logLevel": "debug", "nodeEnforcement": true, "stateDir": %q%s}
   ]
-}`, name, filepath.Join(ch.dir, "ipam"), sub4, gw4, sub6, gw6, ch.logFile, extra)
+}`, name, filepath.Join(ch.dir, "ipam"), sub4, gw4, sub6, gw6, ch.logFile, filepath.Join(ch.dir, "state"), extra)
 	ch.list, err = libcni.ConfListFromBytes([]byte(conflist))
 	if err != nil {
 		t.Fatalf("bad conflist: %v\n%s", err, conflist)

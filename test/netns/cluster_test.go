@@ -192,6 +192,35 @@ func TestCluster(t *testing.T) {
 		table = append(table, bypassRow{"node rules flushed (nft flush table): app node pod -> internet tcp4", "nothing forwarded", p.String()})
 	}
 	c.app.apply(t)
+	// So does a flushed drop chain: every drop is a goto to its reason's
+	// chain, and a goto'd chain that ends returns to the base chain's
+	// policy, drop.
+	var flush []string
+	dump := nstest.NFTDump(t, c.app.ns)
+	for _, r := range node.Reasons() {
+		if !strings.Contains(dump, "chain "+node.AuditChain(r)) {
+			t.Fatalf("no chain %s", node.AuditChain(r))
+		}
+		for _, fam := range []string{"inet", "bridge"} {
+			flush = append(flush, fmt.Sprintf("flush chain %s %s %s", fam, node.Table, node.AuditChain(r)))
+		}
+	}
+	// Not every reason has a chain in both tables: flush what exists.
+	flushed := 0
+	for _, cmd := range flush {
+		if _, err := nstest.Exec(c.app.ns, "nft", cmd); err == nil {
+			flushed++
+		}
+	}
+	if flushed < len(node.Reasons()) {
+		t.Fatalf("flushed %d drop chains, want at least %d", flushed, len(node.Reasons()))
+	}
+	if p := run(plain, cniAppUID, "tcp4", inet4, time.Second); p.replied || p.seen != 0 {
+		t.Errorf("flushed drop chains: a pod reached the internet: %s", p)
+	} else {
+		table = append(table, bypassRow{"drop chains flushed: app node pod -> internet tcp4", "dropped by the policy", p.String()})
+	}
+	c.app.apply(t)
 
 	// Without our rules (chains deleted; the sets and registrations
 	// stay) every bypass reaches the internet: the test can fail.

@@ -42,6 +42,7 @@ import (
 
 	"github.com/egress-cni/egress-cni/install/image"
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
 // The simulated internet: a namespace behind the node's uplink.
@@ -190,10 +191,16 @@ func newInstallerPod(t *testing.T, ds *appsv1.DaemonSet, host simHost, configDir
 	}
 	var envs []map[string]string
 	for _, e := range c.Env {
-		if e.ValueFrom != nil {
-			t.Fatalf("%s: env %s: valueFrom is not translated", ds.Name, e.Name)
+		v := e.Value
+		switch {
+		case e.ValueFrom == nil:
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
+			// The kubelet resolves the downward API; our node's name.
+			v = simNodeName
+		default:
+			t.Fatalf("%s: env %s: valueFrom %+v is not translated", ds.Name, e.Name, e.ValueFrom)
 		}
-		envs = append(envs, map[string]string{"key": e.Name, "value": e.Value})
+		envs = append(envs, map[string]string{"key": e.Name, "value": v})
 	}
 	if len(c.EnvFrom) != 0 {
 		t.Fatalf("%s: envFrom is not translated", ds.Name)
@@ -298,6 +305,14 @@ func (p *installerPod) withArgs(attempt int, extra ...string) map[string]any {
 // container, so the host paths in plugin.json (its log, the node config
 // copy) become the simulated host's; the node configs get the test's pod
 // subnet. Nothing else is changed.
+// defaultStateDir is the plugin's default stateDir (node's, named here
+// because tests shadow the package name).
+const defaultStateDir = node.DefaultStateDir
+
+// simNodeName is the simulated node's name, for the downward API's
+// spec.nodeName.
+const simNodeName = "egress-cni-runtime-node"
+
 func writeConfigMap(t *testing.T, cm *corev1.ConfigMap, dir string, host simHost) {
 	t.Helper()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -317,6 +332,14 @@ func writeConfigMap(t *testing.T, cm *corev1.ConfigMap, dir string, host simHost
 				}
 				m[f] = host.path(p)
 			}
+			// The pod identity records (the plugin's stateDir, default
+			// node.DefaultStateDir) go to the simulated host too, which
+			// the installer reads through its -state-dir mount.
+			sd, _ := m["stateDir"].(string)
+			if sd == "" {
+				sd = defaultStateDir
+			}
+			m["stateDir"] = host.path(sd)
 		case strings.HasPrefix(k, "node-"):
 			m["podCIDRs"] = []string{podSubnet}
 			// The simulated node's uplink (egress role).
@@ -603,6 +626,13 @@ func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, 
 	if add["decision"] != "captured" || add["containerID"] != webID {
 		t.Errorf("ADD log %v, want the web pod captured", add)
 	}
+	// Its identity record, for the agent's drop audit, is on the
+	// simulated host, where the installer's -state-dir mount reads it.
+	if b, err := os.ReadFile(host.path(filepath.Join(defaultStateDir, "pods", webID+".json"))); err != nil {
+		t.Errorf("no identity record for the web pod: %v", err)
+	} else if !strings.Contains(string(b), `"web"`) {
+		t.Errorf("identity record %s does not name the web pod", b)
+	}
 	webNS, err := ns.GetNS(webPath)
 	if err != nil {
 		t.Fatal(err)
@@ -620,6 +650,15 @@ func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, 
 		t.Errorf("the proxy UID reached %s from a pod that is not a gateway: the node rules do not hold it", target)
 	} else if de := (*nstest.DialError)(nil); !errors.As(err, &de) || de.Kind != "timeout" {
 		t.Errorf("the proxy UID to %s: %v, want a timeout (dropped at the node)", target, err)
+	}
+	// The agent in the container, with only the manifest's capabilities,
+	// reports that drop (NFLOG) naming the pod from its identity record
+	// and the node from the downward API.
+	audit := grepLine(c.waitLog(id, `"destination":"`+internetIP+`"`, 5*time.Second), `"destination":"`+internetIP+`"`)
+	for _, want := range []string{`"pod":"web"`, `"namespace":"default"`, `"containerID":"` + webID + `"`, `"reason":"not-a-gateway"`, `"node":"` + simNodeName + `"`} {
+		if !strings.Contains(audit, want) {
+			t.Errorf("the agent's audit line %q lacks %s", audit, want)
+		}
 	}
 	proxy.Close()
 

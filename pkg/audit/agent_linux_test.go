@@ -1,0 +1,70 @@
+package audit
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// NFLOG gives a group to one socket per namespace: a second agent on the
+// same group fails to bind (the installer retries), and binds once the
+// first is gone. A real kernel, a fresh namespace of our own.
+func TestOneReaderPerGroup(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	bound := &signalWriter{word: "reading node-rule drops", ch: make(chan struct{})}
+	first, err := New(Options{NetNS: host.Path(), Group: 4242, Logger: slog.New(slog.NewTextHandler(bound, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- first.Run(ctx) }()
+	select {
+	case <-bound.ch:
+	case err := <-done:
+		t.Fatalf("first reader: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("first reader never bound")
+	}
+	second, _ := New(Options{NetNS: host.Path(), Group: 4242})
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel2()
+	if err := second.Run(ctx2); err == nil || !strings.Contains(err.Error(), "could not bind NFLOG group 4242") {
+		t.Fatalf("second reader of the group: %v", err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("first reader: %v", err)
+	}
+	// Another group in the same namespace, and the first group once its
+	// reader is gone, bind.
+	for _, g := range []uint16{4243, 4242} {
+		a, _ := New(Options{NetNS: host.Path(), Group: g})
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		err := a.Run(ctx)
+		cancel()
+		if err != nil {
+			t.Errorf("group %d: %v", g, err)
+		}
+	}
+}
+
+// signalWriter closes ch when a write holds word.
+type signalWriter struct {
+	word string
+	ch   chan struct{}
+	once sync.Once
+}
+
+func (w *signalWriter) Write(p []byte) (int, error) {
+	if strings.Contains(string(p), w.word) {
+		w.once.Do(func() { close(w.ch) })
+	}
+	return len(p), nil
+}
