@@ -92,7 +92,7 @@ bench: deps
 # Every fuzz target of every package, FUZZTIME each (default 2m). Their
 # seed corpora (f.Add and testdata/fuzz) also run in `make test`.
 fuzz:
-	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node ./pkg/install; do \
+	@for pkg in ./pkg/rules ./pkg/cni ./pkg/node ./pkg/install ./pkg/audit; do \
 		targets=$$($(GO) test -list '^Fuzz' $$pkg) || { echo "$$targets"; exit 1; }; \
 		for t in $$(echo "$$targets" | grep '^Fuzz'); do \
 			echo "== $$pkg $$t"; \
