@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -72,8 +73,10 @@ type Line struct {
 	DPort       uint16    `json:"destinationPort"`
 	Family      string    `json:"family"`
 	Reason      string    `json:"reason"`
-	// Interface is the interface the packet came in on: the pod's
-	// host-side veth (or its bridge), or what sent a packet no pod did.
+	// Interface is the interface the packet came in on: its bridge
+	// port when the kernel reports one (the pod's host-side veth, or
+	// the unregistered port that sent it), else the input interface
+	// (a routed pod's veth, or the bridge).
 	Interface string `json:"interface"`
 }
 
@@ -232,15 +235,17 @@ func (a *Auditor) handle(m nflog.Attribute, now time.Time) {
 	if m.Timestamp != nil && !m.Timestamp.IsZero() {
 		now = *m.Timestamp
 	}
-	// The pod's own port first: a bridged pod's frame in the bridge
-	// table, or (br_netfilter) the physical input of the inet hooks.
-	var ifaces []string
-	for _, idx := range []*uint32{m.PhysInDev, m.InDev} {
-		if idx != nil && *idx != 0 {
-			ifaces = append(ifaces, a.res.ifname(*idx))
-		}
+	// The pod's own port: a bridged pod's frame in the bridge table
+	// (PhysInDev the port, InDev the bridge), or (br_netfilter) the
+	// physical input of the inet hooks; else the input interface.
+	var physIn, in string
+	if m.PhysInDev != nil && *m.PhysInDev != 0 {
+		physIn = a.res.ifname(*m.PhysInDev)
 	}
-	id, iface := a.res.pod(ifaces, pkt.Src)
+	if m.InDev != nil && *m.InDev != 0 {
+		in = a.res.ifname(*m.InDev)
+	}
+	id, iface := a.res.pod(physIn, in, pkt.Src, reason, time.Now())
 	line := Line{Time: now.UTC(), Node: a.o.Node, Namespace: id.Namespace, Pod: id.Name, ContainerID: id.ContainerID,
 		Protocol: pkt.Proto, DPort: pkt.DPort, Family: pkt.Family, Reason: string(reason), Interface: iface}
 	if pkt.Src.IsValid() {
@@ -299,20 +304,36 @@ func (a *Auditor) sweep(now time.Time) {
 	}
 }
 
-// resolver names interfaces and pods in the node rules' namespace, with
-// caches refreshed on a miss (at most every refreshEvery).
+// resolver names interfaces and pods in the node rules' namespace. Its
+// pods and identity records are re-read before an event when they are
+// older than refreshEvery or the identity directory changed (a record
+// written or removed at ADD, DEL or GC), so that a deleted pod is not
+// named for long after its DEL.
 type resolver struct {
 	netns, stateDir string
 	ifnames         map[uint32]string
 	pods            []node.Pod
 	ids             map[string]node.Identity
 	refreshed       time.Time
+	dirMod          time.Time
+	// list reads the registered pods (node.ListPods in netns).
+	list func() ([]node.Pod, error)
 }
 
 const refreshEvery = 200 * time.Millisecond
 
 func newResolver(ns, stateDir string) *resolver {
-	return &resolver{netns: ns, stateDir: stateDir, ifnames: map[uint32]string{}}
+	r := &resolver{netns: ns, stateDir: stateDir, ifnames: map[uint32]string{}}
+	r.list = func() ([]node.Pod, error) {
+		var ps []node.Pod
+		err := netns.Do(r.netns, func() error {
+			var err error
+			ps, err = node.ListPods()
+			return err
+		})
+		return ps, err
+	}
+	return r
 }
 
 func (r *resolver) ifname(idx uint32) string {
@@ -337,60 +358,90 @@ func (r *resolver) ifname(idx uint32) string {
 	return name
 }
 
-func (r *resolver) refresh(force bool) {
-	if !force && time.Since(r.refreshed) < refreshEvery {
+// identityDirMod is the identity directory's modification time (zero if
+// there is none): it changes when a record is written or removed.
+func (r *resolver) identityDirMod() time.Time {
+	if r.stateDir == "" {
+		return time.Time{}
+	}
+	fi, err := os.Stat(filepath.Join(r.stateDir, "pods"))
+	if err != nil {
+		return time.Time{}
+	}
+	return fi.ModTime()
+}
+
+// refresh re-reads the pods and records if they are older than
+// refreshEvery or the identity directory changed since.
+func (r *resolver) refresh(now time.Time) {
+	mod := r.identityDirMod()
+	if !r.refreshed.IsZero() && now.Sub(r.refreshed) < refreshEvery && now.Sub(r.refreshed) >= 0 && mod.Equal(r.dirMod) {
 		return
 	}
-	r.refreshed = time.Now()
-	_ = netns.Do(r.netns, func() error {
-		ps, err := node.ListPods()
-		if err == nil {
-			r.pods = ps
-		}
-		return err
-	})
+	r.refreshed, r.dirMod = now, mod
+	ps, err := r.list()
+	if err != nil {
+		// Stale registrations would name pods that may be gone: name
+		// nobody until a read succeeds.
+		ps = nil
+	}
+	r.pods = ps
 	if r.stateDir != "" {
 		ids, _ := node.ReadIdentities(r.stateDir)
-		if ids != nil {
-			r.ids = ids
-		}
+		r.ids = ids
 	}
 }
 
-// pod finds the pod a packet came from: the registered pod whose
-// host-side port is one of ifaces, or whose L3 interface it is and which
-// owns src. It returns the interface it matched (or the first given).
-func (r *resolver) pod(ifaces []string, src netip.Addr) (node.Identity, string) {
-	for attempt := range 2 {
-		for _, ifc := range ifaces {
-			for _, p := range r.pods {
-				if p.Port == ifc || (p.L3 == ifc && slices.Contains(p.IPs, src)) {
-					if id, ok := r.ids[p.ContainerID]; ok {
-						return id, ifc
-					}
-					if attempt == 1 {
-						return node.Identity{ContainerID: p.ContainerID}, ifc
-					}
-				}
+// addressAttributable says whether a drop of this reason may be
+// attributed to a pod by its source address on the pod's L3 interface
+// (a bridge) when the packet's port is unknown: only when the address
+// has passed the bridge's source checks, i.e. never for the reasons
+// that say the address or the interface is not a registered pod's.
+func addressAttributable(reason node.Reason) bool {
+	switch reason {
+	case node.ReasonNotAGateway, node.ReasonSourceRoute:
+		return true
+	}
+	return false
+}
+
+// pod finds the pod a packet came from and the interface to report.
+// With a physical input port (bridge-family events, br_netfilter), only
+// the pod registered on that port; else the pod registered on the input
+// interface, or, for an address-attributable reason, the pod whose L3
+// interface (bridge) it is and which owns src. Nobody otherwise.
+func (r *resolver) pod(physIn, in string, src netip.Addr, reason node.Reason, now time.Time) (node.Identity, string) {
+	r.refresh(now)
+	port := in
+	if physIn != "" {
+		port = physIn
+	}
+	if port == "" {
+		return node.Identity{}, ""
+	}
+	found := func(p node.Pod) node.Identity {
+		if id, ok := r.ids[p.ContainerID]; ok {
+			return id
+		}
+		return node.Identity{ContainerID: p.ContainerID}
+	}
+	for _, p := range r.pods {
+		if p.Port == port {
+			return found(p), port
+		}
+	}
+	if physIn == "" && src.IsValid() && addressAttributable(reason) {
+		for _, p := range r.pods {
+			if p.L3 == in && p.L3 != p.Port && slices.Contains(p.IPs, src) {
+				return found(p), in
 			}
 		}
-		if attempt == 0 {
-			r.refresh(false)
-		}
 	}
-	if len(ifaces) > 0 {
-		return node.Identity{}, ifaces[0]
-	}
-	return node.Identity{}, ""
+	return node.Identity{}, port
 }
 
 func (r *resolver) liveContainers() (map[string]bool, error) {
-	var ps []node.Pod
-	err := netns.Do(r.netns, func() error {
-		var err error
-		ps, err = node.ListPods()
-		return err
-	})
+	ps, err := r.list()
 	if err != nil {
 		return nil, err
 	}

@@ -315,3 +315,81 @@ func procStat(t *testing.T, pid int) (time.Duration, int64) {
 	rss, _ := strconv.ParseInt(f[21], 10, 64)
 	return time.Duration(ut+st) * 10 * time.Millisecond, rss * int64(os.Getpagesize()) / 1024
 }
+
+// A port enslaved to the pod bridge by hand (no CNI, no registration)
+// sends with a registered pod's address: the drop is the rogue port's,
+// never the victim's, neither while the victim lives (stolen-address)
+// nor after its DEL, from the address it had (no identity): the agent
+// names a pod by the port a packet came in on, not by the bridge and an
+// address anyone on the bridge can send, and re-reads the registrations
+// once they change.
+func TestAuditRogueBridgePort(t *testing.T) {
+	l := newLifeWith(t, nil)
+	app := l.c.App
+	ag := startAgent(l, app)
+	victim := l.pod(app, "team-b", "victim")
+	subs, _, err := app.PodSubnets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rogue4, rogue6 netip.Addr
+	for _, s := range subs {
+		// .61 / ::61 of the node's pod subnets: no IPAM lease this test makes.
+		a := s.Addr().As16()
+		a[15] = 61
+		if s.Addr().Is4() {
+			rogue4 = netip.AddrFrom16(a).Unmap()
+		} else {
+			rogue6 = netip.AddrFrom16(a)
+		}
+	}
+	const rogueIf = "rogue-port0"
+	rogue, err := app.NewUnregisteredBridgePod(l.cl, "rogue", rogueIf, "cni0", rogue4, rogue6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(port uint16) {
+		t.Helper()
+		pkt, err := sim.Packet{Src: netip.AddrPortFrom(victim.IP4, 4000), Dst: netip.AddrPortFrom(sim.InternetV4, port), Proto: unix.IPPROTO_UDP, Payload: []byte("r")}.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := sim.SendRaw(rogue.NS, pkt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(what string, port uint16, reasons ...string) {
+		t.Helper()
+		ln, ok := ag.waitLine(3*time.Second, func(ln audit.Line) bool { return ln.DPort == port && ln.Source == victim.IP4.String() })
+		if !ok {
+			t.Fatalf("%s: no audit line within 3 s; lines %+v\n%s", what, ag.audit(), ag.log())
+		}
+		t.Logf("%s: %+v", what, ln)
+		if ln.Pod != "" || ln.Namespace != "" || ln.ContainerID != "" {
+			t.Errorf("%s: the line names %s/%s (%s), want nobody", what, ln.Namespace, ln.Pod, ln.ContainerID)
+		}
+		if ln.Interface != rogueIf {
+			t.Errorf("%s: interface %q, want %q", what, ln.Interface, rogueIf)
+		}
+		if !slices.Contains(reasons, ln.Reason) {
+			t.Errorf("%s: reason %q, want one of %v", what, ln.Reason, reasons)
+		}
+		if v, ok := ag.mustScrape()[podSeries(victim, ln.Reason)]; ok {
+			t.Errorf("%s: the victim has a %s series (%v)", what, ln.Reason, v)
+		}
+	}
+
+	// The victim's own drop, so that the agent holds it in its cache.
+	udpOnce(t, l, victim, netip.AddrPortFrom(sim.InternetV4, 8450))
+	if ln, ok := ag.waitLine(3*time.Second, func(ln audit.Line) bool { return ln.DPort == 8450 }); !ok || ln.Pod != victim.Name {
+		t.Fatalf("the victim's own drop: %+v (found %v); lines %+v", ln, ok, ag.audit())
+	}
+	send(8451)
+	check("rogue port with the victim's address", 8451, "stolen-address")
+
+	if err := app.DelPod(victim); err != nil {
+		t.Fatal(err)
+	}
+	send(8452)
+	check("rogue port with the deleted victim's address", 8452, "no-identity")
+}
