@@ -16,8 +16,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -49,7 +52,8 @@ func run(cmd string, args []string) int {
 	fs.StringVar(&o.ReadyFile, "ready-file", install.DefaultReadyFile, "file that exists only while our entry is in place")
 	fs.DurationVar(&o.Resync, "resync", install.DefaultResync, "period of a full check besides the file watcher")
 	health := fs.String("health-addr", "", "serve /readyz and /healthz here (e.g. 127.0.0.1:9881); empty: none")
-	metricsPort := fs.Int("metrics-port", install.DefaultMetricsPort, "run: serve Prometheus metrics on this port, all addresses, at /metrics (0: none)")
+	metricsPort := fs.Int("metrics-port", install.DefaultMetricsPort, "run: serve Prometheus metrics on this port, at /metrics (0: none)")
+	metricsBind := fs.String("metrics-bind", "", "run: the address to serve metrics on (e.g. the node's IP from the downward API's status.hostIP); empty: all addresses")
 	auditLog := fs.String("audit-log", "-", `run: write the drop audit (one JSON line per connection attempt) here: "-" is stdout, "" none`)
 	fs.StringVar(&o.StateDir, "state-dir", install.DefaultStateDir, `run: the plugin's "stateDir" as mounted here (pod identity records, which name the pod of a drop)`)
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "run: the node's name in the audit (default $NODE_NAME, else the host name)")
@@ -61,13 +65,12 @@ func run(cmd string, args []string) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *metricsPort < 0 || *metricsPort > 65535 {
-		fmt.Fprintf(os.Stderr, "-metrics-port %d: want a TCP port, 0-65535 (0: none)\n", *metricsPort)
+	addr, err := metricsAddr(*metricsBind, *metricsPort)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	if *metricsPort != 0 {
-		o.MetricsAddr = fmt.Sprintf(":%d", *metricsPort)
-	}
+	o.MetricsAddr = addr
 	if o.NodeName == "" {
 		o.NodeName, _ = os.Hostname()
 	}
@@ -166,4 +169,21 @@ func run(cmd string, args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// metricsAddr is the metrics listen address of -metrics-bind and
+// -metrics-port ("" for port 0: none).
+func metricsAddr(bind string, port int) (string, error) {
+	if port < 0 || port > 65535 {
+		return "", fmt.Errorf("-metrics-port %d: want a TCP port, 0-65535 (0: none)", port)
+	}
+	if bind != "" {
+		if _, err := netip.ParseAddr(bind); err != nil {
+			return "", fmt.Errorf("-metrics-bind %q: want an IP address (empty: all)", bind)
+		}
+	}
+	if port == 0 {
+		return "", nil
+	}
+	return net.JoinHostPort(bind, strconv.Itoa(port)), nil
 }

@@ -133,3 +133,25 @@ func TestRunUninstallOnExit(t *testing.T) {
 		t.Fatalf("log:\n%s", stderr.String())
 	}
 }
+
+func TestMetricsAddr(t *testing.T) {
+	for _, tc := range []struct {
+		bind    string
+		port    int
+		want    string
+		wantErr bool
+	}{
+		{"", 9964, ":9964", false},
+		{"192.0.2.7", 9964, "192.0.2.7:9964", false},
+		{"2001:db8::7", 9964, "[2001:db8::7]:9964", false},
+		{"", 0, "", false},
+		{"node.example", 9964, "", true},
+		{"", 70000, "", true},
+		{"", -1, "", true},
+	} {
+		got, err := metricsAddr(tc.bind, tc.port)
+		if got != tc.want || (err != nil) != tc.wantErr {
+			t.Errorf("metricsAddr(%q, %d) = %q, %v; want %q, error %v", tc.bind, tc.port, got, err, tc.want, tc.wantErr)
+		}
+	}
+}

@@ -5,6 +5,9 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,7 +39,7 @@ var (
 	descRepairs = prometheus.NewDesc("egress_cni_node_rules_repairs_total",
 		"Times the agent found the node rules changed and applied them again.", nil, nil)
 	descUnenforceable = prometheus.NewDesc("egress_cni_pods_unenforceable",
-		"Pods with an attachment that bypasses the host's IP stack (macvlan, ipvlan, SR-IOV), found by the last scan.", nil, nil)
+		"Pods with an attachment that bypasses the host's IP stack (macvlan, ipvlan, SR-IOV), found by the last full scan.", nil, nil)
 )
 
 func newApplySeconds() prometheus.Histogram {
@@ -47,47 +50,91 @@ func newApplySeconds() prometheus.Histogram {
 	})
 }
 
-// nodeCollector reads the node state at every scrape.
-type nodeCollector struct{ in *Installer }
+// nodeReadTTL is how long the node collector reuses its costly kernel
+// reads (Check, a dump of the whole ruleset, and the gateways): scrapes
+// closer together, however many, cost one. The drop counters are read
+// at every scrape (one dump of the named counters): a counter is never
+// staler than the scrape.
+const nodeReadTTL = 2 * time.Second
 
-func (c nodeCollector) Describe(ch chan<- *prometheus.Desc) {
+// nodeCollector reads the node state at a scrape, Check and the
+// gateways at most every nodeReadTTL.
+type nodeCollector struct {
+	in *Installer
+
+	mu    sync.Mutex
+	at    time.Time
+	reads int // reads of Check and the gateways so far (tests)
+	snap  nodeSnapshot
+}
+
+// nodeSnapshot is one read of the node state.
+type nodeSnapshot struct {
+	cfgErr error
+	role   node.Role
+	gws    []node.Gateway
+	drift  error
+	nerr   error
+}
+
+func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descNodeDropped, descGateways, descInSync, descRepairs, descUnenforceable} {
 		ch <- d
 	}
 }
 
-func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
+// read returns the node state, read again if older than nodeReadTTL.
+func (c *nodeCollector) read() nodeSnapshot {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.at.IsZero() && time.Since(c.at) < nodeReadTTL {
+		return c.snap
+	}
+	in := c.in
+	var sn nodeSnapshot
+	cfg, err := node.Load(in.opts.NodeConfig)
+	if err != nil {
+		sn.cfgErr = err
+	} else {
+		sn.role = cfg.Role
+		sn.nerr = netns.Do(in.opts.NetNS, func() error {
+			sn.drift = node.Check(cfg)
+			if cfg.Role == node.RoleEgress {
+				var err error
+				sn.gws, err = node.ListGateways()
+				return err
+			}
+			return nil
+		})
+	}
+	c.snap, c.at = sn, time.Now()
+	c.reads++
+	return sn
+}
+
+func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 	in := c.in
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(in.repairs.Load()))
 	ch <- prometheus.MustNewConstMetric(descUnenforceable, prometheus.GaugeValue, float64(in.unenforceable.Load()))
 	if in.opts.NodeConfig == "" {
 		return
 	}
-	cfg, err := node.Load(in.opts.NodeConfig)
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(descInSync, err)
+	sn := c.read()
+	if sn.cfgErr != nil {
+		ch <- prometheus.NewInvalidMetric(descInSync, sn.cfgErr)
 		return
 	}
-	var (
-		k     node.Counters
-		gws   []node.Gateway
-		drift error
-		kerr  error
-	)
-	nerr := netns.Do(in.opts.NetNS, func() error {
-		drift = node.Check(cfg)
-		k, kerr = node.ReadCounters()
-		if cfg.Role == node.RoleEgress {
-			gws, err = node.ListGateways()
-			return err
-		}
-		return nil
-	})
 	inSync := 1.0
-	if drift != nil {
+	if sn.drift != nil {
 		inSync = 0
 	}
 	ch <- prometheus.MustNewConstMetric(descInSync, prometheus.GaugeValue, inSync)
+	var k node.Counters
+	kerr := netns.Do(in.opts.NetNS, func() error {
+		var err error
+		k, err = node.ReadCounters()
+		return err
+	})
 	if kerr == nil {
 		for _, r := range node.Reasons() {
 			for fam, n := range k.ByReason[r] {
@@ -95,12 +142,12 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
-	if nerr == nil {
+	if sn.nerr == nil {
 		ids := map[string]bool{}
-		for _, g := range gws {
+		for _, g := range sn.gws {
 			ids[g.ContainerID] = true
 		}
-		ch <- prometheus.MustNewConstMetric(descGateways, prometheus.GaugeValue, float64(len(ids)), string(cfg.Role))
+		ch <- prometheus.MustNewConstMetric(descGateways, prometheus.GaugeValue, float64(len(ids)), string(sn.role))
 	}
 }
 
@@ -108,16 +155,41 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 // histogram, the Go runtime and the process (CPU, RSS).
 func (in *Installer) metricsRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(nodeCollector{in}, in.applySeconds,
+	reg.MustRegister(&nodeCollector{in: in}, in.applySeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
 }
 
+// metricsLimits bound what /metrics clients can hold: the endpoint is
+// unauthenticated and, with hostNetwork, on the node's addresses.
+type metricsLimits struct {
+	// MaxConns caps the connections served at once, PerIP those of one
+	// remote address: a connection past either is closed as soon as it
+	// is accepted (no goroutine, no buffer kept), so that one client's
+	// idle connections neither grow the agent nor queue a scraper
+	// from another address behind them.
+	MaxConns, PerIP int
+	// ReadHeader, Read, Write and Idle are the http.Server timeouts.
+	ReadHeader, Read, Write, Idle time.Duration
+	// InFlight caps the scrapes gathered at once (more get 503);
+	// Gather bounds one (promhttp's Timeout, 503 past it).
+	InFlight int
+	Gather   time.Duration
+}
+
+var defaultMetricsLimits = metricsLimits{MaxConns: 64, PerIP: 8, ReadHeader: 5 * time.Second, Read: 10 * time.Second,
+	Write: 30 * time.Second, Idle: 15 * time.Second, InFlight: 4, Gather: 20 * time.Second}
+
 // serveMetrics serves reg at /metrics on l until ctx ends.
-func serveMetrics(ctx context.Context, l net.Listener, reg *prometheus.Registry) error {
+func serveMetrics(ctx context.Context, l net.Listener, reg *prometheus.Registry, lim metricsLimits) error {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError,
+		MaxRequestsInFlight: lim.InFlight, Timeout: lim.Gather}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: lim.ReadHeader, ReadTimeout: lim.Read,
+		WriteTimeout: lim.Write, IdleTimeout: lim.Idle, MaxHeaderBytes: 8 << 10}
+	if lim.MaxConns > 0 {
+		l = &capListener{Listener: l, total: lim.MaxConns, perIP: max(1, lim.PerIP), byIP: map[netip.Addr]int{}}
+	}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -126,6 +198,61 @@ func serveMetrics(ctx context.Context, l net.Listener, reg *prometheus.Registry)
 		return err
 	}
 	return nil
+}
+
+// capListener accepts at most total connections at once, perIP of one
+// remote address; it closes the others at once.
+type capListener struct {
+	net.Listener
+	total, perIP int
+	refused      atomic.Uint64
+
+	mu   sync.Mutex
+	n    int
+	byIP map[netip.Addr]int
+}
+
+func (l *capListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		var ip netip.Addr
+		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+			ip = ap.Addr().Unmap()
+		}
+		l.mu.Lock()
+		if l.n >= l.total || l.byIP[ip] >= l.perIP {
+			l.mu.Unlock()
+			l.refused.Add(1)
+			c.Close()
+			continue
+		}
+		l.n++
+		l.byIP[ip]++
+		l.mu.Unlock()
+		return &capConn{Conn: c, l: l, ip: ip}, nil
+	}
+}
+
+type capConn struct {
+	net.Conn
+	l    *capListener
+	ip   netip.Addr
+	once sync.Once
+}
+
+func (c *capConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		c.l.n--
+		if c.l.byIP[c.ip]--; c.l.byIP[c.ip] <= 0 {
+			delete(c.l.byIP, c.ip)
+		}
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
 }
 
 // startObservability starts, for Run, the metrics endpoint and the drop
@@ -172,7 +299,7 @@ func (in *Installer) startObservability(ctx context.Context) {
 	}
 	in.log.Info("serving metrics", "addr", l.Addr().String(), "path", "/metrics")
 	go func() {
-		if err := serveMetrics(ctx, l, reg); err != nil {
+		if err := serveMetrics(ctx, l, reg, defaultMetricsLimits); err != nil {
 			in.log.Error("metrics endpoint stopped", "error", err)
 		}
 	}()
