@@ -89,6 +89,7 @@ type Auditor struct {
 	received atomic.Uint64
 	lostN    atomic.Uint64
 	logged   atomic.Uint64
+	bound    atomic.Bool
 
 	podDrops *prometheus.CounterVec
 	lost     prometheus.CounterFunc
@@ -147,6 +148,9 @@ func (a *Auditor) Stats() Stats {
 	return Stats{Received: a.received.Load(), Lost: a.lostN.Load(), Logged: a.logged.Load(), Suppressed: sup}
 }
 
+// Bound says whether Run holds the NFLOG group now.
+func (a *Auditor) Bound() bool { return a.bound.Load() }
+
 // Run binds the NFLOG group and processes events until ctx ends.
 func (a *Auditor) Run(ctx context.Context) error {
 	cfg := &nflog.Config{Group: a.o.Group, Copymode: nflog.CopyPacket, Bufsize: 128,
@@ -195,6 +199,8 @@ func (a *Auditor) Run(ctx context.Context) error {
 	if err := nf.RegisterWithErrorFunc(ctx, hook, errfn); err != nil {
 		return fmt.Errorf("audit: could not bind NFLOG group %d: %w", a.o.Group, err)
 	}
+	a.bound.Store(true)
+	defer a.bound.Store(false)
 	a.log.Info("audit: reading node-rule drops", "group", a.o.Group, "stateDir", a.o.StateDir)
 	sweepEvery := a.o.PodRetention / 4
 	sweepEvery = max(100*time.Millisecond, min(sweepEvery, 30*time.Second))

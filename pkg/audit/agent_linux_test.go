@@ -32,15 +32,24 @@ func TestOneReaderPerGroup(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("first reader never bound")
 	}
+	if !first.Bound() {
+		t.Error("the first reader is bound but says it is not")
+	}
 	second, _ := New(Options{NetNS: host.Path(), Group: 4242})
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel2()
 	if err := second.Run(ctx2); err == nil || !strings.Contains(err.Error(), "could not bind NFLOG group 4242") {
 		t.Fatalf("second reader of the group: %v", err)
 	}
+	if second.Bound() {
+		t.Error("the second reader failed to bind but says it is bound")
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("first reader: %v", err)
+	}
+	if first.Bound() {
+		t.Error("the first reader stopped but says it is bound")
 	}
 	// Another group in the same namespace, and the first group once its
 	// reader is gone, bind.

@@ -123,15 +123,21 @@ func nsInode(path string) (uint64, error) {
 
 // scanAttachments runs ScanAttachments for Run: it logs each attachment
 // once when it appears, and the count at every change.
+// egress_cni_attachment_scan_up says whether the last scan ran: the
+// unenforceable count is the last full scan's, and a disabled or failing
+// scan must not read as "none found".
 func (in *Installer) scanAttachments() {
 	if in.opts.NetNSDir == "" {
+		in.scanUp.Store(false)
 		return
 	}
 	found, err := ScanAttachments(in.opts.NetNSDir, in.opts.NetNS)
 	if err != nil {
+		in.scanUp.Store(false)
 		in.log.Warn("could not scan pods for host-bypassing attachments", "error", err)
 		return
 	}
+	in.scanUp.Store(true)
 	seen := map[string]bool{}
 	for _, u := range found {
 		seen[u.String()] = true

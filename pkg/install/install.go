@@ -124,6 +124,8 @@ type Installer struct {
 	// Run's goroutine touches it); unenforceable: their count.
 	bypassing     map[string]bool
 	unenforceable atomic.Int64
+	// scanUp: the last attachment scan ran fully.
+	scanUp atomic.Bool
 	// repairs counts node-rule repairs; watching: the monitor is up.
 	repairs  atomic.Int64
 	watching atomic.Bool

@@ -39,7 +39,11 @@ var (
 	descRepairs = prometheus.NewDesc("egress_cni_node_rules_repairs_total",
 		"Times the agent found the node rules changed and applied them again.", nil, nil)
 	descUnenforceable = prometheus.NewDesc("egress_cni_pods_unenforceable",
-		"Pods with an attachment that bypasses the host's IP stack (macvlan, ipvlan, SR-IOV), found by the last full scan.", nil, nil)
+		"Pods with an attachment that bypasses the host's IP stack (macvlan, ipvlan, SR-IOV), found by the last full scan (see egress_cni_attachment_scan_up).", nil, nil)
+	descScanUp = prometheus.NewDesc("egress_cni_attachment_scan_up",
+		"1 when the last scan for host-bypassing attachments ran fully, 0 when it failed or is disabled (-netns-dir \"\"): egress_cni_pods_unenforceable then says nothing.", nil, nil)
+	descAuditUp = prometheus.NewDesc("egress_cni_audit_up",
+		"1 while the drop audit reads its NFLOG group, 0 otherwise (not started, or the group cannot be bound): drops are still counted by the kernel, but neither logged nor counted per pod.", nil, nil)
 )
 
 func newApplySeconds() prometheus.Histogram {
@@ -78,7 +82,7 @@ type nodeSnapshot struct {
 }
 
 func (c *nodeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descNodeDropped, descGateways, descInSync, descRepairs, descUnenforceable} {
+	for _, d := range []*prometheus.Desc{descNodeDropped, descGateways, descInSync, descRepairs, descUnenforceable, descScanUp, descAuditUp} {
 		ch <- d
 	}
 }
@@ -116,6 +120,9 @@ func (c *nodeCollector) Collect(ch chan<- prometheus.Metric) {
 	in := c.in
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(in.repairs.Load()))
 	ch <- prometheus.MustNewConstMetric(descUnenforceable, prometheus.GaugeValue, float64(in.unenforceable.Load()))
+	ch <- prometheus.MustNewConstMetric(descScanUp, prometheus.GaugeValue, b2f(in.scanUp.Load()))
+	a := in.auditor.Load()
+	ch <- prometheus.MustNewConstMetric(descAuditUp, prometheus.GaugeValue, b2f(a != nil && a.Bound()))
 	if in.opts.NodeConfig == "" {
 		return
 	}
@@ -158,6 +165,13 @@ func (in *Installer) metricsRegistry() *prometheus.Registry {
 	reg.MustRegister(&nodeCollector{in: in}, in.applySeconds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // metricsLimits bound what /metrics clients can hold: the endpoint is

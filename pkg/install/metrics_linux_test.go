@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -16,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/pkg/audit"
 )
 
 // vmRSS is this process's resident set, as /proc reports it.
@@ -177,5 +180,57 @@ func TestNodeCollectorCachesReads(t *testing.T) {
 	_, _ = reg.Gather()
 	if c.reads != 2 {
 		t.Errorf("a scrape past the TTL did not read again (%d reads)", c.reads)
+	}
+}
+
+// gauge reads one unlabelled gauge from reg.
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no %s", name)
+	return 0
+}
+
+// egress_cni_pods_unenforceable reads 0 when no scan ran as well as when
+// one found nothing: egress_cni_attachment_scan_up tells them apart.
+// egress_cni_audit_up is 0 while no audit reads the NFLOG group.
+func TestScanAndAuditUp(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "not-a-dir")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in := &Installer{log: slog.New(slog.NewTextHandler(io.Discard, nil)), applySeconds: newApplySeconds()}
+	reg := in.metricsRegistry()
+	for _, tc := range []struct {
+		dir  string
+		want float64
+	}{{"", 0}, {file, 0}, {t.TempDir(), 1}, {file, 0}} {
+		in.opts.NetNSDir = tc.dir
+		in.scanAttachments()
+		if got := gauge(t, reg, "egress_cni_attachment_scan_up"); got != tc.want {
+			t.Errorf("scan of %q: egress_cni_attachment_scan_up %v, want %v", tc.dir, got, tc.want)
+		}
+		if got := gauge(t, reg, "egress_cni_pods_unenforceable"); got != 0 {
+			t.Errorf("scan of %q: egress_cni_pods_unenforceable %v", tc.dir, got)
+		}
+	}
+	if got := gauge(t, reg, "egress_cni_audit_up"); got != 0 {
+		t.Errorf("no audit: egress_cni_audit_up %v, want 0", got)
+	}
+	a, err := audit.New(audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.auditor.Store(a)
+	if got := gauge(t, reg, "egress_cni_audit_up"); got != 0 {
+		t.Errorf("an audit not running: egress_cni_audit_up %v, want 0", got)
 	}
 }

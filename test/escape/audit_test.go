@@ -119,10 +119,18 @@ func testAuditAndMetrics(t *testing.T, opts *sim.Options) {
 		t.Errorf("pod counter moved by %v, want 1", d)
 	}
 	for _, k := range []string{"egress_cni_node_rules_in_sync", `egress_cni_gateways{node_role="app"}`, "egress_cni_node_rules_repairs_total",
-		"egress_cni_pods_unenforceable", "egress_cni_node_rules_apply_seconds_count", "egress_cni_audit_events_lost_total"} {
+		"egress_cni_pods_unenforceable", "egress_cni_node_rules_apply_seconds_count", "egress_cni_audit_events_lost_total",
+		"egress_cni_audit_up", "egress_cni_attachment_scan_up"} {
 		if _, ok := after[k]; !ok {
 			t.Errorf("/metrics lacks %s", k)
 		}
+	}
+	// The agent reads its NFLOG group; the simulated node runs it with
+	// -netns-dir "": no attachment scan, which must not read as one
+	// that found nothing.
+	if after["egress_cni_audit_up"] != 1 || after["egress_cni_attachment_scan_up"] != 0 {
+		t.Errorf("egress_cni_audit_up %v, egress_cni_attachment_scan_up %v; want 1 and 0 (scan disabled)",
+			after["egress_cni_audit_up"], after["egress_cni_attachment_scan_up"])
 	}
 	if after["egress_cni_node_rules_in_sync"] != 1 || after["egress_cni_node_rules_apply_seconds_count"] < 1 {
 		t.Errorf("in sync %v, applies %v; want 1 and at least 1", after["egress_cni_node_rules_in_sync"], after["egress_cni_node_rules_apply_seconds_count"])
