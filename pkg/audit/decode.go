@@ -20,7 +20,7 @@ type Packet struct {
 	Family   string // node.FamilyIPv4, node.FamilyIPv6 or node.FamilyOther
 	Src, Dst netip.Addr
 	// Proto is the transport protocol's name (tcp, udp, icmp, ipv6-icmp,
-	// sctp) or its number.
+	// sctp) or its number, or ProtoTruncated.
 	Proto string
 	// DPort is the destination port of tcp, udp and sctp; 0 otherwise.
 	DPort uint16
@@ -33,6 +33,13 @@ const (
 )
 
 var errShort = errors.New("packet too short")
+
+// ProtoTruncated is the Proto of an IPv6 packet whose extension headers
+// run past the bytes NFLOG copied (its snaplen): its transport protocol
+// and port are unknown. A pod can choose such a chain (a destination
+// options header is up to 2,048 bytes); the drop is still counted and
+// logged, with what the headers said.
+const ProtoTruncated = "truncated"
 
 // Decode reads the network and transport headers of an NFLOG payload
 // (which starts at the network header). etherType is the packet's
@@ -91,18 +98,18 @@ func decode6(b []byte) (Packet, error) {
 		switch next {
 		case 0, 43, 60: // hop-by-hop, routing, destination options
 			if len(rest) < 8 {
-				p.Proto = protoName(next)
+				p.Proto = ProtoTruncated
 				return p, nil
 			}
 			n := 8 + int(rest[1])*8
 			if len(rest) < n {
-				p.Proto = protoName(next)
+				p.Proto = ProtoTruncated
 				return p, nil
 			}
 			next, rest = rest[0], rest[n:]
 		case 44: // fragment
 			if len(rest) < 8 {
-				p.Proto = protoName(next)
+				p.Proto = ProtoTruncated
 				return p, nil
 			}
 			off := binary.BigEndian.Uint16(rest[2:4]) &^ 7

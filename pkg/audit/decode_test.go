@@ -67,6 +67,31 @@ func TestDecode(t *testing.T) {
 			t.Errorf("%s: got %+v, %v; want %+v", tc.name, got, err, tc.want)
 		}
 	}
+	// A 96-byte destination options header before UDP: the whole of it
+	// within the node's snaplen, the port is read; cut at the snaplen
+	// the node had before (128), the decoder says truncated, not the
+	// options header's number or a port read from its padding.
+	dstopts := make([]byte, 96)
+	dstopts[0], dstopts[1] = 17, 11 // next header udp; (11+1)*8 bytes
+	v6 := ipv6("2001:db8:1a::7", "2001:db8:ff::10", 60, append(dstopts, ports(5353, 8443)...))
+	if len(v6) > node.AuditSnaplen {
+		t.Fatalf("the test packet (%d bytes) exceeds the node's snaplen %d", len(v6), node.AuditSnaplen)
+	}
+	want := Packet{node.FamilyIPv6, netip.MustParseAddr("2001:db8:1a::7"), netip.MustParseAddr("2001:db8:ff::10"), "udp", 8443}
+	if got, err := Decode(etherTypeIPv6, v6[:min(len(v6), node.AuditSnaplen)]); err != nil || got != want {
+		t.Errorf("udp behind 96 bytes of destination options, snapped at %d: got %+v, %v; want %+v", node.AuditSnaplen, got, err, want)
+	}
+	for _, cut := range []int{128, 40 + 4, 40 + 95} {
+		want := Packet{node.FamilyIPv6, netip.MustParseAddr("2001:db8:1a::7"), netip.MustParseAddr("2001:db8:ff::10"), ProtoTruncated, 0}
+		if got, err := Decode(etherTypeIPv6, v6[:cut]); err != nil || got != want {
+			t.Errorf("the same cut at %d bytes: got %+v, %v; want %+v", cut, got, err, want)
+		}
+	}
+	frag := ipv6("2001:db8:1a::7", "2001:db8:ff::10", 44, []byte{17, 0, 0})
+	if got, _ := Decode(etherTypeIPv6, frag); got.Proto != ProtoTruncated {
+		t.Errorf("a cut fragment header: proto %q, want %q", got.Proto, ProtoTruncated)
+	}
+
 	for _, b := range [][]byte{{0x45, 0}, ipv4("198.51.100.7", "203.0.113.10", 6, 0, nil)[:19], {0x60}} {
 		if _, err := Decode(0, b); err == nil {
 			t.Errorf("%x: truncated header accepted", b)

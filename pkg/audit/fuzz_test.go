@@ -7,7 +7,7 @@ import (
 )
 
 // The bytes Decode reads are what a pod sent (the NFLOG payload of a
-// dropped packet, snaplen 128): any of them must give a Packet or an
+// dropped packet, snaplen 256): any of them must give a Packet or an
 // error, never a panic, which would take the agent down with the
 // installer's run mode.
 func FuzzDecode(f *testing.F) {

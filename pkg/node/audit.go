@@ -63,9 +63,11 @@ const (
 	DefaultAuditGroup = 9964
 	DefaultAuditRate  = 100
 	DefaultAuditBurst = 20
-	// auditSnaplen is how much of each packet NFLOG copies: the network
-	// and transport headers.
-	auditSnaplen = 128
+	// AuditSnaplen is how much of each packet NFLOG copies: the network
+	// and transport headers, with up to 212 bytes of IPv6 extension
+	// headers before the port (a longer chain is reported as truncated
+	// by the audit).
+	AuditSnaplen = 256
 )
 
 // ReasonOfPrefix returns the reason an NFLOG prefix carries, or "".
@@ -136,12 +138,12 @@ func (p *program) auditChain(a auditSpec) *chainSpec {
 	ch := &chainSpec{family: a.family, name: AuditChain(a.reason)}
 	prefix := AuditPrefix + string(a.reason)
 	ch.rules = append(ch.rules, (&rule{}).add(fmt.Sprintf("limit rate %d/second burst %d packets log prefix %q group %d snaplen %d",
-		cfg.AuditRate, cfg.AuditBurst, prefix, cfg.AuditGroup, auditSnaplen),
+		cfg.AuditRate, cfg.AuditBurst, prefix, cfg.AuditGroup, AuditSnaplen),
 		// [ limit rate N/second burst B type packets flags 0x0 ]
 		&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(cfg.AuditRate), Unit: expr.LimitTimeSecond, Burst: cfg.AuditBurst},
-		// [ log prefix P group G snaplen 128 ]
+		// [ log prefix P group G snaplen 256 ]
 		&expr.Log{Key: 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_SNAPLEN,
-			Group: cfg.AuditGroup, Snaplen: auditSnaplen, Data: []byte(prefix)}))
+			Group: cfg.AuditGroup, Snaplen: AuditSnaplen, Data: []byte(prefix)}))
 	for _, fam := range a.families {
 		r := &rule{}
 		switch {
