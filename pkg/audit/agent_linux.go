@@ -17,7 +17,9 @@ import (
 	"time"
 
 	nflog "github.com/florianl/go-nflog/v2"
+	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -32,6 +34,8 @@ const (
 	queueLen = 4096
 	// dedupMax bounds the remembered attempts.
 	dedupMax = 16384
+	// DefaultReadBuffer is the NFLOG socket's receive buffer asked for.
+	DefaultReadBuffer = 4 << 20
 )
 
 // Options configure an Auditor.
@@ -53,6 +57,11 @@ type Options struct {
 	// PodRetention is how long a gone pod's series are kept; 0 turns
 	// the per-pod series off.
 	PodRetention time.Duration
+	// ReadBuffer is the NFLOG socket's receive buffer (bytes; 0:
+	// DefaultReadBuffer). It is set with SO_RCVBUFFORCE (the agent has
+	// CAP_NET_ADMIN), past net.core.rmem_max, else with SO_RCVBUF,
+	// which the kernel caps at rmem_max; the size obtained is logged.
+	ReadBuffer int
 	// Registerer gets the per-pod counter and the loss counter; nil:
 	// none.
 	Registerer prometheus.Registerer
@@ -90,6 +99,7 @@ type Auditor struct {
 	lostN    atomic.Uint64
 	logged   atomic.Uint64
 	bound    atomic.Bool
+	rcvbuf   atomic.Int64
 
 	podDrops *prometheus.CounterVec
 	lost     prometheus.CounterFunc
@@ -148,6 +158,32 @@ func (a *Auditor) Stats() Stats {
 	return Stats{Received: a.received.Load(), Lost: a.lostN.Load(), Logged: a.logged.Load(), Suppressed: sup}
 }
 
+// ReadBuffer is the NFLOG socket's receive buffer as the kernel reports
+// it (SO_RCVBUF: twice the size set, for its bookkeeping); 0 before Run
+// opens the socket.
+func (a *Auditor) ReadBuffer() int { return int(a.rcvbuf.Load()) }
+
+// setReadBuffer sets the socket's receive buffer with SO_RCVBUFFORCE,
+// else SO_RCVBUF, and returns the size the kernel reports and whether
+// the forced one took.
+func setReadBuffer(c *netlink.Conn, size int) (int, bool) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		_ = c.SetReadBuffer(size)
+		return 0, false
+	}
+	var forced bool
+	got := 0
+	_ = rc.Control(func(fd uintptr) {
+		forced = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) == nil
+		if !forced {
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, size)
+		}
+		got, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
+	})
+	return got, forced
+}
+
 // Bound says whether Run holds the NFLOG group now.
 func (a *Auditor) Bound() bool { return a.bound.Load() }
 
@@ -172,7 +208,16 @@ func (a *Auditor) Run(ctx context.Context) error {
 	defer nf.Close()
 	// A large receive buffer rides out bursts; what overflows it is
 	// counted (ENOBUFS), not silently lost.
-	_ = nf.Con.SetReadBuffer(4 << 20)
+	size := a.o.ReadBuffer
+	if size <= 0 {
+		size = DefaultReadBuffer
+	}
+	got, forced := setReadBuffer(nf.Con, size)
+	a.rcvbuf.Store(int64(got))
+	if !forced && got < size {
+		a.log.Warn("audit: the NFLOG receive buffer is smaller than asked (no CAP_NET_ADMIN for SO_RCVBUFFORCE; net.core.rmem_max caps it)",
+			"asked", size, "bytes", got)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	hook := func(m nflog.Attribute) int {
@@ -201,7 +246,7 @@ func (a *Auditor) Run(ctx context.Context) error {
 	}
 	a.bound.Store(true)
 	defer a.bound.Store(false)
-	a.log.Info("audit: reading node-rule drops", "group", a.o.Group, "stateDir", a.o.StateDir)
+	a.log.Info("audit: reading node-rule drops", "group", a.o.Group, "stateDir", a.o.StateDir, "receiveBuffer", got)
 	sweepEvery := a.o.PodRetention / 4
 	sweepEvery = max(100*time.Millisecond, min(sweepEvery, 30*time.Second))
 	sweep := time.NewTicker(sweepEvery)

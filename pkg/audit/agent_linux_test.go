@@ -3,6 +3,8 @@ package audit
 import (
 	"context"
 	"log/slog"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -76,4 +78,49 @@ func (w *signalWriter) Write(p []byte) (int, error) {
 		w.once.Do(func() { close(w.ch) })
 	}
 	return len(p), nil
+}
+
+// The NFLOG socket gets the receive buffer asked for even past
+// net.core.rmem_max (SO_RCVBUFFORCE, CAP_NET_ADMIN), which SO_RCVBUF
+// alone is capped at.
+func TestReadBufferPastRmemMax(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	b, err := os.ReadFile("/proc/sys/net/core/rmem_max")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rmemMax, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rmemMax > 64<<20 {
+		t.Skipf("net.core.rmem_max is %d: asking past it would take too much memory", rmemMax)
+	}
+	// SO_RCVBUF reports twice what was set; capped, at most 2*rmem_max.
+	ask := 4 * rmemMax
+	host := nstest.NewNS(t)
+	bound := &signalWriter{word: "reading node-rule drops", ch: make(chan struct{})}
+	a, err := New(Options{NetNS: host.Path(), Group: 4244, ReadBuffer: ask, Logger: slog.New(slog.NewTextHandler(bound, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	select {
+	case <-bound.ch:
+	case err := <-done:
+		t.Fatalf("reader: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("reader never bound")
+	}
+	got := a.ReadBuffer()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rmem_max %d, asked %d, SO_RCVBUF %d", rmemMax, ask, got)
+	if got < ask {
+		t.Errorf("receive buffer %d, want at least the %d asked (rmem_max %d)", got, ask, rmemMax)
+	}
 }
