@@ -61,10 +61,22 @@ func TestResolverAttribution(t *testing.T) {
 	if id, _ := r.pod("", "cni0", victimIP, node.ReasonNotAGateway, now.Add(time.Millisecond)); id.ContainerID != "" {
 		t.Errorf("a deleted pod's address is named as %+v", id)
 	}
+	// The address is given to a new pod on another port: its drops
+	// name it, not the deleted one.
+	time.Sleep(20 * time.Millisecond)
+	pods = []node.Pod{routed, {ContainerID: "c-new", Port: "veth-new", L3: "cni0", IPs: []netip.Addr{victimIP}}}
+	if err := node.WriteIdentity(dir, node.Identity{ContainerID: "c-new", Namespace: "team-a", Name: "new", Port: "veth-new", L3: "cni0"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, phys := range []string{"veth-new", ""} {
+		if id, _ := r.pod(phys, "cni0", victimIP, node.ReasonNotAGateway, now.Add(2*time.Millisecond)); id.Name != "new" {
+			t.Errorf("the reused address (port %q) is named as %+v, want team-a/new", phys, id)
+		}
+	}
 	// A registration gone with no record change: re-read after
 	// refreshEvery at the latest.
 	pods = nil
-	if id, _ := r.pod("", "veth-routed", netip.Addr{}, node.ReasonNotAGateway, now.Add(refreshEvery+time.Millisecond)); id.ContainerID != "" {
+	if id, _ := r.pod("", "veth-routed", netip.Addr{}, node.ReasonNotAGateway, now.Add(2*time.Millisecond+refreshEvery+time.Millisecond)); id.ContainerID != "" {
 		t.Errorf("a deregistered pod is named as %+v after refreshEvery", id)
 	}
 }
