@@ -69,7 +69,8 @@ func TestParseConfigAllKeys(t *testing.T) {
 	want.OutboundIncludeAll = false
 	want.OutboundIncludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.0/24")}
 	want.OutboundExcludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}
-	want.InboundExcludePorts = ports(9000, 15020, 15021, 15090)
+	// The order as written: istio-iptables keeps it (one rule per port).
+	want.InboundExcludePorts = ports(15090, 15021, 15020, 9000)
 	want.OutboundIncludePorts = ports(25)
 	want.OutboundExcludePorts = ports(3306, 5432)
 	want.ExcludeInterfaces = []string{"eth1"}

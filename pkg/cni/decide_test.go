@@ -111,7 +111,9 @@ func TestDecideAnnotationOverrides(t *testing.T) {
 	want.OutboundExcludePorts = ports(3306)
 	want.OutboundIncludePorts = ports(8443)
 	// The proxy's own ports stay excluded, as istio-cni does.
-	want.InboundExcludePorts = ports(9000, 15020, 15021, 15090)
+	// In the order written (the annotation, then the proxy's ports), as
+	// istio-iptables keeps it.
+	want.InboundExcludePorts = ports(9000, 15090, 15021, 15020)
 	want.ExcludeInterfaces = []string{"eth1"}
 	if diff := cmp.Diff(want, d.Config, prefixCmp); diff != "" {
 		t.Errorf("config (-want +got):\n%s", diff)
@@ -221,8 +223,9 @@ func TestAnnotationFieldsRelabelEveryEngineField(t *testing.T) {
 		if _, ok := ConfigKeys[f]; !ok {
 			t.Errorf("annotation %s maps to %s, which has no config key", a, f)
 		}
-		// The config key is the annotation's suffix.
-		if k := ConfigKeys[f]; !strings.HasSuffix(a, "/"+k) {
+		// The config key is the annotation's suffix (istio.io/reroute-
+		// virtual-interfaces is the newer name of kubevirtInterfaces).
+		if k := ConfigKeys[f]; a != rules.AnnotationRerouteVirtualInterfaces && !strings.HasSuffix(a, "/"+k) {
 			t.Errorf("annotation %s and config key %s differ", a, k)
 		}
 	}

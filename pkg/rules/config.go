@@ -3,7 +3,8 @@ package rules
 import (
 	"fmt"
 	"net/netip"
-	"slices"
+	"strconv"
+	"strings"
 )
 
 // Mode is the inbound interception mode, as Istio's -m flag and the
@@ -111,6 +112,34 @@ type Config struct {
 	DNSPort     uint16
 
 	Families Families
+
+	// The options below are parsed (see the registry, options.go) so
+	// that istio-iptables' argv and environment are accepted; Validate
+	// refuses the values Build does not implement yet, naming the field.
+
+	// TProxyMark and TProxyRouteTable are TPROXY mode's mark and route
+	// table (-t 1337, -r 133).
+	TProxyMark       uint32
+	TProxyRouteTable uint32
+	// RerouteVirtualInterfaces (-k): inbound traffic from these
+	// interfaces is treated as outbound.
+	RerouteVirtualInterfaces []string
+	// CaptureAllDNS: with RedirectDNS, capture DNS to every address
+	// rather than to the nameservers in DNSServers.
+	CaptureAllDNS bool
+	// DNSServers are the pod's nameservers (from /etc/resolv.conf).
+	DNSServers []netip.Addr
+	// DropInvalid drops packets conntrack deems INVALID.
+	DropInvalid bool
+	// OwnerGroupsInclude: only traffic of these groups is captured; nil
+	// means every group ('*'). OwnerGroupsExclude: traffic of these
+	// groups is not captured.
+	OwnerGroupsInclude []uint32
+	OwnerGroupsExclude []uint32
+	// IPv4LoopbackCIDR is the loopback range the app's loopback traffic
+	// goes to (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR); nil is the default,
+	// 127.0.0.1/32.
+	IPv4LoopbackCIDR *netip.Prefix
 }
 
 // Istio's defaults, as its sidecar injector passes them.
@@ -127,20 +156,9 @@ var DefaultInboundExcludePorts = []PortRange{{15090, 15090}, {15021, 15021}, {15
 
 // DefaultConfig returns the configuration that Istio's injector asks for:
 // -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020.
+// It is the PodDefault column of the option registry (options.go).
 func DefaultConfig() Config {
-	return Config{
-		ProxyPort:           DefaultProxyPort,
-		InboundPort:         DefaultInboundPort,
-		InboundTunnelPort:   DefaultInboundTunnelPort,
-		ProxyUIDs:           []uint32{DefaultProxyUID},
-		ProxyGIDs:           []uint32{DefaultProxyUID},
-		Mode:                ModeRedirect,
-		OutboundIncludeAll:  true,
-		InboundIncludeAll:   true,
-		InboundExcludePorts: slices.Clone(DefaultInboundExcludePorts),
-		DNSPort:             DefaultDNSPort,
-		Families:            DualStack,
-	}
+	return podDefaults.clone()
 }
 
 // Validate checks the cross-field rules that single-field parsing cannot:
@@ -172,6 +190,9 @@ func (c *Config) Validate() error {
 		return fieldErr(FieldMode, string(c.Mode), "NONE means no capture; the caller must skip the pod instead of building rules")
 	default:
 		return fieldErr(FieldMode, string(c.Mode), "must be REDIRECT or TPROXY")
+	}
+	if err := c.validateUnimplemented(); err != nil {
+		return err
 	}
 	if len(c.ProxyUIDs) == 0 && len(c.ProxyGIDs) == 0 {
 		return fieldErr(FieldProxyUID, "", "at least one proxy UID or GID is required, or the proxy's own traffic loops back into itself")
@@ -228,4 +249,35 @@ func portConflict(inField string, in []PortRange, exField string, ex []PortRange
 		}
 	}
 	return nil
+}
+
+var defaultIPv4Loopback = netip.MustParsePrefix("127.0.0.1/32")
+
+// validateUnimplemented refuses the options that are parsed but not built
+// yet, rather than start a pod with a capture it did not ask for.
+func (c *Config) validateUnimplemented() error {
+	if len(c.RerouteVirtualInterfaces) > 0 {
+		return fieldErr(FieldRerouteVirtualInterfaces, strings.Join(c.RerouteVirtualInterfaces, ","), "rerouting virtual interfaces is not supported yet")
+	}
+	if c.DropInvalid {
+		return fieldErr(FieldDropInvalid, "true", "dropping conntrack INVALID packets is not supported yet")
+	}
+	if len(c.OwnerGroupsInclude) > 0 {
+		return fieldErr(EnvOwnerGroups, idList(c.OwnerGroupsInclude), "capturing only some owner groups is not supported yet")
+	}
+	if len(c.OwnerGroupsExclude) > 0 {
+		return fieldErr(EnvOwnerGroupsExclude, idList(c.OwnerGroupsExclude), "excluding owner groups is not supported yet")
+	}
+	if c.IPv4LoopbackCIDR != nil && *c.IPv4LoopbackCIDR != defaultIPv4Loopback {
+		return fieldErr(EnvIPv4LoopbackCIDR, c.IPv4LoopbackCIDR.String(), "a loopback range other than 127.0.0.1/32 is not supported yet")
+	}
+	return nil
+}
+
+func idList(ids []uint32) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.FormatUint(uint64(id), 10)
+	}
+	return strings.Join(s, ",")
 }

@@ -701,7 +701,7 @@ func TestBadInput(t *testing.T) {
 	}
 	cfg = rules.DefaultConfig()
 	bad := "10.0.0.0/33"
-	if err := cfg.ApplyOptions(rules.Options{OutboundExcludeCIDRs: &bad}); err == nil {
+	if err := cfg.ApplyOptions(rules.Options{rules.FieldOutboundExcludeCIDRs: bad}); err == nil {
 		t.Error("ApplyOptions accepted 10.0.0.0/33")
 	}
 	if d := cmp.Diff(rules.DefaultConfig(), cfg); d != "" {
