@@ -9,8 +9,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -322,6 +324,16 @@ func parseValues(values map[string]string, from map[string]source, lookupEnv fun
 	if err := cfg.ApplyOptions(opts); err != nil {
 		return nil, err
 	}
+	// As istio-iptables: DNS is captured to the pod's nameservers, read
+	// from /etc/resolv.conf, unless --capture-all-dns; with none, DNS
+	// capture is off.
+	if cfg.RedirectDNS && !cfg.CaptureAllDNS {
+		servers, err := nameservers(resolvConf)
+		if err != nil {
+			return nil, fmt.Errorf("--%s: %w", rules.FieldRedirectDNS, err)
+		}
+		cfg.DNSServers = servers
+	}
 	// NONE means "no capture": Run reports it and applies nothing, so
 	// there is nothing to validate. Cleanup needs no valid config either,
 	// and neither does validation alone.
@@ -411,4 +423,30 @@ func backendOf(values map[string]string, native bool) (rules.BackendName, error)
 		err = pick(optForceIptablesBinary, forced)
 	}
 	return b, err
+}
+
+// resolvConf is the file the nameservers are read from.
+var resolvConf = "/etc/resolv.conf"
+
+// nameservers returns the nameserver addresses of a resolv.conf.
+func nameservers(path string) ([]netip.Addr, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("could not read the nameservers: %w", err)
+	}
+	var out []netip.Addr
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 || f[0] != "nameserver" {
+			continue
+		}
+		a, err := netip.ParseAddr(f[1])
+		if err != nil {
+			continue // as resolvers do: an unparsable entry is skipped
+		}
+		if a = a.WithZone(""); !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }

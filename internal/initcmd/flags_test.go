@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -62,6 +63,9 @@ func TestInjectorArgvDefaultPod(t *testing.T) {
 	inv := mustParse(t, argvDefault, nil)
 	want := rules.DefaultConfig()
 	want.InboundExcludePorts = pr(15090, 15021)
+	// istio-iptables' default; the CNI plugin's (DefaultConfig) is to
+	// capture DNS to every address, having no resolv.conf to read.
+	want.CaptureAllDNS = false
 	if d := cmp.Diff(want, inv.Config, prefixCmp); d != "" {
 		t.Errorf("config (-want +got):\n%s", d)
 	}
@@ -255,7 +259,7 @@ func TestBadInputNamesFieldAndValue(t *testing.T) {
 		{[]string{"--backend", "iptables-legacy", "--native-nftables"}, nil, "native-nftables"},
 		{[]string{"--log_output_level=default:loud"}, nil, `log_output_level "default:loud"`},
 		{[]string{"--vklog=x"}, nil, `vklog "x"`},
-		{[]string{"-k", "net1"}, nil, `kube-virt-interfaces "net1"`},
+		{[]string{"-k", "net1,bad/name"}, nil, `kube-virt-interfaces "bad/name"`},
 		{[]string{"--drop-invalid"}, nil, "drop-invalid"},
 		{[]string{"--redirect-dns=perhaps"}, nil, "redirect-dns"},
 		{[]string{"extra"}, nil, `unexpected argument "extra"`},
@@ -267,9 +271,59 @@ func TestBadInputNamesFieldAndValue(t *testing.T) {
 		}
 		var stderr bytes.Buffer
 		if tc.env == nil {
-			if code := Run(args, io.Discard, &stderr); code != ExitUsage {
+			// --dry-run: should the parse wrongly succeed, nothing is
+			// applied to the test's own (the host's) namespace.
+			if code := Run(append(args, "--dry-run"), io.Discard, &stderr); code != ExitUsage {
 				t.Errorf("%q: exit %d, want %d", tc.args, code, ExitUsage)
 			}
 		}
+	}
+}
+
+// --redirect-dns without --capture-all-dns captures DNS to the pod's
+// nameservers only; with none, DNS capture is off (istio-iptables).
+func TestRedirectDNSNameservers(t *testing.T) {
+	dir := t.TempDir()
+	old := resolvConf
+	t.Cleanup(func() { resolvConf = old })
+	resolvConf = dir + "/resolv.conf"
+	write := func(s string) {
+		if err := os.WriteFile(resolvConf, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("search svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::a\noptions ndots:5\n")
+	inv := mustParse(t, append(slices.Clone(argvDefault), "--redirect-dns"), nil)
+	want := []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00::a")}
+	if !slices.Equal(inv.Config.DNSServers, want) {
+		t.Errorf("nameservers %v, want %v", inv.Config.DNSServers, want)
+	}
+	rs, err := rules.Build(inv.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to := func(dst string) rules.Packet {
+		return rules.Packet{Hook: "output", OIF: "eth0", Src: netip.MustParseAddr("192.0.2.2"), Dst: netip.MustParseAddr(dst), Proto: rules.ProtoUDP, DPort: 53, UID: 1000, GID: 1000}
+	}
+	if p, _ := rs.Trace(to("10.96.0.10")); p != 15053 {
+		t.Errorf("DNS to the nameserver: redirected to %d, want 15053", p)
+	}
+	if p, _ := rs.Trace(to("192.0.2.53")); p != 0 {
+		t.Errorf("DNS to another server: redirected to %d, want none (only --capture-all-dns captures it)", p)
+	}
+	inv = mustParse(t, append(slices.Clone(argvDefault), "--redirect-dns", "--capture-all-dns"), nil)
+	rs, _ = rules.Build(inv.Config)
+	if p, _ := rs.Trace(to("192.0.2.53")); p != 15053 {
+		t.Errorf("--capture-all-dns: DNS to any server redirected to %d, want 15053", p)
+	}
+	write("search x\n")
+	inv = mustParse(t, append(slices.Clone(argvDefault), "--redirect-dns"), nil)
+	rs, _ = rules.Build(inv.Config)
+	if p, _ := rs.Trace(to("10.96.0.10")); p != 0 {
+		t.Errorf("no nameserver: DNS redirected to %d, want DNS capture off", p)
+	}
+	os.Remove(resolvConf)
+	if _, err := ParseEnv(append(slices.Clone(argvDefault), "--redirect-dns"), noEnv, io.Discard); err == nil || !strings.Contains(err.Error(), "redirect-dns") {
+		t.Errorf("unreadable resolv.conf: %v", err)
 	}
 }

@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -164,8 +165,10 @@ func TestDecideAnnotationErrors(t *testing.T) {
 			"annotation", AnnotationIncludeOutboundIPRanges, "10.1.0.0/16", "entirely covered"},
 		{"port conflict", "", injected(AnnotationIncludeOutboundPorts, "443", AnnotationExcludeOutboundPorts, "443"),
 			"annotation", AnnotationIncludeOutboundPorts, "443", "both included and excluded"},
-		{"kubevirt", "", injected(AnnotationKubevirtInterfaces, "net1"),
-			"annotation", AnnotationKubevirtInterfaces, "net1", "not supported"},
+		// -k is built now (was refused as not supported): only a bad
+		// value is an error.
+		{"kubevirt", "", injected(AnnotationKubevirtInterfaces, "net1,bad/x"),
+			"annotation", AnnotationKubevirtInterfaces, "net1,bad/x", "not a valid interface name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Decide(mustSettings(t, tc.extra), webPod, tc.ann)
@@ -228,5 +231,27 @@ func TestAnnotationFieldsRelabelEveryEngineField(t *testing.T) {
 		if k := ConfigKeys[f]; a != rules.AnnotationRerouteVirtualInterfaces && !strings.HasSuffix(a, "/"+k) {
 			t.Errorf("annotation %s and config key %s differ", a, k)
 		}
+	}
+}
+
+// The kubevirt annotations reroute a VM interface's traffic (-k); the
+// newer name wins over the older one, as in Istio's injector.
+func TestDecideRerouteVirtualInterfaces(t *testing.T) {
+	s := mustSettings(t, "")
+	d, err := Decide(s, webPod, injected(AnnotationKubevirtInterfaces, "net1", rules.AnnotationRerouteVirtualInterfaces, "net2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(d.Config.RerouteVirtualInterfaces, []string{"net2"}) {
+		t.Fatalf("reroute interfaces %v, want [net2]", d.Config.RerouteVirtualInterfaces)
+	}
+	var found bool
+	for _, r := range d.Ruleset.Chain(rules.ChainPrerouting).Rules {
+		if r.IIF == "net2" && r.Verdict.Kind == rules.VerdictJump && r.Verdict.Chain == rules.ChainRedirect {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no prerouting rule sends net2 to %s: %+v", rules.ChainRedirect, d.Ruleset.Chain(rules.ChainPrerouting).Rules)
 	}
 }

@@ -29,7 +29,8 @@ const loopback = "lo"
 //  3. per proxy UID: -o lo ! -d 127.0.0.1 tcp ! --dport 15008 uid -> ISTIO_IN_REDIRECT
 //     -o lo ! uid RETURN; uid RETURN
 //  4. the same for each proxy GID
-//  5. DNS to 15053 (only with RedirectDNS)
+//  5. DNS to 15053 (only with RedirectDNS: to every address with
+//     CaptureAllDNS, else to the nameservers in DNSServers, else none)
 //  6. -d 127.0.0.1 RETURN
 //  7. excluded CIDRs RETURN
 //  8. included ports -> ISTIO_REDIRECT
@@ -40,6 +41,21 @@ func Build(cfg Config) (*Ruleset, error) {
 	}
 	rs := &Ruleset{Families: cfg.Families}
 	fams := familiesOf(cfg.Families)
+	// The app's loopback range (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
+	v4Loop := v4Localhost
+	if cfg.IPv4LoopbackCIDR != nil {
+		v4Loop = *cfg.IPv4LoopbackCIDR
+	}
+	localhost := func(f Family) netip.Prefix {
+		if f == FamilyIPv6 {
+			return v6Localhost
+		}
+		return v4Loop
+	}
+	// A loopback address among the included CIDRs means the app's own
+	// loopback traffic to it must be captured: istio-iptables then drops
+	// the "-o lo ! owner RETURN" rules.
+	includesLoopback := slices.ContainsFunc(cfg.OutboundIncludeCIDRs, func(p netip.Prefix) bool { return p.Addr().IsLoopback() })
 
 	addPortSet := func(name string, ports []PortRange) bool {
 		if len(ports) == 0 {
@@ -71,6 +87,31 @@ func Build(cfg Config) (*Ruleset, error) {
 	// Base chains.
 	pre := &Chain{Name: ChainPrerouting, Hook: &Hook{Hook: "prerouting", Priority: -100, IPTChain: "PREROUTING"}}
 	out := &Chain{Name: ChainOutputHook, Hook: &Hook{Hook: "output", Priority: -100, IPTChain: "OUTPUT"}}
+	// -k: inbound traffic from a virtual interface (a VM's) is treated
+	// as outbound: the captured destinations go to ISTIO_REDIRECT, the
+	// rest is not captured at all. istio-iptables inserts these rules at
+	// the head of PREROUTING one by one, so the last interface comes first.
+	virt := slices.Clone(cfg.RerouteVirtualInterfaces)
+	slices.Reverse(virt)
+	if cfg.OutboundIncludeAll {
+		for _, i := range virt {
+			pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: jump(ChainRedirect)})
+		}
+	} else {
+		incl := slices.Clone(cfg.OutboundIncludeCIDRs)
+		slices.Reverse(incl)
+		for _, p := range incl {
+			if !familyEnabled(cfg.Families, familyOf(p)) {
+				continue
+			}
+			for _, i := range virt {
+				pre.Rules = append(pre.Rules, Rule{Family: familyOf(p), IIF: i, Dst: PtrTo(p), Verdict: jump(ChainRedirect)})
+			}
+		}
+	}
+	for _, i := range virt {
+		pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: ret()})
+	}
 	for _, i := range cfg.ExcludeInterfaces {
 		pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: ret()})
 		out.Rules = append(out.Rules, Rule{OIF: i, Verdict: ret()})
@@ -82,9 +123,10 @@ func Build(cfg Config) (*Ruleset, error) {
 	out.Rules = append(out.Rules, Rule{Verdict: jump(ChainOutput)})
 
 	// ISTIO_INBOUND.
-	in := &Chain{Name: ChainInbound}
+	// The tunnel-port RETURN is there even when inbound capture is off,
+	// as istio-iptables writes it.
+	in := &Chain{Name: ChainInbound, Rules: []Rule{{Proto: ProtoTCP, DPort: single(cfg.InboundTunnelPort), Verdict: ret()}}}
 	if inboundCapture {
-		in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPort: single(cfg.InboundTunnelPort), Verdict: ret()})
 		if cfg.InboundIncludeAll {
 			if addPortSet(SetInExcludePort, cfg.InboundExcludePorts) {
 				in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPortSet: SetInExcludePort, Verdict: ret()})
@@ -100,8 +142,10 @@ func Build(cfg Config) (*Ruleset, error) {
 
 	// ISTIO_OUTPUT.
 	o := &Chain{Name: ChainOutput}
+	// -o: excluded ports RETURN for TCP and UDP, as istio-iptables does.
 	if addPortSet(SetOutExcludePort, cfg.OutboundExcludePorts) {
-		o.Rules = append(o.Rules, Rule{Proto: ProtoTCP, DPortSet: SetOutExcludePort, Verdict: ret()})
+		o.Rules = append(o.Rules, Rule{Proto: ProtoTCP, DPortSet: SetOutExcludePort, Verdict: ret()},
+			Rule{Proto: ProtoUDP, DPortSet: SetOutExcludePort, Verdict: ret()})
 	}
 	for _, f := range fams {
 		o.Rules = append(o.Rules, Rule{Family: f, OIF: loopback, Src: PtrTo(passthrough(f)), Verdict: ret()})
@@ -123,10 +167,12 @@ func Build(cfg Config) (*Ruleset, error) {
 			r.Verdict = jump(ChainInRedirect)
 			o.Rules = append(o.Rules, r)
 		}
-		r := owner(uid, gid, true)
-		r.OIF, r.Verdict = loopback, ret()
-		o.Rules = append(o.Rules, r)
-		r = owner(uid, gid, false)
+		if !includesLoopback {
+			r := owner(uid, gid, true)
+			r.OIF, r.Verdict = loopback, ret()
+			o.Rules = append(o.Rules, r)
+		}
+		r := owner(uid, gid, false)
 		r.Verdict = ret()
 		o.Rules = append(o.Rules, r)
 	}
@@ -136,11 +182,35 @@ func Build(cfg Config) (*Ruleset, error) {
 	for _, g := range cfg.ProxyGIDs {
 		ownerRules(nil, PtrTo(g))
 	}
-	if cfg.RedirectDNS {
+	// Owner groups: with an include list, every other group RETURNs; with
+	// an exclude list, those groups RETURN.
+	if len(cfg.OwnerGroupsInclude) > 0 {
+		o.Rules = append(o.Rules, Rule{GIDsNot: slices.Clone(cfg.OwnerGroupsInclude), Verdict: ret()})
+	} else {
+		for _, g := range cfg.OwnerGroupsExclude {
+			o.Rules = append(o.Rules, Rule{GID: PtrTo(g), Verdict: ret()})
+		}
+	}
+	// DNS: to every address with CaptureAllDNS, else only to the pod's
+	// nameservers; with neither, istio-iptables turns DNS capture off,
+	// and so do we.
+	switch {
+	case !cfg.RedirectDNS:
+	case cfg.CaptureAllDNS:
 		// The proxy's own queries already RETURNed above (owner rules).
 		o.Rules = append(o.Rules, Rule{Proto: ProtoUDP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
 		for _, f := range fams {
 			o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), DstNot: true, Proto: ProtoTCP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
+		}
+	default:
+		for _, proto := range []Proto{ProtoTCP, ProtoUDP} {
+			for _, a := range cfg.DNSServers {
+				f := familyOf(netip.PrefixFrom(a, a.BitLen()))
+				if !familyEnabled(cfg.Families, f) {
+					continue
+				}
+				o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(netip.PrefixFrom(a, a.BitLen())), Proto: proto, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
+			}
 		}
 	}
 	for _, f := range fams {
@@ -194,11 +264,11 @@ func passthrough(f Family) netip.Prefix {
 	return v4Passthrough
 }
 
-func localhost(f Family) netip.Prefix {
-	if f == FamilyIPv6 {
-		return v6Localhost
+func familyOf(p netip.Prefix) Family {
+	if p.Addr().Is6() {
+		return FamilyIPv6
 	}
-	return v4Localhost
+	return FamilyIPv4
 }
 
 func ret() Verdict               { return Verdict{Kind: VerdictReturn} }

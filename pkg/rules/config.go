@@ -251,25 +251,23 @@ func portConflict(inField string, in []PortRange, exField string, ex []PortRange
 	return nil
 }
 
+const maxOwnerGroupsInclude = 64
+
 var defaultIPv4Loopback = netip.MustParsePrefix("127.0.0.1/32")
 
 // validateUnimplemented refuses the options that are parsed but not built
 // yet, rather than start a pod with a capture it did not ask for.
 func (c *Config) validateUnimplemented() error {
-	if len(c.RerouteVirtualInterfaces) > 0 {
-		return fieldErr(FieldRerouteVirtualInterfaces, strings.Join(c.RerouteVirtualInterfaces, ","), "rerouting virtual interfaces is not supported yet")
-	}
 	if c.DropInvalid {
 		return fieldErr(FieldDropInvalid, "true", "dropping conntrack INVALID packets is not supported yet")
 	}
-	if len(c.OwnerGroupsInclude) > 0 {
-		return fieldErr(EnvOwnerGroups, idList(c.OwnerGroupsInclude), "capturing only some owner groups is not supported yet")
+	// As istio-iptables: the exclude list only applies with '*' (Build
+	// ignores it otherwise), and at most 64 groups may be included.
+	if len(c.OwnerGroupsInclude) > maxOwnerGroupsInclude {
+		return fieldErr(EnvOwnerGroups, idList(c.OwnerGroupsInclude), fmt.Sprintf("at most %d groups may be listed", maxOwnerGroupsInclude))
 	}
-	if len(c.OwnerGroupsExclude) > 0 {
-		return fieldErr(EnvOwnerGroupsExclude, idList(c.OwnerGroupsExclude), "excluding owner groups is not supported yet")
-	}
-	if c.IPv4LoopbackCIDR != nil && *c.IPv4LoopbackCIDR != defaultIPv4Loopback {
-		return fieldErr(EnvIPv4LoopbackCIDR, c.IPv4LoopbackCIDR.String(), "a loopback range other than 127.0.0.1/32 is not supported yet")
+	if p := c.IPv4LoopbackCIDR; p != nil && (!p.Addr().Is4() || !netip.MustParsePrefix("127.0.0.0/8").Contains(p.Addr()) || p.Bits() < 8) {
+		return fieldErr(EnvIPv4LoopbackCIDR, p.String(), "must be an IPv4 range within 127.0.0.0/8")
 	}
 	return nil
 }

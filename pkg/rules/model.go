@@ -172,7 +172,11 @@ type Rule struct {
 	UIDNot   bool
 	GID      *uint32
 	GIDNot   bool
-	Verdict  Verdict
+	// GIDsNot matches a socket whose GID is none of these (Istio's
+	// owner-group include list: the traffic of every other group
+	// RETURNs). It cannot be combined with GID.
+	GIDsNot []uint32
+	Verdict Verdict
 }
 
 // PtrTo returns a pointer to v, for the optional fields of Rule.

@@ -199,7 +199,10 @@ var CaptureOptions = []Option{
 	{Name: FieldRedirectDNS, Env: "REDIRECT_DNS", EnvAliases: []string{"ISTIO_META_DNS_CAPTURE"}, ConfigKey: "redirectDNS",
 		Kind: OptBool, Default: "false", PodDefault: "false", Usage: "capture DNS to the DNS port (15053)",
 		set: boolSetter(FieldRedirectDNS, func(c *Config) *bool { return &c.RedirectDNS })},
-	{Name: FieldCaptureAllDNS, Env: "CAPTURE_ALL_DNS", Kind: OptBool, Default: "false", PodDefault: "false",
+	// The CNI plugin cannot read the pod's /etc/resolv.conf, so its
+	// redirectDNS captures DNS to every address (PodDefault true);
+	// egress-init reads the nameservers as istio-iptables does.
+	{Name: FieldCaptureAllDNS, Env: "CAPTURE_ALL_DNS", Kind: OptBool, Default: "false", PodDefault: "true",
 		Usage: "with --redirect-dns, capture DNS to every address, not only the nameservers of /etc/resolv.conf",
 		set:   boolSetter(FieldCaptureAllDNS, func(c *Config) *bool { return &c.CaptureAllDNS })},
 	{Name: FieldDropInvalid, Env: "DROP_INVALID", EnvAliases: []string{"INVALID_DROP"}, Kind: OptBool,

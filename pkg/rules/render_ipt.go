@@ -311,6 +311,11 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 			b.WriteString(strconv.FormatUint(uint64(*r.GID), 10))
 		}
 	}
+	// One owner match per excluded group, as iptables-save prints them.
+	for _, g := range r.GIDsNot {
+		b.WriteString(" -m owner ! --gid-owner ")
+		b.WriteString(strconv.FormatUint(uint64(g), 10))
+	}
 	if comment {
 		b.WriteString(" -m comment --comment ")
 		b.WriteString(Comment)

@@ -219,6 +219,9 @@ func nftRuleText(r Rule, inet bool) string {
 		}
 		p = append(p, "meta skgid "+op+strconv.FormatUint(uint64(*r.GID), 10))
 	}
+	for _, g := range r.GIDsNot {
+		p = append(p, "meta skgid != "+strconv.FormatUint(uint64(g), 10))
+	}
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		p = append(p, "return")
@@ -825,6 +828,12 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Meta{Key: expr.MetaKeySKGID, Register: nftReg},
 			// [ cmp eq reg 1 0x00000539 ]
 			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.GID)},
+		)
+	}
+	for _, g := range r.GIDsNot {
+		ex = append(ex,
+			&expr.Meta{Key: expr.MetaKeySKGID, Register: nftReg},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(g)},
 		)
 	}
 

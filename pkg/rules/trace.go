@@ -121,5 +121,8 @@ func (rs *Ruleset) matches(r *Rule, p Packet) (bool, error) {
 	if r.GID != nil && (*r.GID == p.GID) == r.GIDNot {
 		return false, nil
 	}
+	if slices.Contains(r.GIDsNot, p.GID) {
+		return false, nil
+	}
 	return true, nil
 }

@@ -152,6 +152,9 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	if r.UID == nil && r.UIDNot || r.GID == nil && r.GIDNot {
 		return "negated owner without an owner"
 	}
+	if r.GID != nil && len(r.GIDsNot) > 0 {
+		return "both a GID and a list of excluded GIDs"
+	}
 	for _, n := range []string{r.IIF, r.OIF} {
 		if n != "" && validIfName("interface", n) != nil {
 			return fmt.Sprintf("invalid interface name %q", n)

@@ -1,0 +1,123 @@
+//go:build linux
+
+package netns_test
+
+import (
+	"bytes"
+	"errors"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"testing"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// runInitEnv runs egress-init (as root, in the test's namespace, with
+// --netns pointing at the pod) with extra environment variables.
+func runInitEnv(t *testing.T, bin string, env []string, args ...string) (stderr string, code int) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append([]string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, env...)
+	var e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &e, &e
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+	case err != nil:
+		t.Fatalf("running egress-init: %v", err)
+	}
+	return e.String(), code
+}
+
+// TestEgressInitOwnerGroups: ISTIO_OUTBOUND_OWNER_GROUPS captures only the
+// listed groups' traffic, ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE all but the
+// listed groups', with real connections, for each backend.
+func TestEgressInitOwnerGroups(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := buildEgressInit(t)
+	target := nstest.InternetIPv4.String() + ":80"
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			for _, tc := range []struct {
+				env      string
+				captured []uint32 // GIDs captured; the others go direct
+				direct   []uint32
+			}{
+				{"ISTIO_OUTBOUND_OWNER_GROUPS=2000,2001", []uint32{2000, 2001}, []uint32{1000, 3000}},
+				{"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE=3000", []uint32{1000, 2000}, []uint32{3000}},
+			} {
+				p := nstest.NewPod(t, nstest.PodOptions{})
+				nstest.ServeProxy(t, p.NS, 15001)
+				nstest.ServeEcho(t, p.World, ":80")
+				args := append(slices.Clone(injectorArgs), "--backend", backend, "--netns", p.NS.Path())
+				if out, code := runInitEnv(t, bin, []string{tc.env}, args...); code != 0 {
+					t.Fatalf("%s: exit %d: %s", tc.env, code, out)
+				}
+				for _, gid := range tc.captured {
+					if r := parseReply(t, nstest.MustDial(t, p.NS, 1000, gid, "tcp", target)); r.Kind != "proxy" || r.Orig.String() != target {
+						t.Errorf("%s: GID %d: want the proxy with orig %s, got %+v", tc.env, gid, target, r)
+					}
+				}
+				for _, gid := range tc.direct {
+					if r := parseReply(t, nstest.MustDial(t, p.NS, 1000, gid, "tcp", target)); r.Kind != "direct" {
+						t.Errorf("%s: GID %d: want direct, got %+v", tc.env, gid, r)
+					}
+				}
+				// The proxy is never captured, whatever its group.
+				if r := parseReply(t, nstest.MustDial(t, p.NS, 1337, 2000, "tcp", target)); r.Kind != "direct" {
+					t.Errorf("%s: proxy UID: want direct, got %+v", tc.env, r)
+				}
+			}
+		})
+	}
+}
+
+// TestEgressInitRerouteVirtualInterfaces: with -k, TCP that a VM behind
+// an interface of the pod sends out is redirected to the proxy's outbound
+// port (with its original destination), as if the pod had sent it;
+// without -k it is taken for inbound traffic (15006). For each backend.
+func TestEgressInitRerouteVirtualInterfaces(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := buildEgressInit(t)
+	target := nstest.InternetIPv4.String() + ":80"
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			p := nstest.NewPod(t, nstest.PodOptions{})
+			vm := nstest.NewNS(t)
+			nstest.Link(t,
+				nstest.LinkEnd{NS: p.NS, Name: "vm0", Addrs: []netip.Prefix{netip.MustParsePrefix("198.51.100.1/24")}},
+				nstest.LinkEnd{NS: vm, Name: "eth0", Addrs: []netip.Prefix{netip.MustParsePrefix("198.51.100.2/24")}})
+			nstest.Route(t, vm, netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("198.51.100.1"))
+			nstest.Route(t, p.World, netip.MustParsePrefix("198.51.100.0/24"), nstest.PodIPv4)
+			nstest.Sysctl(t, p.NS, "net.ipv4.ip_forward", "1")
+			nstest.ServeProxy(t, p.NS, 15001)
+			nstest.ServeProxy(t, p.NS, 15006)
+			nstest.ServeEcho(t, p.World, ":80")
+			if r := parseReply(t, nstest.MustDial(t, vm, 1000, 1000, "tcp", target)); r.Kind != "direct" {
+				t.Fatalf("before egress-init the VM's traffic must be forwarded, got %+v", r)
+			}
+			// Without -k the VM's connection enters the pod like any
+			// inbound one: the inbound capture takes it to 15006.
+			args := append(slices.Clone(injectorArgs), "--backend", backend, "--netns", p.NS.Path())
+			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
+				t.Fatalf("exit %d: %s", code, out)
+			}
+			if r := parseReply(t, nstest.MustDial(t, vm, 1000, 1000, "tcp", target)); r.Kind != "proxy" || r.Port != 15006 {
+				t.Fatalf("without -k: want the inbound port 15006, got %+v", r)
+			}
+			if out, code := runInitEnv(t, bin, nil, append(args, "-k", "vm0")...); code != 0 {
+				t.Fatalf("-k vm0: exit %d: %s", code, out)
+			}
+			if r := parseReply(t, nstest.MustDial(t, vm, 1000, 1000, "tcp", target)); r.Kind != "proxy" || r.Port != 15001 || r.Orig.String() != target {
+				t.Fatalf("-k vm0: want the outbound port 15001 with orig %s, got %+v", target, r)
+			}
+			// The pod's own app is still captured too.
+			if r := parseReply(t, nstest.MustDial(t, p.NS, 1000, 1000, "tcp", target)); r.Kind != "proxy" {
+				t.Fatalf("-k vm0: the app: want the proxy, got %+v", r)
+			}
+		})
+	}
+}
