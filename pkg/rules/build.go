@@ -29,8 +29,10 @@ const loopback = "lo"
 //  3. per proxy UID: -o lo ! -d 127.0.0.1 tcp ! --dport 15008 uid -> ISTIO_IN_REDIRECT
 //     -o lo ! uid RETURN; uid RETURN
 //  4. the same for each proxy GID
-//  5. DNS to 15053 (only with RedirectDNS: to every address with
-//     CaptureAllDNS, else to the nameservers in DNSServers, else none)
+//  5. (DNS capture) -j ISTIO_OUTPUT_DNS, which redirects tcp and udp 53
+//     to 15053: to every address with CaptureAllDNS, else to the
+//     nameservers in DNSServers (no nameserver: no DNS capture); the
+//     owner rules then keep port 53 apart
 //  6. -d 127.0.0.1 RETURN
 //  7. excluded CIDRs RETURN
 //  8. included ports -> ISTIO_REDIRECT
@@ -159,17 +161,40 @@ func Build(cfg Config) (*Ruleset, error) {
 		}
 		return r
 	}
+	// DNS capture: to every address with CaptureAllDNS, else to the
+	// pod's nameservers; with neither, istio-iptables turns it off, and
+	// so do we. With it, the owner rules keep port 53 apart, as Istio's
+	// do: the proxy's TCP DNS to a loopback resolver is not sent inbound
+	// (no loop through 15006), and the app's DNS on lo is not RETURNed
+	// before ISTIO_OUTPUT_DNS captures it.
+	var dns4, dns6 []netip.Prefix
+	for _, a := range cfg.DNSServers {
+		p := netip.PrefixFrom(a, a.BitLen())
+		if a.Is4() && cfg.Families.HasV4() {
+			dns4 = append(dns4, p)
+		} else if a.Is6() && cfg.Families.HasV6() {
+			dns6 = append(dns6, p)
+		}
+	}
+	dns := cfg.RedirectDNS && (cfg.CaptureAllDNS || len(dns4)+len(dns6) > 0)
 	ownerRules := func(uid, gid *uint32) {
 		for _, f := range fams {
 			r := owner(uid, gid, false)
 			r.Family, r.OIF, r.Dst, r.DstNot = f, loopback, PtrTo(localhost(f)), true
 			r.Proto, r.DPort, r.DPortNot = ProtoTCP, single(cfg.InboundTunnelPort), true
+			if dns && uid != nil {
+				// istio-iptables excepts 53 in the UID rules only.
+				r.DPort, r.DPortNot, r.DPortsNot = nil, false, []uint16{53, cfg.InboundTunnelPort}
+			}
 			r.Verdict = jump(ChainInRedirect)
 			o.Rules = append(o.Rules, r)
 		}
 		if !includesLoopback {
 			r := owner(uid, gid, true)
 			r.OIF, r.Verdict = loopback, ret()
+			if dns {
+				r.Proto, r.DPort, r.DPortNot = ProtoTCP, single(53), true
+			}
 			o.Rules = append(o.Rules, r)
 		}
 		r := owner(uid, gid, false)
@@ -191,25 +216,25 @@ func Build(cfg Config) (*Ruleset, error) {
 			o.Rules = append(o.Rules, Rule{GID: PtrTo(g), Verdict: ret()})
 		}
 	}
-	// DNS: to every address with CaptureAllDNS, else only to the pod's
-	// nameservers; with neither, istio-iptables turns DNS capture off,
-	// and so do we.
-	switch {
-	case !cfg.RedirectDNS:
-	case cfg.CaptureAllDNS:
-		// The proxy's own queries already RETURNed above (owner rules).
-		o.Rules = append(o.Rules, Rule{Proto: ProtoUDP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
-		for _, f := range fams {
-			o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), DstNot: true, Proto: ProtoTCP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
-		}
-	default:
-		for _, proto := range []Proto{ProtoTCP, ProtoUDP} {
-			for _, a := range cfg.DNSServers {
-				f := familyOf(netip.PrefixFrom(a, a.BitLen()))
-				if !familyEnabled(cfg.Families, f) {
-					continue
+	var outDNS *Chain
+	if dns {
+		outDNS = &Chain{Name: ChainOutputDNS}
+		if cfg.CaptureAllDNS {
+			o.Rules = append(o.Rules, Rule{Verdict: jump(ChainOutputDNS)})
+			outDNS.Rules = append(outDNS.Rules,
+				Rule{Proto: ProtoTCP, DPort: single(53), Verdict: redirect(cfg.DNSPort)},
+				Rule{Proto: ProtoUDP, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
+		} else {
+			if len(dns4) > 0 {
+				o.Rules = append(o.Rules, Rule{Family: FamilyIPv4, Verdict: jump(ChainOutputDNS)})
+			}
+			if len(dns6) > 0 {
+				o.Rules = append(o.Rules, Rule{Family: FamilyIPv6, Verdict: jump(ChainOutputDNS)})
+			}
+			for _, proto := range []Proto{ProtoTCP, ProtoUDP} {
+				for _, p := range append(slices.Clone(dns4), dns6...) {
+					outDNS.Rules = append(outDNS.Rules, Rule{Family: familyOf(p), Dst: PtrTo(p), Proto: proto, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
 				}
-				o.Rules = append(o.Rules, Rule{Family: f, Dst: PtrTo(netip.PrefixFrom(a, a.BitLen())), Proto: proto, DPort: single(53), Verdict: redirect(cfg.DNSPort)})
 			}
 		}
 	}
@@ -239,6 +264,9 @@ func Build(cfg Config) (*Ruleset, error) {
 	}
 
 	rs.Chains = []*Chain{pre, out, in, inRedir, redir, o}
+	if outDNS != nil {
+		rs.Chains = append(rs.Chains, outDNS)
+	}
 	// Build's output must always pass the model check; failing here is a
 	// bug in Build, reported rather than applied.
 	if err := rs.Validate(); err != nil {

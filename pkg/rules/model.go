@@ -14,6 +14,8 @@ const (
 	ChainInRedirect = "ISTIO_IN_REDIRECT"
 	ChainRedirect   = "ISTIO_REDIRECT"
 	ChainOutput     = "ISTIO_OUTPUT"
+	// ChainOutputDNS holds the DNS redirects (with --redirect-dns).
+	ChainOutputDNS = "ISTIO_OUTPUT_DNS"
 
 	// Base chains. In nftables they are ours (in NFTTable); in iptables
 	// they are the built-in nat chains of the same hook.
@@ -168,10 +170,14 @@ type Rule struct {
 	DPortNot bool
 	// DPortSet names a port set. Proto must be set.
 	DPortSet string
-	UID      *uint32
-	UIDNot   bool
-	GID      *uint32
-	GIDNot   bool
+	// DPortsNot matches a destination port that is none of these (Istio's
+	// "-m multiport ! --dports 53,15008"). Proto must be set; it cannot
+	// be combined with DPort or DPortSet.
+	DPortsNot []uint16
+	UID       *uint32
+	UIDNot    bool
+	GID       *uint32
+	GIDNot    bool
 	// GIDsNot matches a socket whose GID is none of these (Istio's
 	// owner-group include list: the traffic of every other group
 	// RETURNs). It cannot be combined with GID.

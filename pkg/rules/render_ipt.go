@@ -29,7 +29,7 @@ import (
 // iptChains are the regular chains we own in the nat table, in the order
 // iptables-save lists them (by name). They are also the chains whose
 // entry rules Apply takes over from istio-iptables.
-var iptChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainRedirect}
+var iptChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainOutputDNS, ChainRedirect}
 
 // iptBuiltins are the built-in nat chains that may hold our entry rules,
 // in the order iptables-save prints them.
@@ -296,6 +296,15 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 				b.WriteByte(':')
 				b.WriteString(strconv.Itoa(int(port.To)))
 			}
+		}
+	}
+	if len(r.DPortsNot) > 0 {
+		b.WriteString(" -m multiport ! --dports ")
+		for i, p := range r.DPortsNot {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(strconv.Itoa(int(p)))
 		}
 	}
 	if r.UID != nil || r.GID != nil {

@@ -218,12 +218,15 @@ func TestRenderIPTablesRejectsBadModel(t *testing.T) {
 
 func TestIsOurEntry(t *testing.T) {
 	for l, want := range map[string]bool{
-		"-A OUTPUT -m comment --comment egress-cni -j RETURN":     true,
-		`-A OUTPUT -m comment --comment "egress-cni" -j RETURN`:   true,
-		"-A OUTPUT -m comment --comment egress-cni-x -j RETURN":   false,
-		"-A PREROUTING -p tcp -j ISTIO_INBOUND":                   true,
-		"-A OUTPUT -g ISTIO_OUTPUT":                               true,
-		"-A OUTPUT -j ISTIO_OUTPUT_DNS":                           false,
+		"-A OUTPUT -m comment --comment egress-cni -j RETURN":   true,
+		`-A OUTPUT -m comment --comment "egress-cni" -j RETURN`: true,
+		"-A OUTPUT -m comment --comment egress-cni-x -j RETURN": false,
+		"-A PREROUTING -p tcp -j ISTIO_INBOUND":                 true,
+		"-A OUTPUT -g ISTIO_OUTPUT":                             true,
+		// ISTIO_OUTPUT_DNS is one of our nat chains since the DNS layout
+		// follows Istio's (it was foreign before); ISTIO_DROP is not.
+		"-A OUTPUT -j ISTIO_OUTPUT_DNS":                           true,
+		"-A OUTPUT -j ISTIO_DROP":                                 false,
 		"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT":                  false,
 		"-A OUTPUT -m comment --comment ISTIO_OUTPUT -j ACCEPT":   false,
 		`-A OUTPUT -m comment --comment "a -j b" -j ISTIO_OUTPUT`: true,

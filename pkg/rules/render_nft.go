@@ -202,6 +202,10 @@ func nftRuleText(r Rule, inet bool) string {
 			op = "!= "
 		}
 		p = append(p, proto.String()+" dport "+op+"@"+r.DPortSet)
+	case len(r.DPortsNot) > 0:
+		for _, port := range r.DPortsNot {
+			p = append(p, proto.String()+" dport != "+strconv.Itoa(int(port)))
+		}
 	case proto != ProtoAny:
 		p = append(p, "meta l4proto "+proto.String())
 	}
@@ -774,6 +778,16 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: nftReg},
 			// [ cmp eq reg 1 0x00000006 ]  (0x00000011 for udp)
 			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: []byte{l4}},
+		)
+	}
+	// One load and compare per port, as nft itself compiles
+	// "tcp dport != 53 tcp dport != 15008".
+	for _, port := range r.DPortsNot {
+		ex = append(ex,
+			// [ payload load 2b @ transport header + 2 => reg 1 ]
+			&expr.Payload{DestRegister: nftReg, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			// [ cmp neq reg 1 0x00003500 ]  (dport != 53)
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: be16(port)},
 		)
 	}
 	if r.DPort != nil || r.DPortSet != "" {

@@ -276,9 +276,13 @@ func TestNFTRuleComments(t *testing.T) {
 		`prerouting: iifname eth1 return`,
 		`prerouting: meta l4proto tcp jump ISTIO_INBOUND`,
 		`ISTIO_OUTPUT: oifname lo ip saddr 127.0.0.6 return`,
-		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 15008 meta skuid 1337 jump ISTIO_IN_REDIRECT`,
-		`ISTIO_OUTPUT: oifname lo meta skgid != 1337 return`,
-		`ISTIO_OUTPUT: udp dport 53 redirect to :15053`,
+		// With DNS capture, port 53 is kept apart in the owner rules and
+		// the redirects sit in ISTIO_OUTPUT_DNS, as in istio-iptables.
+		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 53 tcp dport != 15008 meta skuid 1337 jump ISTIO_IN_REDIRECT`,
+		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 15008 meta skgid 1337 jump ISTIO_IN_REDIRECT`,
+		`ISTIO_OUTPUT: oifname lo tcp dport != 53 meta skgid != 1337 return`,
+		`ISTIO_OUTPUT: jump ISTIO_OUTPUT_DNS`,
+		`ISTIO_OUTPUT_DNS: udp dport 53 redirect to :15053`,
 		`ISTIO_REDIRECT: meta l4proto tcp redirect to :15001`,
 	} {
 		found := false

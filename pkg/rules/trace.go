@@ -106,6 +106,9 @@ func (rs *Ruleset) matches(r *Rule, p Packet) (bool, error) {
 	if r.DPort != nil && inRange(*r.DPort) == r.DPortNot {
 		return false, nil
 	}
+	if slices.Contains(r.DPortsNot, p.DPort) {
+		return false, nil
+	}
 	if r.DPortSet != "" {
 		s := rs.Set(r.DPortSet)
 		if s == nil {

@@ -138,6 +138,9 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	if (r.DPort != nil || r.DPortSet != "") && r.Proto == ProtoAny {
 		return "port match without a protocol"
 	}
+	if len(r.DPortsNot) > 0 && (r.Proto == ProtoAny || r.DPort != nil || r.DPortSet != "") {
+		return "a port exclusion list needs a protocol and no other port match"
+	}
 	if r.DPort == nil && r.DPortNot {
 		return "negated port without a port"
 	}

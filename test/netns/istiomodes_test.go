@@ -121,3 +121,39 @@ func TestEgressInitRerouteVirtualInterfaces(t *testing.T) {
 		})
 	}
 }
+
+// TestEgressInitDNSCapture: with --redirect-dns --capture-all-dns, the
+// app's DNS, UDP and TCP, to a loopback resolver (127.0.0.53) and to a
+// resolver beyond eth0 goes to the agent's port 15053, and the proxy's
+// DNS goes straight to the resolver; in particular the proxy's TCP DNS to
+// the loopback resolver is not sent to the inbound port 15006 (the loop
+// Istio's port-53 exceptions avoid). For each backend.
+func TestEgressInitDNSCapture(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := buildEgressInit(t)
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			p := nstest.NewPod(t, nstest.PodOptions{})
+			nstest.ServeEcho(t, p.NS, ":15053")        // the agent's DNS
+			nstest.ServeEcho(t, p.NS, "127.0.0.53:53") // a loopback resolver
+			nstest.ServeEcho(t, p.World, ":53")        // a resolver beyond eth0
+			nstest.ServeProxy(t, p.NS, 15006)          // where a loop would land
+			args := append(slices.Clone(injectorArgs), "--redirect-dns", "--capture-all-dns", "--backend", backend, "--netns", p.NS.Path())
+			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
+				t.Fatalf("exit %d: %s", code, out)
+			}
+			for _, resolver := range []string{"127.0.0.53:53", nstest.InternetIPv4.String() + ":53"} {
+				for _, network := range []string{"udp", "tcp"} {
+					r := parseReply(t, nstest.MustDial(t, p.NS, 1000, 1000, network, resolver))
+					if r.Kind != "direct" || r.Dst.Port() != 15053 {
+						t.Errorf("app %s DNS to %s: want the agent on 15053, got %+v", network, resolver, r)
+					}
+					r = parseReply(t, nstest.MustDial(t, p.NS, 1337, 1337, network, resolver))
+					if r.Kind != "direct" || r.Dst.String() != resolver {
+						t.Errorf("proxy %s DNS to %s: want the resolver itself, got %+v", network, resolver, r)
+					}
+				}
+			}
+		})
+	}
+}
