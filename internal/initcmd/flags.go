@@ -190,7 +190,7 @@ func ParseEnv(args []string, lookupEnv func(string) (string, bool), stderr io.Wr
 			continue
 		}
 		usage := o.Usage
-		if o.Default != "" {
+		if o.Default != "" && o.Kind != rules.OptBool {
 			usage += fmt.Sprintf(" (default %q)", o.Default)
 		}
 		if o.Env != "" {
@@ -201,6 +201,9 @@ func ParseEnv(args []string, lookupEnv func(string) (string, bool), stderr io.Wr
 	for _, o := range runOptions {
 		fromEnv(o.name, o.def, o.env, nil)
 		usage := o.usage
+		if o.def != "" && o.kind != rules.OptBool {
+			usage += fmt.Sprintf(" (default %q)", o.def)
+		}
 		if o.env != "" {
 			usage += " [$" + o.env + "]"
 		}
