@@ -266,6 +266,17 @@ func Build(cfg Config) (*Ruleset, error) {
 	rs.Chains = []*Chain{pre, out, in, inRedir, redir, o}
 	if outDNS != nil {
 		rs.Chains = append(rs.Chains, outDNS)
+		rs.Chains = append(rs.Chains, dnsZones(cfg, dns4, dns6)...)
+	}
+	if cfg.DropInvalid {
+		// --drop-invalid: mangle PREROUTING sends conntrack INVALID
+		// packets (an out-of-window segment, say) to ISTIO_DROP, which
+		// drops them, rather than let them reach a socket that answers
+		// with a reset.
+		rs.Chains = append(rs.Chains,
+			&Chain{Name: chainManglePrerouting, Table: TableMangle, Hook: &Hook{Hook: "prerouting", Priority: -150, IPTChain: "PREROUTING"},
+				Rules: []Rule{{CTInvalid: true, Verdict: jump(ChainDrop)}}},
+			&Chain{Name: ChainDrop, Table: TableMangle, Rules: []Rule{{Verdict: Verdict{Kind: VerdictDrop}}}})
 	}
 	// Build's output must always pass the model check; failing here is a
 	// bug in Build, reported rather than applied.
@@ -303,3 +314,56 @@ func ret() Verdict               { return Verdict{Kind: VerdictReturn} }
 func jump(c string) Verdict      { return Verdict{Kind: VerdictJump, Chain: c} }
 func redirect(p uint16) Verdict  { return Verdict{Kind: VerdictRedirect, Port: p} }
 func single(p uint16) *PortRange { return &PortRange{p, p} }
+
+// Chains of the raw and mangle tables. In nftables all our chains share
+// one table, so raw's namesakes of nat chains get a prefix; iptables
+// knows them by their Istio names.
+const (
+	chainRawPrerouting    = "raw_prerouting"
+	chainRawOutput        = "raw_output"
+	chainRawInbound       = "raw_" + ChainInbound
+	chainRawOutputDNS     = "raw_" + ChainOutputDNS
+	chainManglePrerouting = "mangle_prerouting"
+)
+
+// dnsZones are istio-iptables' raw-table conntrack zones for captured
+// DNS: the proxy's queries (to port 53) and its answers to the app (from
+// the DNS port) each get a zone, and so do the app's queries to the
+// nameservers and their answers, so that conntrack never matches the
+// app's redirected flow with the proxy's upstream one.
+func dnsZones(cfg Config, dns4, dns6 []netip.Prefix) []*Chain {
+	zone := func(z uint16) Verdict { return Verdict{Kind: VerdictCTZone, Zone: z} }
+	pre := &Chain{Name: chainRawPrerouting, Table: TableRaw, Hook: &Hook{Hook: "prerouting", Priority: -300, IPTChain: "PREROUTING"}}
+	out := &Chain{Name: chainRawOutput, Table: TableRaw, Hook: &Hook{Hook: "output", Priority: -300, IPTChain: "OUTPUT"},
+		Rules: []Rule{{Verdict: jump(chainRawOutputDNS)}}}
+	in := &Chain{Name: chainRawInbound, Table: TableRaw, IPTName: ChainInbound}
+	od := &Chain{Name: chainRawOutputDNS, Table: TableRaw, IPTName: ChainOutputDNS}
+	owner := func(uid, gid *uint32) {
+		od.Rules = append(od.Rules,
+			Rule{Proto: ProtoUDP, DPort: single(53), UID: uid, GID: gid, Verdict: zone(1)},
+			Rule{Proto: ProtoUDP, SPort: single(cfg.DNSPort), UID: uid, GID: gid, Verdict: zone(2)})
+	}
+	for _, u := range cfg.ProxyUIDs {
+		owner(PtrTo(u), nil)
+	}
+	for _, g := range cfg.ProxyGIDs {
+		owner(nil, PtrTo(g))
+	}
+	if cfg.CaptureAllDNS {
+		pre.Rules = append(pre.Rules, Rule{Verdict: jump(chainRawInbound)})
+		od.Rules = append(od.Rules, Rule{Proto: ProtoUDP, DPort: single(53), Verdict: zone(2)})
+		in.Rules = append(in.Rules, Rule{Proto: ProtoUDP, SPort: single(53), Verdict: zone(1)})
+	} else {
+		for _, servers := range [][]netip.Prefix{dns4, dns6} {
+			if len(servers) == 0 {
+				continue
+			}
+			pre.Rules = append(pre.Rules, Rule{Family: familyOf(servers[0]), Verdict: jump(chainRawInbound)})
+			for _, s := range servers {
+				od.Rules = append(od.Rules, Rule{Family: familyOf(s), Dst: PtrTo(s), Proto: ProtoUDP, DPort: single(53), Verdict: zone(2)})
+				in.Rules = append(in.Rules, Rule{Family: familyOf(s), Src: PtrTo(s), Proto: ProtoUDP, SPort: single(53), Verdict: zone(1)})
+			}
+		}
+	}
+	return []*Chain{pre, out, in, od}
+}

@@ -258,9 +258,6 @@ var defaultIPv4Loopback = netip.MustParsePrefix("127.0.0.1/32")
 // validateUnimplemented refuses the options that are parsed but not built
 // yet, rather than start a pod with a capture it did not ask for.
 func (c *Config) validateUnimplemented() error {
-	if c.DropInvalid {
-		return fieldErr(FieldDropInvalid, "true", "dropping conntrack INVALID packets is not supported yet")
-	}
 	// As istio-iptables: the exclude list only applies with '*' (Build
 	// ignores it otherwise), and at most 64 groups may be included.
 	if len(c.OwnerGroupsInclude) > maxOwnerGroupsInclude {

@@ -60,7 +60,6 @@ func v4only(rules ...string) [2][]string { return [2][]string{rules, nil} }
 func v6only(rules ...string) [2][]string { return [2][]string{nil, rules} }
 
 const (
-	diffDNS     = "the nat table is identical, but the raw table's DNS conntrack zones (CT --zone 1/2 in raw ISTIO_OUTPUT_DNS and ISTIO_INBOUND) are not built"
 	diffTPROXY  = "TPROXY mode (mangle ISTIO_DIVERT/ISTIO_TPROXY, ip rule and route table) is not built; -m TPROXY is refused"
 	diffInclExc = "an include CIDR wholly inside an exclude CIDR is refused: the exclude RETURNs first, so the include could never match (Istio writes both rules)"
 )
@@ -72,7 +71,7 @@ func istioCases() []istioCase {
 	return []istioCase{
 		{name: "ipv6-empty-inbound-ports", v6: true, opts: Options{FieldInboundIncludePorts: ""}},
 		{name: "ip-range", opts: Options{FieldOutboundExcludeCIDRs: "1.1.0.0/16", FieldOutboundIncludeCIDRs: "9.9.0.0/16", FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
-			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53"}, differ: diffDNS,
+			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53"},
 			outTail: v4only("-A ISTIO_OUTPUT -d 1.1.0.0/16 -j RETURN", "-A ISTIO_OUTPUT -d 9.9.0.0/16 -j ISTIO_REDIRECT")},
 		{name: "tproxy", v6: true, opts: Options{FieldMode: "TPROXY", FieldInboundIncludePorts: "*"}, rejects: "TPROXY", differ: diffTPROXY},
 		{name: "ipv6-inbound-ports", v6: true, opts: Options{FieldInboundIncludePorts: "4000,5000"},
@@ -109,7 +108,7 @@ func istioCases() []istioCase {
 		{name: "inbound-ports-tproxy", opts: Options{FieldInboundIncludePorts: "32000,31000", FieldMode: "TPROXY"}, rejects: "TPROXY", differ: diffTPROXY},
 		{name: "inbound-ports-wildcard-tproxy", opts: Options{FieldInboundIncludePorts: "*", FieldMode: "TPROXY"}, rejects: "TPROXY", differ: diffTPROXY},
 		{name: "dns-uid-gid", v6: true, opts: Options{FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
-			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53", "::127.0.0.53"}, differ: diffDNS},
+			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53", "::127.0.0.53"}},
 		// REDIRECT_DNS without CAPTURE_ALL_DNS and without a nameserver:
 		// Istio turns DNS capture off, and so do we.
 		{name: "ipv6-dns-uid-gid", v6: true, opts: Options{FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
@@ -125,12 +124,11 @@ func istioCases() []istioCase {
 		{name: "outbound-ports-include", opts: Options{FieldOutboundIncludePorts: "32000,31000"},
 			outTail: v4only("-A ISTIO_OUTPUT -p tcp --dport 32000 -j ISTIO_REDIRECT", "-A ISTIO_OUTPUT -p tcp --dport 31000 -j ISTIO_REDIRECT")},
 		{name: "loopback-outbound-iprange", opts: Options{FieldOutboundIncludeCIDRs: "127.1.2.3/32", FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
-			uids: []string{"3", "4"}, gids: []string{"1", "2"}, noLoRet: true, dns: []string{"127.0.0.53"}, differ: diffDNS,
+			uids: []string{"3", "4"}, gids: []string{"1", "2"}, noLoRet: true, dns: []string{"127.0.0.53"},
 			outTail: v4only("-A ISTIO_OUTPUT -d 127.1.2.3/32 -j ISTIO_REDIRECT")},
 		{name: "basic-exclude-nic", opts: Options{FieldExcludeInterfaces: "not-istio-nic"},
 			pre: v4only("-A PREROUTING -i not-istio-nic -j RETURN"), outHead: v4only("-A OUTPUT -o not-istio-nic -j RETURN")},
-		{name: "drop-invalid", opts: Options{FieldDropInvalid: "true"}, rejects: "not supported yet",
-			differ: "--drop-invalid (mangle PREROUTING conntrack INVALID to ISTIO_DROP) is not built and is refused"},
+		{name: "drop-invalid", opts: Options{FieldDropInvalid: "true"}},
 		{name: "host-ipv4-loopback-cidr", opts: Options{EnvIPv4LoopbackCIDR: "127.0.0.1/8"}, lo: "127.0.0.1/8"},
 	}
 }
@@ -170,7 +168,58 @@ func (tc istioCase) chains() []string {
 	return istioChains
 }
 
-// want is the case's rules for family index fi, by chain, normalised.
+// tableWant is Istio's chains and rules of table tb for family index fi.
+func (tc istioCase) tableWant(fi int, tb string) ([]string, map[string][]string) {
+	switch tb {
+	case "nat":
+		return tc.chains(), tc.want(fi)
+	case "mangle":
+		if tc.opts[FieldDropInvalid] != "true" {
+			return nil, map[string][]string{}
+		}
+		return []string{"ISTIO_DROP"}, byChain([]string{
+			"-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP",
+			"-A ISTIO_DROP -j DROP",
+		})
+	}
+	if !tc.dnsOn() {
+		return nil, map[string][]string{}
+	}
+	// raw: the DNS conntrack zones.
+	uids, gids := tc.uids, tc.gids
+	if uids == nil {
+		uids, gids = []string{"1337"}, []string{"1337"}
+	}
+	rules := []string{"-A OUTPUT -j ISTIO_OUTPUT_DNS"}
+	for _, o := range []struct {
+		match string
+		ids   []string
+	}{{"--uid-owner", uids}, {"--gid-owner", gids}} {
+		for _, id := range o.ids {
+			rules = append(rules,
+				"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner "+o.match+" "+id+" -j CT --zone 1",
+				"-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m owner "+o.match+" "+id+" -j CT --zone 2")
+		}
+	}
+	first := true
+	for _, d := range tc.dns {
+		a := netip.MustParseAddr(d)
+		if a.Is6() != (fi == 1) {
+			continue
+		}
+		if first {
+			rules = append(rules, "-A PREROUTING -j ISTIO_INBOUND")
+			first = false
+		}
+		p := netip.PrefixFrom(a, a.BitLen()).String()
+		rules = append(rules,
+			"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d "+p+" -j CT --zone 2",
+			"-A ISTIO_INBOUND -p udp --sport 53 -s "+p+" -j CT --zone 1")
+	}
+	return []string{"ISTIO_INBOUND", "ISTIO_OUTPUT_DNS"}, byChain(rules)
+}
+
+// want is the case's nat rules for family index fi, by chain, normalised.
 func (tc istioCase) want(fi int) map[string][]string {
 	lo, pass := "127.0.0.1/32", "127.0.0.6/32"
 	if fi == 1 {
@@ -309,31 +358,59 @@ func normIPTRule(l string) (chain, rule string) {
 
 func isNumber(s string) bool { _, err := strconv.Atoi(s); return err == nil }
 
-// gotRules renders rs for family f and normalises it; chains lists the
-// chains the rendering declares.
-func gotRules(t *testing.T, rs *Ruleset, f Family) (map[string][]string, []string) {
-	t.Helper()
-	text, err := RenderIPTablesFamily(rs, f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return parseIstioSave(text)
+// savedTable is what a table holds of ours: declared chains and rules.
+type savedTable struct {
+	chains []string
+	rules  map[string][]string
 }
 
-// parseIPTSave reads our chains' declarations and rules out of
-// iptables-save (or iptables-restore) text of the nat table.
-func parseIstioSave(text string) (map[string][]string, []string) {
-	var lines, chains []string
+// savedTables reads our chains' declarations and rules out of
+// iptables-save (or iptables-restore) text, per table.
+func savedTables(text string) map[string]savedTable {
+	lines := map[string][]string{}
+	table := ""
 	for _, l := range strings.Split(text, "\n") {
 		switch {
-		case strings.HasPrefix(l, ":ISTIO_"):
-			chains = append(chains, strings.Fields(l[1:])[0])
-		case strings.HasPrefix(l, "-A "):
-			lines = append(lines, l)
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, ":ISTIO_"), strings.HasPrefix(l, "-A "):
+			lines[table] = append(lines[table], l)
 		}
 	}
-	sort.Strings(chains)
-	return byChain(lines), chains
+	out := map[string]savedTable{}
+	for tb, ls := range lines {
+		var st savedTable
+		var rules []string
+		for _, l := range ls {
+			if strings.HasPrefix(l, ":") {
+				st.chains = append(st.chains, strings.Fields(l[1:])[0])
+			} else {
+				rules = append(rules, l)
+			}
+		}
+		sort.Strings(st.chains)
+		st.rules = byChain(rules)
+		out[tb] = st
+	}
+	return out
+}
+
+// compareText compares the tables of one family, as iptables-save (or
+// our rendering) prints them, with Istio's for the case. "" = identical.
+func compareText(tc istioCase, fi int, text string) string {
+	var out strings.Builder
+	got := savedTables(text)
+	for _, tb := range []string{"nat", "mangle", "raw"} {
+		wantChains, wantRules := tc.tableWant(fi, tb)
+		g := got[tb]
+		if !slices.Equal(g.chains, wantChains) {
+			fmt.Fprintf(&out, "%s chains %v, want %v\n", tb, g.chains, wantChains)
+		}
+		if d := diffChains(wantRules, g.rules); d != "" {
+			fmt.Fprintf(&out, "%s:\n%s", tb, d)
+		}
+	}
+	return out.String()
 }
 
 func diffChains(want, got map[string][]string) string {
@@ -372,33 +449,22 @@ func compareCase(t *testing.T, tc istioCase) (string, error) {
 	}
 	var out strings.Builder
 	for fi, f := range []Family{FamilyIPv4, FamilyIPv6} {
+		text, err := RenderIPTablesFamily(rs, f)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if fi == 1 && !tc.v6 {
-			if text, _ := RenderIPTablesFamily(rs, f); text != "" {
+			if text != "" {
 				out.WriteString("ip6tables rules although the case has IPv6 off\n")
 			}
 			continue
 		}
-		got, chains := gotRules(t, rs, f)
-		if !slices.Equal(chains, tc.chains()) {
-			fmt.Fprintf(&out, "%s chains %v, want %v\n", iptCommand(f), chains, tc.chains())
-		}
-		if d := diffChains(tc.want(fi), got); d != "" {
+		if d := compareText(tc, fi, text); d != "" {
 			fmt.Fprintf(&out, "%s:\n%s", iptCommand(f), d)
 		}
 	}
-	if out.Len() > 0 {
-		return out.String(), nil
-	}
-	// The nat table is identical; Istio's raw table is not built.
-	if tc.dnsOn() {
-		return rawMissing, nil
-	}
-	return "", nil
+	return out.String(), nil
 }
-
-// rawMissing is compareCase's answer for a case whose nat table is
-// identical and whose raw table (DNS conntrack zones) we do not write.
-const rawMissing = "raw table: Istio's DNS conntrack zones are not written"
 
 func TestIstioConformanceTable(t *testing.T) {
 	cases := istioCases()
@@ -420,8 +486,6 @@ func TestIstioConformanceTable(t *testing.T) {
 				t.Errorf("differs from istio-iptables:\n%s", d)
 			case tc.differ != "" && d == "":
 				t.Errorf("now identical to istio-iptables: move it out of the known differences (%s)", tc.differ)
-			case tc.differ == diffDNS && d != rawMissing:
-				t.Errorf("the nat table must be identical, only the raw table missing; got:\n%s", d)
 			}
 			if tc.differ == "" && tc.rejects == "" && d == "" && err == nil {
 				identical++
@@ -615,8 +679,7 @@ func conformancePackets(f Family) []Packet {
 // probe packet the verdict Istio's rules give it.
 func TestIstioConformanceTrace(t *testing.T) {
 	for _, tc := range istioCases() {
-		// The DNS cases' nat tables are identical; raw does not redirect.
-		if tc.differ != "" && tc.differ != diffDNS || tc.rejects != "" {
+		if tc.differ != "" || tc.rejects != "" {
 			continue
 		}
 		t.Run(tc.name, func(t *testing.T) {

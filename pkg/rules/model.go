@@ -106,12 +106,46 @@ func (rs *Ruleset) Set(name string) *Set {
 
 // Chain is a list of rules. Base chains have a Hook.
 type Chain struct {
-	Name  string
-	Hook  *Hook
-	Rules []Rule
+	// Name is unique in the ruleset (and is the nftables chain's name).
+	Name string
+	// Table is the iptables table: TableNAT (""), TableRaw or
+	// TableMangle. In nftables every chain is in our one table; the
+	// table decides a base chain's type and priority.
+	Table string
+	// IPTName is the chain's iptables name when it differs from Name
+	// (raw's ISTIO_INBOUND, a namesake of nat's).
+	IPTName string
+	Hook    *Hook
+	Rules   []Rule
 }
 
-// Hook attaches a base chain to the kernel. All our base chains are nat.
+// iptables tables we write.
+const (
+	TableNAT    = ""
+	TableRaw    = "raw"
+	TableMangle = "mangle"
+)
+
+// tableName is the table's iptables name.
+func tableName(t string) string {
+	if t == TableNAT {
+		return "nat"
+	}
+	return t
+}
+
+// iptName is the chain's iptables name.
+func (c *Chain) iptName() string {
+	switch {
+	case c.Hook != nil:
+		return c.Hook.IPTChain
+	case c.IPTName != "":
+		return c.IPTName
+	}
+	return c.Name
+}
+
+// Hook attaches a base chain to the kernel.
 type Hook struct {
 	// Hook is "prerouting" or "output".
 	Hook string
@@ -142,6 +176,11 @@ const (
 	VerdictReturn VerdictKind = iota + 1
 	VerdictJump
 	VerdictRedirect
+	// VerdictDrop drops the packet (mangle: --drop-invalid).
+	VerdictDrop
+	// VerdictCTZone puts the connection in a conntrack zone and goes on
+	// (raw: the DNS zones).
+	VerdictCTZone
 )
 
 // Verdict of a rule.
@@ -149,6 +188,7 @@ type Verdict struct {
 	Kind  VerdictKind
 	Chain string // VerdictJump
 	Port  uint16 // VerdictRedirect
+	Zone  uint16 // VerdictCTZone
 }
 
 // Rule is one match-and-verdict. Every nil or zero field matches
@@ -162,6 +202,8 @@ type Rule struct {
 	Src    *netip.Prefix
 	Dst    *netip.Prefix
 	DstNot bool
+	// CTInvalid matches packets conntrack deems INVALID.
+	CTInvalid bool
 	// DstSet names an address set of the rule's family.
 	DstSet string
 	Proto  Proto
@@ -174,10 +216,12 @@ type Rule struct {
 	// "-m multiport ! --dports 53,15008"). Proto must be set; it cannot
 	// be combined with DPort or DPortSet.
 	DPortsNot []uint16
-	UID       *uint32
-	UIDNot    bool
-	GID       *uint32
-	GIDNot    bool
+	// SPort matches the source port. Proto must be set.
+	SPort  *PortRange
+	UID    *uint32
+	UIDNot bool
+	GID    *uint32
+	GIDNot bool
 	// GIDsNot matches a socket whose GID is none of these (Istio's
 	// owner-group include list: the traffic of every other group
 	// RETURNs). It cannot be combined with GID.

@@ -31,6 +31,24 @@ import (
 // entry rules Apply takes over from istio-iptables.
 var iptChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainOutputDNS, ChainRedirect}
 
+// ChainDrop is mangle's drop chain (--drop-invalid).
+const ChainDrop = "ISTIO_DROP"
+
+// iptTables are the tables we write, in the order we write them, with
+// the regular chains we own in each (sorted, as iptables-save lists
+// them). Besides nat: raw for the DNS conntrack zones, mangle for
+// --drop-invalid.
+var iptTables = []string{"nat", "mangle", "raw"}
+
+var iptChainsOf = map[string][]string{
+	"nat":    iptChains,
+	"mangle": {ChainDrop},
+	"raw":    {ChainInbound, ChainOutputDNS},
+}
+
+// isIPTChainIn reports whether name is one of our chains in table.
+func isIPTChainIn(table, name string) bool { return slices.Contains(iptChainsOf[table], name) }
+
 // iptBuiltins are the built-in nat chains that may hold our entry rules,
 // in the order iptables-save prints them.
 var iptBuiltins = []string{"PREROUTING", "OUTPUT"}
@@ -43,6 +61,8 @@ func isIPTChain(name string) bool { return slices.Contains(iptChains, name) }
 // compare line by line.
 type iptTable struct {
 	Family Family
+	// Table is the iptables table ("nat" when empty).
+	Table string
 	// Chains are our regular chains, sorted by name.
 	Chains []string
 	// Entry are our rules in the built-in chains ("-A PREROUTING ..."),
@@ -74,13 +94,20 @@ func (t *iptTable) lines() []string {
 // iptables-save prints it).
 func (t *iptTable) String() string {
 	var b strings.Builder
-	b.WriteString("*nat\n")
+	b.WriteString("*" + t.table() + "\n")
 	for _, l := range t.lines() {
 		b.WriteString(l)
 		b.WriteByte('\n')
 	}
 	b.WriteString("COMMIT\n")
 	return b.String()
+}
+
+func (t *iptTable) table() string {
+	if t.Table == "" {
+		return "nat"
+	}
+	return t.Table
 }
 
 // iptCommand is the save/restore command of a family, for labels and
@@ -106,11 +133,17 @@ func RenderIPTablesFamily(rs *Ruleset, f Family) (string, error) {
 	if !familyEnabled(rs.Families, f) {
 		return "", nil
 	}
-	t, err := renderIPT(rs, f)
+	ts, err := renderIPTAll(rs, f)
 	if err != nil {
 		return "", err
 	}
-	return t.String(), nil
+	var b strings.Builder
+	for _, t := range ts {
+		if t.table() == "nat" || !t.empty() {
+			b.WriteString(t.String())
+		}
+	}
+	return b.String(), nil
 }
 
 // RenderIPTables renders rs for both families, each section labelled
@@ -133,32 +166,61 @@ func renderIPTables(rs *Ruleset) (string, error) {
 			fmt.Fprintf(&b, "# %s: family disabled (families=%s); apply removes our rules here\n", cmd, rs.Families)
 			continue
 		}
-		t, err := renderIPT(rs, f)
+		ts, err := renderIPTAll(rs, f)
 		if err != nil {
 			return b.String(), err
 		}
-		fmt.Fprintf(&b, "# %s-restore --noflush (nat table)\n", cmd)
-		b.WriteString(t.String())
+		for _, t := range ts {
+			if t.table() == "nat" || !t.empty() {
+				fmt.Fprintf(&b, "# %s-restore --noflush (%s table)\n", cmd, t.table())
+				b.WriteString(t.String())
+			}
+		}
 	}
 	return b.String(), nil
 }
 
-// renderIPT renders the model's rules of family f. Base chains become
-// entry rules in their built-in chain, marked with Comment.
+// renderIPT renders the model's nat rules of family f.
 func renderIPT(rs *Ruleset, f Family) (*iptTable, error) {
-	t := &iptTable{Family: f}
+	return renderIPTTable(rs, f, "nat")
+}
+
+// renderIPTAll renders every table we write (iptTables order), empty
+// ones included, so that Apply can clear a table we no longer use.
+func renderIPTAll(rs *Ruleset, f Family) ([]*iptTable, error) {
+	out := make([]*iptTable, 0, len(iptTables))
+	for _, tb := range iptTables {
+		t, err := renderIPTTable(rs, f, tb)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// renderIPTTable renders the model's rules of family f in table tb.
+// Base chains become entry rules in their built-in chain, marked with
+// Comment.
+func renderIPTTable(rs *Ruleset, f Family, tb string) (*iptTable, error) {
+	t := &iptTable{Family: f, Table: tb}
+	if tb == "nat" {
+		t.Table = ""
+	}
 	entry := map[string][]string{}
 	rules := map[string][]string{}
 	for _, c := range rs.Chains {
-		name, isEntry := c.Name, c.Hook != nil
+		if tableName(c.Table) != tb {
+			continue
+		}
+		name, isEntry := c.iptName(), c.Hook != nil
 		if isEntry {
-			name = c.Hook.IPTChain
 			if !slices.Contains(iptBuiltins, name) {
-				return nil, fmt.Errorf("chain %s: iptables chain %q is not a nat chain we manage", c.Name, name)
+				return nil, fmt.Errorf("chain %s: iptables chain %q is not a built-in chain we manage", c.Name, name)
 			}
 		} else {
-			if !isIPTChain(name) {
-				return nil, fmt.Errorf("chain %s is not one of the iptables chains we own", c.Name)
+			if !isIPTChainIn(tb, name) {
+				return nil, fmt.Errorf("chain %s is not one of the iptables chains we own in %s", c.Name, tb)
 			}
 			if !slices.Contains(t.Chains, name) {
 				t.Chains = append(t.Chains, name)
@@ -246,14 +308,14 @@ func iptRuleLines(rs *Ruleset, chain string, r Rule, f Family, comment bool) ([]
 	out := make([]string, 0, len(dsts)*len(ports))
 	for _, d := range dsts {
 		for _, p := range ports {
-			out = append(out, iptRuleLine(chain, r, d, p, comment))
+			out = append(out, iptRuleLine(rs, chain, r, d, p, comment))
 		}
 	}
 	return out, nil
 }
 
 // iptRuleLine writes one rule in iptables-save's canonical order.
-func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comment bool) string {
+func iptRuleLine(rs *Ruleset, chain string, r Rule, dst *netip.Prefix, port *PortRange, comment bool) string {
 	var b strings.Builder
 	b.WriteString("-A ")
 	b.WriteString(chain)
@@ -283,6 +345,14 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 		b.WriteString(" -p ")
 		b.WriteString(r.Proto.String())
 	}
+	if r.SPort != nil && port == nil {
+		// iptables-save prints one -m tcp/udp with --sport before --dport;
+		// we never combine the two.
+		b.WriteString(" -m ")
+		b.WriteString(r.Proto.String())
+		b.WriteString(" --sport ")
+		b.WriteString(iptPorts(*r.SPort))
+	}
 	if port != nil {
 		// The tcp/udp match is loaded even for a range that matches
 		// every port, and iptables-save then prints it bare.
@@ -297,6 +367,9 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 				b.WriteString(strconv.Itoa(int(port.To)))
 			}
 		}
+	}
+	if r.CTInvalid {
+		b.WriteString(" -m conntrack --ctstate INVALID")
 	}
 	if len(r.DPortsNot) > 0 {
 		b.WriteString(" -m multiport ! --dports ")
@@ -332,9 +405,18 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		b.WriteString(" -j RETURN")
+	case VerdictDrop:
+		b.WriteString(" -j DROP")
+	case VerdictCTZone:
+		b.WriteString(" -j CT --zone ")
+		b.WriteString(strconv.Itoa(int(r.Verdict.Zone)))
 	case VerdictJump:
 		b.WriteString(" -j ")
-		b.WriteString(r.Verdict.Chain)
+		if t := rs.Chain(r.Verdict.Chain); t != nil {
+			b.WriteString(t.iptName())
+		} else {
+			b.WriteString(r.Verdict.Chain)
+		}
 	case VerdictRedirect:
 		b.WriteString(" -j REDIRECT --to-ports ")
 		b.WriteString(strconv.Itoa(int(r.Verdict.Port)))
@@ -378,4 +460,11 @@ func ntop6(a netip.Addr) string {
 		return "::" + netip.AddrFrom4([4]byte(b[12:])).String()
 	}
 	return a.WithZone("").String()
+}
+
+func iptPorts(p PortRange) string {
+	if p.From == p.To {
+		return strconv.Itoa(int(p.From))
+	}
+	return strconv.Itoa(int(p.From)) + ":" + strconv.Itoa(int(p.To))
 }

@@ -90,6 +90,19 @@ func iptGoldenCases() []struct {
 		{"dns-capture", iptLine(), func(c *Config) {
 			c.RedirectDNS = true
 		}},
+		// Istio's per-nameserver DNS, with the raw-table zones.
+		{"dns-nameservers", iptLine(), func(c *Config) {
+			c.RedirectDNS, c.CaptureAllDNS = true, false
+			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
+		}},
+		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
+		{"drop-invalid-groups-virt", iptLine(), func(c *Config) {
+			c.DropInvalid = true
+			c.OwnerGroupsInclude = []uint32{1001, 202}
+			c.RerouteVirtualInterfaces = []string{"vm0"}
+			lo := netip.MustParsePrefix("127.0.0.0/8")
+			c.IPv4LoopbackCIDR = &lo
+		}},
 		{"exclude-interfaces", iptLine(), func(c *Config) {
 			c.ExcludeInterfaces = []string{"eth1", "net1"}
 		}},

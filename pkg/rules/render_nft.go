@@ -125,7 +125,7 @@ func RenderNFT(rs *Ruleset) string {
 		}
 		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
 		if c.Hook != nil {
-			fmt.Fprintf(&b, "\t\ttype nat hook %s priority %d; policy accept;\n", c.Hook.Hook, c.Hook.Priority)
+			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %d; policy accept;\n", nftChainType(c), c.Hook.Hook, c.Hook.Priority)
 		}
 		for _, r := range c.Rules {
 			text := nftRuleText(r, inet)
@@ -164,6 +164,9 @@ func nftRuleText(r Rule, inet bool) string {
 	}
 	if r.OIF != "" {
 		p = append(p, "oifname "+nftQuoteIfName(r.OIF))
+	}
+	if r.CTInvalid {
+		p = append(p, "ct state invalid")
 	}
 	ipKw := "ip"
 	if fam == FamilyIPv6 {
@@ -206,6 +209,8 @@ func nftRuleText(r Rule, inet bool) string {
 		for _, port := range r.DPortsNot {
 			p = append(p, proto.String()+" dport != "+strconv.Itoa(int(port)))
 		}
+	case r.SPort != nil:
+		p = append(p, proto.String()+" sport "+r.SPort.String())
 	case proto != ProtoAny:
 		p = append(p, "meta l4proto "+proto.String())
 	}
@@ -233,6 +238,10 @@ func nftRuleText(r Rule, inet bool) string {
 		p = append(p, "jump "+r.Verdict.Chain)
 	case VerdictRedirect:
 		p = append(p, fmt.Sprintf("redirect to :%d", r.Verdict.Port))
+	case VerdictDrop:
+		p = append(p, "drop")
+	case VerdictCTZone:
+		p = append(p, fmt.Sprintf("ct zone set %d", r.Verdict.Zone))
 	}
 	return strings.Join(p, " ")
 }
@@ -494,6 +503,9 @@ func nftObjectsFor(rs *Ruleset) (*nftObjects, error) {
 			}
 			ch.Priority = nftables.ChainPriorityRef(nftables.ChainPriority(c.Hook.Priority))
 			ch.Type = nftables.ChainTypeNAT
+			if c.Table != TableNAT {
+				ch.Type = nftables.ChainTypeFilter
+			}
 			policy := nftables.ChainPolicyAccept
 			ch.Policy = &policy
 		}
@@ -743,6 +755,17 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: ifname(r.OIF)},
 		)
 	}
+	if r.CTInvalid {
+		ex = append(ex,
+			// [ ct load state => reg 1 ]
+			&expr.Ct{Register: nftReg, Key: expr.CtKeySTATE},
+			// [ bitwise reg 1 = ( reg 1 & 0x00000001 ) ^ 0x00000000 ]
+			&expr.Bitwise{SourceRegister: nftReg, DestRegister: nftReg, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(1), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			// [ cmp neq reg 1 0x00000000 ]
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(0)},
+		)
+	}
 	if hasAddr {
 		ex = append(ex, nfproto...)
 	}
@@ -779,6 +802,22 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			// [ cmp eq reg 1 0x00000006 ]  (0x00000011 for udp)
 			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: []byte{l4}},
 		)
+	}
+	if r.SPort != nil {
+		if proto == ProtoAny {
+			return nil, fmt.Errorf("a port match needs a protocol")
+		}
+		// [ payload load 2b @ transport header + 0 => reg 1 ]
+		ex = append(ex, &expr.Payload{DestRegister: nftReg, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2})
+		if r.SPort.From == r.SPort.To {
+			// [ cmp eq reg 1 0x00009d3a ]  (udp sport 15053)
+			ex = append(ex, &expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: be16(r.SPort.From)})
+		} else {
+			ex = append(ex,
+				&expr.Cmp{Op: expr.CmpOpGte, Register: nftReg, Data: be16(r.SPort.From)},
+				&expr.Cmp{Op: expr.CmpOpLte, Register: nftReg, Data: be16(r.SPort.To)},
+			)
+		}
 	}
 	// One load and compare per port, as nft itself compiles
 	// "tcp dport != 53 tcp dport != 15008".
@@ -855,6 +894,16 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 	case VerdictReturn:
 		// [ immediate reg 0 return ]
 		ex = append(ex, &expr.Verdict{Kind: expr.VerdictReturn})
+	case VerdictDrop:
+		// [ immediate reg 0 drop ]
+		ex = append(ex, &expr.Verdict{Kind: expr.VerdictDrop})
+	case VerdictCTZone:
+		ex = append(ex,
+			// [ immediate reg 1 0x00000001 ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint16(r.Verdict.Zone)},
+			// [ ct set zone with reg 1 ]
+			&expr.Ct{Key: expr.CtKeyZONE, Register: nftReg, SourceRegister: true},
+		)
 	case VerdictJump:
 		// [ immediate reg 0 jump -> ISTIO_OUTPUT ]
 		ex = append(ex, &expr.Verdict{Kind: expr.VerdictJump, Chain: r.Verdict.Chain})
@@ -940,3 +989,12 @@ func ifname(s string) []byte {
 }
 
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
+
+// nftChainType is a base chain's type: nat for the nat table's hooks,
+// filter for raw's and mangle's.
+func nftChainType(c *Chain) string {
+	if c.Table == TableNAT {
+		return "nat"
+	}
+	return "filter"
+}

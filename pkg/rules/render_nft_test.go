@@ -100,6 +100,19 @@ func nftGoldenCases() []nftGoldenCase {
 		{"dns-capture", nftLine(), func(c *Config) {
 			c.RedirectDNS = true
 		}},
+		// Istio's per-nameserver DNS, with the raw-table zones.
+		{"dns-nameservers", nftLine(), func(c *Config) {
+			c.RedirectDNS, c.CaptureAllDNS = true, false
+			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
+		}},
+		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
+		{"drop-invalid-groups-virt", nftLine(), func(c *Config) {
+			c.DropInvalid = true
+			c.OwnerGroupsInclude = []uint32{1001, 202}
+			c.RerouteVirtualInterfaces = []string{"vm0"}
+			lo := netip.MustParsePrefix("127.0.0.0/8")
+			c.IPv4LoopbackCIDR = &lo
+		}},
 		{"exclude-interfaces", nftLine(), func(c *Config) {
 			c.ExcludeInterfaces = []string{"eth1", "net1"}
 		}},

@@ -41,6 +41,11 @@ func (rs *Ruleset) Validate() error {
 			return &ModelError{Chain: c.Name, Rule: -1, Reason: "chain defined twice"}
 		}
 		chains[c.Name] = c
+		switch c.Table {
+		case TableNAT, TableRaw, TableMangle:
+		default:
+			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported table %q", c.Table)}
+		}
 		if c.Hook != nil && c.Hook.Hook != "prerouting" && c.Hook.Hook != "output" {
 			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported hook %q", c.Hook.Hook)}
 		}
@@ -63,9 +68,35 @@ func (rs *Ruleset) Validate() error {
 			if reason := rs.ruleProblem(&c.Rules[i], chains, sets); reason != "" {
 				return &ModelError{Chain: c.Name, Rule: i, Reason: reason}
 			}
+			if reason := tableProblem(c, &c.Rules[i], chains); reason != "" {
+				return &ModelError{Chain: c.Name, Rule: i, Reason: reason}
+			}
 		}
 	}
 	return nil
+}
+
+// tableProblem: what a rule may do depends on its chain's table.
+func tableProblem(c *Chain, r *Rule, chains map[string]*Chain) string {
+	switch r.Verdict.Kind {
+	case VerdictJump:
+		if t := chains[r.Verdict.Chain]; t != nil && t.Table != c.Table {
+			return fmt.Sprintf("jump from table %s to chain %s of table %s", tableName(c.Table), t.Name, tableName(t.Table))
+		}
+	case VerdictRedirect:
+		if c.Table != TableNAT {
+			return "redirect outside the nat table"
+		}
+	case VerdictCTZone:
+		if c.Table != TableRaw {
+			return "conntrack zone outside the raw table"
+		}
+	case VerdictDrop:
+		if c.Table == TableNAT {
+			return "drop in the nat table"
+		}
+	}
+	return ""
 }
 
 func validateSet(s *Set) error {
@@ -138,6 +169,9 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	if (r.DPort != nil || r.DPortSet != "") && r.Proto == ProtoAny {
 		return "port match without a protocol"
 	}
+	if r.SPort != nil && (r.Proto == ProtoAny || r.SPort.From == 0 || r.SPort.To < r.SPort.From) {
+		return "source port without a protocol, or an invalid range"
+	}
 	if len(r.DPortsNot) > 0 && (r.Proto == ProtoAny || r.DPort != nil || r.DPortSet != "") {
 		return "a port exclusion list needs a protocol and no other port match"
 	}
@@ -172,6 +206,11 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 		}
 		if t.Hook != nil {
 			return fmt.Sprintf("jump to base chain %s", r.Verdict.Chain)
+		}
+	case VerdictDrop:
+	case VerdictCTZone:
+		if r.Verdict.Zone == 0 {
+			return "conntrack zone 0"
 		}
 	case VerdictRedirect:
 		if r.Verdict.Port == 0 {

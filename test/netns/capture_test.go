@@ -82,9 +82,12 @@ func newCapturePod(t *testing.T) *nstest.Pod {
 	}
 	nstest.ServeProxy(t, p.NS, rules.DefaultProxyPort)
 	nstest.ServeProxy(t, p.NS, rules.DefaultInboundPort)
-	for _, port := range []string{"8080", "9090", "15021", "15008", "15053"} {
+	for _, port := range []string{"8080", "9090", "15021", "15008"} {
 		nstest.ServeEcho(t, p.NS, ":"+port)
 	}
+	// The DNS proxy (pilot-agent) runs as the proxy UID; the DNS
+	// conntrack zones pick its answers out by that UID.
+	nstest.ServeEchoAs(t, p.NS, ":15053", uidProxy, uidProxy)
 	return p
 }
 

@@ -8,9 +8,14 @@ import (
 	"net/netip"
 	"os/exec"
 	"slices"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/internal/sim"
 )
 
 // runInitEnv runs egress-init (as root, in the test's namespace, with
@@ -134,10 +139,10 @@ func TestEgressInitDNSCapture(t *testing.T) {
 	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
 		t.Run(backend, func(t *testing.T) {
 			p := nstest.NewPod(t, nstest.PodOptions{})
-			nstest.ServeEcho(t, p.NS, ":15053")        // the agent's DNS
-			nstest.ServeEcho(t, p.NS, "127.0.0.53:53") // a loopback resolver
-			nstest.ServeEcho(t, p.World, ":53")        // a resolver beyond eth0
-			nstest.ServeProxy(t, p.NS, 15006)          // where a loop would land
+			nstest.ServeEchoAs(t, p.NS, ":15053", 1337, 1337) // the agent's DNS, as the proxy UID
+			nstest.ServeEcho(t, p.NS, "127.0.0.53:53")        // a loopback resolver
+			nstest.ServeEcho(t, p.World, ":53")               // a resolver beyond eth0
+			nstest.ServeProxy(t, p.NS, 15006)                 // where a loop would land
 			args := append(slices.Clone(injectorArgs), "--redirect-dns", "--capture-all-dns", "--backend", backend, "--netns", p.NS.Path())
 			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
 				t.Fatalf("exit %d: %s", code, out)
@@ -153,6 +158,72 @@ func TestEgressInitDNSCapture(t *testing.T) {
 						t.Errorf("proxy %s DNS to %s: want the resolver itself, got %+v", network, resolver, r)
 					}
 				}
+			}
+		})
+	}
+}
+
+// TestEgressInitDropInvalid: an out-of-window segment (a lone ACK for no
+// connection, which conntrack with strict TCP tracking deems INVALID)
+// sent to the pod draws a reset without --drop-invalid, and nothing with
+// it: mangle drops it before the stack answers. For each backend.
+func TestEgressInitDropInvalid(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := buildEgressInit(t)
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			p := nstest.NewPod(t, nstest.PodOptions{})
+			nstest.ServeEcho(t, p.NS, ":8080")
+			nstest.ServeProxy(t, p.NS, 15006)
+			var stack sim.Stack
+			t.Cleanup(stack.Run)
+			rec, err := sim.Record(&stack, p.World, p.WorldIfName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sport := uint16(40000)
+			// resets reports whether the pod answers a lone ACK with a RST.
+			resets := func() bool {
+				t.Helper()
+				sport++
+				src := netip.AddrPortFrom(nstest.WorldIPv4, sport)
+				dst := netip.AddrPortFrom(nstest.PodIPv4, 8080)
+				pkt, err := sim.Packet{Src: src, Dst: dst, Proto: unix.IPPROTO_TCP, Flags: sim.TCPAck, Seq: 0x12345678, Ack: 0x9abcdef0}.Marshal()
+				if err != nil {
+					t.Fatal(err)
+				}
+				mark := rec.Mark()
+				if err := sim.SendRaw(p.World, pkt); err != nil {
+					t.Fatal(err)
+				}
+				got := rec.Wait(mark, func(q sim.Packet) bool {
+					return q.Src == dst && q.Dst == src && q.Flags&sim.TCPRst != 0
+				}, time.Second)
+				return len(got) > 0
+			}
+			args := append(slices.Clone(injectorArgs), "--backend", backend, "--netns", p.NS.Path())
+			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
+				t.Fatalf("exit %d: %s", code, out)
+			}
+			// Strict tracking: a mid-stream segment of no known
+			// connection is INVALID rather than picked up.
+			nstest.Sysctl(t, p.NS, "net.netfilter.nf_conntrack_tcp_loose", "0")
+			if !resets() {
+				t.Fatal("control: without --drop-invalid the pod must answer the lone ACK with a reset")
+			}
+			if out, code := runInitEnv(t, bin, nil, append(args, "--drop-invalid")...); code != 0 {
+				t.Fatalf("--drop-invalid: exit %d: %s", code, out)
+			}
+			if resets() {
+				t.Error("--drop-invalid: the INVALID segment reached the stack (a reset came back)")
+			}
+			// A real connection still works (captured inbound).
+			if r := parseReply(t, nstest.MustDial(t, p.World, 0, 0, "tcp", nstest.PodIPv4.String()+":8080")); r.Kind != "proxy" || r.Port != 15006 {
+				t.Errorf("--drop-invalid: a new inbound connection: want the inbound port 15006, got %+v", r)
+			}
+			// INVALID_DROP, Istio's older variable, turns it on too.
+			if out, code := runInitEnv(t, bin, []string{"INVALID_DROP=true"}, append(args, "--dry-run")...); code != 0 || !strings.Contains(out, "ISTIO_DROP") {
+				t.Errorf("INVALID_DROP=true: exit %d, dry run lacks ISTIO_DROP:\n%s", code, out)
 			}
 		})
 	}
