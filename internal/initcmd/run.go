@@ -93,6 +93,11 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 				return fmt.Errorf("backend %s: could not apply rules: %w", be.Name(), err)
 			}
 			log.Info(fmt.Sprintf("backend=%s applied in %s", be.Name(), time.Since(start).Round(time.Microsecond)))
+			if inv.Config.Families.HasV6() {
+				if err := addPassthroughV6(); err != nil {
+					return err
+				}
+			}
 			return validate(inv, log)
 		}
 	})

@@ -126,3 +126,32 @@ func TestEgressInitValidationAfterCNI(t *testing.T) {
 		})
 	}
 }
+
+// TestEgressInitValidationIPv6: on a pod whose only address is IPv6, the
+// validation listens on ::1 and dials ::6, as Istio's does, and tells
+// rules in place (0) from rules missing (126). For each backend.
+func TestEgressInitValidationIPv6(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := worldExecutable(t)
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			p := nstest.NewPod(t, nstest.PodOptions{})
+			nstest.MustExec(t, p.NS, "ip", "-4", "addr", "flush", "dev", p.IfName)
+			args := append(slices.Clone(injectorArgs), "--backend", backend, "--netns", p.NS.Path())
+			if _, stderr, code := runInit(t, bin, args...); code != 0 {
+				t.Fatalf("apply: exit %d: %s", code, stderr)
+			}
+			probe := append(slices.Clone(injectorCNIArgs), "--probe-timeout", "2s")
+			out, code := runInitAs(t, p.NS, cniProxyUID, cniProxyUID, bin, probe...)
+			if code != 0 || !strings.Contains(out, "[::1]:15001") || !strings.Contains(out, "[::6]:15002") {
+				t.Fatalf("IPv6 validation with the rules: exit %d, want 0 listening on [::1] and probing [::6]:15002:\n%s", code, out)
+			}
+			if _, stderr, code := runInit(t, bin, "--cleanup-only", "--netns", p.NS.Path()); code != 0 {
+				t.Fatalf("--cleanup-only: exit %d: %s", code, stderr)
+			}
+			if out, code := runInitAs(t, p.NS, cniProxyUID, cniProxyUID, bin, probe...); code != 126 {
+				t.Errorf("IPv6 validation without rules: exit %d, want 126:\n%s", code, out)
+			}
+		})
+	}
+}
