@@ -21,22 +21,29 @@ const loopback = "lo"
 // deterministic: the same Config always gives the same Ruleset, which is
 // what makes Apply idempotent and Check meaningful.
 //
-// The layout follows istio-iptables' nat rules rule for rule (see
-// DESIGN.md): the outbound chain is
+// The layout follows istio-iptables' rules rule for rule (see DESIGN.md
+// and the conformance table, conformance_test.go): the nat outbound
+// chain is
 //
-//  1. excluded outbound ports RETURN
+//  1. excluded outbound ports RETURN, tcp and udp
 //  2. -o lo -s 127.0.0.6 RETURN
 //  3. per proxy UID: -o lo ! -d 127.0.0.1 tcp ! --dport 15008 uid -> ISTIO_IN_REDIRECT
-//     -o lo ! uid RETURN; uid RETURN
+//     -o lo ! uid RETURN (not with a loopback CIDR included); uid RETURN
 //  4. the same for each proxy GID
-//  5. (DNS capture) -j ISTIO_OUTPUT_DNS, which redirects tcp and udp 53
+//  5. owner groups: none of the included GIDs RETURN, or each excluded
+//     GID RETURN
+//  6. (DNS capture) -j ISTIO_OUTPUT_DNS, which redirects tcp and udp 53
 //     to 15053: to every address with CaptureAllDNS, else to the
 //     nameservers in DNSServers (no nameserver: no DNS capture); the
-//     owner rules then keep port 53 apart
-//  6. -d 127.0.0.1 RETURN
-//  7. excluded CIDRs RETURN
-//  8. included ports -> ISTIO_REDIRECT
-//  9. everything, or the included CIDRs -> ISTIO_REDIRECT
+//     owner rules then keep port 53 apart, and raw holds the conntrack
+//     zones (dnsZones)
+//  7. -d 127.0.0.1 (the loopback CIDR) RETURN
+//  8. excluded CIDRs RETURN
+//  9. included ports -> ISTIO_REDIRECT
+//  10. everything, or the included CIDRs -> ISTIO_REDIRECT
+//
+// PREROUTING holds -k's rules and the excluded interfaces before the
+// inbound jump; mangle holds --drop-invalid.
 func Build(cfg Config) (*Ruleset, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err

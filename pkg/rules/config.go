@@ -113,9 +113,9 @@ type Config struct {
 
 	Families Families
 
-	// The options below are parsed (see the registry, options.go) so
-	// that istio-iptables' argv and environment are accepted; Validate
-	// refuses the values Build does not implement yet, naming the field.
+	// The options below complete istio-iptables' set (see the registry,
+	// options.go). TProxyMark and TProxyRouteTable are parsed only: Validate
+	// refuses TPROXY mode, which is not built.
 
 	// TProxyMark and TProxyRouteTable are TPROXY mode's mark and route
 	// table (-t 1337, -r 133).
@@ -191,7 +191,7 @@ func (c *Config) Validate() error {
 	default:
 		return fieldErr(FieldMode, string(c.Mode), "must be REDIRECT or TPROXY")
 	}
-	if err := c.validateUnimplemented(); err != nil {
+	if err := c.validateIstioLimits(); err != nil {
 		return err
 	}
 	if len(c.ProxyUIDs) == 0 && len(c.ProxyGIDs) == 0 {
@@ -255,9 +255,9 @@ const maxOwnerGroupsInclude = 64
 
 var defaultIPv4Loopback = netip.MustParsePrefix("127.0.0.1/32")
 
-// validateUnimplemented refuses the options that are parsed but not built
-// yet, rather than start a pod with a capture it did not ask for.
-func (c *Config) validateUnimplemented() error {
+// validateIstioLimits applies istio-iptables' own checks of the owner
+// groups and the loopback range.
+func (c *Config) validateIstioLimits() error {
 	// As istio-iptables: the exclude list only applies with '*' (Build
 	// ignores it otherwise), and at most 64 groups may be included.
 	if len(c.OwnerGroupsInclude) > maxOwnerGroupsInclude {
