@@ -71,7 +71,10 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 	return netns.Do(inv.NetNS, func() error {
 		start := time.Now()
 		if inv.Action == ActionCleanup {
-			return cleanup(inv.Backend, log)
+			// The TPROXY route of the mark and table given (or the
+			// defaults, 1337 and 133), whatever the mode.
+			err := removeTProxyRoute(&rules.TProxyRoute{Mark: inv.Config.TProxyMark, Table: inv.Config.TProxyRouteTable})
+			return errors.Join(cleanup(inv.Backend, log), err)
 		}
 		if inv.Action == ActionApply && inv.SkipRuleApply {
 			log.Info("--skip-rule-apply: no rules applied")
@@ -95,6 +98,11 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 			log.Info(fmt.Sprintf("backend=%s applied in %s", be.Name(), time.Since(start).Round(time.Microsecond)))
 			if inv.Config.Families.HasV6() {
 				if err := addPassthroughV6(); err != nil {
+					return err
+				}
+			}
+			if rs.TProxyRoute != nil {
+				if err := applyTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
 					return err
 				}
 			}

@@ -126,7 +126,8 @@ func Build(cfg Config) (*Ruleset, error) {
 		out.Rules = append(out.Rules, Rule{OIF: i, Verdict: ret()})
 	}
 	inboundCapture := cfg.InboundIncludeAll || len(cfg.InboundIncludePorts) > 0
-	if inboundCapture {
+	tproxy := cfg.Mode == ModeTPROXY
+	if inboundCapture && !tproxy {
 		pre.Rules = append(pre.Rules, Rule{Proto: ProtoTCP, Verdict: jump(ChainInbound)})
 	}
 	out.Rules = append(out.Rules, Rule{Verdict: jump(ChainOutput)})
@@ -135,7 +136,7 @@ func Build(cfg Config) (*Ruleset, error) {
 	// The tunnel-port RETURN is there even when inbound capture is off,
 	// as istio-iptables writes it.
 	in := &Chain{Name: ChainInbound, Rules: []Rule{{Proto: ProtoTCP, DPort: single(cfg.InboundTunnelPort), Verdict: ret()}}}
-	if inboundCapture {
+	if inboundCapture && !tproxy {
 		if cfg.InboundIncludeAll {
 			if addPortSet(SetInExcludePort, cfg.InboundExcludePorts) {
 				in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPortSet: SetInExcludePort, Verdict: ret()})
@@ -275,16 +276,7 @@ func Build(cfg Config) (*Ruleset, error) {
 		rs.Chains = append(rs.Chains, outDNS)
 		rs.Chains = append(rs.Chains, dnsZones(cfg, dns4, dns6)...)
 	}
-	if cfg.DropInvalid {
-		// --drop-invalid: mangle PREROUTING sends conntrack INVALID
-		// packets (an out-of-window segment, say) to ISTIO_DROP, which
-		// drops them, rather than let them reach a socket that answers
-		// with a reset.
-		rs.Chains = append(rs.Chains,
-			&Chain{Name: chainManglePrerouting, Table: TableMangle, Hook: &Hook{Hook: "prerouting", Priority: -150, IPTChain: "PREROUTING"},
-				Rules: []Rule{{CTInvalid: true, Verdict: jump(ChainDrop)}}},
-			&Chain{Name: ChainDrop, Table: TableMangle, Rules: []Rule{{Verdict: Verdict{Kind: VerdictDrop}}}})
-	}
+	rs.Chains = append(rs.Chains, mangleChains(cfg, rs, inboundCapture, fams, localhost, addPortSet)...)
 	// Build's output must always pass the model check; failing here is a
 	// bug in Build, reported rather than applied.
 	if err := rs.Validate(); err != nil {
@@ -373,4 +365,103 @@ func dnsZones(cfg Config, dns4, dns6 []netip.Prefix) []*Chain {
 		}
 	}
 	return []*Chain{pre, out, in, od}
+}
+
+// Chains of the mangle table.
+const (
+	chainMangleOutput  = "mangle_output"
+	chainMangleInbound = "mangle_" + ChainInbound
+)
+
+// outboundMark is istio-iptables' mark of the proxy's loopback traffic in
+// TPROXY mode (1338).
+const outboundMark = 1338
+
+// mangleChains: --drop-invalid, and TPROXY mode's inbound capture.
+//
+// --drop-invalid: mangle PREROUTING sends conntrack INVALID packets (an
+// out-of-window segment, say) to ISTIO_DROP, which drops them, rather
+// than let them reach a socket that answers with a reset.
+//
+// TPROXY, as istio-iptables: inbound TCP is handed to the inbound port
+// (ISTIO_TPROXY) with its destination untouched and marked; marked
+// connections' later packets are marked again (ISTIO_DIVERT) and the
+// mark is kept in the connection (CONNMARK), so that the reply of the
+// proxy's transparent socket goes back by the mark's route table
+// (Ruleset.TProxyRoute). The proxy's own loopback traffic is marked 1338
+// so that inbound on lo tells it from the app's.
+func mangleChains(cfg Config, rs *Ruleset, inboundCapture bool, fams []Family, localhost func(Family) netip.Prefix, addPortSet func(string, []PortRange) bool) []*Chain {
+	tproxy := cfg.Mode == ModeTPROXY
+	if !cfg.DropInvalid && !tproxy {
+		return nil
+	}
+	pre := &Chain{Name: chainManglePrerouting, Table: TableMangle, Hook: &Hook{Hook: "prerouting", Priority: -150, IPTChain: "PREROUTING"}}
+	var out *Chain
+	if tproxy {
+		out = &Chain{Name: chainMangleOutput, Table: TableMangle, Hook: &Hook{Hook: "output", Priority: -150, IPTChain: "OUTPUT"}}
+		for _, i := range cfg.ExcludeInterfaces {
+			pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: ret()})
+			out.Rules = append(out.Rules, Rule{OIF: i, Verdict: ret()})
+		}
+	}
+	var chains []*Chain
+	if cfg.DropInvalid {
+		pre.Rules = append(pre.Rules, Rule{CTInvalid: true, Verdict: jump(ChainDrop)})
+		chains = append(chains, &Chain{Name: ChainDrop, Table: TableMangle, Rules: []Rule{{Verdict: Verdict{Kind: VerdictDrop}}}})
+	}
+	if !tproxy {
+		return append([]*Chain{pre}, chains...)
+	}
+	mark := cfg.TProxyMark
+	in := &Chain{Name: chainMangleInbound, Table: TableMangle, IPTName: ChainInbound,
+		Rules: []Rule{{Proto: ProtoTCP, Mark: PtrTo(mark), Verdict: ret()}}}
+	for _, f := range fams {
+		in.Rules = append(in.Rules, Rule{Family: f, Proto: ProtoTCP, Src: PtrTo(passthrough(f)), IIF: loopback, Verdict: ret()})
+	}
+	in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, IIF: loopback, Mark: PtrTo(uint32(outboundMark)), MarkNot: true, Verdict: ret()})
+	if inboundCapture {
+		pre.Rules = append(pre.Rules, Rule{Proto: ProtoTCP, Verdict: jump(chainMangleInbound)})
+		divert := &Chain{Name: ChainDivert, Table: TableMangle, Rules: []Rule{
+			{Verdict: Verdict{Kind: VerdictSetMark, Mark: mark}},
+			{Verdict: Verdict{Kind: VerdictAccept}},
+		}}
+		tp := &Chain{Name: ChainTProxy, Table: TableMangle}
+		for _, f := range fams {
+			tp.Rules = append(tp.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), DstNot: true, Proto: ProtoTCP,
+				Verdict: Verdict{Kind: VerdictTProxy, Port: cfg.InboundPort, Mark: mark}})
+		}
+		if cfg.InboundIncludeAll {
+			if addPortSet(SetInExcludePort, cfg.InboundExcludePorts) {
+				in.Rules = append(in.Rules, Rule{Proto: ProtoTCP, DPortSet: SetInExcludePort, Verdict: ret()})
+			}
+			in.Rules = append(in.Rules,
+				Rule{Proto: ProtoTCP, CTEstablished: true, Verdict: jump(ChainDivert)},
+				Rule{Proto: ProtoTCP, Verdict: jump(ChainTProxy)})
+		} else {
+			// One pair per port, in istio-iptables' order.
+			for _, p := range cfg.InboundIncludePorts {
+				in.Rules = append(in.Rules,
+					Rule{Proto: ProtoTCP, DPort: PtrTo(p), CTEstablished: true, Verdict: jump(ChainDivert)},
+					Rule{Proto: ProtoTCP, DPort: PtrTo(p), Verdict: jump(ChainTProxy)})
+			}
+		}
+		chains = append(chains, divert, tp)
+		rs.TProxyRoute = &TProxyRoute{Mark: mark, Table: cfg.TProxyRouteTable}
+	}
+	pre.Rules = append(pre.Rules, Rule{Proto: ProtoTCP, Mark: PtrTo(mark), Verdict: Verdict{Kind: VerdictConnmarkSave}})
+	out.Rules = append(out.Rules, Rule{Proto: ProtoTCP, OIF: loopback, Mark: PtrTo(mark), Verdict: ret()})
+	owner := func(uid, gid *uint32) {
+		for _, f := range fams {
+			out.Rules = append(out.Rules, Rule{Family: f, Dst: PtrTo(localhost(f)), DstNot: true, Proto: ProtoTCP, OIF: loopback,
+				UID: uid, GID: gid, Verdict: Verdict{Kind: VerdictSetMark, Mark: outboundMark}})
+		}
+	}
+	for _, u := range cfg.ProxyUIDs {
+		owner(PtrTo(u), nil)
+	}
+	for _, g := range cfg.ProxyGIDs {
+		owner(nil, PtrTo(g))
+	}
+	out.Rules = append(out.Rules, Rule{Proto: ProtoTCP, ConnMark: PtrTo(mark), Verdict: Verdict{Kind: VerdictConnmarkRestore}})
+	return append([]*Chain{pre, out, in}, chains...)
 }

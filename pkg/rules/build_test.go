@@ -73,7 +73,9 @@ func TestValidateErrors(t *testing.T) {
 		{"same cidr both", Options{FieldOutboundIncludeCIDRs: "192.0.2.0/24", FieldOutboundExcludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "entirely covered"},
 		{"outbound port both", Options{FieldOutboundIncludePorts: "443", FieldOutboundExcludePorts: "400-500"}, FieldOutboundIncludePorts, "443", "overlaps"},
 		{"inbound port both", Options{FieldInboundIncludePorts: "8080", FieldInboundExcludePorts: "8080"}, FieldInboundIncludePorts, "8080", "overlaps"},
-		{"tproxy", Options{FieldMode: "TPROXY"}, FieldMode, "TPROXY", "not supported yet"},
+		// TPROXY is built now (was refused): its mark must not be the proxy's 1338.
+		{"tproxy mark", Options{FieldMode: "TPROXY", FieldTProxyMark: "1338"}, FieldTProxyMark, "1338", "other than 0 and 1338"},
+		{"tproxy table", Options{FieldMode: "TPROXY", FieldTProxyRouteTable: "254"}, FieldTProxyRouteTable, "254", "252-255"},
 		{"no proxy identity", Options{FieldProxyUID: "", FieldProxyGID: ""}, FieldProxyUID, "", "at least one"},
 	}
 	for _, tc := range cases {

@@ -12,10 +12,10 @@ import (
 type Mode string
 
 const (
-	// ModeRedirect captures with nat REDIRECT. It is the only mode built.
+	// ModeRedirect captures with nat REDIRECT.
 	ModeRedirect Mode = "REDIRECT"
-	// ModeTPROXY is accepted by the parser so that the error can say
-	// plainly that it is not supported yet.
+	// ModeTPROXY captures inbound TCP with mangle TPROXY (the original
+	// destination and source kept) and a fwmark route table.
 	ModeTPROXY Mode = "TPROXY"
 	// ModeNone means "do not capture". Build refuses it: entry points
 	// decide to skip the pod before building a ruleset.
@@ -79,7 +79,7 @@ type Config struct {
 	// bypasses capture (Istio -u and -g, 1337).
 	ProxyUIDs []uint32
 	ProxyGIDs []uint32
-	// Mode is the inbound interception mode. Only REDIRECT is built.
+	// Mode is the inbound interception mode (REDIRECT or TPROXY).
 	Mode Mode
 
 	// OutboundIncludeAll is Istio's -i '*': capture every destination
@@ -114,8 +114,7 @@ type Config struct {
 	Families Families
 
 	// The options below complete istio-iptables' set (see the registry,
-	// options.go). TProxyMark and TProxyRouteTable are parsed only: Validate
-	// refuses TPROXY mode, which is not built.
+	// options.go).
 
 	// TProxyMark and TProxyRouteTable are TPROXY mode's mark and route
 	// table (-t 1337, -r 133).
@@ -185,7 +184,12 @@ func (c *Config) Validate() error {
 	switch c.Mode {
 	case ModeRedirect:
 	case ModeTPROXY:
-		return fieldErr(FieldMode, string(c.Mode), "TPROXY interception is not supported yet; use REDIRECT")
+		if c.TProxyMark == 0 || c.TProxyMark == outboundMark {
+			return fieldErr(FieldTProxyMark, strconv.FormatUint(uint64(c.TProxyMark), 10), "must be a mark other than 0 and 1338 (the proxy's own)")
+		}
+		if c.TProxyRouteTable == 0 || c.TProxyRouteTable >= 252 && c.TProxyRouteTable <= 255 {
+			return fieldErr(FieldTProxyRouteTable, strconv.FormatUint(uint64(c.TProxyRouteTable), 10), "must be a route table other than 0 and the kernel's 252-255")
+		}
 	case ModeNone:
 		return fieldErr(FieldMode, string(c.Mode), "NONE means no capture; the caller must skip the pod instead of building rules")
 	default:

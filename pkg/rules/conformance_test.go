@@ -45,6 +45,10 @@ type istioCase struct {
 	// loopback CIDR is included); lo overrides {lo} for IPv4.
 	noLoRet bool
 	lo      string
+	// tproxy: TPROXY mode with these inbound ports ("*" for all); the
+	// inbound capture is then in mangle, the nat table keeps only the
+	// tunnel-port RETURN in ISTIO_INBOUND.
+	tproxy string
 	// dns: the pod's nameservers (Istio's DNSServersV4/V6). With
 	// --redirect-dns and at least one, Istio writes ISTIO_OUTPUT_DNS in
 	// nat (compared) and conntrack zones in raw (which we do not write:
@@ -60,7 +64,6 @@ func v4only(rules ...string) [2][]string { return [2][]string{rules, nil} }
 func v6only(rules ...string) [2][]string { return [2][]string{nil, rules} }
 
 const (
-	diffTPROXY  = "TPROXY mode (mangle ISTIO_DIVERT/ISTIO_TPROXY, ip rule and route table) is not built; -m TPROXY is refused"
 	diffInclExc = "an include CIDR wholly inside an exclude CIDR is refused: the exclude RETURNs first, so the include could never match (Istio writes both rules)"
 )
 
@@ -73,7 +76,11 @@ func istioCases() []istioCase {
 		{name: "ip-range", opts: Options{FieldOutboundExcludeCIDRs: "1.1.0.0/16", FieldOutboundIncludeCIDRs: "9.9.0.0/16", FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
 			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53"},
 			outTail: v4only("-A ISTIO_OUTPUT -d 1.1.0.0/16 -j RETURN", "-A ISTIO_OUTPUT -d 9.9.0.0/16 -j ISTIO_REDIRECT")},
-		{name: "tproxy", v6: true, opts: Options{FieldMode: "TPROXY", FieldInboundIncludePorts: "*"}, rejects: "TPROXY", differ: diffTPROXY},
+		{name: "tproxy", v6: true, opts: Options{FieldMode: "TPROXY", FieldInboundIncludePorts: "*", FieldOutboundExcludeCIDRs: "1.1.0.0/16",
+			FieldOutboundIncludeCIDRs: "9.9.0.0/16", FieldRedirectDNS: "true", FieldExcludeInterfaces: "not-istio-nic"},
+			dns: []string{"127.0.0.53"}, tproxy: "*",
+			pre: both("-A PREROUTING -i not-istio-nic -j RETURN"), outHead: both("-A OUTPUT -o not-istio-nic -j RETURN"),
+			outTail: v4only("-A ISTIO_OUTPUT -d 1.1.0.0/16 -j RETURN", "-A ISTIO_OUTPUT -d 9.9.0.0/16 -j ISTIO_REDIRECT")},
 		{name: "ipv6-inbound-ports", v6: true, opts: Options{FieldInboundIncludePorts: "4000,5000"},
 			pre:     both("-A PREROUTING -p tcp -j ISTIO_INBOUND"),
 			inbound: both("-A ISTIO_INBOUND -p tcp --dport 4000 -j ISTIO_IN_REDIRECT", "-A ISTIO_INBOUND -p tcp --dport 5000 -j ISTIO_IN_REDIRECT")},
@@ -105,8 +112,8 @@ func istioCases() []istioCase {
 			inbound: v4only("-A ISTIO_INBOUND -p tcp --dport 32000 -j ISTIO_IN_REDIRECT", "-A ISTIO_INBOUND -p tcp --dport 31000 -j ISTIO_IN_REDIRECT")},
 		{name: "inbound-ports-wildcard", opts: Options{FieldInboundIncludePorts: "*"},
 			pre: v4only("-A PREROUTING -p tcp -j ISTIO_INBOUND"), inbound: v4only("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT")},
-		{name: "inbound-ports-tproxy", opts: Options{FieldInboundIncludePorts: "32000,31000", FieldMode: "TPROXY"}, rejects: "TPROXY", differ: diffTPROXY},
-		{name: "inbound-ports-wildcard-tproxy", opts: Options{FieldInboundIncludePorts: "*", FieldMode: "TPROXY"}, rejects: "TPROXY", differ: diffTPROXY},
+		{name: "inbound-ports-tproxy", opts: Options{FieldInboundIncludePorts: "32000,31000", FieldMode: "TPROXY"}, tproxy: "32000,31000"},
+		{name: "inbound-ports-wildcard-tproxy", opts: Options{FieldInboundIncludePorts: "*", FieldMode: "TPROXY"}, tproxy: "*"},
 		{name: "dns-uid-gid", v6: true, opts: Options{FieldRedirectDNS: "true", FieldProxyGID: "1,2", FieldProxyUID: "3,4"},
 			uids: []string{"3", "4"}, gids: []string{"1", "2"}, dns: []string{"127.0.0.53", "::127.0.0.53"}},
 		// REDIRECT_DNS without CAPTURE_ALL_DNS and without a nameserver:
@@ -160,9 +167,20 @@ func (tc istioCase) config() (Config, error) {
 // nameserver; the table has no --capture-all-dns case).
 func (tc istioCase) dnsOn() bool { return tc.opts[FieldRedirectDNS] == "true" && len(tc.dns) > 0 }
 
-// chains are the nat chains Istio declares for the case.
-func (tc istioCase) chains() []string {
-	if tc.dnsOn() {
+// servers reports whether the case has a nameserver of family index fi.
+func (tc istioCase) servers(fi int) bool {
+	for _, d := range tc.dns {
+		if netip.MustParseAddr(d).Is6() == (fi == 1) {
+			return true
+		}
+	}
+	return false
+}
+
+// chains are the nat chains Istio declares for the case in family fi:
+// ISTIO_OUTPUT_DNS only where a nameserver of the family is.
+func (tc istioCase) chains(fi int) []string {
+	if tc.dnsOn() && tc.servers(fi) {
 		return []string{"ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS", "ISTIO_REDIRECT"}
 	}
 	return istioChains
@@ -172,8 +190,11 @@ func (tc istioCase) chains() []string {
 func (tc istioCase) tableWant(fi int, tb string) ([]string, map[string][]string) {
 	switch tb {
 	case "nat":
-		return tc.chains(), tc.want(fi)
+		return tc.chains(fi), tc.want(fi)
 	case "mangle":
+		if tc.tproxy != "" {
+			return tc.tproxyMangle(fi)
+		}
 		if tc.opts[FieldDropInvalid] != "true" {
 			return nil, map[string][]string{}
 		}
@@ -216,7 +237,44 @@ func (tc istioCase) tableWant(fi int, tb string) ([]string, map[string][]string)
 			"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d "+p+" -j CT --zone 2",
 			"-A ISTIO_INBOUND -p udp --sport 53 -s "+p+" -j CT --zone 1")
 	}
+	if !tc.servers(fi) {
+		return []string{"ISTIO_OUTPUT_DNS"}, byChain(rules)
+	}
 	return []string{"ISTIO_INBOUND", "ISTIO_OUTPUT_DNS"}, byChain(rules)
+}
+
+// tproxyMangle is istio-iptables' mangle table in TPROXY mode.
+func (tc istioCase) tproxyMangle(fi int) ([]string, map[string][]string) {
+	lo, pass := "127.0.0.1/32", "127.0.0.6/32"
+	if fi == 1 {
+		lo, pass = "::1/128", "::6/128"
+	}
+	var rules []string
+	if c := tc.opts[FieldExcludeInterfaces]; c != "" {
+		rules = append(rules, "-A PREROUTING -i "+c+" -j RETURN", "-A OUTPUT -o "+c+" -j RETURN")
+	}
+	rules = append(rules,
+		"-A ISTIO_DIVERT -j MARK --set-mark 1337", "-A ISTIO_DIVERT -j ACCEPT",
+		"-A ISTIO_TPROXY ! -d "+lo+" -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+		"-A PREROUTING -p tcp -j ISTIO_INBOUND",
+		"-A ISTIO_INBOUND -p tcp -m mark --mark 1337 -j RETURN",
+		"-A ISTIO_INBOUND -p tcp -s "+pass+" -i lo -j RETURN",
+		"-A ISTIO_INBOUND -p tcp -i lo -m mark ! --mark 1338 -j RETURN")
+	if tc.tproxy == "*" {
+		rules = append(rules, "-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT",
+			"-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY")
+	} else {
+		for _, p := range strings.Split(tc.tproxy, ",") {
+			rules = append(rules, "-A ISTIO_INBOUND -p tcp --dport "+p+" -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT",
+				"-A ISTIO_INBOUND -p tcp --dport "+p+" -j ISTIO_TPROXY")
+		}
+	}
+	rules = append(rules, "-A PREROUTING -p tcp -m mark --mark 1337 -j CONNMARK --save-mark",
+		"-A OUTPUT -p tcp -o lo -m mark --mark 1337 -j RETURN",
+		"-A OUTPUT ! -d "+lo+" -p tcp -o lo -m owner --uid-owner 1337 -j MARK --set-mark 1338",
+		"-A OUTPUT ! -d "+lo+" -p tcp -o lo -m owner --gid-owner 1337 -j MARK --set-mark 1338",
+		"-A OUTPUT -p tcp -m connmark --mark 1337 -j CONNMARK --restore-mark")
+	return []string{"ISTIO_DIVERT", "ISTIO_INBOUND", "ISTIO_TPROXY"}, byChain(rules)
 }
 
 // want is the case's nat rules for family index fi, by chain, normalised.
@@ -336,7 +394,10 @@ func normIPTRule(l string) (chain, rule string) {
 				target += " " + f[i]
 				i++
 			}
+			target = normTarget(target)
 			continue
+		case flag == "--mark":
+			args[0] = normMark(args[0])
 		case flag == "-s" || flag == "-d":
 			if p, err := netip.ParsePrefix(args[0]); err == nil {
 				args[0] = p.Masked().String()
@@ -354,6 +415,50 @@ func normIPTRule(l string) (chain, rule string) {
 	}
 	sort.Strings(opts)
 	return chain, strings.Join(append(opts, target), " ")
+}
+
+// normMark prints a mark (decimal, or hex as iptables-save prints it) in
+// hex, without a full mask.
+func normMark(v string) string {
+	v = strings.TrimSuffix(v, "/0xffffffff")
+	n, err := strconv.ParseUint(v, 0, 32)
+	if err != nil {
+		return v
+	}
+	return "0x" + strconv.FormatUint(n, 16)
+}
+
+// normTarget equates a target's Istio spelling with iptables-save's:
+// MARK --set-mark N and --set-xmark N/0xffffffff; CONNMARK without and
+// with its full masks; TPROXY with its options in any order and the
+// wildcard --on-ip.
+func normTarget(t string) string {
+	f := strings.Fields(t)
+	if len(f) < 2 {
+		return t
+	}
+	opt := map[string]string{}
+	for i := 2; i+1 < len(f); i++ {
+		if strings.HasPrefix(f[i], "--") && !strings.HasPrefix(f[i+1], "--") {
+			opt[f[i]] = f[i+1]
+		}
+	}
+	switch f[1] {
+	case "MARK":
+		v := opt["--set-mark"]
+		if v == "" {
+			v = opt["--set-xmark"]
+		}
+		return "-j MARK --set-mark " + normMark(v)
+	case "CONNMARK":
+		if strings.Contains(t, "--save-mark") {
+			return "-j CONNMARK --save-mark"
+		}
+		return "-j CONNMARK --restore-mark"
+	case "TPROXY":
+		return "-j TPROXY --on-port " + opt["--on-port"] + " --tproxy-mark " + normMark(opt["--tproxy-mark"])
+	}
+	return t
 }
 
 func isNumber(s string) bool { _, err := strconv.Atoi(s); return err == nil }

@@ -79,9 +79,19 @@ const (
 // Ruleset is the whole desired state of one pod's capture.
 type Ruleset struct {
 	Families Families
+	// TProxyRoute, in TPROXY mode, is the policy route that delivers
+	// marked packets locally: "ip rule fwmark Mark lookup Table" and
+	// "ip route add local default dev lo table Table", per family. The
+	// firewall backends do not write it; egress-init does (ApplyTProxyRoute).
+	TProxyRoute *TProxyRoute
 	// Chains in dependency order: base chains first, then regular chains.
 	Chains []*Chain
 	Sets   []*Set
+}
+
+// TProxyRoute is TPROXY mode's mark and route table.
+type TProxyRoute struct {
+	Mark, Table uint32
 }
 
 // Chain returns the chain with the given name, or nil.
@@ -181,6 +191,15 @@ const (
 	// VerdictCTZone puts the connection in a conntrack zone and goes on
 	// (raw: the DNS zones).
 	VerdictCTZone
+	// The TPROXY mode's mangle verdicts: accept; set the packet mark
+	// (and go on); save the packet mark to the connection mark, or
+	// restore it (and go on); hand the packet to the socket on Port of
+	// this host, marking it with Mark (and accept).
+	VerdictAccept
+	VerdictSetMark
+	VerdictConnmarkSave
+	VerdictConnmarkRestore
+	VerdictTProxy
 )
 
 // Verdict of a rule.
@@ -189,6 +208,7 @@ type Verdict struct {
 	Chain string // VerdictJump
 	Port  uint16 // VerdictRedirect
 	Zone  uint16 // VerdictCTZone
+	Mark  uint32 // VerdictSetMark, VerdictTProxy
 }
 
 // Rule is one match-and-verdict. Every nil or zero field matches
@@ -202,8 +222,15 @@ type Rule struct {
 	Src    *netip.Prefix
 	Dst    *netip.Prefix
 	DstNot bool
-	// CTInvalid matches packets conntrack deems INVALID.
-	CTInvalid bool
+	// CTInvalid matches packets conntrack deems INVALID; CTEstablished
+	// those of a RELATED or ESTABLISHED connection.
+	CTInvalid     bool
+	CTEstablished bool
+	// Mark matches the packet mark (MarkNot negates it), ConnMark the
+	// connection mark.
+	Mark     *uint32
+	MarkNot  bool
+	ConnMark *uint32
 	// DstSet names an address set of the rule's family.
 	DstSet string
 	Proto  Proto

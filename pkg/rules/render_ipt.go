@@ -40,9 +40,15 @@ const ChainDrop = "ISTIO_DROP"
 // --drop-invalid.
 var iptTables = []string{"nat", "mangle", "raw"}
 
+// TPROXY mode's mangle chains.
+const (
+	ChainDivert = "ISTIO_DIVERT"
+	ChainTProxy = "ISTIO_TPROXY"
+)
+
 var iptChainsOf = map[string][]string{
 	"nat":    iptChains,
-	"mangle": {ChainDrop},
+	"mangle": {ChainDivert, ChainDrop, ChainInbound, ChainTProxy},
 	"raw":    {ChainInbound, ChainOutputDNS},
 }
 
@@ -238,6 +244,31 @@ func renderIPTTable(rs *Ruleset, f Family, tb string) (*iptTable, error) {
 			}
 		}
 	}
+	// A chain is declared in a family only when the family uses it: it
+	// has rules there, or a rule there jumps to it (istio-iptables
+	// creates a chain with its first rule; IPv6 without nameservers has
+	// no ISTIO_OUTPUT_DNS, say).
+	used := func(c string) bool {
+		if len(rules[c]) > 0 {
+			return true
+		}
+		for _, ls := range [][]string{entry["PREROUTING"], entry["OUTPUT"]} {
+			for _, l := range ls {
+				if strings.HasSuffix(l, " -j "+c) {
+					return true
+				}
+			}
+		}
+		for _, ls := range rules {
+			for _, l := range ls {
+				if strings.HasSuffix(l, " -j "+c) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	t.Chains = slices.DeleteFunc(t.Chains, func(c string) bool { return !used(c) })
 	slices.Sort(t.Chains)
 	for _, c := range iptBuiltins {
 		t.Entry = append(t.Entry, entry[c]...)
@@ -308,14 +339,14 @@ func iptRuleLines(rs *Ruleset, chain string, r Rule, f Family, comment bool) ([]
 	out := make([]string, 0, len(dsts)*len(ports))
 	for _, d := range dsts {
 		for _, p := range ports {
-			out = append(out, iptRuleLine(rs, chain, r, d, p, comment))
+			out = append(out, iptRuleLine(rs, chain, r, f, d, p, comment))
 		}
 	}
 	return out, nil
 }
 
 // iptRuleLine writes one rule in iptables-save's canonical order.
-func iptRuleLine(rs *Ruleset, chain string, r Rule, dst *netip.Prefix, port *PortRange, comment bool) string {
+func iptRuleLine(rs *Ruleset, chain string, r Rule, family Family, dst *netip.Prefix, port *PortRange, comment bool) string {
 	var b strings.Builder
 	b.WriteString("-A ")
 	b.WriteString(chain)
@@ -371,6 +402,17 @@ func iptRuleLine(rs *Ruleset, chain string, r Rule, dst *netip.Prefix, port *Por
 	if r.CTInvalid {
 		b.WriteString(" -m conntrack --ctstate INVALID")
 	}
+	if r.CTEstablished {
+		b.WriteString(" -m conntrack --ctstate RELATED,ESTABLISHED")
+	}
+	if r.Mark != nil {
+		b.WriteString(" -m mark")
+		not(r.MarkNot)
+		b.WriteString(" --mark " + iptHex(*r.Mark))
+	}
+	if r.ConnMark != nil {
+		b.WriteString(" -m connmark --mark " + iptHex(*r.ConnMark))
+	}
 	if len(r.DPortsNot) > 0 {
 		b.WriteString(" -m multiport ! --dports ")
 		for i, p := range r.DPortsNot {
@@ -407,6 +449,20 @@ func iptRuleLine(rs *Ruleset, chain string, r Rule, dst *netip.Prefix, port *Por
 		b.WriteString(" -j RETURN")
 	case VerdictDrop:
 		b.WriteString(" -j DROP")
+	case VerdictAccept:
+		b.WriteString(" -j ACCEPT")
+	case VerdictSetMark:
+		b.WriteString(" -j MARK --set-xmark " + iptHex(r.Verdict.Mark) + "/0xffffffff")
+	case VerdictConnmarkSave:
+		b.WriteString(" -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff")
+	case VerdictConnmarkRestore:
+		b.WriteString(" -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff")
+	case VerdictTProxy:
+		onIP := "0.0.0.0"
+		if family == FamilyIPv6 {
+			onIP = "::"
+		}
+		b.WriteString(" -j TPROXY --on-port " + strconv.Itoa(int(r.Verdict.Port)) + " --on-ip " + onIP + " --tproxy-mark " + iptHex(r.Verdict.Mark) + "/0xffffffff")
 	case VerdictCTZone:
 		b.WriteString(" -j CT --zone ")
 		b.WriteString(strconv.Itoa(int(r.Verdict.Zone)))
@@ -461,6 +517,9 @@ func ntop6(a netip.Addr) string {
 	}
 	return a.WithZone("").String()
 }
+
+// iptHex prints a mark as iptables-save does.
+func iptHex(v uint32) string { return "0x" + strconv.FormatUint(uint64(v), 16) }
 
 func iptPorts(p PortRange) string {
 	if p.From == p.To {

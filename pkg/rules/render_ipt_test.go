@@ -95,6 +95,16 @@ func iptGoldenCases() []struct {
 			c.RedirectDNS, c.CaptureAllDNS = true, false
 			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
 		}},
+		// TPROXY mode (mangle), with excluded inbound ports and interfaces.
+		{"tproxy", iptLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.ExcludeInterfaces = []string{"eth1"}
+			c.DropInvalid = true
+		}},
+		{"tproxy-ports", iptLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{8080, 8080}, {9000, 9001}}, nil
+		}},
 		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
 		{"drop-invalid-groups-virt", iptLine(), func(c *Config) {
 			c.DropInvalid = true

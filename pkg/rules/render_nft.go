@@ -168,6 +168,9 @@ func nftRuleText(r Rule, inet bool) string {
 	if r.CTInvalid {
 		p = append(p, "ct state invalid")
 	}
+	if r.CTEstablished {
+		p = append(p, "ct state established,related")
+	}
 	ipKw := "ip"
 	if fam == FamilyIPv6 {
 		ipKw = "ip6"
@@ -231,6 +234,16 @@ func nftRuleText(r Rule, inet bool) string {
 	for _, g := range r.GIDsNot {
 		p = append(p, "meta skgid != "+strconv.FormatUint(uint64(g), 10))
 	}
+	if r.Mark != nil {
+		op := ""
+		if r.MarkNot {
+			op = "!= "
+		}
+		p = append(p, fmt.Sprintf("meta mark %s0x%08x", op, *r.Mark))
+	}
+	if r.ConnMark != nil {
+		p = append(p, fmt.Sprintf("ct mark 0x%08x", *r.ConnMark))
+	}
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		p = append(p, "return")
@@ -242,6 +255,16 @@ func nftRuleText(r Rule, inet bool) string {
 		p = append(p, "drop")
 	case VerdictCTZone:
 		p = append(p, fmt.Sprintf("ct zone set %d", r.Verdict.Zone))
+	case VerdictAccept:
+		p = append(p, "accept")
+	case VerdictSetMark:
+		p = append(p, fmt.Sprintf("meta mark set 0x%08x", r.Verdict.Mark))
+	case VerdictConnmarkSave:
+		p = append(p, "ct mark set meta mark")
+	case VerdictConnmarkRestore:
+		p = append(p, "meta mark set ct mark")
+	case VerdictTProxy:
+		p = append(p, fmt.Sprintf("tproxy %s to :%d meta mark set 0x%08x accept", ipKw, r.Verdict.Port, r.Verdict.Mark))
 	}
 	return strings.Join(p, " ")
 }
@@ -766,6 +789,17 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(0)},
 		)
 	}
+	if r.CTEstablished {
+		ex = append(ex,
+			// [ ct load state => reg 1 ]
+			&expr.Ct{Register: nftReg, Key: expr.CtKeySTATE},
+			// [ bitwise reg 1 = ( reg 1 & 0x00000006 ) ^ 0x00000000 ]  (established|related)
+			&expr.Bitwise{SourceRegister: nftReg, DestRegister: nftReg, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(6), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			// [ cmp neq reg 1 0x00000000 ]
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(0)},
+		)
+	}
 	if hasAddr {
 		ex = append(ex, nfproto...)
 	}
@@ -889,6 +923,26 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(g)},
 		)
 	}
+	if r.Mark != nil {
+		op := expr.CmpOpEq
+		if r.MarkNot {
+			op = expr.CmpOpNeq
+		}
+		ex = append(ex,
+			// [ meta load mark => reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg},
+			// [ cmp eq reg 1 0x00000539 ]
+			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.Mark)},
+		)
+	}
+	if r.ConnMark != nil {
+		ex = append(ex,
+			// [ ct load mark => reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg},
+			// [ cmp eq reg 1 0x00000539 ]
+			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.ConnMark)},
+		)
+	}
 
 	switch r.Verdict.Kind {
 	case VerdictReturn:
@@ -897,6 +951,47 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 	case VerdictDrop:
 		// [ immediate reg 0 drop ]
 		ex = append(ex, &expr.Verdict{Kind: expr.VerdictDrop})
+	case VerdictAccept:
+		// [ immediate reg 0 accept ]
+		ex = append(ex, &expr.Verdict{Kind: expr.VerdictAccept})
+	case VerdictSetMark:
+		ex = append(ex,
+			// [ immediate reg 1 0x0000053a ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(r.Verdict.Mark)},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictConnmarkSave:
+		ex = append(ex,
+			// [ meta load mark => reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg},
+			// [ ct set mark with reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictConnmarkRestore:
+		ex = append(ex,
+			// [ ct load mark => reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictTProxy:
+		tfam := byte(unix.NFPROTO_IPV4)
+		if rf == FamilyIPv6 {
+			tfam = unix.NFPROTO_IPV6
+		}
+		ex = append(ex,
+			// [ immediate reg 1 0x00003a98 ]  (15006)
+			&expr.Immediate{Register: nftReg, Data: be16(r.Verdict.Port)},
+			// [ tproxy ip port reg 1 ]
+			&expr.TProxy{Family: tfam, TableFamily: byte(fam), RegPort: nftReg},
+			// [ immediate reg 1 0x00000539 ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(r.Verdict.Mark)},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+			// [ immediate reg 0 accept ]
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		)
 	case VerdictCTZone:
 		ex = append(ex,
 			// [ immediate reg 1 0x00000001 ]

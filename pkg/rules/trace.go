@@ -106,7 +106,7 @@ func (rs *Ruleset) matches(r *Rule, p Packet) (bool, error) {
 	if r.DPort != nil && inRange(*r.DPort) == r.DPortNot {
 		return false, nil
 	}
-	if r.SPort != nil || r.CTInvalid {
+	if r.SPort != nil || r.CTInvalid || r.CTEstablished || r.Mark != nil || r.ConnMark != nil {
 		// Trace follows the nat table, where neither is used; a packet
 		// of its kind has no source port or conntrack state.
 		return false, nil

@@ -95,6 +95,13 @@ func tableProblem(c *Chain, r *Rule, chains map[string]*Chain) string {
 		if c.Table == TableNAT {
 			return "drop in the nat table"
 		}
+	case VerdictAccept, VerdictSetMark, VerdictConnmarkSave, VerdictConnmarkRestore, VerdictTProxy:
+		if c.Table != TableMangle {
+			return "a TPROXY-mode verdict outside the mangle table"
+		}
+		if r.Verdict.Kind == VerdictTProxy && (r.Proto != ProtoTCP || r.Verdict.Port == 0) {
+			return "TPROXY needs tcp and a port"
+		}
 	}
 	return ""
 }
@@ -169,6 +176,9 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	if (r.DPort != nil || r.DPortSet != "") && r.Proto == ProtoAny {
 		return "port match without a protocol"
 	}
+	if r.Mark == nil && r.MarkNot {
+		return "negated mark without a mark"
+	}
 	if r.SPort != nil && (r.Proto == ProtoAny || r.SPort.From == 0 || r.SPort.To < r.SPort.From) {
 		return "source port without a protocol, or an invalid range"
 	}
@@ -207,7 +217,7 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 		if t.Hook != nil {
 			return fmt.Sprintf("jump to base chain %s", r.Verdict.Chain)
 		}
-	case VerdictDrop:
+	case VerdictDrop, VerdictAccept, VerdictSetMark, VerdictConnmarkSave, VerdictConnmarkRestore, VerdictTProxy:
 	case VerdictCTZone:
 		if r.Verdict.Zone == 0 {
 			return "conntrack zone 0"

@@ -3,15 +3,22 @@
 package netns_test
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
+	"net"
 	"net/netip"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
@@ -224,6 +231,109 @@ func TestEgressInitDropInvalid(t *testing.T) {
 			// INVALID_DROP, Istio's older variable, turns it on too.
 			if out, code := runInitEnv(t, bin, []string{"INVALID_DROP=true"}, append(args, "--dry-run")...); code != 0 || !strings.Contains(out, "ISTIO_DROP") {
 				t.Errorf("INVALID_DROP=true: exit %d, dry run lacks ISTIO_DROP:\n%s", code, out)
+			}
+		})
+	}
+}
+
+// serveTransparent listens on port in n with IP_TRANSPARENT, as Envoy's
+// inbound listener does in TPROXY mode, and answers each connection with
+// "local=<its local address> remote=<its peer>".
+func serveTransparent(t *testing.T, n ns.NetNS, port int) {
+	t.Helper()
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1) })
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	var l net.Listener
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		l, err = lc.Listen(context.Background(), "tcp4", net.JoinHostPort("0.0.0.0", strconv.Itoa(port)))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("transparent listener: %v", err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "local=%s remote=%s\n", c.LocalAddr(), c.RemoteAddr())
+			c.Close()
+		}
+	}()
+}
+
+// dialFrom connects from n to addr and returns the first line answered.
+func dialFrom(t *testing.T, n ns.NetNS, addr string) (string, error) {
+	t.Helper()
+	var line string
+	err := n.Do(func(ns.NetNS) error {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		b, err := bufio.NewReader(c).ReadString('\n')
+		line = strings.TrimSpace(b)
+		return err
+	})
+	return line, err
+}
+
+// TestEgressInitTPROXY: with -m TPROXY, an inbound connection reaches the
+// proxy's transparent listener on 15006 with its original destination as
+// the socket's local address and the client's address as its peer (the
+// source is preserved), both for the pod's own address and for an
+// address the pod does not hold (delivered by the fwmark route table);
+// --cleanup-only removes the rules and the policy route. For each backend.
+func TestEgressInitTPROXY(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	bin := buildEgressInit(t)
+	for _, backend := range []string{"nftables", "iptables-nft", "iptables-legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			p := nstest.NewPod(t, nstest.PodOptions{})
+			far := "198.51.100.77"
+			nstest.Route(t, p.World, netip.MustParsePrefix(far+"/32"), nstest.PodIPv4)
+			serveTransparent(t, p.NS, 15006)
+			if _, err := dialFrom(t, p.World, nstest.PodIPv4.String()+":8080"); err == nil {
+				t.Fatal("control: before egress-init nothing listens on 8080")
+			}
+			args := []string{"istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-x", "",
+				"-b", "*", "-d", "15090,15021", "--backend", backend, "--netns", p.NS.Path()}
+			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
+				t.Fatalf("exit %d: %s", code, out)
+			}
+			for _, dst := range []string{nstest.PodIPv4.String() + ":8080", far + ":80"} {
+				line, err := dialFrom(t, p.World, dst)
+				if err != nil {
+					t.Fatalf("to %s: %v", dst, err)
+				}
+				want := "local=" + dst + " remote=" + nstest.WorldIPv4.String() + ":"
+				if !strings.HasPrefix(line, want) {
+					t.Errorf("to %s: got %q, want the original destination and the client's source (%s...)", dst, line, want)
+				}
+			}
+			rules4, _ := nstest.Exec(p.NS, "ip", "-4", "rule", "list")
+			if !strings.Contains(rules4, "fwmark 0x539 lookup 133") {
+				t.Errorf("no policy rule fwmark 1337 lookup 133:\n%s", rules4)
+			}
+			if out, code := runInitEnv(t, bin, nil, "--cleanup-only", "--netns", p.NS.Path()); code != 0 {
+				t.Fatalf("--cleanup-only: exit %d: %s", code, out)
+			}
+			if rules4, _ := nstest.Exec(p.NS, "ip", "-4", "rule", "list"); strings.Contains(rules4, "lookup 133") {
+				t.Errorf("--cleanup-only left the policy rule:\n%s", rules4)
+			}
+			if _, err := dialFrom(t, p.World, far+":80"); err == nil {
+				t.Error("after --cleanup-only the far address still reaches the listener")
 			}
 		})
 	}
