@@ -89,6 +89,11 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 			if err := be.Check(rs); err != nil {
 				return err
 			}
+			if rs.TProxyRoute != nil {
+				if err := checkTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
+					return err
+				}
+			}
 			log.Info(fmt.Sprintf("backend=%s: rules match the desired state", be.Name()))
 			return nil
 		default:

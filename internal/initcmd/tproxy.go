@@ -98,3 +98,38 @@ func removeTProxyRoute(r *rules.TProxyRoute) error {
 	}
 	return errors.Join(errs...)
 }
+
+// checkTProxyRoute reports a missing policy rule or route as drift.
+func checkTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
+	drift := &rules.DriftError{Backend: "ip rule/route"}
+	for _, fam := range tproxyFamilies(fs) {
+		name := "ipv4"
+		if fam == unix.AF_INET6 {
+			name = "ipv6"
+		}
+		have, err := ourRules(fam, r)
+		if err != nil {
+			return err
+		}
+		if len(have) == 0 {
+			drift.Missing = append(drift.Missing, fmt.Sprintf("%s: rule fwmark %d lookup %d", name, r.Mark, r.Table))
+		}
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: int(r.Table)}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return fmt.Errorf("could not list the routes of table %d: %w", r.Table, err)
+		}
+		found := false
+		for _, rt := range routes {
+			if rt.Type == unix.RTN_LOCAL && (rt.Dst == nil || rt.Dst.IP.IsUnspecified()) {
+				found = true
+			}
+		}
+		if !found {
+			drift.Missing = append(drift.Missing, fmt.Sprintf("%s: route local default dev lo table %d", name, r.Table))
+		}
+	}
+	if len(drift.Missing) > 0 {
+		return drift
+	}
+	return nil
+}

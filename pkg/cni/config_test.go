@@ -190,3 +190,17 @@ func ports(ps ...uint16) []rules.PortRange {
 	}
 	return out
 }
+
+// The registry's newer keys reach the engine config.
+func TestParseConfigIstioExtras(t *testing.T) {
+	s := mustSettings(t, `"dropInvalid": true, "outboundOwnerGroupsExclude": [3000, "3001"]`)
+	if !s.Base.DropInvalid || len(s.Base.OwnerGroupsExclude) != 2 || s.Base.OwnerGroupsExclude[1] != 3001 {
+		t.Errorf("config %+v", s.Base)
+	}
+	if _, err := ParseConfig(conf(`"outboundOwnerGroups": "java"`)); err == nil || !strings.Contains(err.Error(), "outboundOwnerGroups") {
+		t.Errorf("a group name: %v, want an error naming outboundOwnerGroups", err)
+	}
+	if _, err := ParseConfig(conf(`"dropInvalid": "yes"`)); err == nil || !strings.Contains(err.Error(), "dropInvalid") {
+		t.Errorf("dropInvalid as a string: %v", err)
+	}
+}

@@ -205,7 +205,7 @@ var CaptureOptions = []Option{
 	{Name: FieldCaptureAllDNS, Env: "CAPTURE_ALL_DNS", Kind: OptBool, Default: "false", PodDefault: "true",
 		Usage: "with --redirect-dns, capture DNS to every address, not only the nameservers of /etc/resolv.conf",
 		set:   boolSetter(FieldCaptureAllDNS, func(c *Config) *bool { return &c.CaptureAllDNS })},
-	{Name: FieldDropInvalid, Env: "DROP_INVALID", EnvAliases: []string{"INVALID_DROP"}, Kind: OptBool,
+	{Name: FieldDropInvalid, Env: "DROP_INVALID", EnvAliases: []string{"INVALID_DROP"}, Kind: OptBool, ConfigKey: "dropInvalid",
 		Default: "false", PodDefault: "false", Usage: "drop packets conntrack deems INVALID",
 		set: boolSetter(FieldDropInvalid, func(c *Config) *bool { return &c.DropInvalid })},
 	{Name: FieldDualStack, Env: "DUAL_STACK", EnvAliases: []string{"ISTIO_DUAL_STACK"}, Kind: OptBool,
@@ -215,7 +215,7 @@ var CaptureOptions = []Option{
 			_, err := parseBool(FieldDualStack, v)
 			return err
 		}},
-	{Name: EnvOwnerGroups, NoFlag: true, Env: EnvOwnerGroups, Default: "*", PodDefault: "*",
+	{Name: EnvOwnerGroups, NoFlag: true, Env: EnvOwnerGroups, ConfigKey: "outboundOwnerGroups", Default: "*", PodDefault: "*",
 		Usage: "groups (names or GIDs) whose traffic is captured, or '*'",
 		set: func(c *Config, v string) error {
 			if strings.TrimSpace(v) == "*" {
@@ -226,7 +226,7 @@ var CaptureOptions = []Option{
 			c.OwnerGroupsInclude = ids
 			return err
 		}},
-	{Name: EnvOwnerGroupsExclude, NoFlag: true, Env: EnvOwnerGroupsExclude,
+	{Name: EnvOwnerGroupsExclude, NoFlag: true, Env: EnvOwnerGroupsExclude, ConfigKey: "outboundOwnerGroupsExclude",
 		Usage: "groups (names or GIDs) whose traffic is not captured (with ISTIO_OUTBOUND_OWNER_GROUPS='*')",
 		set: func(c *Config, v string) (err error) {
 			c.OwnerGroupsExclude, err = ParseIDList(EnvOwnerGroupsExclude, v)

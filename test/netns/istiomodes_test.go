@@ -326,6 +326,18 @@ func TestEgressInitTPROXY(t *testing.T) {
 			if !strings.Contains(rules4, "fwmark 0x539 lookup 133") {
 				t.Errorf("no policy rule fwmark 1337 lookup 133:\n%s", rules4)
 			}
+			// --check covers the policy route too.
+			check := append(slices.Clone(args), "--check")
+			if out, code := runInitEnv(t, bin, nil, check...); code != 0 {
+				t.Errorf("--check after apply: exit %d: %s", code, out)
+			}
+			nstest.MustExec(t, p.NS, "ip", "-4", "route", "flush", "table", "133")
+			if out, code := runInitEnv(t, bin, nil, check...); code != 1 || !strings.Contains(out, "table 133") {
+				t.Errorf("--check without the route: exit %d, want 1 naming table 133: %s", code, out)
+			}
+			if out, code := runInitEnv(t, bin, nil, args...); code != 0 {
+				t.Fatalf("re-apply: exit %d: %s", code, out)
+			}
 			if out, code := runInitEnv(t, bin, nil, "--cleanup-only", "--netns", p.NS.Path()); code != 0 {
 				t.Fatalf("--cleanup-only: exit %d: %s", code, out)
 			}
