@@ -1,10 +1,12 @@
 package initcmd
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"time"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
@@ -16,10 +18,12 @@ const (
 	ExitOK    = 0
 	ExitFail  = 1 // the kernel refused, or --check found drift
 	ExitUsage = 2 // bad flags: nothing was applied
+	// ExitValidation (126): --run-validation found no capture.
 )
 
 // Run is egress-init's main. args excludes the program name. The ruleset
-// goes to stdout only for --dry-run; everything else is on stderr.
+// goes to stdout only for --dry-run; logs go to stderr unless
+// --log_target says otherwise.
 func Run(args []string, stdout, stderr io.Writer) int {
 	inv, err := Parse(args, stderr)
 	if err != nil {
@@ -29,32 +33,52 @@ func Run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "egress-init: %v\n", err)
 		return ExitUsage
 	}
+	log, closers, err := inv.Log.logger(stdout, stderr)
+	defer func() {
+		for _, c := range closers {
+			c.Close()
+		}
+	}()
+	if err != nil {
+		fmt.Fprintf(stderr, "egress-init: %v\n", err)
+		return ExitUsage
+	}
 	if inv.Config.Mode == rules.ModeNone && inv.Action != ActionCleanup {
-		fmt.Fprintln(stderr, "egress-init: interception mode NONE: no rules applied")
+		log.Info("interception mode NONE: no rules applied")
 		return ExitOK
 	}
-	if err := run(inv, stdout, stderr); err != nil {
-		fmt.Fprintf(stderr, "egress-init: %v\n", err)
+	if err := run(inv, stdout, log); err != nil {
+		log.Error(err.Error())
+		if errors.Is(err, errValidation) {
+			return ExitValidation
+		}
 		return ExitFail
 	}
 	return ExitOK
 }
 
-func run(inv *Invocation, stdout, stderr io.Writer) error {
+func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 	var rs *rules.Ruleset
-	if inv.Action != ActionCleanup {
+	if inv.Action != ActionCleanup && !(inv.Action == ActionApply && inv.SkipRuleApply) {
 		var err error
 		if rs, err = rules.Build(inv.Config); err != nil {
 			return err
 		}
 	}
 	if inv.Action == ActionDryRun {
-		return dryRun(inv, rs, stdout, stderr)
+		return dryRun(inv, rs, stdout, log)
 	}
 	return netns.Do(inv.NetNS, func() error {
 		start := time.Now()
 		if inv.Action == ActionCleanup {
-			return cleanup(inv.Backend, stderr)
+			// The TPROXY route of the mark and table given (or the
+			// defaults, 1337 and 133), whatever the mode.
+			err := removeTProxyRoute(&rules.TProxyRoute{Mark: inv.Config.TProxyMark, Table: inv.Config.TProxyRouteTable})
+			return errors.Join(cleanup(inv.Backend, log), err)
+		}
+		if inv.Action == ActionApply && inv.SkipRuleApply {
+			log.Info("--skip-rule-apply: no rules applied")
+			return validate(inv, log)
 		}
 		be, err := rules.NewBackend(inv.Backend, rules.BackendOptions{})
 		if err != nil {
@@ -65,28 +89,53 @@ func run(inv *Invocation, stdout, stderr io.Writer) error {
 			if err := be.Check(rs); err != nil {
 				return err
 			}
-			fmt.Fprintf(stderr, "egress-init: backend=%s: rules match the desired state\n", be.Name())
+			if rs.TProxyRoute != nil {
+				if err := checkTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
+					return err
+				}
+			}
+			log.Info(fmt.Sprintf("backend=%s: rules match the desired state", be.Name()))
 			return nil
 		default:
 			if err := be.Apply(rs); err != nil {
 				return fmt.Errorf("backend %s: could not apply rules: %w", be.Name(), err)
 			}
-			fmt.Fprintf(stderr, "egress-init: backend=%s applied in %s\n", be.Name(), time.Since(start).Round(time.Microsecond))
-			if inv.Validate {
-				if err := be.Check(rs); err != nil {
-					return fmt.Errorf("validation after apply: %w", err)
+			log.Info(fmt.Sprintf("backend=%s applied in %s", be.Name(), time.Since(start).Round(time.Microsecond)))
+			if inv.Config.Families.HasV6() {
+				if err := addPassthroughV6(); err != nil {
+					return err
 				}
 			}
-			return nil
+			if rs.TProxyRoute != nil {
+				if err := applyTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
+					return err
+				}
+			}
+			return validate(inv, log)
 		}
 	})
+}
+
+// validate runs Istio's validation probe when --run-validation is set.
+func validate(inv *Invocation, log *slog.Logger) error {
+	if !inv.Validate {
+		return nil
+	}
+	p := &probe{
+		v6:        hostIsIPv6(),
+		ports:     []uint16{inv.Config.ProxyPort, inv.Config.InboundPort},
+		probePort: inv.ProbePort,
+		timeout:   inv.ProbeTimeout,
+		log:       log,
+	}
+	return p.run(context.Background())
 }
 
 // dryRun prints the ruleset. "auto" is resolved in the target namespace
 // when that is possible (it needs CAP_NET_ADMIN to list tables); if it is
 // not, the dry run shows nftables, which is what auto picks on a clean
 // namespace, and says so.
-func dryRun(inv *Invocation, rs *rules.Ruleset, stdout, stderr io.Writer) error {
+func dryRun(inv *Invocation, rs *rules.Ruleset, stdout io.Writer, log *slog.Logger) error {
 	name := inv.Backend
 	if name == rules.BackendAuto {
 		err := netns.Do(inv.NetNS, func() error {
@@ -96,7 +145,7 @@ func dryRun(inv *Invocation, rs *rules.Ruleset, stdout, stderr io.Writer) error 
 		})
 		if err != nil {
 			name = rules.BackendNFTables
-			fmt.Fprintf(stderr, "egress-init: could not detect the backend (%v); showing %s\n", err, name)
+			log.Info(fmt.Sprintf("could not detect the backend (%v); showing %s", err, name))
 		}
 	}
 	be, err := rules.NewBackend(name, rules.BackendOptions{})
@@ -107,7 +156,7 @@ func dryRun(inv *Invocation, rs *rules.Ruleset, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "egress-init: dry run, backend=%s; nothing applied\n", be.Name())
+	log.Info(fmt.Sprintf("dry run, backend=%s; nothing applied", be.Name()))
 	_, err = io.WriteString(stdout, text)
 	return err
 }
@@ -115,7 +164,7 @@ func dryRun(inv *Invocation, rs *rules.Ruleset, stdout, stderr io.Writer) error 
 // cleanup removes our rules. With an explicit backend only that one is
 // cleaned; with auto, every backend whose tools are present, since rules
 // may have been written by another flavour before.
-func cleanup(name rules.BackendName, stderr io.Writer) error {
+func cleanup(name rules.BackendName, log *slog.Logger) error {
 	names := []rules.BackendName{name}
 	if name == rules.BackendAuto {
 		names = []rules.BackendName{rules.BackendNFTables, rules.BackendIPTablesNFT, rules.BackendIPTablesLegacy}
@@ -128,13 +177,13 @@ func cleanup(name rules.BackendName, stderr io.Writer) error {
 		}
 		if err != nil {
 			if name == rules.BackendAuto && rules.IsBinaryMissing(err) {
-				fmt.Fprintf(stderr, "egress-init: skipping %s cleanup: %v\n", n, err)
+				log.Info(fmt.Sprintf("skipping %s cleanup: %v", n, err))
 				continue
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", n, err))
 			continue
 		}
-		fmt.Fprintf(stderr, "egress-init: backend=%s: removed our rules\n", n)
+		log.Info(fmt.Sprintf("backend=%s: removed our rules", n))
 	}
 	return errors.Join(errs...)
 }

@@ -150,6 +150,39 @@ func ServeProxy(t testing.TB, n ns.NetNS, port uint16) *Server {
 // connected clients; dst is that address.
 func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 	t.Helper()
+	return serveEcho(t, n, addr, nil)
+}
+
+// ServeEchoAs is ServeEcho with sockets owned by uid:gid, as if a process
+// of that user served them: the packets it sends match owner rules
+// (meta skuid, -m owner) of that user. Istio's DNS proxy stand-in runs
+// as the proxy UID, whose answers the DNS conntrack zones pick out.
+func ServeEchoAs(t testing.TB, n ns.NetNS, addr string, uid, gid uint32) *Server {
+	t.Helper()
+	return serveEcho(t, n, addr, &owner{uid, gid})
+}
+
+// owner of the sockets a server creates.
+type owner struct{ uid, gid uint32 }
+
+// as runs fn, on the calling (locked) thread, with its filesystem UID and
+// GID set to o's: a socket takes its owner from them.
+func (o *owner) as(fn func() error) error {
+	if o == nil {
+		return fn()
+	}
+	// The raw calls return the previous IDs, to put back.
+	oldGID, _, _ := unix.RawSyscall(unix.SYS_SETFSGID, uintptr(o.gid), 0, 0)
+	oldUID, _, _ := unix.RawSyscall(unix.SYS_SETFSUID, uintptr(o.uid), 0, 0)
+	defer func() {
+		unix.RawSyscall(unix.SYS_SETFSUID, oldUID, 0, 0)
+		unix.RawSyscall(unix.SYS_SETFSGID, oldGID, 0, 0)
+	}()
+	return fn()
+}
+
+func serveEcho(t testing.TB, n ns.NetNS, addr string, own *owner) *Server {
+	t.Helper()
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		t.Fatalf("bad echo address %q: %v", addr, err)
@@ -164,18 +197,20 @@ func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 		if ap, err := netip.ParseAddrPort(a); err == nil && ap.Addr().Is6() {
 			fam = "6"
 		}
-		l := listenTCP(t, n, "tcp"+fam, a)
+		l := listenTCPAs(t, n, "tcp"+fam, a, own)
 		s.addListener(l, func(c *net.TCPConn) string {
 			return fmt.Sprintf("%s src=%s dst=%s\n", KindDirect, c.RemoteAddr(), c.LocalAddr())
 		})
 		var pc *net.UDPConn
 		err := n.Do(func(ns.NetNS) error {
-			c, err := net.ListenPacket("udp"+fam, a)
-			if err != nil {
-				return err
-			}
-			pc = c.(*net.UDPConn)
-			return setPktInfo(pc, fam == "6")
+			return own.as(func() error {
+				c, err := net.ListenPacket("udp"+fam, a)
+				if err != nil {
+					return err
+				}
+				pc = c.(*net.UDPConn)
+				return setPktInfo(pc, fam == "6")
+			})
 		})
 		if err != nil {
 			s.Close()
@@ -211,14 +246,21 @@ func ServeEcho(t testing.TB, n ns.NetNS, addr string) *Server {
 
 func listenTCP(t testing.TB, n ns.NetNS, network, addr string) *net.TCPListener {
 	t.Helper()
+	return listenTCPAs(t, n, network, addr, nil)
+}
+
+func listenTCPAs(t testing.TB, n ns.NetNS, network, addr string, own *owner) *net.TCPListener {
+	t.Helper()
 	var l *net.TCPListener
 	err := n.Do(func(ns.NetNS) error {
-		ln, err := net.Listen(network, addr)
-		if err != nil {
-			return err
-		}
-		l = ln.(*net.TCPListener)
-		return nil
+		return own.as(func() error {
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				return err
+			}
+			l = ln.(*net.TCPListener)
+			return nil
+		})
 	})
 	if err != nil {
 		t.Fatalf("could not listen on %s %s in %s: %v", network, addr, n.Path(), err)

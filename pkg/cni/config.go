@@ -75,23 +75,11 @@ type NetConf struct {
 	// that libcni still sends with GC. Accepted and ignored.
 	Attachments json.RawMessage `json:"cni.dev/attachments,omitempty"`
 
-	ProxyPort               *flexString `json:"proxyPort,omitempty"`
-	InboundPort             *flexString `json:"inboundPort,omitempty"`
-	InboundTunnelPort       *flexString `json:"inboundTunnelPort,omitempty"`
-	ProxyUID                *flexString `json:"proxyUID,omitempty"`
-	ProxyGID                *flexString `json:"proxyGID,omitempty"`
-	InterceptionMode        *flexString `json:"interceptionMode,omitempty"`
-	IncludeOutboundIPRanges *flexString `json:"includeOutboundIPRanges,omitempty"`
-	ExcludeOutboundIPRanges *flexString `json:"excludeOutboundIPRanges,omitempty"`
-	IncludeInboundPorts     *flexString `json:"includeInboundPorts,omitempty"`
-	ExcludeInboundPorts     *flexString `json:"excludeInboundPorts,omitempty"`
-	IncludeOutboundPorts    *flexString `json:"includeOutboundPorts,omitempty"`
-	ExcludeOutboundPorts    *flexString `json:"excludeOutboundPorts,omitempty"`
-	ExcludeInterfaces       *flexString `json:"excludeInterfaces,omitempty"`
-	RedirectDNS             *bool       `json:"redirectDNS,omitempty"`
-	DNSPort                 *flexString `json:"dnsPort,omitempty"`
-	Families                *flexString `json:"families,omitempty"`
-	Backend                 *string     `json:"backend,omitempty"`
+	// CaptureOptions are the capture keys (every row of the option
+	// registry, rules.CaptureOptions, with a ConfigKey), by option name.
+	// ParseConfig reads them from the registry's keys.
+	CaptureOptions rules.Options `json:"-"`
+	Backend        *string       `json:"backend,omitempty"`
 
 	// ExcludeNamespaces are never captured. nil means
 	// DefaultExcludeNamespaces; [] means none.
@@ -164,24 +152,16 @@ type Settings struct {
 }
 
 // ConfigKeys maps the engine's field names to our config keys, for
-// rules.Relabel.
-var ConfigKeys = map[string]string{
-	rules.FieldProxyPort:            "proxyPort",
-	rules.FieldInboundPort:          "inboundPort",
-	rules.FieldInboundTunnelPort:    "inboundTunnelPort",
-	rules.FieldProxyUID:             "proxyUID",
-	rules.FieldProxyGID:             "proxyGID",
-	rules.FieldMode:                 "interceptionMode",
-	rules.FieldOutboundIncludeCIDRs: "includeOutboundIPRanges",
-	rules.FieldOutboundExcludeCIDRs: "excludeOutboundIPRanges",
-	rules.FieldInboundIncludePorts:  "includeInboundPorts",
-	rules.FieldInboundExcludePorts:  "excludeInboundPorts",
-	rules.FieldOutboundIncludePorts: "includeOutboundPorts",
-	rules.FieldOutboundExcludePorts: "excludeOutboundPorts",
-	rules.FieldExcludeInterfaces:    "excludeInterfaces",
-	rules.FieldDNSPort:              "dnsPort",
-	rules.FieldFamilies:             "families",
-}
+// rules.Relabel. It is the ConfigKey column of the option registry.
+var ConfigKeys = func() map[string]string {
+	m := map[string]string{}
+	for _, o := range rules.CaptureOptions {
+		if o.ConfigKey != "" {
+			m[o.Name] = o.ConfigKey
+		}
+	}
+	return m
+}()
 
 // ConfigError is a rejected config value or annotation. ADD turns it into
 // CNI error 7 (invalid network config).
@@ -273,7 +253,21 @@ func (f *flexString) ptr() *string {
 // unknown keys and bad values.
 func ParseConfig(stdin []byte) (*Settings, error) {
 	conf := &NetConf{}
-	dec := json.NewDecoder(bytes.NewReader(stdin))
+	// The capture keys come from the option registry; the rest of the
+	// entry is decoded strictly, so that an unknown key is an error.
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(stdin, &raw); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("could not parse %s config: %v", PluginType, err), "")
+	}
+	opts, err := captureKeys(raw)
+	if err != nil {
+		return nil, err
+	}
+	rest, err := json.Marshal(raw)
+	if err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("could not parse %s config: %v", PluginType, err), "")
+	}
+	dec := json.NewDecoder(bytes.NewReader(rest))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(conf); err != nil {
 		if strings.HasPrefix(err.Error(), "json: unknown field") {
@@ -284,10 +278,11 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 		var ute *json.UnmarshalTypeError
 		if errors.As(err, &ute) {
 			return nil, types.NewError(types.ErrInvalidNetworkConfig,
-				fmt.Sprintf("%s config: key %s: cannot use %s: want a string in Istio's syntax, a non-negative integer, or a list of them (booleans for redirectDNS)", PluginType, ute.Field, ute.Value), "")
+				fmt.Sprintf("%s config: key %s: cannot use %s: want %s", PluginType, ute.Field, ute.Value, ute.Type), "")
 		}
 		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("could not parse %s config: %v", PluginType, err), "")
 	}
+	conf.CaptureOptions = opts
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("%s config: %v", PluginType, err), "")
 	}
@@ -308,17 +303,22 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 			err: &ConfigError{Source: "config key", Name: key, Value: value, Item: value, Reason: reason}}
 	}
 
-	opts, set := conf.options()
-	s.Set = set
+	s.Set = map[string]bool{}
+	for name := range opts {
+		s.Set[name] = true
+	}
 	if err := s.Base.ApplyOptions(opts); err != nil {
-		return nil, configFieldError("", "config key", ConfigKeys, fieldValues(opts), err)
+		return nil, configFieldError("", "config key", ConfigKeys, opts, err)
 	}
 	// A NONE interception mode skips every pod; there is nothing to
 	// validate. Otherwise validate now, so a bad config fails every ADD
 	// whatever the pod.
 	if s.Base.Mode != rules.ModeNone {
 		if err := s.Base.Validate(); err != nil {
-			return nil, configFieldError("", "config key", ConfigKeys, fieldValues(opts), err)
+			return nil, configFieldError("", "config key", ConfigKeys, opts, err)
+		}
+		if err := refuseTPROXY(s.Base); err != nil {
+			return nil, configFieldError("", "config key", ConfigKeys, opts, err)
 		}
 	}
 	if conf.Backend != nil {
@@ -411,59 +411,48 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 	return s, nil
 }
 
-// options converts the config keys into engine options and says which
-// engine fields were set.
-func (c *NetConf) options() (rules.Options, map[string]bool) {
-	o := rules.Options{
-		ProxyPort:            c.ProxyPort.ptr(),
-		InboundPort:          c.InboundPort.ptr(),
-		InboundTunnelPort:    c.InboundTunnelPort.ptr(),
-		ProxyUID:             c.ProxyUID.ptr(),
-		ProxyGID:             c.ProxyGID.ptr(),
-		Mode:                 c.InterceptionMode.ptr(),
-		OutboundIncludeCIDRs: c.IncludeOutboundIPRanges.ptr(),
-		OutboundExcludeCIDRs: c.ExcludeOutboundIPRanges.ptr(),
-		InboundIncludePorts:  c.IncludeInboundPorts.ptr(),
-		InboundExcludePorts:  c.ExcludeInboundPorts.ptr(),
-		OutboundIncludePorts: c.IncludeOutboundPorts.ptr(),
-		OutboundExcludePorts: c.ExcludeOutboundPorts.ptr(),
-		ExcludeInterfaces:    c.ExcludeInterfaces.ptr(),
-		RedirectDNS:          c.RedirectDNS,
-		DNSPort:              c.DNSPort.ptr(),
-		Families:             c.Families.ptr(),
+// captureKeys takes the registry's config keys out of raw, as options.
+// Values are strings in Istio's syntax, numbers, or lists of them
+// (flexString); boolean options take JSON booleans. null is absent.
+func captureKeys(raw map[string]json.RawMessage) (rules.Options, error) {
+	opts := rules.Options{}
+	for _, o := range rules.CaptureOptions {
+		v, ok := raw[o.ConfigKey]
+		if o.ConfigKey == "" || !ok {
+			continue
+		}
+		delete(raw, o.ConfigKey)
+		if string(bytes.TrimSpace(v)) == "null" {
+			continue
+		}
+		if o.Kind == rules.OptBool {
+			var b bool
+			if err := json.Unmarshal(v, &b); err != nil {
+				return nil, types.NewError(types.ErrInvalidNetworkConfig,
+					fmt.Sprintf("%s config: key %s: cannot use %s: want a boolean", PluginType, o.ConfigKey, bytes.TrimSpace(v)), "")
+			}
+			opts[o.Name] = strconv.FormatBool(b)
+			continue
+		}
+		var f flexString
+		if err := f.UnmarshalJSON(v); err != nil {
+			what := string(bytes.TrimSpace(v))
+			var ute *json.UnmarshalTypeError
+			if errors.As(err, &ute) {
+				what = ute.Value
+			}
+			return nil, types.NewError(types.ErrInvalidNetworkConfig,
+				fmt.Sprintf("%s config: key %s: cannot use %s: want a string in Istio's syntax, a non-negative integer, or a list of them", PluginType, o.ConfigKey, what), "")
+		}
+		opts[o.Name] = string(f)
 	}
-	set := map[string]bool{}
-	for f, v := range fieldValues(o) {
-		set[f] = v != nil
-	}
-	return o, set
-}
-
-// fieldValues indexes the textual options by engine field name.
-func fieldValues(o rules.Options) map[string]*string {
-	return map[string]*string{
-		rules.FieldProxyPort:            o.ProxyPort,
-		rules.FieldInboundPort:          o.InboundPort,
-		rules.FieldInboundTunnelPort:    o.InboundTunnelPort,
-		rules.FieldProxyUID:             o.ProxyUID,
-		rules.FieldProxyGID:             o.ProxyGID,
-		rules.FieldMode:                 o.Mode,
-		rules.FieldOutboundIncludeCIDRs: o.OutboundIncludeCIDRs,
-		rules.FieldOutboundExcludeCIDRs: o.OutboundExcludeCIDRs,
-		rules.FieldInboundIncludePorts:  o.InboundIncludePorts,
-		rules.FieldInboundExcludePorts:  o.InboundExcludePorts,
-		rules.FieldOutboundIncludePorts: o.OutboundIncludePorts,
-		rules.FieldOutboundExcludePorts: o.OutboundExcludePorts,
-		rules.FieldExcludeInterfaces:    o.ExcludeInterfaces,
-		rules.FieldDNSPort:              o.DNSPort,
-		rules.FieldFamilies:             o.Families,
-	}
+	return opts, nil
 }
 
 // configFieldError turns an engine *FieldError into a code-7 *types.Error
 // whose message uses our names (config key or annotation) and quotes the
 // whole value as given as well as the offending item.
-func configFieldError(pod, source string, names map[string]string, values map[string]*string, err error) error {
+func configFieldError(pod, source string, names map[string]string, values rules.Options, err error) error {
 	fe, ok := rules.AsFieldError(rules.Relabel(err, names))
 	if !ok {
 		return types.NewError(types.ErrInvalidNetworkConfig, prefixPod(pod, err.Error()), "")
@@ -471,8 +460,8 @@ func configFieldError(pod, source string, names map[string]string, values map[st
 	ce := &ConfigError{Pod: pod, Source: source, Name: fe.Field, Value: fe.Value, Item: fe.Value, Reason: fe.Reason}
 	// Find the original field to quote the full value.
 	orig, _ := rules.AsFieldError(err)
-	if v := values[orig.Field]; v != nil {
-		ce.Value = *v
+	if v, ok := values[orig.Field]; ok {
+		ce.Value = v
 	}
 	return &codedError{code: types.ErrInvalidNetworkConfig, err: ce}
 }
@@ -503,4 +492,16 @@ func validNamespace(s string) bool {
 		}
 	}
 	return true
+}
+
+// refuseTPROXY: TPROXY mode needs a policy route (fwmark → local route
+// table) besides the firewall rules, which egress-init writes and the
+// plugin does not yet; the plugin refuses the mode rather than start a
+// pod whose inbound capture cannot work.
+func refuseTPROXY(c rules.Config) error {
+	if c.Mode != rules.ModeTPROXY {
+		return nil
+	}
+	return &rules.FieldError{Field: rules.FieldMode, Value: string(c.Mode),
+		Reason: "TPROXY interception is not supported by the egress-cni plugin yet (it needs a policy route, which egress-init writes); use REDIRECT, or egress-init"}
 }

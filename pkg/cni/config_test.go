@@ -69,7 +69,8 @@ func TestParseConfigAllKeys(t *testing.T) {
 	want.OutboundIncludeAll = false
 	want.OutboundIncludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.0/24")}
 	want.OutboundExcludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}
-	want.InboundExcludePorts = ports(9000, 15020, 15021, 15090)
+	// The order as written: istio-iptables keeps it (one rule per port).
+	want.InboundExcludePorts = ports(15090, 15021, 15020, 9000)
 	want.OutboundIncludePorts = ports(25)
 	want.OutboundExcludePorts = ports(3306, 5432)
 	want.ExcludeInterfaces = []string{"eth1"}
@@ -188,4 +189,18 @@ func ports(ps ...uint16) []rules.PortRange {
 		out[i] = rules.PortRange{From: p, To: p}
 	}
 	return out
+}
+
+// The registry's newer keys reach the engine config.
+func TestParseConfigIstioExtras(t *testing.T) {
+	s := mustSettings(t, `"dropInvalid": true, "outboundOwnerGroupsExclude": [3000, "3001"]`)
+	if !s.Base.DropInvalid || len(s.Base.OwnerGroupsExclude) != 2 || s.Base.OwnerGroupsExclude[1] != 3001 {
+		t.Errorf("config %+v", s.Base)
+	}
+	if _, err := ParseConfig(conf(`"outboundOwnerGroups": "java"`)); err == nil || !strings.Contains(err.Error(), "outboundOwnerGroups") {
+		t.Errorf("a group name: %v, want an error naming outboundOwnerGroups", err)
+	}
+	if _, err := ParseConfig(conf(`"dropInvalid": "yes"`)); err == nil || !strings.Contains(err.Error(), "dropInvalid") {
+		t.Errorf("dropInvalid as a string: %v", err)
+	}
 }

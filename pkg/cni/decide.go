@@ -10,38 +10,39 @@ import (
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
-// Istio's annotations that we honour. Values use Istio's syntax.
+// Istio's annotations that we honour. Values use Istio's syntax. The
+// ones that override a capture option are rows of the option registry
+// (rules.CaptureOptions); the names are re-exported here.
 const (
-	AnnotationStatus           = "sidecar.istio.io/status"
-	AnnotationInject           = "sidecar.istio.io/inject"
-	AnnotationInterceptionMode = "sidecar.istio.io/interceptionMode"
+	AnnotationStatus = "sidecar.istio.io/status"
+	AnnotationInject = "sidecar.istio.io/inject"
 
-	trafficPrefix                     = "traffic.sidecar.istio.io/"
-	AnnotationIncludeOutboundIPRanges = trafficPrefix + "includeOutboundIPRanges"
-	AnnotationExcludeOutboundIPRanges = trafficPrefix + "excludeOutboundIPRanges"
-	AnnotationIncludeInboundPorts     = trafficPrefix + "includeInboundPorts"
-	AnnotationExcludeInboundPorts     = trafficPrefix + "excludeInboundPorts"
-	AnnotationIncludeOutboundPorts    = trafficPrefix + "includeOutboundPorts"
-	AnnotationExcludeOutboundPorts    = trafficPrefix + "excludeOutboundPorts"
-	AnnotationExcludeInterfaces       = trafficPrefix + "excludeInterfaces"
-	// AnnotationKubevirtInterfaces asks for traffic from extra interfaces
-	// to be captured. We do not support it, and refuse the pod rather than
-	// start it with that traffic uncaptured.
-	AnnotationKubevirtInterfaces = trafficPrefix + "kubevirtInterfaces"
+	AnnotationInterceptionMode        = rules.AnnotationInterceptionMode
+	AnnotationIncludeOutboundIPRanges = rules.AnnotationIncludeOutboundIPRanges
+	AnnotationExcludeOutboundIPRanges = rules.AnnotationExcludeOutboundIPRanges
+	AnnotationIncludeInboundPorts     = rules.AnnotationIncludeInboundPorts
+	AnnotationExcludeInboundPorts     = rules.AnnotationExcludeInboundPorts
+	AnnotationIncludeOutboundPorts    = rules.AnnotationIncludeOutboundPorts
+	AnnotationExcludeOutboundPorts    = rules.AnnotationExcludeOutboundPorts
+	AnnotationExcludeInterfaces       = rules.AnnotationExcludeInterfaces
+	// AnnotationKubevirtInterfaces (and its newer name,
+	// istio.io/reroute-virtual-interfaces) asks for traffic from extra
+	// interfaces to be captured. Until that is built, a non-empty value
+	// is refused rather than start the pod with that traffic uncaptured.
+	AnnotationKubevirtInterfaces = rules.AnnotationKubevirtInterfaces
 )
 
 // AnnotationFields maps each override annotation to the engine field it
-// sets. It doubles as the relabel map for errors.
-var AnnotationFields = map[string]string{
-	AnnotationInterceptionMode:        rules.FieldMode,
-	AnnotationIncludeOutboundIPRanges: rules.FieldOutboundIncludeCIDRs,
-	AnnotationExcludeOutboundIPRanges: rules.FieldOutboundExcludeCIDRs,
-	AnnotationIncludeInboundPorts:     rules.FieldInboundIncludePorts,
-	AnnotationExcludeInboundPorts:     rules.FieldInboundExcludePorts,
-	AnnotationIncludeOutboundPorts:    rules.FieldOutboundIncludePorts,
-	AnnotationExcludeOutboundPorts:    rules.FieldOutboundExcludePorts,
-	AnnotationExcludeInterfaces:       rules.FieldExcludeInterfaces,
-}
+// sets: the Annotations column of the option registry.
+var AnnotationFields = func() map[string]string {
+	m := map[string]string{}
+	for _, o := range rules.CaptureOptions {
+		for _, a := range o.Annotations {
+			m[a] = o.Name
+		}
+	}
+	return m
+}()
 
 // Pod is the pod's identity, from CNI_ARGS.
 type Pod struct {
@@ -131,38 +132,40 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 			return Decision{Reason: "config interceptionMode is NONE"}, nil
 		}
 	}
-	if v, ok := ann[AnnotationKubevirtInterfaces]; ok && strings.TrimSpace(v) != "" {
-		return Decision{}, withCode(types.ErrInvalidNetworkConfig, &ConfigError{
-			Pod: podName, Source: "annotation", Name: AnnotationKubevirtInterfaces, Value: v, Item: v,
-			Reason: "is not supported by egress-cni; the pod is refused rather than started with that traffic uncaptured",
-		}, "")
-	}
-
-	var o rules.Options
-	values := map[string]*string{}
+	o := rules.Options{}
 	var overrides []string
 	relabel := map[string]string{}
 	for k, v := range ConfigKeys {
 		relabel[k] = v
 	}
-	for a, field := range AnnotationFields {
-		v, ok := ann[a]
-		if !ok {
-			continue
+	for _, row := range rules.CaptureOptions {
+		for _, a := range row.Annotations {
+			v, ok := ann[a]
+			if !ok {
+				continue
+			}
+			relabel[row.Name] = a
+			overrides = append(overrides, a)
+			if a == AnnotationExcludeInboundPorts {
+				// As istio-cni does: the proxy's own ports (status 15020,
+				// health 15021, metrics 15090) stay excluded whatever the
+				// annotation says, or readiness probes would hit the
+				// inbound listener.
+				v = appendList(v, portList(rules.DefaultInboundExcludePorts))
+			}
+			o[row.Name] = v
+			break // the first annotation of the row that is present wins
 		}
-		val := v
-		values[field] = &val
-		relabel[field] = a
-		overrides = append(overrides, a)
-		set := v
-		if a == AnnotationExcludeInboundPorts {
-			// As istio-cni does: the proxy's own ports (status 15020,
-			// health 15021, metrics 15090) stay excluded whatever the
-			// annotation says, or readiness probes would hit the
-			// inbound listener.
-			set = appendList(v, portList(rules.DefaultInboundExcludePorts))
+	}
+	// values quotes the annotation as written in errors.
+	values := rules.Options{}
+	for _, row := range rules.CaptureOptions {
+		for _, a := range row.Annotations {
+			if v, ok := ann[a]; ok {
+				values[row.Name] = v
+				break
+			}
 		}
-		setOption(&o, field, &set)
 	}
 	slices.Sort(overrides)
 	cfg := s.Base
@@ -170,14 +173,17 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 		return Decision{}, configFieldError(podName, "annotation", relabel, values, err)
 	}
 	if cfg.Mode == rules.ModeNone {
-		return Decision{Reason: fmt.Sprintf("annotation %s=%q", AnnotationInterceptionMode, *values[rules.FieldMode])}, nil
+		return Decision{Reason: fmt.Sprintf("annotation %s=%q", AnnotationInterceptionMode, values[rules.FieldMode])}, nil
+	}
+	if err := refuseTPROXY(cfg); err != nil {
+		return Decision{}, configFieldError(podName, "annotation", relabel, values, err)
 	}
 	rs, err := rules.Build(cfg)
 	if err != nil {
 		// A cross-field error may involve a config key and an
 		// annotation; name the field as the pod's author set it.
 		src := "config key"
-		if fe, ok := rules.AsFieldError(err); ok && values[fe.Field] != nil {
+		if fe, ok := rules.AsFieldError(err); ok && hasKey(values, fe.Field) {
 			src = "annotation"
 		}
 		return Decision{}, configFieldError(podName, src, relabel, values, err)
@@ -185,25 +191,9 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 	return Decision{Capture: true, Reason: "captured", Config: cfg, Ruleset: rs, Overrides: overrides}, nil
 }
 
-func setOption(o *rules.Options, field string, v *string) {
-	switch field {
-	case rules.FieldMode:
-		o.Mode = v
-	case rules.FieldOutboundIncludeCIDRs:
-		o.OutboundIncludeCIDRs = v
-	case rules.FieldOutboundExcludeCIDRs:
-		o.OutboundExcludeCIDRs = v
-	case rules.FieldInboundIncludePorts:
-		o.InboundIncludePorts = v
-	case rules.FieldInboundExcludePorts:
-		o.InboundExcludePorts = v
-	case rules.FieldOutboundIncludePorts:
-		o.OutboundIncludePorts = v
-	case rules.FieldOutboundExcludePorts:
-		o.OutboundExcludePorts = v
-	case rules.FieldExcludeInterfaces:
-		o.ExcludeInterfaces = v
-	}
+func hasKey(o rules.Options, k string) bool {
+	_, ok := o[k]
+	return ok
 }
 
 // isFalse accepts the spellings Kubernetes users write for "no".

@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -111,7 +112,9 @@ func TestDecideAnnotationOverrides(t *testing.T) {
 	want.OutboundExcludePorts = ports(3306)
 	want.OutboundIncludePorts = ports(8443)
 	// The proxy's own ports stay excluded, as istio-cni does.
-	want.InboundExcludePorts = ports(9000, 15020, 15021, 15090)
+	// In the order written (the annotation, then the proxy's ports), as
+	// istio-iptables keeps it.
+	want.InboundExcludePorts = ports(9000, 15090, 15021, 15020)
 	want.ExcludeInterfaces = []string{"eth1"}
 	if diff := cmp.Diff(want, d.Config, prefixCmp); diff != "" {
 		t.Errorf("config (-want +got):\n%s", diff)
@@ -162,8 +165,10 @@ func TestDecideAnnotationErrors(t *testing.T) {
 			"annotation", AnnotationIncludeOutboundIPRanges, "10.1.0.0/16", "entirely covered"},
 		{"port conflict", "", injected(AnnotationIncludeOutboundPorts, "443", AnnotationExcludeOutboundPorts, "443"),
 			"annotation", AnnotationIncludeOutboundPorts, "443", "both included and excluded"},
-		{"kubevirt", "", injected(AnnotationKubevirtInterfaces, "net1"),
-			"annotation", AnnotationKubevirtInterfaces, "net1", "not supported"},
+		// -k is built now (was refused as not supported): only a bad
+		// value is an error.
+		{"kubevirt", "", injected(AnnotationKubevirtInterfaces, "net1,bad/x"),
+			"annotation", AnnotationKubevirtInterfaces, "net1,bad/x", "not a valid interface name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Decide(mustSettings(t, tc.extra), webPod, tc.ann)
@@ -221,9 +226,32 @@ func TestAnnotationFieldsRelabelEveryEngineField(t *testing.T) {
 		if _, ok := ConfigKeys[f]; !ok {
 			t.Errorf("annotation %s maps to %s, which has no config key", a, f)
 		}
-		// The config key is the annotation's suffix.
-		if k := ConfigKeys[f]; !strings.HasSuffix(a, "/"+k) {
+		// The config key is the annotation's suffix (istio.io/reroute-
+		// virtual-interfaces is the newer name of kubevirtInterfaces).
+		if k := ConfigKeys[f]; a != rules.AnnotationRerouteVirtualInterfaces && !strings.HasSuffix(a, "/"+k) {
 			t.Errorf("annotation %s and config key %s differ", a, k)
 		}
+	}
+}
+
+// The kubevirt annotations reroute a VM interface's traffic (-k); the
+// newer name wins over the older one, as in Istio's injector.
+func TestDecideRerouteVirtualInterfaces(t *testing.T) {
+	s := mustSettings(t, "")
+	d, err := Decide(s, webPod, injected(AnnotationKubevirtInterfaces, "net1", rules.AnnotationRerouteVirtualInterfaces, "net2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(d.Config.RerouteVirtualInterfaces, []string{"net2"}) {
+		t.Fatalf("reroute interfaces %v, want [net2]", d.Config.RerouteVirtualInterfaces)
+	}
+	var found bool
+	for _, r := range d.Ruleset.Chain(rules.ChainPrerouting).Rules {
+		if r.IIF == "net2" && r.Verdict.Kind == rules.VerdictJump && r.Verdict.Chain == rules.ChainRedirect {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no prerouting rule sends net2 to %s: %+v", rules.ChainRedirect, d.Ruleset.Chain(rules.ChainPrerouting).Rules)
 	}
 }

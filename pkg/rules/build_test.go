@@ -16,25 +16,25 @@ func TestParseErrorsNameFieldAndValue(t *testing.T) {
 		value     string
 		reasonHas string
 	}{
-		{"prefix too long", Options{OutboundExcludeCIDRs: sp("10.0.0.0/33")}, FieldOutboundExcludeCIDRs, "10.0.0.0/33", "out of range 0-32"},
-		{"v6 prefix too long", Options{OutboundExcludeCIDRs: sp("2001:db8::/129")}, FieldOutboundExcludeCIDRs, "2001:db8::/129", "out of range 0-128"},
-		{"not a cidr", Options{OutboundIncludeCIDRs: sp("abc")}, FieldOutboundIncludeCIDRs, "abc", "not a CIDR"},
-		{"port too big", Options{InboundExcludePorts: sp("15090,70000")}, FieldInboundExcludePorts, "70000", "between 1 and 65535"},
-		{"port zero", Options{ProxyPort: sp("0")}, FieldProxyPort, "0", "between 1 and 65535"},
-		{"port not a number", Options{OutboundExcludePorts: sp("abc")}, FieldOutboundExcludePorts, "abc", "not a port"},
-		{"port range reversed", Options{OutboundExcludePorts: sp("9000-8000")}, FieldOutboundExcludePorts, "9000-8000", "below its start"},
-		{"empty item", Options{OutboundExcludeCIDRs: sp("10.0.0.0/8,,192.0.2.0/24")}, FieldOutboundExcludeCIDRs, "10.0.0.0/8,,192.0.2.0/24", "item 2"},
-		{"trailing comma", Options{InboundExcludePorts: sp("15090,")}, FieldInboundExcludePorts, "15090,", "item 2"},
-		{"uid not a number", Options{ProxyUID: sp("istio-proxy")}, FieldProxyUID, "istio-proxy", "numeric"},
-		{"uid -1", Options{ProxyUID: sp("4294967295")}, FieldProxyUID, "4294967295", "numeric"},
-		{"gid negative", Options{ProxyGID: sp("-5")}, FieldProxyGID, "-5", "numeric"},
-		{"mode", Options{Mode: sp("MAGIC")}, FieldMode, "MAGIC", "REDIRECT"},
-		{"star mixed", Options{OutboundIncludeCIDRs: sp("*,10.0.0.0/8")}, FieldOutboundIncludeCIDRs, "*,10.0.0.0/8", "only item"},
-		{"star outbound ports", Options{OutboundIncludePorts: sp("*")}, FieldOutboundIncludePorts, "*", "not allowed"},
-		{"interface slash", Options{ExcludeInterfaces: sp("eth0/1")}, FieldExcludeInterfaces, "eth0/1", "interface name"},
-		{"interface too long", Options{ExcludeInterfaces: sp("abcdefghijklmnop")}, FieldExcludeInterfaces, "abcdefghijklmnop", "1 to 15"},
-		{"families", Options{Families: sp("ipv5")}, FieldFamilies, "ipv5", "ipv4, ipv6 or dual"},
-		{"zoned", Options{OutboundExcludeCIDRs: sp("fe80::1%eth0")}, FieldOutboundExcludeCIDRs, "fe80::1%eth0", "zoned"},
+		{"prefix too long", Options{FieldOutboundExcludeCIDRs: "10.0.0.0/33"}, FieldOutboundExcludeCIDRs, "10.0.0.0/33", "out of range 0-32"},
+		{"v6 prefix too long", Options{FieldOutboundExcludeCIDRs: "2001:db8::/129"}, FieldOutboundExcludeCIDRs, "2001:db8::/129", "out of range 0-128"},
+		{"not a cidr", Options{FieldOutboundIncludeCIDRs: "abc"}, FieldOutboundIncludeCIDRs, "abc", "not a CIDR"},
+		{"port too big", Options{FieldInboundExcludePorts: "15090,70000"}, FieldInboundExcludePorts, "70000", "between 1 and 65535"},
+		{"port zero", Options{FieldProxyPort: "0"}, FieldProxyPort, "0", "between 1 and 65535"},
+		{"port not a number", Options{FieldOutboundExcludePorts: "abc"}, FieldOutboundExcludePorts, "abc", "not a port"},
+		{"port range reversed", Options{FieldOutboundExcludePorts: "9000-8000"}, FieldOutboundExcludePorts, "9000-8000", "below its start"},
+		{"empty item", Options{FieldOutboundExcludeCIDRs: "10.0.0.0/8,,192.0.2.0/24"}, FieldOutboundExcludeCIDRs, "10.0.0.0/8,,192.0.2.0/24", "item 2"},
+		{"trailing comma", Options{FieldInboundExcludePorts: "15090,"}, FieldInboundExcludePorts, "15090,", "item 2"},
+		{"uid not a number", Options{FieldProxyUID: "istio-proxy"}, FieldProxyUID, "istio-proxy", "numeric"},
+		{"uid -1", Options{FieldProxyUID: "4294967295"}, FieldProxyUID, "4294967295", "numeric"},
+		{"gid negative", Options{FieldProxyGID: "-5"}, FieldProxyGID, "-5", "numeric"},
+		{"mode", Options{FieldMode: "MAGIC"}, FieldMode, "MAGIC", "REDIRECT"},
+		{"star mixed", Options{FieldOutboundIncludeCIDRs: "*,10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "*,10.0.0.0/8", "only item"},
+		{"star outbound ports", Options{FieldOutboundIncludePorts: "*"}, FieldOutboundIncludePorts, "*", "not allowed"},
+		{"interface slash", Options{FieldExcludeInterfaces: "eth0/1"}, FieldExcludeInterfaces, "eth0/1", "interface name"},
+		{"interface too long", Options{FieldExcludeInterfaces: "abcdefghijklmnop"}, FieldExcludeInterfaces, "abcdefghijklmnop", "1 to 15"},
+		{"families", Options{FieldFamilies: "ipv5"}, FieldFamilies, "ipv5", "ipv4, ipv6 or dual"},
+		{"zoned", Options{FieldOutboundExcludeCIDRs: "fe80::1%eth0"}, FieldOutboundExcludeCIDRs, "fe80::1%eth0", "zoned"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -67,14 +67,16 @@ func TestValidateErrors(t *testing.T) {
 		value     string
 		reasonHas string
 	}{
-		{"v6 cidr in v4 config", Options{Families: sp("ipv4"), OutboundExcludeCIDRs: sp("2001:db8::/32")}, FieldOutboundExcludeCIDRs, "2001:db8::/32", "IPv6 is disabled"},
-		{"v4 cidr in v6 config", Options{Families: sp("ipv6"), OutboundIncludeCIDRs: sp("192.0.2.0/24")}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "IPv4 is disabled"},
-		{"include inside exclude", Options{OutboundIncludeCIDRs: sp("10.1.0.0/16"), OutboundExcludeCIDRs: sp("10.0.0.0/8")}, FieldOutboundIncludeCIDRs, "10.1.0.0/16", "entirely covered"},
-		{"same cidr both", Options{OutboundIncludeCIDRs: sp("192.0.2.0/24"), OutboundExcludeCIDRs: sp("192.0.2.0/24")}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "entirely covered"},
-		{"outbound port both", Options{OutboundIncludePorts: sp("443"), OutboundExcludePorts: sp("400-500")}, FieldOutboundIncludePorts, "443", "overlaps"},
-		{"inbound port both", Options{InboundIncludePorts: sp("8080"), InboundExcludePorts: sp("8080")}, FieldInboundIncludePorts, "8080", "overlaps"},
-		{"tproxy", Options{Mode: sp("TPROXY")}, FieldMode, "TPROXY", "not supported yet"},
-		{"no proxy identity", Options{ProxyUID: sp(""), ProxyGID: sp("")}, FieldProxyUID, "", "at least one"},
+		{"v6 cidr in v4 config", Options{FieldFamilies: "ipv4", FieldOutboundExcludeCIDRs: "2001:db8::/32"}, FieldOutboundExcludeCIDRs, "2001:db8::/32", "IPv6 is disabled"},
+		{"v4 cidr in v6 config", Options{FieldFamilies: "ipv6", FieldOutboundIncludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "IPv4 is disabled"},
+		{"include inside exclude", Options{FieldOutboundIncludeCIDRs: "10.1.0.0/16", FieldOutboundExcludeCIDRs: "10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "10.1.0.0/16", "entirely covered"},
+		{"same cidr both", Options{FieldOutboundIncludeCIDRs: "192.0.2.0/24", FieldOutboundExcludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "entirely covered"},
+		{"outbound port both", Options{FieldOutboundIncludePorts: "443", FieldOutboundExcludePorts: "400-500"}, FieldOutboundIncludePorts, "443", "overlaps"},
+		{"inbound port both", Options{FieldInboundIncludePorts: "8080", FieldInboundExcludePorts: "8080"}, FieldInboundIncludePorts, "8080", "overlaps"},
+		// TPROXY is built now (was refused): its mark must not be the proxy's 1338.
+		{"tproxy mark", Options{FieldMode: "TPROXY", FieldTProxyMark: "1338"}, FieldTProxyMark, "1338", "other than 0 and 1338"},
+		{"tproxy table", Options{FieldMode: "TPROXY", FieldTProxyRouteTable: "254"}, FieldTProxyRouteTable, "254", "252-255"},
+		{"no proxy identity", Options{FieldProxyUID: "", FieldProxyGID: ""}, FieldProxyUID, "", "at least one"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -109,7 +111,8 @@ func TestParseNormalizes(t *testing.T) {
 		}
 	}
 	_, ports, err := ParsePortList("f", "443, 80,8000:8080,80", false)
-	if err != nil || len(ports) != 3 || ports[0] != (PortRange{80, 80}) || ports[2] != (PortRange{8000, 8080}) {
+	// The user's order, as istio-iptables keeps it; the repeat is dropped.
+	if err != nil || len(ports) != 3 || ports[0] != (PortRange{443, 443}) || ports[1] != (PortRange{80, 80}) || ports[2] != (PortRange{8000, 8080}) {
 		t.Fatalf("ports=%v err=%v", ports, err)
 	}
 	all, _, err = ParseCIDRList("f", "*")
@@ -135,9 +138,9 @@ func out(dst string, port uint16, uid uint32) Packet {
 func TestTraceIstioDefaults(t *testing.T) {
 	cfg := DefaultConfig()
 	if err := cfg.ApplyOptions(Options{
-		OutboundExcludeCIDRs: sp("198.51.100.0/24,2001:db8:dead::/48"),
-		OutboundExcludePorts: sp("3306"),
-		InboundExcludePorts:  sp("15090,15021,15020,22"),
+		FieldOutboundExcludeCIDRs: "198.51.100.0/24,2001:db8:dead::/48",
+		FieldOutboundExcludePorts: "3306",
+		FieldInboundExcludePorts:  "15090,15021,15020,22",
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -191,13 +194,13 @@ func TestTraceIstioDefaults(t *testing.T) {
 func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 	cfg := DefaultConfig()
 	if err := cfg.ApplyOptions(Options{
-		OutboundIncludeCIDRs: sp("203.0.113.0/25"),
-		OutboundExcludeCIDRs: sp("203.0.113.64/26"),
-		OutboundIncludePorts: sp("8443"),
-		InboundIncludePorts:  sp("8080,9000-9001"),
-		InboundExcludePorts:  sp(""),
-		ExcludeInterfaces:    sp("eth1"),
-		RedirectDNS:          PtrTo(true),
+		FieldOutboundIncludeCIDRs: "203.0.113.0/25",
+		FieldOutboundExcludeCIDRs: "203.0.113.64/26",
+		FieldOutboundIncludePorts: "8443",
+		FieldInboundIncludePorts:  "8080,9000-9001",
+		FieldInboundExcludePorts:  "",
+		FieldExcludeInterfaces:    "eth1",
+		FieldRedirectDNS:          "true",
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +239,7 @@ func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 
 func TestBuildDeterministic(t *testing.T) {
 	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(Options{OutboundExcludeCIDRs: sp("10.0.0.0/8,192.0.2.0/24,2001:db8::/32")}); err != nil {
+	if err := cfg.ApplyOptions(Options{FieldOutboundExcludeCIDRs: "10.0.0.0/8,192.0.2.0/24,2001:db8::/32"}); err != nil {
 		t.Fatal(err)
 	}
 	a, err := Build(cfg)

@@ -3,7 +3,8 @@ package rules
 import (
 	"fmt"
 	"net/netip"
-	"slices"
+	"strconv"
+	"strings"
 )
 
 // Mode is the inbound interception mode, as Istio's -m flag and the
@@ -11,10 +12,10 @@ import (
 type Mode string
 
 const (
-	// ModeRedirect captures with nat REDIRECT. It is the only mode built.
+	// ModeRedirect captures with nat REDIRECT.
 	ModeRedirect Mode = "REDIRECT"
-	// ModeTPROXY is accepted by the parser so that the error can say
-	// plainly that it is not supported yet.
+	// ModeTPROXY captures inbound TCP with mangle TPROXY (the original
+	// destination and source kept) and a fwmark route table.
 	ModeTPROXY Mode = "TPROXY"
 	// ModeNone means "do not capture". Build refuses it: entry points
 	// decide to skip the pod before building a ruleset.
@@ -78,7 +79,7 @@ type Config struct {
 	// bypasses capture (Istio -u and -g, 1337).
 	ProxyUIDs []uint32
 	ProxyGIDs []uint32
-	// Mode is the inbound interception mode. Only REDIRECT is built.
+	// Mode is the inbound interception mode (REDIRECT or TPROXY).
 	Mode Mode
 
 	// OutboundIncludeAll is Istio's -i '*': capture every destination
@@ -111,6 +112,33 @@ type Config struct {
 	DNSPort     uint16
 
 	Families Families
+
+	// The options below complete istio-iptables' set (see the registry,
+	// options.go).
+
+	// TProxyMark and TProxyRouteTable are TPROXY mode's mark and route
+	// table (-t 1337, -r 133).
+	TProxyMark       uint32
+	TProxyRouteTable uint32
+	// RerouteVirtualInterfaces (-k): inbound traffic from these
+	// interfaces is treated as outbound.
+	RerouteVirtualInterfaces []string
+	// CaptureAllDNS: with RedirectDNS, capture DNS to every address
+	// rather than to the nameservers in DNSServers.
+	CaptureAllDNS bool
+	// DNSServers are the pod's nameservers (from /etc/resolv.conf).
+	DNSServers []netip.Addr
+	// DropInvalid drops packets conntrack deems INVALID.
+	DropInvalid bool
+	// OwnerGroupsInclude: only traffic of these groups is captured; nil
+	// means every group ('*'). OwnerGroupsExclude: traffic of these
+	// groups is not captured.
+	OwnerGroupsInclude []uint32
+	OwnerGroupsExclude []uint32
+	// IPv4LoopbackCIDR is the loopback range the app's loopback traffic
+	// goes to (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR); nil is the default,
+	// 127.0.0.1/32.
+	IPv4LoopbackCIDR *netip.Prefix
 }
 
 // Istio's defaults, as its sidecar injector passes them.
@@ -127,20 +155,9 @@ var DefaultInboundExcludePorts = []PortRange{{15090, 15090}, {15021, 15021}, {15
 
 // DefaultConfig returns the configuration that Istio's injector asks for:
 // -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020.
+// It is the PodDefault column of the option registry (options.go).
 func DefaultConfig() Config {
-	return Config{
-		ProxyPort:           DefaultProxyPort,
-		InboundPort:         DefaultInboundPort,
-		InboundTunnelPort:   DefaultInboundTunnelPort,
-		ProxyUIDs:           []uint32{DefaultProxyUID},
-		ProxyGIDs:           []uint32{DefaultProxyUID},
-		Mode:                ModeRedirect,
-		OutboundIncludeAll:  true,
-		InboundIncludeAll:   true,
-		InboundExcludePorts: slices.Clone(DefaultInboundExcludePorts),
-		DNSPort:             DefaultDNSPort,
-		Families:            DualStack,
-	}
+	return podDefaults.clone()
 }
 
 // Validate checks the cross-field rules that single-field parsing cannot:
@@ -167,11 +184,19 @@ func (c *Config) Validate() error {
 	switch c.Mode {
 	case ModeRedirect:
 	case ModeTPROXY:
-		return fieldErr(FieldMode, string(c.Mode), "TPROXY interception is not supported yet; use REDIRECT")
+		if c.TProxyMark == 0 || c.TProxyMark == outboundMark {
+			return fieldErr(FieldTProxyMark, strconv.FormatUint(uint64(c.TProxyMark), 10), "must be a mark other than 0 and 1338 (the proxy's own)")
+		}
+		if c.TProxyRouteTable == 0 || c.TProxyRouteTable >= 252 && c.TProxyRouteTable <= 255 {
+			return fieldErr(FieldTProxyRouteTable, strconv.FormatUint(uint64(c.TProxyRouteTable), 10), "must be a route table other than 0 and the kernel's 252-255")
+		}
 	case ModeNone:
 		return fieldErr(FieldMode, string(c.Mode), "NONE means no capture; the caller must skip the pod instead of building rules")
 	default:
 		return fieldErr(FieldMode, string(c.Mode), "must be REDIRECT or TPROXY")
+	}
+	if err := c.validateIstioLimits(); err != nil {
+		return err
 	}
 	if len(c.ProxyUIDs) == 0 && len(c.ProxyGIDs) == 0 {
 		return fieldErr(FieldProxyUID, "", "at least one proxy UID or GID is required, or the proxy's own traffic loops back into itself")
@@ -228,4 +253,30 @@ func portConflict(inField string, in []PortRange, exField string, ex []PortRange
 		}
 	}
 	return nil
+}
+
+const maxOwnerGroupsInclude = 64
+
+var defaultIPv4Loopback = netip.MustParsePrefix("127.0.0.1/32")
+
+// validateIstioLimits applies istio-iptables' own checks of the owner
+// groups and the loopback range.
+func (c *Config) validateIstioLimits() error {
+	// As istio-iptables: the exclude list only applies with '*' (Build
+	// ignores it otherwise), and at most 64 groups may be included.
+	if len(c.OwnerGroupsInclude) > maxOwnerGroupsInclude {
+		return fieldErr(EnvOwnerGroups, idList(c.OwnerGroupsInclude), fmt.Sprintf("at most %d groups may be listed", maxOwnerGroupsInclude))
+	}
+	if p := c.IPv4LoopbackCIDR; p != nil && (!p.Addr().Is4() || !netip.MustParsePrefix("127.0.0.0/8").Contains(p.Addr()) || p.Bits() < 8) {
+		return fieldErr(EnvIPv4LoopbackCIDR, p.String(), "must be an IPv4 range within 127.0.0.0/8")
+	}
+	return nil
+}
+
+func idList(ids []uint32) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.FormatUint(uint64(id), 10)
+	}
+	return strings.Join(s, ",")
 }

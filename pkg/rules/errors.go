@@ -10,7 +10,7 @@ import (
 // that an error from egress-init reads like the flag the user typed. The
 // CNI plugin re-labels them with its own config keys and annotation names.
 const (
-	FieldProxyPort            = "proxy-port"
+	FieldProxyPort            = "envoy-port"
 	FieldInboundPort          = "inbound-capture-port"
 	FieldInboundTunnelPort    = "inbound-tunnel-port"
 	FieldProxyUID             = "proxy-uid"
@@ -20,11 +20,19 @@ const (
 	FieldOutboundExcludeCIDRs = "istio-service-exclude-cidr"
 	FieldInboundIncludePorts  = "istio-inbound-ports"
 	FieldInboundExcludePorts  = "istio-local-exclude-ports"
-	FieldOutboundIncludePorts = "istio-include-outbound-ports"
+	FieldOutboundIncludePorts = "istio-outbound-ports"
 	FieldOutboundExcludePorts = "istio-local-outbound-ports-exclude"
 	FieldExcludeInterfaces    = "istio-exclude-interfaces"
 	FieldDNSPort              = "dns-port"
 	FieldFamilies             = "families"
+
+	FieldTProxyMark               = "istio-inbound-tproxy-mark"
+	FieldTProxyRouteTable         = "istio-inbound-tproxy-route-table"
+	FieldRerouteVirtualInterfaces = "kube-virt-interfaces"
+	FieldRedirectDNS              = "redirect-dns"
+	FieldCaptureAllDNS            = "capture-all-dns"
+	FieldDropInvalid              = "drop-invalid"
+	FieldDualStack                = "dual-stack"
 )
 
 // FieldError is a configuration value that was rejected. Every parser and

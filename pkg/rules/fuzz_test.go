@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -97,10 +98,10 @@ func FuzzConfig(f *testing.F) {
 	f.Fuzz(func(t *testing.T, proxyPort, inPort, uid, gid, mode, incl, excl, inIncl, inExcl, outIncl, outExcl, ifaces, fams string, dns bool) {
 		cfg := DefaultConfig()
 		err := cfg.ApplyOptions(Options{
-			ProxyPort: &proxyPort, InboundPort: &inPort, ProxyUID: &uid, ProxyGID: &gid, Mode: &mode,
-			OutboundIncludeCIDRs: &incl, OutboundExcludeCIDRs: &excl, InboundIncludePorts: &inIncl,
-			InboundExcludePorts: &inExcl, OutboundIncludePorts: &outIncl, OutboundExcludePorts: &outExcl,
-			ExcludeInterfaces: &ifaces, Families: &fams, RedirectDNS: &dns,
+			FieldProxyPort: proxyPort, FieldInboundPort: inPort, FieldProxyUID: uid, FieldProxyGID: gid, FieldMode: mode,
+			FieldOutboundIncludeCIDRs: incl, FieldOutboundExcludeCIDRs: excl, FieldInboundIncludePorts: inIncl,
+			FieldInboundExcludePorts: inExcl, FieldOutboundIncludePorts: outIncl, FieldOutboundExcludePorts: outExcl,
+			FieldExcludeInterfaces: ifaces, FieldFamilies: fams, FieldRedirectDNS: strconv.FormatBool(dns),
 		})
 		if err != nil {
 			if _, ok := AsFieldError(err); !ok {

@@ -86,56 +86,68 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 	}
 	// Render both families before touching anything, so a model error
 	// changes nothing.
-	want := map[Family]*iptTable{}
+	want := map[Family][]*iptTable{}
 	for _, f := range iptFamilies {
 		if !familyEnabled(rs.Families, f) {
 			continue
 		}
-		t, err := renderIPT(rs, f)
+		ts, err := renderIPTAll(rs, f)
 		if err != nil {
 			return err
 		}
-		want[f] = t
+		want[f] = ts
 	}
-	var done []iptTable // families already written, as they were before
+	var done [][]*iptTable // families already written, as they were before
 	for _, f := range iptFamilies {
 		have, err := ipt.owned(f)
 		if err != nil {
 			return errors.Join(err, ipt.rollback(done))
 		}
-		var input string
-		if t := want[f]; t != nil {
-			// Already exactly as wanted: rewriting would change nothing
-			// but cost a commit (with the nft flavour, deleting rules
-			// makes the kernel wait for an RCU grace period).
-			if slicesEqual(t.lines(), have.lines()) {
-				continue
+		// One restore per family, one section per table that changes.
+		var input strings.Builder
+		for i, h := range have {
+			if ts := want[f]; ts != nil {
+				// Already exactly as wanted: rewriting would change
+				// nothing but cost a commit (with the nft flavour,
+				// deleting rules makes the kernel wait for an RCU grace
+				// period).
+				if slicesEqual(ts[i].lines(), h.lines()) {
+					continue
+				}
+				input.WriteString(iptApplyInput(ts[i], h))
+			} else {
+				input.WriteString(iptRemoveInput(h))
 			}
-			input = iptApplyInput(t, have)
-		} else {
-			input = iptRemoveInput(have)
 		}
-		if input == "" {
+		if input.Len() == 0 {
 			continue
 		}
-		if err := ipt.run.Restore(f, input); err != nil {
+		if err := ipt.run.Restore(f, input.String()); err != nil {
 			err = fmt.Errorf("could not apply %s rules with %s: %w", iptCommand(f), ipt.name, err)
 			return errors.Join(err, ipt.rollback(done))
 		}
-		done = append(done, *have)
+		done = append(done, have)
 	}
 	return nil
 }
 
 // rollback puts the families in prev (their state before this Apply)
 // back as they were.
-func (ipt *iptBackend) rollback(prev []iptTable) error {
+func (ipt *iptBackend) rollback(prev [][]*iptTable) error {
 	var errs []error
 	for i := len(prev) - 1; i >= 0; i-- {
-		f := prev[i].Family
+		f := prev[i][0].Family
 		now, err := ipt.owned(f)
 		if err == nil {
-			err = ipt.run.Restore(f, iptApplyInput(&prev[i], now))
+			var input strings.Builder
+			for j, t := range prev[i] {
+				if !slicesEqual(t.lines(), now[j].lines()) {
+					input.WriteString(iptApplyInput(t, now[j]))
+				}
+			}
+			if input.Len() > 0 {
+				err = ipt.run.Restore(f, input.String())
+			}
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("could not roll back %s rules: %w", iptCommand(f), err))
@@ -144,7 +156,8 @@ func (ipt *iptBackend) rollback(prev []iptTable) error {
 	return errors.Join(errs...)
 }
 
-// Check compares what we own in both families with rs.
+// Check compares what we own in both families with rs. Lines of a table
+// other than nat are prefixed with the table's name.
 func (ipt *iptBackend) Check(rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
@@ -153,17 +166,17 @@ func (ipt *iptBackend) Check(rs *Ruleset) error {
 	for _, f := range iptFamilies {
 		var want []string
 		if familyEnabled(rs.Families, f) {
-			t, err := renderIPT(rs, f)
+			ts, err := renderIPTAll(rs, f)
 			if err != nil {
 				return err
 			}
-			want = t.lines()
+			want = tablesLines(ts)
 		}
 		have, err := ipt.owned(f)
 		if err != nil {
 			return err
 		}
-		err = diffLines(string(ipt.name), want, have.lines())
+		err = diffLines(string(ipt.name), want, tablesLines(have))
 		var d *DriftError
 		if errors.As(err, &d) {
 			prefix := iptCommand(f) + ": "
@@ -183,6 +196,21 @@ func (ipt *iptBackend) Check(rs *Ruleset) error {
 	return nil
 }
 
+// tablesLines is the lines of every table, those of tables other than
+// nat prefixed with "<table>: ".
+func tablesLines(ts []*iptTable) []string {
+	var out []string
+	for _, t := range ts {
+		for _, l := range t.lines() {
+			if t.table() != "nat" {
+				l = t.table() + ": " + l
+			}
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // Remove deletes our entry rules and chains in both families.
 func (ipt *iptBackend) Remove() error {
 	var errs []error
@@ -192,8 +220,12 @@ func (ipt *iptBackend) Remove() error {
 			errs = append(errs, err)
 			continue
 		}
-		if input := iptRemoveInput(have); input != "" {
-			if err := ipt.run.Restore(f, input); err != nil {
+		var input strings.Builder
+		for _, h := range have {
+			input.WriteString(iptRemoveInput(h))
+		}
+		if input.Len() > 0 {
+			if err := ipt.run.Restore(f, input.String()); err != nil {
 				errs = append(errs, fmt.Errorf("could not remove %s rules with %s: %w", iptCommand(f), ipt.name, err))
 			}
 		}
@@ -201,19 +233,20 @@ func (ipt *iptBackend) Remove() error {
 	return errors.Join(errs...)
 }
 
-// owned reads the nat table of family f and returns what we own in it.
-func (ipt *iptBackend) owned(f Family) (*iptTable, error) {
+// owned reads the tables of family f and returns what we own in each
+// (iptTables order).
+func (ipt *iptBackend) owned(f Family) ([]*iptTable, error) {
 	out, err := ipt.run.Save(f)
 	if err != nil {
-		return nil, fmt.Errorf("could not read the %s nat table with %s: %w", iptCommand(f), ipt.name, err)
+		return nil, fmt.Errorf("could not read the %s tables with %s: %w", iptCommand(f), ipt.name, err)
 	}
-	return parseIPTSave(out, f), nil
+	return parseIPTSaveAll(out, f), nil
 }
 
 // iptApplyInput is the restore input that replaces have with want.
 func iptApplyInput(want, have *iptTable) string {
 	var b strings.Builder
-	b.WriteString("*nat\n")
+	b.WriteString("*" + want.table() + "\n")
 	// Under --noflush, declaring a chain creates it or flushes it.
 	chains := slices.Clone(want.Chains)
 	var stale []string
@@ -250,7 +283,7 @@ func iptRemoveInput(have *iptTable) string {
 		return ""
 	}
 	var b strings.Builder
-	b.WriteString("*nat\n")
+	b.WriteString("*" + have.table() + "\n")
 	for _, c := range have.Chains {
 		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
 	}
@@ -270,32 +303,47 @@ func deleteLine(l string) string {
 	return "-D" + strings.TrimPrefix(l, "-A") + "\n"
 }
 
-// parseIPTSave extracts what we own from iptables-save output: our chain
-// declarations, our chains' rules, and our entry rules in PREROUTING and
-// OUTPUT. The result is in iptTable's canonical order, whatever order the
-// flavour prints chains in.
-func parseIPTSave(out string, f Family) *iptTable {
+// parseIPTSave extracts what we own in the nat table from iptables-save
+// output: our chain declarations, our chains' rules, and our entry rules
+// in PREROUTING and OUTPUT. The result is in iptTable's canonical order,
+// whatever order the flavour prints chains in.
+func parseIPTSave(out string, f Family) *iptTable { return parseIPTSaveTable(out, f, "nat") }
+
+// parseIPTSaveAll is parseIPTSave for every table we write (iptTables
+// order).
+func parseIPTSaveAll(out string, f Family) []*iptTable {
+	ts := make([]*iptTable, 0, len(iptTables))
+	for _, tb := range iptTables {
+		ts = append(ts, parseIPTSaveTable(out, f, tb))
+	}
+	return ts
+}
+
+func parseIPTSaveTable(out string, f Family, table string) *iptTable {
 	t := &iptTable{Family: f}
+	if table != "nat" {
+		t.Table = table
+	}
 	rules := map[string][]string{}
 	entry := map[string][]string{}
-	inNat := false
+	in := false
 	for _, l := range strings.Split(out, "\n") {
 		l = strings.TrimRight(l, " \r")
 		switch {
 		case strings.HasPrefix(l, "*"):
-			inNat = l == "*nat"
-		case !inNat:
+			in = l == "*"+table
+		case !in:
 		case strings.HasPrefix(l, ":"):
 			name, _, _ := strings.Cut(l[1:], " ")
-			if isIPTChain(name) && !slices.Contains(t.Chains, name) {
+			if isIPTChainIn(table, name) && !slices.Contains(t.Chains, name) {
 				t.Chains = append(t.Chains, name)
 			}
 		case strings.HasPrefix(l, "-A "):
 			chain, _, _ := strings.Cut(l[3:], " ")
 			switch {
-			case isIPTChain(chain):
+			case isIPTChainIn(table, chain):
 				rules[chain] = append(rules[chain], l)
-			case slices.Contains(iptBuiltins, chain) && isOurEntry(l):
+			case slices.Contains(iptBuiltins, chain) && isOurEntryIn(table, l):
 				entry[chain] = append(entry[chain], l)
 			}
 		}
@@ -312,7 +360,9 @@ func parseIPTSave(out string, f Family) *iptTable {
 
 // isOurEntry reports whether a saved rule in a built-in chain is ours:
 // it carries our comment, or it jumps (or goes) to one of our chains.
-func isOurEntry(l string) bool {
+func isOurEntry(l string) bool { return isOurEntryIn("nat", l) }
+
+func isOurEntryIn(table, l string) bool {
 	fields := strings.Fields(l)
 	for i := 0; i+1 < len(fields); i++ {
 		switch fields[i] {
@@ -321,7 +371,7 @@ func isOurEntry(l string) bool {
 				return true
 			}
 		case "-j", "-g":
-			if isIPTChain(fields[i+1]) {
+			if isIPTChainIn(table, fields[i+1]) {
 				return true
 			}
 		}
@@ -393,10 +443,12 @@ func (r *execRunner) Save(f Family) (string, error) {
 	// Running the legacy save registers the nat table in the namespace,
 	// which would make the namespace look "legacy in use" to Detect.
 	// An unregistered table holds nothing of ours.
-	if r.legacy && !legacyNatRegistered(f) {
+	if r.legacy && !legacyTablesRegistered(f) {
 		return "", nil
 	}
-	out, err := r.exec(f, "save", []string{"-t", "nat"}, "")
+	// Without -t, *-save prints every table that exists and creates
+	// none (the legacy flavour lists only the registered ones).
+	out, err := r.exec(f, "save", nil, "")
 	return out, err
 }
 
@@ -472,11 +524,12 @@ func iptInputContext(msg, input string) string {
 	return fmt.Sprintf(" (input line %d: %q)", n, lines[n-1])
 }
 
-// legacyNatRegistered reports whether the legacy nat table of family f
-// exists in the calling thread's network namespace. Only the calling
+// legacyTablesRegistered reports whether a legacy table we write (nat,
+// mangle, raw) of family f exists in the calling thread's network
+// namespace. Only the calling
 // (locked) thread is in the target namespace, hence the task path. When
 // that cannot be told (no procfs), it says yes: the save then runs.
-func legacyNatRegistered(f Family) bool {
+func legacyTablesRegistered(f Family) bool {
 	dir := fmt.Sprintf("/proc/self/task/%d/net", unix.Gettid())
 	if _, err := os.Stat(dir); err != nil {
 		return true
@@ -490,5 +543,11 @@ func legacyNatRegistered(f Family) bool {
 		// Absent while the ip(6)_tables module is not loaded.
 		return !errors.Is(err, fs.ErrNotExist)
 	}
-	return slices.Contains(strings.Fields(string(b)), "nat")
+	names := strings.Fields(string(b))
+	for _, t := range iptTables {
+		if slices.Contains(names, t) {
+			return true
+		}
+	}
+	return false
 }

@@ -14,6 +14,8 @@ const (
 	ChainInRedirect = "ISTIO_IN_REDIRECT"
 	ChainRedirect   = "ISTIO_REDIRECT"
 	ChainOutput     = "ISTIO_OUTPUT"
+	// ChainOutputDNS holds the DNS redirects (with --redirect-dns).
+	ChainOutputDNS = "ISTIO_OUTPUT_DNS"
 
 	// Base chains. In nftables they are ours (in NFTTable); in iptables
 	// they are the built-in nat chains of the same hook.
@@ -77,9 +79,19 @@ const (
 // Ruleset is the whole desired state of one pod's capture.
 type Ruleset struct {
 	Families Families
+	// TProxyRoute, in TPROXY mode, is the policy route that delivers
+	// marked packets locally: "ip rule fwmark Mark lookup Table" and
+	// "ip route add local default dev lo table Table", per family. The
+	// firewall backends do not write it; egress-init does (ApplyTProxyRoute).
+	TProxyRoute *TProxyRoute
 	// Chains in dependency order: base chains first, then regular chains.
 	Chains []*Chain
 	Sets   []*Set
+}
+
+// TProxyRoute is TPROXY mode's mark and route table.
+type TProxyRoute struct {
+	Mark, Table uint32
 }
 
 // Chain returns the chain with the given name, or nil.
@@ -104,12 +116,46 @@ func (rs *Ruleset) Set(name string) *Set {
 
 // Chain is a list of rules. Base chains have a Hook.
 type Chain struct {
-	Name  string
-	Hook  *Hook
-	Rules []Rule
+	// Name is unique in the ruleset (and is the nftables chain's name).
+	Name string
+	// Table is the iptables table: TableNAT (""), TableRaw or
+	// TableMangle. In nftables every chain is in our one table; the
+	// table decides a base chain's type and priority.
+	Table string
+	// IPTName is the chain's iptables name when it differs from Name
+	// (raw's ISTIO_INBOUND, a namesake of nat's).
+	IPTName string
+	Hook    *Hook
+	Rules   []Rule
 }
 
-// Hook attaches a base chain to the kernel. All our base chains are nat.
+// iptables tables we write.
+const (
+	TableNAT    = ""
+	TableRaw    = "raw"
+	TableMangle = "mangle"
+)
+
+// tableName is the table's iptables name.
+func tableName(t string) string {
+	if t == TableNAT {
+		return "nat"
+	}
+	return t
+}
+
+// iptName is the chain's iptables name.
+func (c *Chain) iptName() string {
+	switch {
+	case c.Hook != nil:
+		return c.Hook.IPTChain
+	case c.IPTName != "":
+		return c.IPTName
+	}
+	return c.Name
+}
+
+// Hook attaches a base chain to the kernel.
 type Hook struct {
 	// Hook is "prerouting" or "output".
 	Hook string
@@ -140,6 +186,20 @@ const (
 	VerdictReturn VerdictKind = iota + 1
 	VerdictJump
 	VerdictRedirect
+	// VerdictDrop drops the packet (mangle: --drop-invalid).
+	VerdictDrop
+	// VerdictCTZone puts the connection in a conntrack zone and goes on
+	// (raw: the DNS zones).
+	VerdictCTZone
+	// The TPROXY mode's mangle verdicts: accept; set the packet mark
+	// (and go on); save the packet mark to the connection mark, or
+	// restore it (and go on); hand the packet to the socket on Port of
+	// this host, marking it with Mark (and accept).
+	VerdictAccept
+	VerdictSetMark
+	VerdictConnmarkSave
+	VerdictConnmarkRestore
+	VerdictTProxy
 )
 
 // Verdict of a rule.
@@ -147,6 +207,8 @@ type Verdict struct {
 	Kind  VerdictKind
 	Chain string // VerdictJump
 	Port  uint16 // VerdictRedirect
+	Zone  uint16 // VerdictCTZone
+	Mark  uint32 // VerdictSetMark, VerdictTProxy
 }
 
 // Rule is one match-and-verdict. Every nil or zero field matches
@@ -160,6 +222,15 @@ type Rule struct {
 	Src    *netip.Prefix
 	Dst    *netip.Prefix
 	DstNot bool
+	// CTInvalid matches packets conntrack deems INVALID; CTEstablished
+	// those of a RELATED or ESTABLISHED connection.
+	CTInvalid     bool
+	CTEstablished bool
+	// Mark matches the packet mark (MarkNot negates it), ConnMark the
+	// connection mark.
+	Mark     *uint32
+	MarkNot  bool
+	ConnMark *uint32
 	// DstSet names an address set of the rule's family.
 	DstSet string
 	Proto  Proto
@@ -168,11 +239,21 @@ type Rule struct {
 	DPortNot bool
 	// DPortSet names a port set. Proto must be set.
 	DPortSet string
-	UID      *uint32
-	UIDNot   bool
-	GID      *uint32
-	GIDNot   bool
-	Verdict  Verdict
+	// DPortsNot matches a destination port that is none of these (Istio's
+	// "-m multiport ! --dports 53,15008"). Proto must be set; it cannot
+	// be combined with DPort or DPortSet.
+	DPortsNot []uint16
+	// SPort matches the source port. Proto must be set.
+	SPort  *PortRange
+	UID    *uint32
+	UIDNot bool
+	GID    *uint32
+	GIDNot bool
+	// GIDsNot matches a socket whose GID is none of these (Istio's
+	// owner-group include list: the traffic of every other group
+	// RETURNs). It cannot be combined with GID.
+	GIDsNot []uint32
+	Verdict Verdict
 }
 
 // PtrTo returns a pointer to v, for the optional fields of Rule.

@@ -448,6 +448,11 @@ func nftHaveLines(conn *nftables.Conn, rs *Ruleset, objs *nftObjects) ([]string,
 // Set IDs only exist within a batch and are not dumped back, so they are
 // ignored.
 func nftExprsEqual(fam nftables.TableFamily, a, b []expr.Any) bool {
+	// google/nftables v0.3.0 writes NFTA_TPROXY_FAMILY as 32 bits and
+	// reads it as 8, which fails, and drops the tproxy expression from a
+	// dump. Compare without it on both sides (the immediates around it,
+	// port and mark, are still compared; the rule's comment names it).
+	a, b = withoutTProxy(a), withoutTProxy(b)
 	if len(a) != len(b) {
 		return false
 	}
@@ -459,6 +464,16 @@ func nftExprsEqual(fam nftables.TableFamily, a, b []expr.Any) bool {
 		}
 	}
 	return true
+}
+
+func withoutTProxy(es []expr.Any) []expr.Any {
+	out := make([]expr.Any, 0, len(es))
+	for _, e := range es {
+		if _, ok := e.(*expr.TProxy); !ok {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 func marshalExprNoSetID(fam nftables.TableFamily, e expr.Any) ([]byte, error) {

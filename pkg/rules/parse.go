@@ -110,7 +110,8 @@ func ParsePort(field, s string) (uint16, error) {
 	return uint16(n), nil
 }
 
-// ParsePortList parses "80,443,8000-8080" (ranges with '-' or ':').
+// ParsePortList parses "80,443,8000-8080" (ranges with '-' or ':'),
+// in the order given.
 // allowAll permits "*" (every port), returned as all=true.
 func ParsePortList(field, s string, allowAll bool) (all bool, out []PortRange, err error) {
 	items, err := splitList(field, s)
@@ -146,8 +147,19 @@ func ParsePortList(field, s string, allowAll bool) (all bool, out []PortRange, e
 		}
 		out = append(out, PortRange{from, to})
 	}
-	slices.SortFunc(out, func(a, b PortRange) int { return int(a.From) - int(b.From) })
-	return false, slices.Compact(out), nil
+	// The user's order is kept, as istio-iptables keeps it (one rule per
+	// port, in that order); only repeats are dropped.
+	return false, dedup(out), nil
+}
+
+func dedup[T comparable](in []T) []T {
+	out := in[:0]
+	for _, v := range in {
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // ParseIDList parses a list of UIDs or GIDs. Only numbers are accepted:
@@ -216,92 +228,4 @@ func ParseFamilies(field, s string) (Families, error) {
 		return DualStack, nil
 	}
 	return 0, fieldErr(field, s, "must be ipv4, ipv6 or dual")
-}
-
-// Options is the textual form of a Config, as istio-iptables' flags and
-// Istio's annotations carry it. A nil pointer leaves the default alone; a
-// pointer to "" sets an empty list. Apply it with (*Config).ApplyOptions.
-type Options struct {
-	ProxyPort            *string
-	InboundPort          *string
-	InboundTunnelPort    *string
-	ProxyUID             *string
-	ProxyGID             *string
-	Mode                 *string
-	OutboundIncludeCIDRs *string
-	OutboundExcludeCIDRs *string
-	InboundIncludePorts  *string
-	InboundExcludePorts  *string
-	OutboundIncludePorts *string
-	OutboundExcludePorts *string
-	ExcludeInterfaces    *string
-	RedirectDNS          *bool
-	DNSPort              *string
-	Families             *string
-}
-
-// ApplyOptions parses each set option into c. It stops at the first error
-// and leaves c unchanged in that case. It does not call Validate.
-func (c *Config) ApplyOptions(o Options) error {
-	n := *c
-	n.ProxyUIDs = slices.Clone(c.ProxyUIDs)
-	n.ProxyGIDs = slices.Clone(c.ProxyGIDs)
-	var err error
-	port := func(field string, s *string, dst *uint16) {
-		if err == nil && s != nil {
-			*dst, err = ParsePort(field, *s)
-		}
-	}
-	port(FieldProxyPort, o.ProxyPort, &n.ProxyPort)
-	port(FieldInboundPort, o.InboundPort, &n.InboundPort)
-	port(FieldInboundTunnelPort, o.InboundTunnelPort, &n.InboundTunnelPort)
-	port(FieldDNSPort, o.DNSPort, &n.DNSPort)
-	if err == nil && o.ProxyUID != nil {
-		n.ProxyUIDs, err = ParseIDList(FieldProxyUID, *o.ProxyUID)
-	}
-	if err == nil && o.ProxyGID != nil {
-		n.ProxyGIDs, err = ParseIDList(FieldProxyGID, *o.ProxyGID)
-	}
-	if err == nil && o.Mode != nil {
-		n.Mode, err = ParseMode(FieldMode, *o.Mode)
-	}
-	cidrs := func(field string, s *string, all *bool, dst *[]netip.Prefix) {
-		if err == nil && s != nil {
-			*all, *dst, err = ParseCIDRList(field, *s)
-		}
-	}
-	var excludeAll bool
-	cidrs(FieldOutboundIncludeCIDRs, o.OutboundIncludeCIDRs, &n.OutboundIncludeAll, &n.OutboundIncludeCIDRs)
-	cidrs(FieldOutboundExcludeCIDRs, o.OutboundExcludeCIDRs, &excludeAll, &n.OutboundExcludeCIDRs)
-	if excludeAll {
-		// "-x '*'" excludes everything: both families' default routes.
-		n.OutboundExcludeCIDRs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
-	}
-	ports := func(field string, s *string, allowAll bool, all *bool, dst *[]PortRange) {
-		if err == nil && s != nil {
-			var a bool
-			a, *dst, err = ParsePortList(field, *s, allowAll)
-			if all != nil {
-				*all = a
-			}
-		}
-	}
-	ports(FieldInboundIncludePorts, o.InboundIncludePorts, true, &n.InboundIncludeAll, &n.InboundIncludePorts)
-	ports(FieldInboundExcludePorts, o.InboundExcludePorts, false, nil, &n.InboundExcludePorts)
-	ports(FieldOutboundIncludePorts, o.OutboundIncludePorts, false, nil, &n.OutboundIncludePorts)
-	ports(FieldOutboundExcludePorts, o.OutboundExcludePorts, false, nil, &n.OutboundExcludePorts)
-	if err == nil && o.ExcludeInterfaces != nil {
-		n.ExcludeInterfaces, err = ParseInterfaceList(FieldExcludeInterfaces, *o.ExcludeInterfaces)
-	}
-	if err == nil && o.Families != nil {
-		n.Families, err = ParseFamilies(FieldFamilies, *o.Families)
-	}
-	if o.RedirectDNS != nil {
-		n.RedirectDNS = *o.RedirectDNS
-	}
-	if err != nil {
-		return err
-	}
-	*c = n
-	return nil
 }

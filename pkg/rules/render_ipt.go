@@ -29,7 +29,31 @@ import (
 // iptChains are the regular chains we own in the nat table, in the order
 // iptables-save lists them (by name). They are also the chains whose
 // entry rules Apply takes over from istio-iptables.
-var iptChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainRedirect}
+var iptChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainOutputDNS, ChainRedirect}
+
+// ChainDrop is mangle's drop chain (--drop-invalid).
+const ChainDrop = "ISTIO_DROP"
+
+// iptTables are the tables we write, in the order we write them, with
+// the regular chains we own in each (sorted, as iptables-save lists
+// them). Besides nat: raw for the DNS conntrack zones, mangle for
+// --drop-invalid.
+var iptTables = []string{"nat", "mangle", "raw"}
+
+// TPROXY mode's mangle chains.
+const (
+	ChainDivert = "ISTIO_DIVERT"
+	ChainTProxy = "ISTIO_TPROXY"
+)
+
+var iptChainsOf = map[string][]string{
+	"nat":    iptChains,
+	"mangle": {ChainDivert, ChainDrop, ChainInbound, ChainTProxy},
+	"raw":    {ChainInbound, ChainOutputDNS},
+}
+
+// isIPTChainIn reports whether name is one of our chains in table.
+func isIPTChainIn(table, name string) bool { return slices.Contains(iptChainsOf[table], name) }
 
 // iptBuiltins are the built-in nat chains that may hold our entry rules,
 // in the order iptables-save prints them.
@@ -43,6 +67,8 @@ func isIPTChain(name string) bool { return slices.Contains(iptChains, name) }
 // compare line by line.
 type iptTable struct {
 	Family Family
+	// Table is the iptables table ("nat" when empty).
+	Table string
 	// Chains are our regular chains, sorted by name.
 	Chains []string
 	// Entry are our rules in the built-in chains ("-A PREROUTING ..."),
@@ -74,13 +100,20 @@ func (t *iptTable) lines() []string {
 // iptables-save prints it).
 func (t *iptTable) String() string {
 	var b strings.Builder
-	b.WriteString("*nat\n")
+	b.WriteString("*" + t.table() + "\n")
 	for _, l := range t.lines() {
 		b.WriteString(l)
 		b.WriteByte('\n')
 	}
 	b.WriteString("COMMIT\n")
 	return b.String()
+}
+
+func (t *iptTable) table() string {
+	if t.Table == "" {
+		return "nat"
+	}
+	return t.Table
 }
 
 // iptCommand is the save/restore command of a family, for labels and
@@ -106,11 +139,17 @@ func RenderIPTablesFamily(rs *Ruleset, f Family) (string, error) {
 	if !familyEnabled(rs.Families, f) {
 		return "", nil
 	}
-	t, err := renderIPT(rs, f)
+	ts, err := renderIPTAll(rs, f)
 	if err != nil {
 		return "", err
 	}
-	return t.String(), nil
+	var b strings.Builder
+	for _, t := range ts {
+		if t.table() == "nat" || !t.empty() {
+			b.WriteString(t.String())
+		}
+	}
+	return b.String(), nil
 }
 
 // RenderIPTables renders rs for both families, each section labelled
@@ -133,32 +172,61 @@ func renderIPTables(rs *Ruleset) (string, error) {
 			fmt.Fprintf(&b, "# %s: family disabled (families=%s); apply removes our rules here\n", cmd, rs.Families)
 			continue
 		}
-		t, err := renderIPT(rs, f)
+		ts, err := renderIPTAll(rs, f)
 		if err != nil {
 			return b.String(), err
 		}
-		fmt.Fprintf(&b, "# %s-restore --noflush (nat table)\n", cmd)
-		b.WriteString(t.String())
+		for _, t := range ts {
+			if t.table() == "nat" || !t.empty() {
+				fmt.Fprintf(&b, "# %s-restore --noflush (%s table)\n", cmd, t.table())
+				b.WriteString(t.String())
+			}
+		}
 	}
 	return b.String(), nil
 }
 
-// renderIPT renders the model's rules of family f. Base chains become
-// entry rules in their built-in chain, marked with Comment.
+// renderIPT renders the model's nat rules of family f.
 func renderIPT(rs *Ruleset, f Family) (*iptTable, error) {
-	t := &iptTable{Family: f}
+	return renderIPTTable(rs, f, "nat")
+}
+
+// renderIPTAll renders every table we write (iptTables order), empty
+// ones included, so that Apply can clear a table we no longer use.
+func renderIPTAll(rs *Ruleset, f Family) ([]*iptTable, error) {
+	out := make([]*iptTable, 0, len(iptTables))
+	for _, tb := range iptTables {
+		t, err := renderIPTTable(rs, f, tb)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// renderIPTTable renders the model's rules of family f in table tb.
+// Base chains become entry rules in their built-in chain, marked with
+// Comment.
+func renderIPTTable(rs *Ruleset, f Family, tb string) (*iptTable, error) {
+	t := &iptTable{Family: f, Table: tb}
+	if tb == "nat" {
+		t.Table = ""
+	}
 	entry := map[string][]string{}
 	rules := map[string][]string{}
 	for _, c := range rs.Chains {
-		name, isEntry := c.Name, c.Hook != nil
+		if tableName(c.Table) != tb {
+			continue
+		}
+		name, isEntry := c.iptName(), c.Hook != nil
 		if isEntry {
-			name = c.Hook.IPTChain
 			if !slices.Contains(iptBuiltins, name) {
-				return nil, fmt.Errorf("chain %s: iptables chain %q is not a nat chain we manage", c.Name, name)
+				return nil, fmt.Errorf("chain %s: iptables chain %q is not a built-in chain we manage", c.Name, name)
 			}
 		} else {
-			if !isIPTChain(name) {
-				return nil, fmt.Errorf("chain %s is not one of the iptables chains we own", c.Name)
+			if !isIPTChainIn(tb, name) {
+				return nil, fmt.Errorf("chain %s is not one of the iptables chains we own in %s", c.Name, tb)
 			}
 			if !slices.Contains(t.Chains, name) {
 				t.Chains = append(t.Chains, name)
@@ -176,6 +244,31 @@ func renderIPT(rs *Ruleset, f Family) (*iptTable, error) {
 			}
 		}
 	}
+	// A chain is declared in a family only when the family uses it: it
+	// has rules there, or a rule there jumps to it (istio-iptables
+	// creates a chain with its first rule; IPv6 without nameservers has
+	// no ISTIO_OUTPUT_DNS, say).
+	used := func(c string) bool {
+		if len(rules[c]) > 0 {
+			return true
+		}
+		for _, ls := range [][]string{entry["PREROUTING"], entry["OUTPUT"]} {
+			for _, l := range ls {
+				if strings.HasSuffix(l, " -j "+c) {
+					return true
+				}
+			}
+		}
+		for _, ls := range rules {
+			for _, l := range ls {
+				if strings.HasSuffix(l, " -j "+c) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	t.Chains = slices.DeleteFunc(t.Chains, func(c string) bool { return !used(c) })
 	slices.Sort(t.Chains)
 	for _, c := range iptBuiltins {
 		t.Entry = append(t.Entry, entry[c]...)
@@ -246,14 +339,14 @@ func iptRuleLines(rs *Ruleset, chain string, r Rule, f Family, comment bool) ([]
 	out := make([]string, 0, len(dsts)*len(ports))
 	for _, d := range dsts {
 		for _, p := range ports {
-			out = append(out, iptRuleLine(chain, r, d, p, comment))
+			out = append(out, iptRuleLine(rs, chain, r, f, d, p, comment))
 		}
 	}
 	return out, nil
 }
 
 // iptRuleLine writes one rule in iptables-save's canonical order.
-func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comment bool) string {
+func iptRuleLine(rs *Ruleset, chain string, r Rule, family Family, dst *netip.Prefix, port *PortRange, comment bool) string {
 	var b strings.Builder
 	b.WriteString("-A ")
 	b.WriteString(chain)
@@ -283,6 +376,14 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 		b.WriteString(" -p ")
 		b.WriteString(r.Proto.String())
 	}
+	if r.SPort != nil && port == nil {
+		// iptables-save prints one -m tcp/udp with --sport before --dport;
+		// we never combine the two.
+		b.WriteString(" -m ")
+		b.WriteString(r.Proto.String())
+		b.WriteString(" --sport ")
+		b.WriteString(iptPorts(*r.SPort))
+	}
 	if port != nil {
 		// The tcp/udp match is loaded even for a range that matches
 		// every port, and iptables-save then prints it bare.
@@ -298,6 +399,29 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 			}
 		}
 	}
+	if r.CTInvalid {
+		b.WriteString(" -m conntrack --ctstate INVALID")
+	}
+	if r.CTEstablished {
+		b.WriteString(" -m conntrack --ctstate RELATED,ESTABLISHED")
+	}
+	if r.Mark != nil {
+		b.WriteString(" -m mark")
+		not(r.MarkNot)
+		b.WriteString(" --mark " + iptHex(*r.Mark))
+	}
+	if r.ConnMark != nil {
+		b.WriteString(" -m connmark --mark " + iptHex(*r.ConnMark))
+	}
+	if len(r.DPortsNot) > 0 {
+		b.WriteString(" -m multiport ! --dports ")
+		for i, p := range r.DPortsNot {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(strconv.Itoa(int(p)))
+		}
+	}
 	if r.UID != nil || r.GID != nil {
 		b.WriteString(" -m owner")
 		if r.UID != nil {
@@ -311,6 +435,11 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 			b.WriteString(strconv.FormatUint(uint64(*r.GID), 10))
 		}
 	}
+	// One owner match per excluded group, as iptables-save prints them.
+	for _, g := range r.GIDsNot {
+		b.WriteString(" -m owner ! --gid-owner ")
+		b.WriteString(strconv.FormatUint(uint64(g), 10))
+	}
 	if comment {
 		b.WriteString(" -m comment --comment ")
 		b.WriteString(Comment)
@@ -318,9 +447,32 @@ func iptRuleLine(chain string, r Rule, dst *netip.Prefix, port *PortRange, comme
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		b.WriteString(" -j RETURN")
+	case VerdictDrop:
+		b.WriteString(" -j DROP")
+	case VerdictAccept:
+		b.WriteString(" -j ACCEPT")
+	case VerdictSetMark:
+		b.WriteString(" -j MARK --set-xmark " + iptHex(r.Verdict.Mark) + "/0xffffffff")
+	case VerdictConnmarkSave:
+		b.WriteString(" -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff")
+	case VerdictConnmarkRestore:
+		b.WriteString(" -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff")
+	case VerdictTProxy:
+		onIP := "0.0.0.0"
+		if family == FamilyIPv6 {
+			onIP = "::"
+		}
+		b.WriteString(" -j TPROXY --on-port " + strconv.Itoa(int(r.Verdict.Port)) + " --on-ip " + onIP + " --tproxy-mark " + iptHex(r.Verdict.Mark) + "/0xffffffff")
+	case VerdictCTZone:
+		b.WriteString(" -j CT --zone ")
+		b.WriteString(strconv.Itoa(int(r.Verdict.Zone)))
 	case VerdictJump:
 		b.WriteString(" -j ")
-		b.WriteString(r.Verdict.Chain)
+		if t := rs.Chain(r.Verdict.Chain); t != nil {
+			b.WriteString(t.iptName())
+		} else {
+			b.WriteString(r.Verdict.Chain)
+		}
 	case VerdictRedirect:
 		b.WriteString(" -j REDIRECT --to-ports ")
 		b.WriteString(strconv.Itoa(int(r.Verdict.Port)))
@@ -364,4 +516,14 @@ func ntop6(a netip.Addr) string {
 		return "::" + netip.AddrFrom4([4]byte(b[12:])).String()
 	}
 	return a.WithZone("").String()
+}
+
+// iptHex prints a mark as iptables-save does.
+func iptHex(v uint32) string { return "0x" + strconv.FormatUint(uint64(v), 16) }
+
+func iptPorts(p PortRange) string {
+	if p.From == p.To {
+		return strconv.Itoa(int(p.From))
+	}
+	return strconv.Itoa(int(p.From)) + ":" + strconv.Itoa(int(p.To))
 }

@@ -90,6 +90,29 @@ func iptGoldenCases() []struct {
 		{"dns-capture", iptLine(), func(c *Config) {
 			c.RedirectDNS = true
 		}},
+		// Istio's per-nameserver DNS, with the raw-table zones.
+		{"dns-nameservers", iptLine(), func(c *Config) {
+			c.RedirectDNS, c.CaptureAllDNS = true, false
+			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
+		}},
+		// TPROXY mode (mangle), with excluded inbound ports and interfaces.
+		{"tproxy", iptLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.ExcludeInterfaces = []string{"eth1"}
+			c.DropInvalid = true
+		}},
+		{"tproxy-ports", iptLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{8080, 8080}, {9000, 9001}}, nil
+		}},
+		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
+		{"drop-invalid-groups-virt", iptLine(), func(c *Config) {
+			c.DropInvalid = true
+			c.OwnerGroupsInclude = []uint32{1001, 202}
+			c.RerouteVirtualInterfaces = []string{"vm0"}
+			lo := netip.MustParsePrefix("127.0.0.0/8")
+			c.IPv4LoopbackCIDR = &lo
+		}},
 		{"exclude-interfaces", iptLine(), func(c *Config) {
 			c.ExcludeInterfaces = []string{"eth1", "net1"}
 		}},
@@ -218,12 +241,15 @@ func TestRenderIPTablesRejectsBadModel(t *testing.T) {
 
 func TestIsOurEntry(t *testing.T) {
 	for l, want := range map[string]bool{
-		"-A OUTPUT -m comment --comment egress-cni -j RETURN":     true,
-		`-A OUTPUT -m comment --comment "egress-cni" -j RETURN`:   true,
-		"-A OUTPUT -m comment --comment egress-cni-x -j RETURN":   false,
-		"-A PREROUTING -p tcp -j ISTIO_INBOUND":                   true,
-		"-A OUTPUT -g ISTIO_OUTPUT":                               true,
-		"-A OUTPUT -j ISTIO_OUTPUT_DNS":                           false,
+		"-A OUTPUT -m comment --comment egress-cni -j RETURN":   true,
+		`-A OUTPUT -m comment --comment "egress-cni" -j RETURN`: true,
+		"-A OUTPUT -m comment --comment egress-cni-x -j RETURN": false,
+		"-A PREROUTING -p tcp -j ISTIO_INBOUND":                 true,
+		"-A OUTPUT -g ISTIO_OUTPUT":                             true,
+		// ISTIO_OUTPUT_DNS is one of our nat chains since the DNS layout
+		// follows Istio's (it was foreign before); ISTIO_DROP is not.
+		"-A OUTPUT -j ISTIO_OUTPUT_DNS":                           true,
+		"-A OUTPUT -j ISTIO_DROP":                                 false,
 		"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT":                  false,
 		"-A OUTPUT -m comment --comment ISTIO_OUTPUT -j ACCEPT":   false,
 		`-A OUTPUT -m comment --comment "a -j b" -j ISTIO_OUTPUT`: true,

@@ -125,7 +125,7 @@ func RenderNFT(rs *Ruleset) string {
 		}
 		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
 		if c.Hook != nil {
-			fmt.Fprintf(&b, "\t\ttype nat hook %s priority %d; policy accept;\n", c.Hook.Hook, c.Hook.Priority)
+			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %d; policy accept;\n", nftChainType(c), c.Hook.Hook, c.Hook.Priority)
 		}
 		for _, r := range c.Rules {
 			text := nftRuleText(r, inet)
@@ -165,6 +165,12 @@ func nftRuleText(r Rule, inet bool) string {
 	if r.OIF != "" {
 		p = append(p, "oifname "+nftQuoteIfName(r.OIF))
 	}
+	if r.CTInvalid {
+		p = append(p, "ct state invalid")
+	}
+	if r.CTEstablished {
+		p = append(p, "ct state established,related")
+	}
 	ipKw := "ip"
 	if fam == FamilyIPv6 {
 		ipKw = "ip6"
@@ -202,6 +208,12 @@ func nftRuleText(r Rule, inet bool) string {
 			op = "!= "
 		}
 		p = append(p, proto.String()+" dport "+op+"@"+r.DPortSet)
+	case len(r.DPortsNot) > 0:
+		for _, port := range r.DPortsNot {
+			p = append(p, proto.String()+" dport != "+strconv.Itoa(int(port)))
+		}
+	case r.SPort != nil:
+		p = append(p, proto.String()+" sport "+r.SPort.String())
 	case proto != ProtoAny:
 		p = append(p, "meta l4proto "+proto.String())
 	}
@@ -219,6 +231,19 @@ func nftRuleText(r Rule, inet bool) string {
 		}
 		p = append(p, "meta skgid "+op+strconv.FormatUint(uint64(*r.GID), 10))
 	}
+	for _, g := range r.GIDsNot {
+		p = append(p, "meta skgid != "+strconv.FormatUint(uint64(g), 10))
+	}
+	if r.Mark != nil {
+		op := ""
+		if r.MarkNot {
+			op = "!= "
+		}
+		p = append(p, fmt.Sprintf("meta mark %s0x%08x", op, *r.Mark))
+	}
+	if r.ConnMark != nil {
+		p = append(p, fmt.Sprintf("ct mark 0x%08x", *r.ConnMark))
+	}
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		p = append(p, "return")
@@ -226,6 +251,20 @@ func nftRuleText(r Rule, inet bool) string {
 		p = append(p, "jump "+r.Verdict.Chain)
 	case VerdictRedirect:
 		p = append(p, fmt.Sprintf("redirect to :%d", r.Verdict.Port))
+	case VerdictDrop:
+		p = append(p, "drop")
+	case VerdictCTZone:
+		p = append(p, fmt.Sprintf("ct zone set %d", r.Verdict.Zone))
+	case VerdictAccept:
+		p = append(p, "accept")
+	case VerdictSetMark:
+		p = append(p, fmt.Sprintf("meta mark set 0x%08x", r.Verdict.Mark))
+	case VerdictConnmarkSave:
+		p = append(p, "ct mark set meta mark")
+	case VerdictConnmarkRestore:
+		p = append(p, "meta mark set ct mark")
+	case VerdictTProxy:
+		p = append(p, fmt.Sprintf("tproxy %s to :%d meta mark set 0x%08x accept", ipKw, r.Verdict.Port, r.Verdict.Mark))
 	}
 	return strings.Join(p, " ")
 }
@@ -487,6 +526,9 @@ func nftObjectsFor(rs *Ruleset) (*nftObjects, error) {
 			}
 			ch.Priority = nftables.ChainPriorityRef(nftables.ChainPriority(c.Hook.Priority))
 			ch.Type = nftables.ChainTypeNAT
+			if c.Table != TableNAT {
+				ch.Type = nftables.ChainTypeFilter
+			}
 			policy := nftables.ChainPolicyAccept
 			ch.Policy = &policy
 		}
@@ -736,6 +778,28 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: ifname(r.OIF)},
 		)
 	}
+	if r.CTInvalid {
+		ex = append(ex,
+			// [ ct load state => reg 1 ]
+			&expr.Ct{Register: nftReg, Key: expr.CtKeySTATE},
+			// [ bitwise reg 1 = ( reg 1 & 0x00000001 ) ^ 0x00000000 ]
+			&expr.Bitwise{SourceRegister: nftReg, DestRegister: nftReg, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(1), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			// [ cmp neq reg 1 0x00000000 ]
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(0)},
+		)
+	}
+	if r.CTEstablished {
+		ex = append(ex,
+			// [ ct load state => reg 1 ]
+			&expr.Ct{Register: nftReg, Key: expr.CtKeySTATE},
+			// [ bitwise reg 1 = ( reg 1 & 0x00000006 ) ^ 0x00000000 ]  (established|related)
+			&expr.Bitwise{SourceRegister: nftReg, DestRegister: nftReg, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(6), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			// [ cmp neq reg 1 0x00000000 ]
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(0)},
+		)
+	}
 	if hasAddr {
 		ex = append(ex, nfproto...)
 	}
@@ -771,6 +835,32 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: nftReg},
 			// [ cmp eq reg 1 0x00000006 ]  (0x00000011 for udp)
 			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: []byte{l4}},
+		)
+	}
+	if r.SPort != nil {
+		if proto == ProtoAny {
+			return nil, fmt.Errorf("a port match needs a protocol")
+		}
+		// [ payload load 2b @ transport header + 0 => reg 1 ]
+		ex = append(ex, &expr.Payload{DestRegister: nftReg, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2})
+		if r.SPort.From == r.SPort.To {
+			// [ cmp eq reg 1 0x00009d3a ]  (udp sport 15053)
+			ex = append(ex, &expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: be16(r.SPort.From)})
+		} else {
+			ex = append(ex,
+				&expr.Cmp{Op: expr.CmpOpGte, Register: nftReg, Data: be16(r.SPort.From)},
+				&expr.Cmp{Op: expr.CmpOpLte, Register: nftReg, Data: be16(r.SPort.To)},
+			)
+		}
+	}
+	// One load and compare per port, as nft itself compiles
+	// "tcp dport != 53 tcp dport != 15008".
+	for _, port := range r.DPortsNot {
+		ex = append(ex,
+			// [ payload load 2b @ transport header + 2 => reg 1 ]
+			&expr.Payload{DestRegister: nftReg, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			// [ cmp neq reg 1 0x00003500 ]  (dport != 53)
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: be16(port)},
 		)
 	}
 	if r.DPort != nil || r.DPortSet != "" {
@@ -827,11 +917,88 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.GID)},
 		)
 	}
+	for _, g := range r.GIDsNot {
+		ex = append(ex,
+			&expr.Meta{Key: expr.MetaKeySKGID, Register: nftReg},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(g)},
+		)
+	}
+	if r.Mark != nil {
+		op := expr.CmpOpEq
+		if r.MarkNot {
+			op = expr.CmpOpNeq
+		}
+		ex = append(ex,
+			// [ meta load mark => reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg},
+			// [ cmp eq reg 1 0x00000539 ]
+			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.Mark)},
+		)
+	}
+	if r.ConnMark != nil {
+		ex = append(ex,
+			// [ ct load mark => reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg},
+			// [ cmp eq reg 1 0x00000539 ]
+			&expr.Cmp{Op: expr.CmpOpEq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.ConnMark)},
+		)
+	}
 
 	switch r.Verdict.Kind {
 	case VerdictReturn:
 		// [ immediate reg 0 return ]
 		ex = append(ex, &expr.Verdict{Kind: expr.VerdictReturn})
+	case VerdictDrop:
+		// [ immediate reg 0 drop ]
+		ex = append(ex, &expr.Verdict{Kind: expr.VerdictDrop})
+	case VerdictAccept:
+		// [ immediate reg 0 accept ]
+		ex = append(ex, &expr.Verdict{Kind: expr.VerdictAccept})
+	case VerdictSetMark:
+		ex = append(ex,
+			// [ immediate reg 1 0x0000053a ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(r.Verdict.Mark)},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictConnmarkSave:
+		ex = append(ex,
+			// [ meta load mark => reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg},
+			// [ ct set mark with reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictConnmarkRestore:
+		ex = append(ex,
+			// [ ct load mark => reg 1 ]
+			&expr.Ct{Key: expr.CtKeyMARK, Register: nftReg},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+		)
+	case VerdictTProxy:
+		tfam := byte(unix.NFPROTO_IPV4)
+		if rf == FamilyIPv6 {
+			tfam = unix.NFPROTO_IPV6
+		}
+		ex = append(ex,
+			// [ immediate reg 1 0x00003a98 ]  (15006)
+			&expr.Immediate{Register: nftReg, Data: be16(r.Verdict.Port)},
+			// [ tproxy ip port reg 1 ]
+			&expr.TProxy{Family: tfam, TableFamily: byte(fam), RegPort: nftReg},
+			// [ immediate reg 1 0x00000539 ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(r.Verdict.Mark)},
+			// [ meta set mark with reg 1 ]
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg, SourceRegister: true},
+			// [ immediate reg 0 accept ]
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		)
+	case VerdictCTZone:
+		ex = append(ex,
+			// [ immediate reg 1 0x00000001 ]
+			&expr.Immediate{Register: nftReg, Data: binaryutil.NativeEndian.PutUint16(r.Verdict.Zone)},
+			// [ ct set zone with reg 1 ]
+			&expr.Ct{Key: expr.CtKeyZONE, Register: nftReg, SourceRegister: true},
+		)
 	case VerdictJump:
 		// [ immediate reg 0 jump -> ISTIO_OUTPUT ]
 		ex = append(ex, &expr.Verdict{Kind: expr.VerdictJump, Chain: r.Verdict.Chain})
@@ -917,3 +1084,12 @@ func ifname(s string) []byte {
 }
 
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
+
+// nftChainType is a base chain's type: nat for the nat table's hooks,
+// filter for raw's and mangle's.
+func nftChainType(c *Chain) string {
+	if c.Table == TableNAT {
+		return "nat"
+	}
+	return "filter"
+}

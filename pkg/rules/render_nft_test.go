@@ -100,6 +100,29 @@ func nftGoldenCases() []nftGoldenCase {
 		{"dns-capture", nftLine(), func(c *Config) {
 			c.RedirectDNS = true
 		}},
+		// Istio's per-nameserver DNS, with the raw-table zones.
+		{"dns-nameservers", nftLine(), func(c *Config) {
+			c.RedirectDNS, c.CaptureAllDNS = true, false
+			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
+		}},
+		// TPROXY mode (mangle), with excluded inbound ports and interfaces.
+		{"tproxy", nftLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.ExcludeInterfaces = []string{"eth1"}
+			c.DropInvalid = true
+		}},
+		{"tproxy-ports", nftLine(), func(c *Config) {
+			c.Mode = ModeTPROXY
+			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{8080, 8080}, {9000, 9001}}, nil
+		}},
+		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
+		{"drop-invalid-groups-virt", nftLine(), func(c *Config) {
+			c.DropInvalid = true
+			c.OwnerGroupsInclude = []uint32{1001, 202}
+			c.RerouteVirtualInterfaces = []string{"vm0"}
+			lo := netip.MustParsePrefix("127.0.0.0/8")
+			c.IPv4LoopbackCIDR = &lo
+		}},
 		{"exclude-interfaces", nftLine(), func(c *Config) {
 			c.ExcludeInterfaces = []string{"eth1", "net1"}
 		}},
@@ -276,9 +299,13 @@ func TestNFTRuleComments(t *testing.T) {
 		`prerouting: iifname eth1 return`,
 		`prerouting: meta l4proto tcp jump ISTIO_INBOUND`,
 		`ISTIO_OUTPUT: oifname lo ip saddr 127.0.0.6 return`,
-		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 15008 meta skuid 1337 jump ISTIO_IN_REDIRECT`,
-		`ISTIO_OUTPUT: oifname lo meta skgid != 1337 return`,
-		`ISTIO_OUTPUT: udp dport 53 redirect to :15053`,
+		// With DNS capture, port 53 is kept apart in the owner rules and
+		// the redirects sit in ISTIO_OUTPUT_DNS, as in istio-iptables.
+		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 53 tcp dport != 15008 meta skuid 1337 jump ISTIO_IN_REDIRECT`,
+		`ISTIO_OUTPUT: oifname lo ip6 daddr != ::1 tcp dport != 15008 meta skgid 1337 jump ISTIO_IN_REDIRECT`,
+		`ISTIO_OUTPUT: oifname lo tcp dport != 53 meta skgid != 1337 return`,
+		`ISTIO_OUTPUT: jump ISTIO_OUTPUT_DNS`,
+		`ISTIO_OUTPUT_DNS: udp dport 53 redirect to :15053`,
 		`ISTIO_REDIRECT: meta l4proto tcp redirect to :15001`,
 	} {
 		found := false

@@ -26,7 +26,7 @@ type Packet struct {
 // kernel agrees.
 func (rs *Ruleset) Trace(p Packet) (redirectPort uint16, err error) {
 	for _, c := range rs.Chains {
-		if c.Hook != nil && c.Hook.Hook == p.Hook {
+		if c.Hook != nil && c.Hook.Hook == p.Hook && c.Table == TableNAT {
 			v, done, err := rs.traceChain(c, p, 0)
 			if err != nil || !done {
 				return 0, err
@@ -106,6 +106,14 @@ func (rs *Ruleset) matches(r *Rule, p Packet) (bool, error) {
 	if r.DPort != nil && inRange(*r.DPort) == r.DPortNot {
 		return false, nil
 	}
+	if r.SPort != nil || r.CTInvalid || r.CTEstablished || r.Mark != nil || r.ConnMark != nil {
+		// Trace follows the nat table, where neither is used; a packet
+		// of its kind has no source port or conntrack state.
+		return false, nil
+	}
+	if slices.Contains(r.DPortsNot, p.DPort) {
+		return false, nil
+	}
 	if r.DPortSet != "" {
 		s := rs.Set(r.DPortSet)
 		if s == nil {
@@ -119,6 +127,9 @@ func (rs *Ruleset) matches(r *Rule, p Packet) (bool, error) {
 		return false, nil
 	}
 	if r.GID != nil && (*r.GID == p.GID) == r.GIDNot {
+		return false, nil
+	}
+	if slices.Contains(r.GIDsNot, p.GID) {
 		return false, nil
 	}
 	return true, nil

@@ -41,6 +41,11 @@ func (rs *Ruleset) Validate() error {
 			return &ModelError{Chain: c.Name, Rule: -1, Reason: "chain defined twice"}
 		}
 		chains[c.Name] = c
+		switch c.Table {
+		case TableNAT, TableRaw, TableMangle:
+		default:
+			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported table %q", c.Table)}
+		}
 		if c.Hook != nil && c.Hook.Hook != "prerouting" && c.Hook.Hook != "output" {
 			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported hook %q", c.Hook.Hook)}
 		}
@@ -63,9 +68,42 @@ func (rs *Ruleset) Validate() error {
 			if reason := rs.ruleProblem(&c.Rules[i], chains, sets); reason != "" {
 				return &ModelError{Chain: c.Name, Rule: i, Reason: reason}
 			}
+			if reason := tableProblem(c, &c.Rules[i], chains); reason != "" {
+				return &ModelError{Chain: c.Name, Rule: i, Reason: reason}
+			}
 		}
 	}
 	return nil
+}
+
+// tableProblem: what a rule may do depends on its chain's table.
+func tableProblem(c *Chain, r *Rule, chains map[string]*Chain) string {
+	switch r.Verdict.Kind {
+	case VerdictJump:
+		if t := chains[r.Verdict.Chain]; t != nil && t.Table != c.Table {
+			return fmt.Sprintf("jump from table %s to chain %s of table %s", tableName(c.Table), t.Name, tableName(t.Table))
+		}
+	case VerdictRedirect:
+		if c.Table != TableNAT {
+			return "redirect outside the nat table"
+		}
+	case VerdictCTZone:
+		if c.Table != TableRaw {
+			return "conntrack zone outside the raw table"
+		}
+	case VerdictDrop:
+		if c.Table == TableNAT {
+			return "drop in the nat table"
+		}
+	case VerdictAccept, VerdictSetMark, VerdictConnmarkSave, VerdictConnmarkRestore, VerdictTProxy:
+		if c.Table != TableMangle {
+			return "a TPROXY-mode verdict outside the mangle table"
+		}
+		if r.Verdict.Kind == VerdictTProxy && (r.Proto != ProtoTCP || r.Verdict.Port == 0) {
+			return "TPROXY needs tcp and a port"
+		}
+	}
+	return ""
 }
 
 func validateSet(s *Set) error {
@@ -138,6 +176,15 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	if (r.DPort != nil || r.DPortSet != "") && r.Proto == ProtoAny {
 		return "port match without a protocol"
 	}
+	if r.Mark == nil && r.MarkNot {
+		return "negated mark without a mark"
+	}
+	if r.SPort != nil && (r.Proto == ProtoAny || r.SPort.From == 0 || r.SPort.To < r.SPort.From) {
+		return "source port without a protocol, or an invalid range"
+	}
+	if len(r.DPortsNot) > 0 && (r.Proto == ProtoAny || r.DPort != nil || r.DPortSet != "") {
+		return "a port exclusion list needs a protocol and no other port match"
+	}
 	if r.DPort == nil && r.DPortNot {
 		return "negated port without a port"
 	}
@@ -151,6 +198,9 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 	}
 	if r.UID == nil && r.UIDNot || r.GID == nil && r.GIDNot {
 		return "negated owner without an owner"
+	}
+	if r.GID != nil && len(r.GIDsNot) > 0 {
+		return "both a GID and a list of excluded GIDs"
 	}
 	for _, n := range []string{r.IIF, r.OIF} {
 		if n != "" && validIfName("interface", n) != nil {
@@ -166,6 +216,11 @@ func (rs *Ruleset) ruleProblem(r *Rule, chains map[string]*Chain, sets map[strin
 		}
 		if t.Hook != nil {
 			return fmt.Sprintf("jump to base chain %s", r.Verdict.Chain)
+		}
+	case VerdictDrop, VerdictAccept, VerdictSetMark, VerdictConnmarkSave, VerdictConnmarkRestore, VerdictTProxy:
+	case VerdictCTZone:
+		if r.Verdict.Zone == 0 {
+			return "conntrack zone 0"
 		}
 	case VerdictRedirect:
 		if r.Verdict.Port == 0 {

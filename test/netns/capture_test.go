@@ -82,9 +82,12 @@ func newCapturePod(t *testing.T) *nstest.Pod {
 	}
 	nstest.ServeProxy(t, p.NS, rules.DefaultProxyPort)
 	nstest.ServeProxy(t, p.NS, rules.DefaultInboundPort)
-	for _, port := range []string{"8080", "9090", "15021", "15008", "15053"} {
+	for _, port := range []string{"8080", "9090", "15021", "15008"} {
 		nstest.ServeEcho(t, p.NS, ":"+port)
 	}
+	// The DNS proxy (pilot-agent) runs as the proxy UID; the DNS
+	// conntrack zones pick its answers out by that UID.
+	nstest.ServeEchoAs(t, p.NS, ":15053", uidProxy, uidProxy)
 	return p
 }
 
@@ -701,7 +704,7 @@ func TestBadInput(t *testing.T) {
 	}
 	cfg = rules.DefaultConfig()
 	bad := "10.0.0.0/33"
-	if err := cfg.ApplyOptions(rules.Options{OutboundExcludeCIDRs: &bad}); err == nil {
+	if err := cfg.ApplyOptions(rules.Options{rules.FieldOutboundExcludeCIDRs: bad}); err == nil {
 		t.Error("ApplyOptions accepted 10.0.0.0/33")
 	}
 	if d := cmp.Diff(rules.DefaultConfig(), cfg); d != "" {

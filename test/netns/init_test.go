@@ -123,10 +123,11 @@ func TestEgressInitBadFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"-x", "10.0.0.0/33"}, `istio-service-exclude-cidr "10.0.0.0/33"`},
-		{[]string{"-p", "70000"}, `proxy-port "70000"`},
+		{[]string{"-p", "70000"}, `envoy-port "70000"`}, // istio-iptables' long name (was proxy-port)
 		{[]string{"-u", "abc"}, `proxy-uid "abc"`},
 		{[]string{"-d", "15090,,15021"}, `istio-local-exclude-ports "15090,,15021"`},
-		{[]string{"-m", "TPROXY"}, "not supported yet"},
+		// TPROXY is built now (was refused); a bad mark is still an error.
+		{[]string{"-m", "TPROXY", "-t", "1338"}, `istio-inbound-tproxy-mark "1338"`},
 		{[]string{"--backend", "ebpf"}, `backend "ebpf"`},
 		{[]string{"-i", "10.0.0.0/16", "-x", "10.0.0.0/8"}, "entirely covered"},
 		{[]string{"--no-such-flag"}, "no-such-flag"},

@@ -1,0 +1,27 @@
+package initcmd
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// addPassthroughV6 puts ::6/128 on the namespace's lo, as istio-iptables
+// does when it programs IPv6: the proxy uses ::6 as the source of its
+// inbound passthrough connections (as 127.0.0.6 for IPv4, which lo's
+// 127.0.0.0/8 already covers), and the validation probe dials it. It is
+// idempotent and runs in the target namespace only.
+func addPassthroughV6() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("could not find lo: %w", err)
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("::6"), Mask: net.CIDRMask(128, 128)}}
+	if err := netlink.AddrAdd(lo, addr); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("could not add ::6/128 to lo: %w", err)
+	}
+	return nil
+}
