@@ -431,6 +431,12 @@ func TestChartVariants(t *testing.T) {
 		checkRenderingOn(t, mustRender(t, ch, map[string]any{"attachmentScan": false}), true, lay)
 	})
 
+	t.Run("metrics on all addresses", func(t *testing.T) {
+		lay := defaultLayout
+		lay.metricsAllAddrs = true
+		checkRenderingOn(t, mustRender(t, ch, map[string]any{"metrics": map[string]any{"bindHostIP": false}}), true, lay)
+	})
+
 	t.Run("metrics port", func(t *testing.T) {
 		lay := defaultLayout
 		lay.metricsPort = 19964

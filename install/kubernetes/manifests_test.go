@@ -263,6 +263,9 @@ type nodeLayout struct {
 	// scrape annotation; 0 means metrics off (none of the three but the
 	// flag).
 	metricsPort int
+	// metricsAllAddrs: no -metrics-bind (every host address) instead
+	// of the node's internal address from status.hostIP.
+	metricsAllAddrs bool
 }
 
 // defaultLayout is what the kustomize manifests (and the chart's
@@ -369,6 +372,7 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 		}
 	default:
 		checkMetrics(t, ds, c, args, port)
+		checkMetricsBind(t, ds, c, args, lay.metricsAllAddrs)
 	}
 	if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
 		return e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
@@ -416,6 +420,24 @@ func checkMetrics(t *testing.T, ds *appsv1.DaemonSet, c corev1.Container, args m
 		if got := ds.Spec.Template.Annotations[k]; got != v {
 			t.Errorf("%s: pod annotation %s=%q, want %q", ds.Name, k, got, v)
 		}
+	}
+}
+
+// checkMetricsBind: the unauthenticated endpoint listens on the node's
+// internal address (status.hostIP through $(NODE_IP), which the kubelet
+// expands from the container's env), not on every host address, unless
+// the layout says all addresses.
+func checkMetricsBind(t *testing.T, ds *appsv1.DaemonSet, c corev1.Container, args map[string]string, allAddrs bool) {
+	t.Helper()
+	hostIP := slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_IP" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP"
+	})
+	bind, set := args["metrics-bind"]
+	switch {
+	case allAddrs && (set || hostIP):
+		t.Errorf("%s: metrics on all addresses, but -metrics-bind=%q, NODE_IP from status.hostIP %v", ds.Name, bind, hostIP)
+	case !allAddrs && (bind != "$(NODE_IP)" || !hostIP):
+		t.Errorf("%s: want -metrics-bind=$(NODE_IP) with NODE_IP from status.hostIP; flag %q (set %v), env %v", ds.Name, bind, set, c.Env)
 	}
 }
 

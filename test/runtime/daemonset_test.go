@@ -19,6 +19,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -27,6 +29,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -190,6 +193,7 @@ func newInstallerPod(t *testing.T, ds *appsv1.DaemonSet, host simHost, configDir
 		})
 	}
 	var envs []map[string]string
+	env := map[string]string{}
 	for _, e := range c.Env {
 		v := e.Value
 		switch {
@@ -197,13 +201,28 @@ func newInstallerPod(t *testing.T, ds *appsv1.DaemonSet, host simHost, configDir
 		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
 			// The kubelet resolves the downward API; our node's name.
 			v = simNodeName
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP":
+			// ... and the node's internal address.
+			v = simNodeIP
 		default:
 			t.Fatalf("%s: env %s: valueFrom %+v is not translated", ds.Name, e.Name, e.ValueFrom)
 		}
 		envs = append(envs, map[string]string{"key": e.Name, "value": v})
+		env[e.Name] = v
 	}
 	if len(c.EnvFrom) != 0 {
 		t.Fatalf("%s: envFrom is not translated", ds.Name)
+	}
+	// The kubelet expands $(VAR) in args from the container's env.
+	c.Args = slices.Clone(c.Args)
+	for i, a := range c.Args {
+		c.Args[i] = kubeVarRef.ReplaceAllStringFunc(a, func(ref string) string {
+			v, ok := env[ref[2:len(ref)-1]]
+			if !ok {
+				t.Fatalf("%s: arg %q names %s, which is not in the container's env", ds.Name, a, ref)
+			}
+			return v
+		})
 	}
 
 	sc := c.SecurityContext
@@ -309,9 +328,16 @@ func (p *installerPod) withArgs(attempt int, extra ...string) map[string]any {
 // because tests shadow the package name).
 const defaultStateDir = node.DefaultStateDir
 
-// simNodeName is the simulated node's name, for the downward API's
-// spec.nodeName.
-const simNodeName = "egress-cni-runtime-node"
+// simNodeName and simNodeIP are the simulated node's name and internal
+// address, for the downward API's spec.nodeName and status.hostIP. The
+// address is on the node's lo (a cluster network nobody else is on).
+const (
+	simNodeName = "egress-cni-runtime-node"
+	simNodeIP   = "192.0.2.11"
+)
+
+// kubeVarRef is a $(VAR) reference in a container's args.
+var kubeVarRef = regexp.MustCompile(`\$\([A-Za-z_][A-Za-z0-9_]*\)`)
 
 func writeConfigMap(t *testing.T, cm *corev1.ConfigMap, dir string, host simHost) {
 	t.Helper()
@@ -510,6 +536,16 @@ func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, 
 	nstest.Route(t, inet, netip.MustParsePrefix(podSubnet), netip.MustParseAddr(uplinkNodeIP))
 	nstest.Sysctl(t, node, "net.ipv4.ip_forward", "1")
 	nstest.ServeEcho(t, inet, ":"+echoPort)
+	// The node's internal address (status.hostIP), on its lo.
+	if err := node.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.AddrAdd(lo, &netlink.Addr{IPNet: netlink.NewIPNet(net.ParseIP(simNodeIP))})
+	}); err != nil {
+		t.Fatal(err)
+	}
 
 	c := startContainerdWith(t, dir, node.Path(), reaper, crictlBin, paths)
 	for _, tarball := range []string{pauseTar, built.LayoutTar} {
@@ -592,6 +628,7 @@ func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, 
 	c.waitReady(id, pod.container, 30*time.Second)
 	t.Logf("installer ready after %s", time.Since(start).Round(time.Millisecond))
 	checkSecurity(t, c, id, pod.container.SecurityContext)
+	checkMetricsEndpoint(t, node, ds.Spec.Template.Spec.Containers[0])
 
 	if _, n := entryFile(); n != 1 {
 		t.Errorf("%d egress-cni entries in the conflist, want 1", n)
@@ -1080,4 +1117,45 @@ var capNumbers = map[string]int{
 	"FOWNER": unix.CAP_FOWNER, "KILL": unix.CAP_KILL, "NET_ADMIN": unix.CAP_NET_ADMIN, "NET_RAW": unix.CAP_NET_RAW,
 	"SYS_ADMIN": unix.CAP_SYS_ADMIN, "SYS_PTRACE": unix.CAP_SYS_PTRACE, "SYS_CHROOT": unix.CAP_SYS_CHROOT,
 	"SETUID": unix.CAP_SETUID, "SETGID": unix.CAP_SETGID, "BPF": unix.CAP_BPF, "SYS_RESOURCE": unix.CAP_SYS_RESOURCE,
+}
+
+// checkMetricsEndpoint: the agent serves /metrics where the manifest
+// says (-metrics-bind=$(NODE_IP): the node's internal address only) and
+// not on the node's other addresses, the uplink's included.
+func checkMetricsEndpoint(t *testing.T, n ns.NetNS, c corev1.Container) {
+	t.Helper()
+	port := ""
+	for _, p := range c.Ports {
+		if p.Name == "metrics" {
+			port = strconv.Itoa(int(p.ContainerPort))
+		}
+	}
+	if port == "" {
+		t.Log("no metrics port in this DaemonSet")
+		return
+	}
+	get := func(addr string) (string, error) {
+		var conn net.Conn
+		if err := n.Do(func(ns.NetNS) error {
+			var err error
+			conn, err = net.DialTimeout("tcp", net.JoinHostPort(addr, port), 3*time.Second)
+			return err
+		}); err != nil {
+			return "", err
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(conn, "GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n"); err != nil {
+			return "", err
+		}
+		b, err := io.ReadAll(conn)
+		return string(b), err
+	}
+	body, err := get(simNodeIP)
+	if err != nil || !strings.HasPrefix(body, "HTTP/1.0 200") || !strings.Contains(body, "egress_cni_node_rules_in_sync 1") {
+		t.Errorf("GET /metrics at the node's internal address %s:%s: %v; %.300s", simNodeIP, port, err, body)
+	}
+	if _, err := get(uplinkNodeIP); err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("GET /metrics at the uplink's address %s:%s: %v, want connection refused (bound to the internal address only)", uplinkNodeIP, port, err)
+	}
 }
