@@ -162,28 +162,27 @@ func dryRun(inv *Invocation, rs *rules.Ruleset, stdout io.Writer, log *slog.Logg
 }
 
 // cleanup removes our rules. With an explicit backend only that one is
-// cleaned; with auto, every backend whose tools are present, since rules
-// may have been written by another flavour before.
+// cleaned; with auto, every backend that may hold rules of ours
+// (rules.RemoveAll), since rules may have been written by another
+// flavour before.
 func cleanup(name rules.BackendName, log *slog.Logger) error {
-	names := []rules.BackendName{name}
-	if name == rules.BackendAuto {
-		names = []rules.BackendName{rules.BackendNFTables, rules.BackendIPTablesNFT, rules.BackendIPTablesLegacy}
-	}
-	var errs []error
-	for _, n := range names {
-		be, err := rules.NewBackend(n, rules.BackendOptions{})
+	if name != rules.BackendAuto {
+		be, err := rules.NewBackend(name, rules.BackendOptions{})
 		if err == nil {
 			err = be.Remove()
 		}
 		if err != nil {
-			if name == rules.BackendAuto && rules.IsBinaryMissing(err) {
-				log.Info(fmt.Sprintf("skipping %s cleanup: %v", n, err))
-				continue
-			}
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
-			continue
+			return fmt.Errorf("%s: %w", name, err)
 		}
+		log.Info(fmt.Sprintf("backend=%s: removed our rules", name))
+		return nil
+	}
+	ran, err := rules.RemoveAll()
+	for _, n := range ran {
 		log.Info(fmt.Sprintf("backend=%s: removed our rules", n))
 	}
-	return errors.Join(errs...)
+	if len(ran) == 0 && err == nil {
+		log.Info("no rules of ours to remove")
+	}
+	return err
 }

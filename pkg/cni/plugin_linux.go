@@ -1,21 +1,16 @@
 package cni
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/google/nftables"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
 	"github.com/egress-cni/egress-cni/pkg/rules"
@@ -30,8 +25,10 @@ import (
 // shared resource is the xtables lock of iptables-legacy, which
 // iptables-restore --wait takes for the length of one apply.
 type Plugin struct {
-	// NewBackend resolves and constructs a backend; it is called inside
-	// the pod's namespace so that "auto" looks at the pod's state.
+	// NewBackend resolves and constructs the backend of ADD and CHECK;
+	// it is called inside the pod's namespace so that "auto" looks at
+	// the pod's state. DEL and the CHECK of a pod we do not capture look
+	// at every backend (rules.RemoveAll, rules.CheckNoneOurs).
 	NewBackend func(rules.BackendName, rules.BackendOptions) (rules.Backend, error)
 	// Stdout receives the CNI result, and nothing else.
 	Stdout io.Writer
@@ -205,10 +202,10 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		inv.log.Info("DEL done", "result", "no network namespace given, nothing to remove", "duration", time.Since(inv.start))
 		return inv.end(gwErr)
 	}
-	var removed []string
+	var removed []rules.BackendName
 	err = netns.Do(args.Netns, func() error {
 		var e error
-		removed, e = p.removeAll(probeState())
+		removed, e = rules.RemoveAll()
 		return e
 	})
 	if netns.IsNotExist(err) {
@@ -220,101 +217,6 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	}
 	inv.log.Info("DEL done", "backends", removed, "duration", time.Since(inv.start))
 	return inv.end(gwErr)
-}
-
-// removeAll runs every backend's Remove in the current namespace and
-// joins their errors. iptables flavours run only where their tables
-// exist, so DEL never creates state (running iptables-legacy would
-// register legacy tables in the namespace), and are skipped when their
-// binaries are not installed. st is what probeState found.
-func (p *Plugin) removeAll(st nsState) ([]string, error) {
-	var errs []error
-	var ran []string
-	for _, name := range []rules.BackendName{rules.BackendNFTables, rules.BackendIPTablesNFT, rules.BackendIPTablesLegacy} {
-		switch name {
-		case rules.BackendIPTablesNFT:
-			if !st.iptNFTNat {
-				continue
-			}
-		case rules.BackendIPTablesLegacy:
-			if !st.legacyTables {
-				continue
-			}
-		}
-		b, err := p.NewBackend(name, rules.BackendOptions{})
-		if err == nil {
-			err = b.Remove()
-		}
-		if rules.IsBinaryMissing(err) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", name, err))
-			continue
-		}
-		ran = append(ran, string(name))
-	}
-	return ran, errors.Join(errs...)
-}
-
-// nsState is what the namespace holds, read without running any binary.
-type nsState struct {
-	nftTable     bool // our egress_cni table, in any family
-	iptNFTNat    bool // an ip or ip6 "nat" table (iptables-nft)
-	legacyTables bool // legacy xtables registered
-	err          error
-}
-
-func probeState() nsState {
-	var st nsState
-	st.legacyTables = legacyTablesInUse()
-	conn, err := nftables.New()
-	if err != nil {
-		// Without nftables there is nothing of ours in it either; let
-		// the backends report their own errors.
-		st.err = err
-		st.nftTable, st.iptNFTNat = true, true
-		return st
-	}
-	defer conn.CloseLasting()
-	tables, err := conn.ListTables()
-	if err != nil {
-		st.err = err
-		st.nftTable, st.iptNFTNat = true, true
-		return st
-	}
-	for _, t := range tables {
-		switch {
-		case t.Name == rules.NFTTable:
-			st.nftTable = true
-		case t.Name == "nat" && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6):
-			st.iptNFTNat = true
-		}
-	}
-	return st
-}
-
-// legacyTablesInUse reads /proc/thread-self (not /proc/self: only the
-// locked thread is in the pod's namespace).
-func legacyTablesInUse() bool {
-	for _, f := range []string{"ip_tables_names", "ip6_tables_names"} {
-		fh, err := os.Open("/proc/thread-self/net/" + f)
-		if err != nil {
-			continue
-		}
-		sc := bufio.NewScanner(fh)
-		found := false
-		for sc.Scan() {
-			if strings.TrimSpace(sc.Text()) != "" {
-				found = true
-			}
-		}
-		fh.Close()
-		if found {
-			return true
-		}
-	}
-	return false
 }
 
 // Check verifies that the namespace holds exactly what ADD would program
@@ -341,7 +243,7 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 	var backend string
 	err = netns.Do(args.Netns, func() error {
 		if !dec.Capture {
-			return checkNothingOurs()
+			return rules.CheckNoneOurs()
 		}
 		b, err := p.NewBackend(s.Backend, rules.BackendOptions{})
 		if err != nil {
@@ -369,51 +271,6 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 	return fmt.Errorf("%s: could not check capture rules (backend %s): %w", who, orName(backend, s.Backend), err)
 }
 
-// checkNothingOurs returns a *rules.DriftError listing what of ours is in
-// the current namespace.
-func checkNothingOurs() error {
-	st := probeState()
-	if st.err != nil {
-		return fmt.Errorf("could not list nftables tables: %w", st.err)
-	}
-	d := &rules.DriftError{Backend: "any"}
-	if st.nftTable {
-		d.Extra = append(d.Extra, "table "+rules.NFTTable)
-	}
-	type flavour struct {
-		in   bool
-		bins []string
-	}
-	for _, f := range []flavour{
-		{st.iptNFTNat, []string{"iptables-nft-save", "ip6tables-nft-save"}},
-		{st.legacyTables, []string{"iptables-legacy-save", "ip6tables-legacy-save"}},
-	} {
-		if !f.in {
-			continue
-		}
-		for _, bin := range f.bins {
-			path, err := findBinary(bin)
-			if err != nil {
-				continue
-			}
-			out, err := exec.Command(path, "-t", "nat").Output()
-			if err != nil {
-				// No nat table for this family: nothing of ours.
-				continue
-			}
-			for _, l := range strings.Split(string(out), "\n") {
-				if strings.Contains(l, "--comment "+rules.Comment) || strings.Contains(l, `--comment "`+rules.Comment) {
-					d.Extra = append(d.Extra, bin+": "+l)
-				}
-			}
-		}
-	}
-	if len(d.Extra) > 0 {
-		return d
-	}
-	return nil
-}
-
 // Status reports whether the plugin can work on this node: the configured
 // backend's kernel interface or binaries are there. It only reads.
 func (p *Plugin) Status(args *skel.CmdArgs) error {
@@ -425,27 +282,8 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 }
 
 func status(name rules.BackendName) error {
-	var bins []string
-	switch name {
-	case rules.BackendIPTablesNFT:
-		bins = []string{"iptables-nft-restore", "ip6tables-nft-restore"}
-	case rules.BackendIPTablesLegacy:
-		bins = []string{"iptables-legacy-restore", "ip6tables-legacy-restore"}
-	default:
-		conn, err := nftables.New()
-		if err != nil {
-			return withCode(types.ErrPluginNotAvailable, fmt.Errorf("nftables netlink is not usable: %w", err), "")
-		}
-		defer conn.CloseLasting()
-		if _, err := conn.ListTables(); err != nil {
-			return withCode(types.ErrPluginNotAvailable, fmt.Errorf("nftables netlink is not usable: %w", err), "")
-		}
-		return nil
-	}
-	for _, b := range bins {
-		if _, err := findBinary(b); err != nil {
-			return withCode(types.ErrPluginNotAvailable, fmt.Errorf("backend %s needs %s: %w", name, b, err), "")
-		}
+	if err := rules.Available(name); err != nil {
+		return withCode(types.ErrPluginNotAvailable, err, "")
 	}
 	return nil
 }
@@ -473,20 +311,4 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		return inv.end(nil)
 	}
 	return inv.end(p.gcRegistrations(inv, inv.s.Conf.ValidAttachments))
-}
-
-// findBinary looks in PATH, then in the sbin directories, as the
-// iptables backend does: a plugin runs with the runtime's environment,
-// whose PATH may lack them.
-func findBinary(name string) (string, error) {
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
-		p := filepath.Join(d, name)
-		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s not found in PATH or sbin directories", name)
 }

@@ -56,7 +56,7 @@ type Backend interface {
 	Remove() error
 }
 
-// UnsupportedBackendError is returned for a backend name we do not know.
+// unknownBackend is the error for a backend name we do not know.
 func unknownBackend(n BackendName) error {
 	return fmt.Errorf("unknown backend %q", n)
 }

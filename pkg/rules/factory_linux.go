@@ -1,10 +1,7 @@
 package rules
 
 import (
-	"bufio"
 	"fmt"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/google/nftables"
@@ -88,26 +85,4 @@ func Detect() (BackendName, error) {
 		}
 	}
 	return BackendNFTables, nil
-}
-
-// legacyInUse reports whether any legacy xtables table is registered in
-// the calling thread's network namespace. /proc/thread-self is used, not
-// /proc/self, because only the current (locked) thread is inside the
-// target namespace.
-func legacyInUse() bool {
-	for _, f := range []string{"ip_tables_names", "ip6_tables_names"} {
-		fh, err := os.Open("/proc/thread-self/net/" + f)
-		if err != nil {
-			continue
-		}
-		sc := bufio.NewScanner(fh)
-		for sc.Scan() {
-			if strings.TrimSpace(sc.Text()) != "" {
-				fh.Close()
-				return true
-			}
-		}
-		fh.Close()
-	}
-	return false
 }

@@ -27,7 +27,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"math"
 	"os"
 	"os/exec"
@@ -37,8 +36,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // DefaultLockWait is how long the legacy flavour waits for the xtables
@@ -363,11 +360,11 @@ func parseIPTSaveTable(out string, f Family, table string) *iptTable {
 func isOurEntry(l string) bool { return isOurEntryIn("nat", l) }
 
 func isOurEntryIn(table, l string) bool {
-	fields := strings.Fields(l)
+	fields := iptFields(l)
 	for i := 0; i+1 < len(fields); i++ {
 		switch fields[i] {
 		case "--comment":
-			if strings.Trim(fields[i+1], `"`) == Comment {
+			if fields[i+1] == Comment {
 				return true
 			}
 		case "-j", "-g":
@@ -377,6 +374,40 @@ func isOurEntryIn(table, l string) bool {
 		}
 	}
 	return false
+}
+
+// iptFields splits a saved rule into its words as iptables-restore
+// reads them: a double-quoted word (iptables-save quotes a comment with
+// spaces, "like this", and escapes quotes inside it as \") is one
+// word, without its quotes. So a foreign comment that merely starts
+// with our name, or holds "-j ISTIO_OUTPUT", is not taken for ours.
+func iptFields(l string) []string {
+	var out []string
+	var w strings.Builder
+	inWord, quoted := false, false
+	for i := 0; i < len(l); i++ {
+		c := l[i]
+		switch {
+		case quoted && c == '\\' && i+1 < len(l) && (l[i+1] == '"' || l[i+1] == '\\'):
+			i++
+			w.WriteByte(l[i])
+		case c == '"':
+			quoted, inWord = !quoted, true
+		case !quoted && (c == ' ' || c == '\t'):
+			if inWord {
+				out = append(out, w.String())
+				w.Reset()
+				inWord = false
+			}
+		default:
+			w.WriteByte(c)
+			inWord = true
+		}
+	}
+	if inWord {
+		out = append(out, w.String())
+	}
+	return out
 }
 
 // execRunner runs the real binaries.
@@ -522,32 +553,4 @@ func iptInputContext(msg, input string) string {
 		return ""
 	}
 	return fmt.Sprintf(" (input line %d: %q)", n, lines[n-1])
-}
-
-// legacyTablesRegistered reports whether a legacy table we write (nat,
-// mangle, raw) of family f exists in the calling thread's network
-// namespace. Only the calling
-// (locked) thread is in the target namespace, hence the task path. When
-// that cannot be told (no procfs), it says yes: the save then runs.
-func legacyTablesRegistered(f Family) bool {
-	dir := fmt.Sprintf("/proc/self/task/%d/net", unix.Gettid())
-	if _, err := os.Stat(dir); err != nil {
-		return true
-	}
-	file := "ip_tables_names"
-	if f == FamilyIPv6 {
-		file = "ip6_tables_names"
-	}
-	b, err := os.ReadFile(filepath.Join(dir, file))
-	if err != nil {
-		// Absent while the ip(6)_tables module is not loaded.
-		return !errors.Is(err, fs.ErrNotExist)
-	}
-	names := strings.Fields(string(b))
-	for _, t := range iptTables {
-		if slices.Contains(names, t) {
-			return true
-		}
-	}
-	return false
 }

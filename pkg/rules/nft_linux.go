@@ -45,7 +45,9 @@ import (
 
 // nftBackend implements Backend with nf_tables netlink.
 type nftBackend struct {
-	// newConn opens the netlink connection; tests may replace it.
+	// newConn opens the netlink connection (nftConn). The tests of
+	// nft_seam_linux_test.go replace it with a nftables.WithTestDial
+	// connection to a fake kernel.
 	// sockBuf is a hint for the socket buffers the batch needs.
 	newConn func(sockBuf int) (*nftables.Conn, error)
 }

@@ -253,6 +253,12 @@ func TestIsOurEntry(t *testing.T) {
 		"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT":                  false,
 		"-A OUTPUT -m comment --comment ISTIO_OUTPUT -j ACCEPT":   false,
 		`-A OUTPUT -m comment --comment "a -j b" -j ISTIO_OUTPUT`: true,
+		// A quoted comment is one word: one that starts with our name,
+		// or names our chain, is not ours.
+		`-A OUTPUT -m comment --comment "egress-cni but not ours" -j ACCEPT`: false,
+		`-A OUTPUT -m comment --comment "x -j ISTIO_OUTPUT" -j ACCEPT`:       false,
+		`-A OUTPUT -m comment --comment "say \"egress-cni\"" -j ACCEPT`:      false,
+		`-A OUTPUT -m comment --comment "egress-cni" -g ISTIO_OUTPUT`:        true,
 	} {
 		if got := isOurEntry(l); got != want {
 			t.Errorf("isOurEntry(%q) = %v, want %v", l, got, want)
