@@ -86,21 +86,29 @@ func cannotStart(t *testing.T, format string, args ...any) {
 	t.Skip(msg)
 }
 
-func TestContainerdRunPodSandbox(t *testing.T) {
-	nstest.RequirePrivileged(t)
+// prepareRuntime checks that the runtime's binaries are installed, then
+// makes the work directory first (its cleanup, unmount what is left
+// under it then remove it, runs last, after containerd is gone), arranges
+// for the host dirs containerd creates and the test's cgroups to go, and
+// returns the directory and the cgroup parent (prefix + its name).
+func prepareRuntime(t *testing.T, cgroupPrefix string) (dir, cgroupParent string) {
+	t.Helper()
 	for _, b := range requiredBinaries {
 		if _, err := exec.LookPath(b); err != nil {
 			cannotStart(t, "%s is not installed (run `make deps-runtime`): %v", b, err)
 		}
 	}
-	start := time.Now()
-
-	// Work directory first: its cleanup (unmount what is left under it,
-	// then remove it) runs last, after containerd is gone.
-	dir := workDir(t)
+	dir = workDir(t)
 	removeCreatedHostDirs(t)
-	cgroupParent := "/egress-cni-e2e-" + filepath.Base(dir)
+	cgroupParent = cgroupPrefix + filepath.Base(dir)
 	t.Cleanup(func() { removeCgroups(t, cgroupParent) })
+	return dir, cgroupParent
+}
+
+func TestContainerdRunPodSandbox(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	start := time.Now()
+	dir, cgroupParent := prepareRuntime(t, "/egress-cni-e2e-")
 
 	plugins := filepath.Join(dir, "plugins")
 	binDir := filepath.Join(dir, "cni-bin")

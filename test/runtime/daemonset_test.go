@@ -23,7 +23,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -447,16 +446,8 @@ func renderChart(t *testing.T, vals map[string]any) (map[string]*appsv1.DaemonSe
 }
 
 func runDaemonSet(t *testing.T, dsIn *appsv1.DaemonSet, cmIn *corev1.ConfigMap, role string) {
-	for _, b := range requiredBinaries {
-		if _, err := exec.LookPath(b); err != nil {
-			cannotStart(t, "%s is not installed (run `make deps-runtime`): %v", b, err)
-		}
-	}
 	start := time.Now()
-	dir := workDir(t)
-	removeCreatedHostDirs(t)
-	cgroupParent := "/egress-cni-ds-" + filepath.Base(dir)
-	t.Cleanup(func() { removeCgroups(t, cgroupParent) })
+	dir, cgroupParent := prepareRuntime(t, "/egress-cni-ds-")
 
 	ds, cm := *dsIn, *cmIn
 	if args := ds.Spec.Template.Spec.Containers[0].Args; !slices.Contains(args, "-node-config=/etc/egress-cni/node-"+role+".json") {
