@@ -36,15 +36,23 @@ func runInit(t *testing.T, bin string, args ...string) (stdout, stderr string, c
 	cmd := exec.Command(bin, args...)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
+	code = exitCode(t, cmd)
+	return o.String(), e.String(), code
+}
+
+// exitCode runs egress-init's cmd and returns its exit code; failing to
+// run it at all fails the test.
+func exitCode(t *testing.T, cmd *exec.Cmd) int {
+	t.Helper()
 	err := cmd.Run()
 	var ee *exec.ExitError
 	switch {
 	case errors.As(err, &ee):
-		code = ee.ExitCode()
+		return ee.ExitCode()
 	case err != nil:
 		t.Fatalf("running egress-init: %v", err)
 	}
-	return o.String(), e.String(), code
+	return 0
 }
 
 // TestEgressInitInjectorArgs runs the egress-init binary with the

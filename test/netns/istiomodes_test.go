@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -33,14 +32,7 @@ func runInitEnv(t *testing.T, bin string, env []string, args ...string) (stderr 
 	cmd.Env = append([]string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, env...)
 	var e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &e, &e
-	err := cmd.Run()
-	var ee *exec.ExitError
-	switch {
-	case errors.As(err, &ee):
-		code = ee.ExitCode()
-	case err != nil:
-		t.Fatalf("running egress-init: %v", err)
-	}
+	code = exitCode(t, cmd)
 	return e.String(), code
 }
 
