@@ -39,14 +39,7 @@ func TestIstioConformanceKernel(t *testing.T) {
 				if tc.differ != "" || tc.rejects != "" {
 					continue
 				}
-				cfg, err := tc.config()
-				if err != nil {
-					t.Fatal(err)
-				}
-				rs, err := Build(cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
+				rs := tc.mustBuild(t)
 				iptInNS(t, n, tc.name+": Apply", func() error { return ipt.Apply(rs) })
 				for fi, f := range []Family{FamilyIPv4, FamilyIPv6} {
 					text := saveAll(t, n, fl, f)
@@ -85,14 +78,7 @@ func TestIstioConformanceNFT(t *testing.T) {
 		if tc.rejects != "" {
 			continue
 		}
-		cfg, err := tc.config()
-		if err != nil {
-			t.Fatal(err)
-		}
-		rs, err := Build(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
+		rs := tc.mustBuild(t)
 		iptInNS(t, n, tc.name+": Apply", func() error { return nft.Apply(rs) })
 		iptInNS(t, n, tc.name+": Check", func() error { return nft.Check(rs) })
 		applied++

@@ -165,6 +165,25 @@ func (tc istioCase) config() (Config, error) {
 
 // dnsOn: Istio captures DNS for the case (--redirect-dns and a
 // nameserver; the table has no --capture-all-dns case).
+// build is config then Build: the case's Ruleset.
+func (tc istioCase) build() (*Ruleset, error) {
+	cfg, err := tc.config()
+	if err != nil {
+		return nil, err
+	}
+	return Build(cfg)
+}
+
+// mustBuild is build for a case that must build.
+func (tc istioCase) mustBuild(t testing.TB) *Ruleset {
+	t.Helper()
+	rs, err := tc.build()
+	if err != nil {
+		t.Fatalf("%s: %v", tc.name, err)
+	}
+	return rs
+}
+
 func (tc istioCase) dnsOn() bool { return tc.opts[FieldRedirectDNS] == "true" && len(tc.dns) > 0 }
 
 // servers reports whether the case has a nameserver of family index fi.
@@ -544,11 +563,7 @@ func diffChains(want, got map[string][]string) string {
 // returns "" when identical, else what differs.
 func compareCase(t *testing.T, tc istioCase) (string, error) {
 	t.Helper()
-	cfg, err := tc.config()
-	if err != nil {
-		return "", err
-	}
-	rs, err := Build(cfg)
+	rs, err := tc.build()
 	if err != nil {
 		return "", err
 	}
@@ -788,14 +803,7 @@ func TestIstioConformanceTrace(t *testing.T) {
 			continue
 		}
 		t.Run(tc.name, func(t *testing.T) {
-			cfg, err := tc.config()
-			if err != nil {
-				t.Fatal(err)
-			}
-			rs, err := Build(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
+			rs := tc.mustBuild(t)
 			redirected := 0
 			for fi, f := range []Family{FamilyIPv4, FamilyIPv6} {
 				if fi == 1 && !tc.v6 {
