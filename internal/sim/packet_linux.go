@@ -44,6 +44,9 @@ type Packet struct {
 	// A source route's last address is the final destination: the UDP
 	// and TCP checksums are computed for it.
 	IPOptions []byte
+	// HopByHop, IPv6 only: the options of a Hop-by-Hop extension header
+	// before the upper layer, padded with PadN to 8 bytes by Marshal.
+	HopByHop []byte
 	// TCP only.
 	Flags    uint8
 	Seq, Ack uint32
@@ -210,14 +213,32 @@ func (p Packet) Marshal() ([]byte, error) {
 		binary.BigEndian.PutUint16(h[10:], checksum(h, 0))
 		return append(h, l4...), nil
 	}
+	if len(p.IPOptions) > 0 {
+		return nil, errors.New("IPv4 options on an IPv6 packet")
+	}
+	putL4Checksum(l4, p.Proto, pseudo6(src, dst, p.Proto, len(l4)))
+	next := p.Proto
+	if len(p.HopByHop) > 0 {
+		ext := append([]byte{p.Proto, 0}, p.HopByHop...)
+		if pad := (8 - len(ext)%8) % 8; pad == 1 {
+			ext = append(ext, 0) // Pad1
+		} else if pad > 1 {
+			ext = append(ext, 1, byte(pad-2)) // PadN
+			ext = append(ext, make([]byte, pad-2)...)
+		}
+		if len(ext) > 2048 {
+			return nil, errors.New("hop-by-hop options too long")
+		}
+		ext[1] = byte(len(ext)/8 - 1)
+		next, l4 = 0, append(ext, l4...)
+	}
 	if len(l4) > 65535 {
 		return nil, errors.New("packet too long")
 	}
-	putL4Checksum(l4, p.Proto, pseudo6(src, dst, p.Proto, len(l4)))
 	h := make([]byte, 40, 40+len(l4))
 	h[0] = 0x60
 	binary.BigEndian.PutUint16(h[4:], uint16(len(l4)))
-	h[6], h[7] = p.Proto, ttl
+	h[6], h[7] = next, ttl
 	s16, d16 := src.As16(), dst.As16()
 	copy(h[8:], s16[:])
 	copy(h[24:], d16[:])

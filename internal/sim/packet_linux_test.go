@@ -165,3 +165,30 @@ func TestMarshalIPOptions(t *testing.T) {
 		t.Fatalf("parse: %v %v", q, err)
 	}
 }
+
+func TestMarshalHopByHop(t *testing.T) {
+	p := Packet{Src: netip.MustParseAddrPort("[2001:db8:ff::10]:4000"), Dst: netip.MustParseAddrPort("[2001:db8:e::2]:8080"),
+		Proto: unix.IPPROTO_UDP, Payload: []byte("exfil"), HopByHop: []byte{0x80, 0}}
+	b, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// next header 0 (Hop-by-Hop), then: next header UDP, length 0 (8
+	// bytes), option 0x80 of length 0, PadN of 2 bytes.
+	if b[6] != 0 || !bytes.Equal(b[40:48], []byte{unix.IPPROTO_UDP, 0, 0x80, 0, 1, 2, 0, 0}) {
+		t.Fatalf("next header %d, extension % x", b[6], b[40:48])
+	}
+	if n := int(binary.BigEndian.Uint16(b[4:])); n != len(b)-40 {
+		t.Errorf("payload length %d, want %d", n, len(b)-40)
+	}
+	if got := checksum(b[48:], pseudo6(p.Src.Addr(), p.Dst.Addr(), unix.IPPROTO_UDP, len(b)-48)); got != 0 {
+		t.Errorf("UDP checksum residue %#x", got)
+	}
+	q, err := ParsePacket(b)
+	if err != nil || q.Proto != unix.IPPROTO_UDP || q.Dst != p.Dst || string(q.Payload) != "exfil" {
+		t.Fatalf("parse: %+v %v", q, err)
+	}
+	if _, err := (Packet{Src: p.Src, Dst: p.Dst, Proto: unix.IPPROTO_UDP, IPOptions: []byte{1}}).Marshal(); err == nil {
+		t.Error("IPv4 options on an IPv6 packet were accepted")
+	}
+}

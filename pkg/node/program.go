@@ -21,6 +21,7 @@ const (
 	ChainConn        = "conn"        // regular, egress role, jumped to from forward for new connections: the gateway label
 	ChainForward     = "forward"     // filter hook forward: the exit judgement
 	ChainPostrouting = "postrouting" // nat hook postrouting (egress role)
+	ChainOutput      = "output"      // filter hook output priority -300: the node's own ICMPv6 errors
 	// bridge table
 	ChainBridgePre = "prerouting" // filter hook prerouting priority -200: source validation per bridge port
 	ChainBridgeFwd = "forward"    // filter hook forward: pod ports bridge only to pod ports
@@ -95,7 +96,7 @@ func (c *chainSpec) baseText() string {
 		return ""
 	}
 	hook := map[*nftables.ChainHook]string{nftables.ChainHookPrerouting: "prerouting", nftables.ChainHookForward: "forward",
-		nftables.ChainHookPostrouting: "postrouting"}[c.hook]
+		nftables.ChainHookPostrouting: "postrouting", nftables.ChainHookOutput: "output"}[c.hook]
 	policy := "accept"
 	if c.drop {
 		policy = "drop"
@@ -239,6 +240,39 @@ func newProgram(cfg *Config) *program {
 		}
 		p.chains = append(p.chains, conn)
 	}
+
+	// 2b. What the node itself says to the outside about a packet it
+	// was sent. The kernel handles an IPv6 Hop-by-Hop header in
+	// ip6_rcv_core, before the prerouting hook: an unknown option of
+	// type 0x80-0xff makes it drop the packet and answer its source
+	// with a Parameter Problem quoting about 1,200 bytes of it. The
+	// source chain never sees that packet, so a forged internet source
+	// (from a routed pod, or inside an overlay the node decapsulates)
+	// would get the pod's data from the node itself (found by the last
+	// red-team pass). So the node's own ICMPv6 errors may go only to
+	// cluster destinations; Packet Too Big excepted, which answers a
+	// packet after its source was validated (path MTU discovery, from
+	// the outside to a gateway too). Policy accept: this chain judges
+	// nothing else the node sends.
+	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
+	{
+		r := matchNfproto(&rule{}, true)
+		r.add("meta l4proto ipv6-icmp",
+			// [ meta load l4proto => reg 1 ] [ cmp eq reg 1 0x3a ]
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}})
+		r.add("icmpv6 type < 128",
+			// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp lt reg 1 0x80 ]
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Cmp{Op: expr.CmpOpLt, Register: 1, Data: []byte{128}})
+		r.add("icmpv6 type != packet-too-big",
+			// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp neq reg 1 0x02 ]
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{2}})
+		r.add("ip6 daddr != @"+SetAllowV6, daddr(true), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV6, Invert: true})
+		out.rules = append(out.rules, r.add(gotoAudit(ReasonReflection)), acceptRule())
+	}
+	p.chains = append(p.chains, out)
 
 	// 3. The exit: every forwarded packet, after DNAT, whatever it came
 	// in on. Cluster destinations pass; the gateway passes in its own

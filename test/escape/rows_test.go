@@ -238,6 +238,19 @@ func (w *world) rows() []row {
 				time.Sleep(100 * time.Millisecond)
 				return w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })(a)
 			}},
+		// An unknown IPv6 Hop-by-Hop option (type 0x80): the kernel drops
+		// the packet before the prerouting hook and answers its source
+		// with a Parameter Problem quoting it, so no source check runs
+		// (found by the last red-team pass); the node's output chain
+		// stops the error.
+		{class: "reflect", path: "VXLAN to the egress node, inner udp6 from the internet host with an unknown Hop-by-Hop option (Parameter Problem before prerouting)", from: w.app,
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token)) })},
+		{class: "reflect", path: "VXLAN to its own node, inner udp6 from the internet host to ff02::1 with an unknown Hop-by-Hop option", from: w.app,
+			run: w.vxlan(w.app, c.App, func(a *attempt) sim.Packet {
+				return hopByHop(udp(ap(inet6, a.lport), ap(netip.MustParseAddr("ff02::1"), echoPort), a.token))
+			})},
+		{class: "reflect", path: "registered pod, raw udp6 from the internet host's address to its node with an unknown Hop-by-Hop option (root)", from: w.worker,
+			run: w.raw(w.worker, func(a *attempt) sim.Packet { return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token)) })},
 		{class: "reflect", path: "unregistered pod on " + lxcName + ", raw ICMP echo request from the internet host to the node (root)", from: w.lxc,
 			run: w.raw(w.lxc, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })},
 
@@ -569,4 +582,12 @@ func linkNames(n ns.NetNS) ([]string, error) {
 		return err
 	})
 	return names, err
+}
+
+// hopByHop gives an IPv6 packet a Hop-by-Hop header with one option of
+// unknown type 0x80 ("discard, and send a Parameter Problem even to a
+// multicast destination").
+func hopByHop(p sim.Packet) sim.Packet {
+	p.HopByHop = []byte{0x80, 0}
+	return p
 }
