@@ -244,13 +244,17 @@ func (w *world) rows() []row {
 		// (found by the last red-team pass); the node's output chain
 		// stops the error.
 		{class: "reflect", path: "VXLAN to the egress node, inner udp6 from the internet host with an unknown Hop-by-Hop option (Parameter Problem before prerouting)", from: w.app,
-			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token)) })},
+			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet {
+				return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token))
+			})},
 		{class: "reflect", path: "VXLAN to its own node, inner udp6 from the internet host to ff02::1 with an unknown Hop-by-Hop option", from: w.app,
 			run: w.vxlan(w.app, c.App, func(a *attempt) sim.Packet {
 				return hopByHop(udp(ap(inet6, a.lport), ap(netip.MustParseAddr("ff02::1"), echoPort), a.token))
 			})},
 		{class: "reflect", path: "registered pod, raw udp6 from the internet host's address to its node with an unknown Hop-by-Hop option (root)", from: w.worker,
-			run: w.raw(w.worker, func(a *attempt) sim.Packet { return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token)) })},
+			run: w.raw(w.worker, func(a *attempt) sim.Packet {
+				return hopByHop(udp(ap(inet6, a.lport), ap(c.Egress.Uplink6, echoPort), a.token))
+			})},
 		{class: "reflect", path: "unregistered pod on " + lxcName + ", raw ICMP echo request from the internet host to the node (root)", from: w.lxc,
 			run: w.raw(w.lxc, func(a *attempt) sim.Packet { return echoRequest(inet4, c.Egress.Uplink4, a.lport, a.token) })},
 
