@@ -894,46 +894,16 @@ func nftRuleExprs(r Rule, fam nftables.TableFamily, setIDs map[string]uint32, se
 		}
 	}
 	if r.UID != nil {
-		op := expr.CmpOpEq
-		if r.UIDNot {
-			op = expr.CmpOpNeq
-		}
-		ex = append(ex,
-			// [ meta load skuid => reg 1 ]
-			&expr.Meta{Key: expr.MetaKeySKUID, Register: nftReg},
-			// [ cmp eq reg 1 0x00000539 ]  (1337, host byte order)
-			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.UID)},
-		)
+		ex = append(ex, metaU32(expr.MetaKeySKUID, r.UIDNot, *r.UID)...)
 	}
 	if r.GID != nil {
-		op := expr.CmpOpEq
-		if r.GIDNot {
-			op = expr.CmpOpNeq
-		}
-		ex = append(ex,
-			// [ meta load skgid => reg 1 ]
-			&expr.Meta{Key: expr.MetaKeySKGID, Register: nftReg},
-			// [ cmp eq reg 1 0x00000539 ]
-			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.GID)},
-		)
+		ex = append(ex, metaU32(expr.MetaKeySKGID, r.GIDNot, *r.GID)...)
 	}
 	for _, g := range r.GIDsNot {
-		ex = append(ex,
-			&expr.Meta{Key: expr.MetaKeySKGID, Register: nftReg},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(g)},
-		)
+		ex = append(ex, metaU32(expr.MetaKeySKGID, true, g)...)
 	}
 	if r.Mark != nil {
-		op := expr.CmpOpEq
-		if r.MarkNot {
-			op = expr.CmpOpNeq
-		}
-		ex = append(ex,
-			// [ meta load mark => reg 1 ]
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: nftReg},
-			// [ cmp eq reg 1 0x00000539 ]
-			&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(*r.Mark)},
-		)
+		ex = append(ex, metaU32(expr.MetaKeyMARK, r.MarkNot, *r.Mark)...)
 	}
 	if r.ConnMark != nil {
 		ex = append(ex,
@@ -1084,6 +1054,20 @@ func ifname(s string) []byte {
 }
 
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
+
+// metaU32 compares a 32-bit meta key (skuid, skgid, mark; host byte
+// order) with v, equal or, with not, different:
+// [ meta load skuid => reg 1 ] [ cmp eq reg 1 0x00000539 ]  (1337)
+func metaU32(key expr.MetaKey, not bool, v uint32) []expr.Any {
+	op := expr.CmpOpEq
+	if not {
+		op = expr.CmpOpNeq
+	}
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: nftReg},
+		&expr.Cmp{Op: op, Register: nftReg, Data: binaryutil.NativeEndian.PutUint32(v)},
+	}
+}
 
 // nftChainType is a base chain's type: nat for the nat table's hooks,
 // filter for raw's and mangle's.
