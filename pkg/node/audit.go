@@ -44,9 +44,10 @@ const (
 	// ReasonBridgeBypass: a frame from a pod's bridge port bridged to a
 	// port that is no pod's (a NIC or tunnel enslaved to the bridge).
 	ReasonBridgeBypass Reason = "bridge-bypass"
-	// ReasonReflection: an ICMPv6 error the node itself would send to
-	// a destination outside the cluster (it answers a packet the kernel
-	// dropped before our source checks: an IPv6 Hop-by-Hop option).
+	// ReasonReflection: an ICMP or ICMPv6 error the node itself would
+	// send to a destination outside the cluster (it answers a packet the
+	// kernel handled before our source checks: an IPv6 Hop-by-Hop
+	// option, an IPv4 fragment queue that expired).
 	ReasonReflection Reason = "reflection"
 )
 
@@ -102,7 +103,7 @@ var auditSpecs = []auditSpec{
 	{nftables.TableFamilyINet, ReasonReversePath, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonNotAGateway, CounterDropped, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonNoIdentity, CounterDropped, []string{FamilyIPv4, FamilyIPv6}},
-	{nftables.TableFamilyINet, ReasonReflection, CounterForged, []string{FamilyIPv6}},
+	{nftables.TableFamilyINet, ReasonReflection, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	// A frame with one VLAN tag reads as plain IP in meta protocol (the
 	// tag is taken off into the skb), so this reason has all three.
 	{nftables.TableFamilyBridge, ReasonBadEtherType, CounterForged, []string{FamilyIPv4, FamilyIPv6, FamilyOther}},
