@@ -113,7 +113,7 @@ func step(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
 func (d *demo) run(ctx context.Context) (bool, error) {
 	start := time.Now()
-	var cl sim.Stack
+	var cl sim.Cleanups
 	defer cl.Run()
 
 	installer, plugin := filepath.Join(d.bin, "egress-cni-install"), filepath.Join(d.bin, "egress-cni")

@@ -301,7 +301,7 @@ func parseValues(values map[string]string, from map[string]source, lookupEnv fun
 	// istio-iptables' derived defaults: an empty -u is the UID of
 	// $ENVOY_USER (istio-proxy), else 1337; an empty -g is the -u list.
 	// Names are looked up in this image's user and group databases.
-	opts := rules.Options{}
+	opts := rules.OptionText{}
 	for _, o := range rules.CaptureOptions {
 		opts[o.Name] = values[o.Name]
 	}

@@ -40,7 +40,7 @@ type Agent struct {
 // StartAgent starts the agent on n with the node's dirs, its own lock
 // file, no resync and no attachment scan, plus extra flags; cl stops it.
 // It returns once the agent reads the NFLOG group and serves /metrics.
-func (n *Node) StartAgent(cl *Stack, installer, plugin string, extra ...string) (*Agent, error) {
+func (n *Node) StartAgent(cl *Cleanups, installer, plugin string, extra ...string) (*Agent, error) {
 	a := &Agent{n: n}
 	args := append([]string{"run", "-cni-conf-dir", n.ConfDir, "-cni-bin-dir", n.BinDir, "-binary", plugin,
 		"-plugin-config", n.PluginConfig, "-node-config", n.NodeConfig, "-netns", n.NS.Path(),

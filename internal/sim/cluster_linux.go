@@ -90,7 +90,7 @@ type Node struct {
 // pluginsDir holds the reference plugins (EnsureReferencePlugins); they
 // are linked into each node's CNI bin dir. The nodes have no egress-cni
 // yet: run Node.Install.
-func NewCluster(cl *Stack, pluginsDir string) (*Cluster, error) {
+func NewCluster(cl *Cleanups, pluginsDir string) (*Cluster, error) {
 	var err error
 	c := &Cluster{}
 	if c.Internet, err = NewNS(cl, "internet"); err != nil {
@@ -149,7 +149,7 @@ func NewCluster(cl *Stack, pluginsDir string) (*Cluster, error) {
 // newNode makes a node: uplink to the router at 192.0.2.(off+1|off+2)/30
 // and 2001:db8:<letter>::(1|2)/64, routes both ways, forwarding on, and
 // its directory with the primary CNI's plugins and conflist.
-func (c *Cluster) newNode(cl *Stack, pluginsDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string) (*Node, error) {
+func (c *Cluster) newNode(cl *Cleanups, pluginsDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string) (*Node, error) {
 	n := &Node{Name: name, Role: name, Uplink4: netip.AddrFrom4([4]byte{192, 0, 2, off + 2})}
 	var err error
 	if n.NS, err = NewNS(cl, name+"-node"); err != nil {
@@ -330,7 +330,7 @@ type Pod struct {
 
 // NewPod makes a pod's namespace on n (IPv6 DAD off, so its address is
 // usable at once); AddPod wires it.
-func (n *Node) NewPod(cl *Stack, namespace, name string, annotations map[string]string) (*Pod, error) {
+func (n *Node) NewPod(cl *Cleanups, namespace, name string, annotations map[string]string) (*Pod, error) {
 	netns, err := NewNS(cl, "pod-"+name)
 	if err != nil {
 		return nil, err
@@ -375,7 +375,7 @@ func (n *Node) rt(p *Pod) *libcni.RuntimeConf {
 // AddPod runs what containerd's RunPodSandbox runs: the loopback network,
 // then the chain (ADD), from a thread inside the node's namespace so that
 // every plugin runs there. cl runs the DEL.
-func (n *Node) AddPod(ctx context.Context, cl *Stack, p *Pod) error {
+func (n *Node) AddPod(ctx context.Context, cl *Cleanups, p *Pod) error {
 	if n.list == nil {
 		return errors.New("no CNI chain loaded: run LoadChain")
 	}

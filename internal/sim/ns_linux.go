@@ -9,8 +9,8 @@
 // documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
 // 2001:db8::/32); nothing has a route to the machine's real network, and
 // the root namespace's links, routes, sysctls and firewall are never
-// touched. Every object is registered on a Stack when it is made, so that
-// Stack.Run removes it again, also after an error or a cancelled context.
+// touched. Every object is registered on a Cleanups stack when it is made, so that
+// Cleanups.Run removes it again, also after an error or a cancelled context.
 //
 // Unlike internal/nstest (the same techniques for tests, tied to
 // testing.TB), every function here returns an error.
@@ -33,21 +33,21 @@ import (
 	"github.com/egress-cni/egress-cni/internal/netwait"
 )
 
-// Stack holds cleanup functions and runs them last in, first out.
-type Stack struct {
+// Cleanups holds cleanup functions and runs them last in, first out.
+type Cleanups struct {
 	mu  sync.Mutex
 	fns []func()
 }
 
 // Push registers f to run at Run.
-func (s *Stack) Push(f func()) {
+func (s *Cleanups) Push(f func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.fns = append(s.fns, f)
 }
 
 // Run runs every registered function, newest first, once.
-func (s *Stack) Run() {
+func (s *Cleanups) Run() {
 	s.mu.Lock()
 	fns := s.fns
 	s.fns = nil
@@ -64,7 +64,7 @@ var NamePrefix = fmt.Sprintf("egress-sim-%d-", os.Getpid())
 // NewNS creates the named network namespace NamePrefix+name (with `ip
 // netns add`, so it is listed by `ip netns list`) with its loopback up;
 // cl deletes it.
-func NewNS(cl *Stack, name string) (ns.NetNS, error) {
+func NewNS(cl *Cleanups, name string) (ns.NetNS, error) {
 	full := NamePrefix + name
 	if out, err := exec.Command("ip", "netns", "add", full).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("ip netns add %s: %w: %s", full, err, strings.TrimSpace(string(out)))

@@ -36,7 +36,7 @@ type Recorder struct {
 }
 
 // Record starts a Recorder on ifname inside n; cl stops it.
-func Record(cl *Stack, n ns.NetNS, ifname string) (*Recorder, error) {
+func Record(cl *Cleanups, n ns.NetNS, ifname string) (*Recorder, error) {
 	var fd int
 	err := n.Do(func(ns.NetNS) error {
 		l, err := netlink.LinkByName(ifname)
@@ -174,7 +174,7 @@ type sinkConn struct {
 }
 
 // ServeSink starts a Sink on each address inside n; cl stops it.
-func ServeSink(cl *Stack, n ns.NetNS, addrs ...netip.AddrPort) (*Sink, error) {
+func ServeSink(cl *Cleanups, n ns.NetNS, addrs ...netip.AddrPort) (*Sink, error) {
 	k := &Sink{}
 	cl.Push(k.close)
 	for _, a := range addrs {

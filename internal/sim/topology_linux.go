@@ -46,7 +46,7 @@ type Options struct {
 // any installer has run): for Routed, 10-bridge.conflist becomes
 // 10-ptp.conflist with the ptp plugin and the same host-local ranges and
 // routes; for Bridged, the bridge gets its name.
-func NewClusterWith(cl *Stack, pluginsDir string, opts Options) (*Cluster, error) {
+func NewClusterWith(cl *Cleanups, pluginsDir string, opts Options) (*Cluster, error) {
 	c, err := NewCluster(cl, pluginsDir)
 	if err != nil {
 		return nil, err
@@ -188,7 +188,7 @@ func (p *Pod) HostPeer() (port, master string, err error) {
 // link, via the node's uplink address, which the node answers ARP for
 // on any interface; IPv6: via fe80::1 on the host side). No plugin ever
 // sees it: it shows whether coverage depends on registration or names.
-func (n *Node) NewUnregisteredPod(cl *Stack, name, hostIf string, ip4, ip6 netip.Addr) (*Pod, error) {
+func (n *Node) NewUnregisteredPod(cl *Cleanups, name, hostIf string, ip4, ip6 netip.Addr) (*Pod, error) {
 	p, err := n.NewPod(cl, "unregistered", name, nil)
 	if err != nil {
 		return nil, err
@@ -245,7 +245,7 @@ func (n *Node) NewUnregisteredPod(cl *Stack, name, hostIf string, ip4, ip6 netip
 // Antrea's are <pod>-<hash>) is a port of bridge, the pod's addresses in
 // the bridge's subnets and default routes via the bridge's gateway
 // addresses. No plugin ever sees it.
-func (n *Node) NewUnregisteredBridgePod(cl *Stack, name, hostIf, bridge string, ip4, ip6 netip.Addr) (*Pod, error) {
+func (n *Node) NewUnregisteredBridgePod(cl *Cleanups, name, hostIf, bridge string, ip4, ip6 netip.Addr) (*Pod, error) {
 	subs, gws, err := n.PodSubnets()
 	if err != nil {
 		return nil, err

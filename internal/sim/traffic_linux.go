@@ -53,7 +53,7 @@ func RunChild() {
 // Executable copies the running program into a new 0755 directory, so
 // that processes running as an unprivileged UID can execute it whatever
 // the permissions of its own directory; cl removes the copy.
-func Executable(cl *Stack) (string, error) {
+func Executable(cl *Cleanups) (string, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return "", err
@@ -214,7 +214,7 @@ func (s *servers) close() {
 // ServeEcho listens on TCP and UDP at each address inside n and answers
 // every connection or datagram with "echo src=<client> dst=<local>"; cl
 // stops it.
-func ServeEcho(cl *Stack, n ns.NetNS, addrs ...netip.AddrPort) error {
+func ServeEcho(cl *Cleanups, n ns.NetNS, addrs ...netip.AddrPort) error {
 	s := &servers{}
 	cl.Push(s.close)
 	for _, a := range addrs {
@@ -289,7 +289,7 @@ func (s *servers) accept(l net.Listener, handle func(net.Conn)) {
 // namespace n: on TCP port it reads a destination line ("ip:port\n", what
 // the sidecar stand-in sends), answers "gateway pod=<podIP>", connects to
 // the destination from the pod and relays. cl stops it.
-func ServeForwarder(cl *Stack, n ns.NetNS, podIP netip.Addr, port uint16) error {
+func ServeForwarder(cl *Cleanups, n ns.NetNS, podIP netip.Addr, port uint16) error {
 	s := &servers{}
 	cl.Push(s.close)
 	var l net.Listener
@@ -342,7 +342,7 @@ type Sidecar struct {
 // to which it names the destination. It returns once the sidecar
 // listens; cl stops it (it also exits when this process dies, as its
 // stdin closes).
-func StartSidecar(ctx context.Context, cl *Stack, exe string, n ns.NetNS, uid uint32, port uint16, gateway netip.AddrPort, cluster []netip.Prefix) (*Sidecar, error) {
+func StartSidecar(ctx context.Context, cl *Cleanups, exe string, n ns.NetNS, uid uint32, port uint16, gateway netip.AddrPort, cluster []netip.Prefix) (*Sidecar, error) {
 	var cidrs []string
 	for _, p := range cluster {
 		cidrs = append(cidrs, p.String())

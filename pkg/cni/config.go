@@ -78,8 +78,8 @@ type NetConf struct {
 	// CaptureOptions are the capture keys (every row of the option
 	// registry, rules.CaptureOptions, with a ConfigKey), by option name.
 	// ParseConfig reads them from the registry's keys.
-	CaptureOptions rules.Options `json:"-"`
-	Backend        *string       `json:"backend,omitempty"`
+	CaptureOptions rules.OptionText `json:"-"`
+	Backend        *string          `json:"backend,omitempty"`
 
 	// ExcludeNamespaces are never captured. nil means
 	// DefaultExcludeNamespaces; [] means none.
@@ -414,8 +414,8 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 // captureKeys takes the registry's config keys out of raw, as options.
 // Values are strings in Istio's syntax, numbers, or lists of them
 // (flexString); boolean options take JSON booleans. null is absent.
-func captureKeys(raw map[string]json.RawMessage) (rules.Options, error) {
-	opts := rules.Options{}
+func captureKeys(raw map[string]json.RawMessage) (rules.OptionText, error) {
+	opts := rules.OptionText{}
 	for _, o := range rules.CaptureOptions {
 		v, ok := raw[o.ConfigKey]
 		if o.ConfigKey == "" || !ok {
@@ -452,7 +452,7 @@ func captureKeys(raw map[string]json.RawMessage) (rules.Options, error) {
 // configFieldError turns an engine *FieldError into a code-7 *types.Error
 // whose message uses our names (config key or annotation) and quotes the
 // whole value as given as well as the offending item.
-func configFieldError(pod, source string, names map[string]string, values rules.Options, err error) error {
+func configFieldError(pod, source string, names map[string]string, values rules.OptionText, err error) error {
 	fe, ok := rules.AsFieldError(rules.Relabel(err, names))
 	if !ok {
 		return types.NewError(types.ErrInvalidNetworkConfig, prefixPod(pod, err.Error()), "")

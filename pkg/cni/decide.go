@@ -132,7 +132,7 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 			return Decision{Reason: "config interceptionMode is NONE"}, nil
 		}
 	}
-	o := rules.Options{}
+	o := rules.OptionText{}
 	var overrides []string
 	relabel := map[string]string{}
 	for k, v := range ConfigKeys {
@@ -158,7 +158,7 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 		}
 	}
 	// values quotes the annotation as written in errors.
-	values := rules.Options{}
+	values := rules.OptionText{}
 	for _, row := range rules.CaptureOptions {
 		for _, a := range row.Annotations {
 			if v, ok := ann[a]; ok {
@@ -191,7 +191,7 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 	return Decision{Capture: true, Reason: "captured", Config: cfg, Ruleset: rs, Overrides: overrides}, nil
 }
 
-func hasKey(o rules.Options, k string) bool {
+func hasKey(o rules.OptionText, k string) bool {
 	_, ok := o[k]
 	return ok
 }

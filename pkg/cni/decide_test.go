@@ -246,12 +246,12 @@ func TestDecideRerouteVirtualInterfaces(t *testing.T) {
 		t.Fatalf("reroute interfaces %v, want [net2]", d.Config.RerouteVirtualInterfaces)
 	}
 	var found bool
-	for _, r := range d.Ruleset.Chain(rules.ChainPrerouting).Rules {
+	for _, r := range d.Ruleset.Chain(rules.BasePrerouting).Rules {
 		if r.IIF == "net2" && r.Verdict.Kind == rules.VerdictJump && r.Verdict.Chain == rules.ChainRedirect {
 			found = true
 		}
 	}
 	if !found {
-		t.Errorf("no prerouting rule sends net2 to %s: %+v", rules.ChainRedirect, d.Ruleset.Chain(rules.ChainPrerouting).Rules)
+		t.Errorf("no prerouting rule sends net2 to %s: %+v", rules.ChainRedirect, d.Ruleset.Chain(rules.BasePrerouting).Rules)
 	}
 }

@@ -128,7 +128,7 @@ func ensureEntry(b, entry []byte) ([]byte, string, error) {
 	if len(is) > 0 {
 		action = ActionMoved
 	}
-	b, err = removeAll(b)
+	b, err = removeOurEntries(b)
 	if err != nil {
 		return nil, "", err
 	}
@@ -139,9 +139,9 @@ func ensureEntry(b, entry []byte) ([]byte, string, error) {
 	return appendElement(b, c.plugins, c.elems, entry), action, nil
 }
 
-// removeAll removes every entry of ours. A conflist that held nothing
+// removeOurEntries removes every entry of ours. A conflist that held nothing
 // but ours is an error: removing it would leave an invalid file.
-func removeAll(b []byte) ([]byte, error) {
+func removeOurEntries(b []byte) ([]byte, error) {
 	for {
 		c, err := parseChain(b)
 		if err != nil {

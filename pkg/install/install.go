@@ -560,7 +560,7 @@ func (in *Installer) uninstallFile(f string) (foreign bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	out, err := removeAll(b)
+	out, err := removeOurEntries(b)
 	if err != nil {
 		return false, &ConfigError{Path: f, Err: err}
 	}

@@ -123,7 +123,7 @@ func TestWatchRepairs(t *testing.T) {
 
 	// Another installer removes our entry.
 	b, _ := os.ReadFile(path)
-	out, err := removeAll(b)
+	out, err := removeOurEntries(b)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -94,8 +94,8 @@ func Build(cfg Config) (*Ruleset, error) {
 	}
 
 	// Base chains.
-	pre := &Chain{Name: ChainPrerouting, Hook: &Hook{Hook: "prerouting", Priority: -100, IPTChain: "PREROUTING"}}
-	out := &Chain{Name: ChainOutputHook, Hook: &Hook{Hook: "output", Priority: -100, IPTChain: "OUTPUT"}}
+	pre := &Chain{Name: BasePrerouting, Hook: &Hook{Name: "prerouting", Priority: -100, IPTChain: "PREROUTING"}}
+	out := &Chain{Name: BaseOutput, Hook: &Hook{Name: "output", Priority: -100, IPTChain: "OUTPUT"}}
 	// -k: inbound traffic from a virtual interface (a VM's) is treated
 	// as outbound: the captured destinations go to ISTIO_REDIRECT, the
 	// rest is not captured at all. istio-iptables inserts these rules at
@@ -332,8 +332,8 @@ const (
 // app's redirected flow with the proxy's upstream one.
 func dnsZones(cfg Config, dns4, dns6 []netip.Prefix) []*Chain {
 	zone := func(z uint16) Verdict { return Verdict{Kind: VerdictCTZone, Zone: z} }
-	pre := &Chain{Name: chainRawPrerouting, Table: TableRaw, Hook: &Hook{Hook: "prerouting", Priority: -300, IPTChain: "PREROUTING"}}
-	out := &Chain{Name: chainRawOutput, Table: TableRaw, Hook: &Hook{Hook: "output", Priority: -300, IPTChain: "OUTPUT"},
+	pre := &Chain{Name: chainRawPrerouting, Table: TableRaw, Hook: &Hook{Name: "prerouting", Priority: -300, IPTChain: "PREROUTING"}}
+	out := &Chain{Name: chainRawOutput, Table: TableRaw, Hook: &Hook{Name: "output", Priority: -300, IPTChain: "OUTPUT"},
 		Rules: []Rule{{Verdict: jump(chainRawOutputDNS)}}}
 	in := &Chain{Name: chainRawInbound, Table: TableRaw, IPTName: ChainInbound}
 	od := &Chain{Name: chainRawOutputDNS, Table: TableRaw, IPTName: ChainOutputDNS}
@@ -395,10 +395,10 @@ func mangleChains(cfg Config, rs *Ruleset, inboundCapture bool, fams []Family, l
 	if !cfg.DropInvalid && !tproxy {
 		return nil
 	}
-	pre := &Chain{Name: chainManglePrerouting, Table: TableMangle, Hook: &Hook{Hook: "prerouting", Priority: -150, IPTChain: "PREROUTING"}}
+	pre := &Chain{Name: chainManglePrerouting, Table: TableMangle, Hook: &Hook{Name: "prerouting", Priority: -150, IPTChain: "PREROUTING"}}
 	var out *Chain
 	if tproxy {
-		out = &Chain{Name: chainMangleOutput, Table: TableMangle, Hook: &Hook{Hook: "output", Priority: -150, IPTChain: "OUTPUT"}}
+		out = &Chain{Name: chainMangleOutput, Table: TableMangle, Hook: &Hook{Name: "output", Priority: -150, IPTChain: "OUTPUT"}}
 		for _, i := range cfg.ExcludeInterfaces {
 			pre.Rules = append(pre.Rules, Rule{IIF: i, Verdict: ret()})
 			out.Rules = append(out.Rules, Rule{OIF: i, Verdict: ret()})

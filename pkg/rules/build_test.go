@@ -11,30 +11,30 @@ func sp(s string) *string { return &s }
 func TestParseErrorsNameFieldAndValue(t *testing.T) {
 	cases := []struct {
 		name      string
-		opts      Options
+		opts      OptionText
 		field     string
 		value     string
 		reasonHas string
 	}{
-		{"prefix too long", Options{FieldOutboundExcludeCIDRs: "10.0.0.0/33"}, FieldOutboundExcludeCIDRs, "10.0.0.0/33", "out of range 0-32"},
-		{"v6 prefix too long", Options{FieldOutboundExcludeCIDRs: "2001:db8::/129"}, FieldOutboundExcludeCIDRs, "2001:db8::/129", "out of range 0-128"},
-		{"not a cidr", Options{FieldOutboundIncludeCIDRs: "abc"}, FieldOutboundIncludeCIDRs, "abc", "not a CIDR"},
-		{"port too big", Options{FieldInboundExcludePorts: "15090,70000"}, FieldInboundExcludePorts, "70000", "between 1 and 65535"},
-		{"port zero", Options{FieldProxyPort: "0"}, FieldProxyPort, "0", "between 1 and 65535"},
-		{"port not a number", Options{FieldOutboundExcludePorts: "abc"}, FieldOutboundExcludePorts, "abc", "not a port"},
-		{"port range reversed", Options{FieldOutboundExcludePorts: "9000-8000"}, FieldOutboundExcludePorts, "9000-8000", "below its start"},
-		{"empty item", Options{FieldOutboundExcludeCIDRs: "10.0.0.0/8,,192.0.2.0/24"}, FieldOutboundExcludeCIDRs, "10.0.0.0/8,,192.0.2.0/24", "item 2"},
-		{"trailing comma", Options{FieldInboundExcludePorts: "15090,"}, FieldInboundExcludePorts, "15090,", "item 2"},
-		{"uid not a number", Options{FieldProxyUID: "istio-proxy"}, FieldProxyUID, "istio-proxy", "numeric"},
-		{"uid -1", Options{FieldProxyUID: "4294967295"}, FieldProxyUID, "4294967295", "numeric"},
-		{"gid negative", Options{FieldProxyGID: "-5"}, FieldProxyGID, "-5", "numeric"},
-		{"mode", Options{FieldMode: "MAGIC"}, FieldMode, "MAGIC", "REDIRECT"},
-		{"star mixed", Options{FieldOutboundIncludeCIDRs: "*,10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "*,10.0.0.0/8", "only item"},
-		{"star outbound ports", Options{FieldOutboundIncludePorts: "*"}, FieldOutboundIncludePorts, "*", "not allowed"},
-		{"interface slash", Options{FieldExcludeInterfaces: "eth0/1"}, FieldExcludeInterfaces, "eth0/1", "interface name"},
-		{"interface too long", Options{FieldExcludeInterfaces: "abcdefghijklmnop"}, FieldExcludeInterfaces, "abcdefghijklmnop", "1 to 15"},
-		{"families", Options{FieldFamilies: "ipv5"}, FieldFamilies, "ipv5", "ipv4, ipv6 or dual"},
-		{"zoned", Options{FieldOutboundExcludeCIDRs: "fe80::1%eth0"}, FieldOutboundExcludeCIDRs, "fe80::1%eth0", "zoned"},
+		{"prefix too long", OptionText{FieldOutboundExcludeCIDRs: "10.0.0.0/33"}, FieldOutboundExcludeCIDRs, "10.0.0.0/33", "out of range 0-32"},
+		{"v6 prefix too long", OptionText{FieldOutboundExcludeCIDRs: "2001:db8::/129"}, FieldOutboundExcludeCIDRs, "2001:db8::/129", "out of range 0-128"},
+		{"not a cidr", OptionText{FieldOutboundIncludeCIDRs: "abc"}, FieldOutboundIncludeCIDRs, "abc", "not a CIDR"},
+		{"port too big", OptionText{FieldInboundExcludePorts: "15090,70000"}, FieldInboundExcludePorts, "70000", "between 1 and 65535"},
+		{"port zero", OptionText{FieldProxyPort: "0"}, FieldProxyPort, "0", "between 1 and 65535"},
+		{"port not a number", OptionText{FieldOutboundExcludePorts: "abc"}, FieldOutboundExcludePorts, "abc", "not a port"},
+		{"port range reversed", OptionText{FieldOutboundExcludePorts: "9000-8000"}, FieldOutboundExcludePorts, "9000-8000", "below its start"},
+		{"empty item", OptionText{FieldOutboundExcludeCIDRs: "10.0.0.0/8,,192.0.2.0/24"}, FieldOutboundExcludeCIDRs, "10.0.0.0/8,,192.0.2.0/24", "item 2"},
+		{"trailing comma", OptionText{FieldInboundExcludePorts: "15090,"}, FieldInboundExcludePorts, "15090,", "item 2"},
+		{"uid not a number", OptionText{FieldProxyUID: "istio-proxy"}, FieldProxyUID, "istio-proxy", "numeric"},
+		{"uid -1", OptionText{FieldProxyUID: "4294967295"}, FieldProxyUID, "4294967295", "numeric"},
+		{"gid negative", OptionText{FieldProxyGID: "-5"}, FieldProxyGID, "-5", "numeric"},
+		{"mode", OptionText{FieldMode: "MAGIC"}, FieldMode, "MAGIC", "REDIRECT"},
+		{"star mixed", OptionText{FieldOutboundIncludeCIDRs: "*,10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "*,10.0.0.0/8", "only item"},
+		{"star outbound ports", OptionText{FieldOutboundIncludePorts: "*"}, FieldOutboundIncludePorts, "*", "not allowed"},
+		{"interface slash", OptionText{FieldExcludeInterfaces: "eth0/1"}, FieldExcludeInterfaces, "eth0/1", "interface name"},
+		{"interface too long", OptionText{FieldExcludeInterfaces: "abcdefghijklmnop"}, FieldExcludeInterfaces, "abcdefghijklmnop", "1 to 15"},
+		{"families", OptionText{FieldFamilies: "ipv5"}, FieldFamilies, "ipv5", "ipv4, ipv6 or dual"},
+		{"zoned", OptionText{FieldOutboundExcludeCIDRs: "fe80::1%eth0"}, FieldOutboundExcludeCIDRs, "fe80::1%eth0", "zoned"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -62,21 +62,21 @@ func TestParseErrorsNameFieldAndValue(t *testing.T) {
 func TestValidateErrors(t *testing.T) {
 	cases := []struct {
 		name      string
-		opts      Options
+		opts      OptionText
 		field     string
 		value     string
 		reasonHas string
 	}{
-		{"v6 cidr in v4 config", Options{FieldFamilies: "ipv4", FieldOutboundExcludeCIDRs: "2001:db8::/32"}, FieldOutboundExcludeCIDRs, "2001:db8::/32", "IPv6 is disabled"},
-		{"v4 cidr in v6 config", Options{FieldFamilies: "ipv6", FieldOutboundIncludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "IPv4 is disabled"},
-		{"include inside exclude", Options{FieldOutboundIncludeCIDRs: "10.1.0.0/16", FieldOutboundExcludeCIDRs: "10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "10.1.0.0/16", "entirely covered"},
-		{"same cidr both", Options{FieldOutboundIncludeCIDRs: "192.0.2.0/24", FieldOutboundExcludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "entirely covered"},
-		{"outbound port both", Options{FieldOutboundIncludePorts: "443", FieldOutboundExcludePorts: "400-500"}, FieldOutboundIncludePorts, "443", "overlaps"},
-		{"inbound port both", Options{FieldInboundIncludePorts: "8080", FieldInboundExcludePorts: "8080"}, FieldInboundIncludePorts, "8080", "overlaps"},
+		{"v6 cidr in v4 config", OptionText{FieldFamilies: "ipv4", FieldOutboundExcludeCIDRs: "2001:db8::/32"}, FieldOutboundExcludeCIDRs, "2001:db8::/32", "IPv6 is disabled"},
+		{"v4 cidr in v6 config", OptionText{FieldFamilies: "ipv6", FieldOutboundIncludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "IPv4 is disabled"},
+		{"include inside exclude", OptionText{FieldOutboundIncludeCIDRs: "10.1.0.0/16", FieldOutboundExcludeCIDRs: "10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "10.1.0.0/16", "entirely covered"},
+		{"same cidr both", OptionText{FieldOutboundIncludeCIDRs: "192.0.2.0/24", FieldOutboundExcludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "entirely covered"},
+		{"outbound port both", OptionText{FieldOutboundIncludePorts: "443", FieldOutboundExcludePorts: "400-500"}, FieldOutboundIncludePorts, "443", "overlaps"},
+		{"inbound port both", OptionText{FieldInboundIncludePorts: "8080", FieldInboundExcludePorts: "8080"}, FieldInboundIncludePorts, "8080", "overlaps"},
 		// TPROXY is built now (was refused): its mark must not be the proxy's 1338.
-		{"tproxy mark", Options{FieldMode: "TPROXY", FieldTProxyMark: "1338"}, FieldTProxyMark, "1338", "other than 0 and 1338"},
-		{"tproxy table", Options{FieldMode: "TPROXY", FieldTProxyRouteTable: "254"}, FieldTProxyRouteTable, "254", "252-255"},
-		{"no proxy identity", Options{FieldProxyUID: "", FieldProxyGID: ""}, FieldProxyUID, "", "at least one"},
+		{"tproxy mark", OptionText{FieldMode: "TPROXY", FieldTProxyMark: "1338"}, FieldTProxyMark, "1338", "other than 0 and 1338"},
+		{"tproxy table", OptionText{FieldMode: "TPROXY", FieldTProxyRouteTable: "254"}, FieldTProxyRouteTable, "254", "252-255"},
+		{"no proxy identity", OptionText{FieldProxyUID: "", FieldProxyGID: ""}, FieldProxyUID, "", "at least one"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -137,7 +137,7 @@ func out(dst string, port uint16, uid uint32) Packet {
 
 func TestTraceIstioDefaults(t *testing.T) {
 	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(Options{
+	if err := cfg.ApplyOptions(OptionText{
 		FieldOutboundExcludeCIDRs: "198.51.100.0/24,2001:db8:dead::/48",
 		FieldOutboundExcludePorts: "3306",
 		FieldInboundExcludePorts:  "15090,15021,15020,22",
@@ -193,7 +193,7 @@ func TestTraceIstioDefaults(t *testing.T) {
 
 func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(Options{
+	if err := cfg.ApplyOptions(OptionText{
 		FieldOutboundIncludeCIDRs: "203.0.113.0/25",
 		FieldOutboundExcludeCIDRs: "203.0.113.64/26",
 		FieldOutboundIncludePorts: "8443",
@@ -239,7 +239,7 @@ func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 
 func TestBuildDeterministic(t *testing.T) {
 	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(Options{FieldOutboundExcludeCIDRs: "10.0.0.0/8,192.0.2.0/24,2001:db8::/32"}); err != nil {
+	if err := cfg.ApplyOptions(OptionText{FieldOutboundExcludeCIDRs: "10.0.0.0/8,192.0.2.0/24,2001:db8::/32"}); err != nil {
 		t.Fatal(err)
 	}
 	a, err := Build(cfg)

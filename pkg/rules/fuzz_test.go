@@ -97,7 +97,7 @@ func FuzzConfig(f *testing.F) {
 	f.Add("0", "15006", "x", "1337", "TPROXY", "10.0.0.0/33", "", "*", "", "", "", "", "ipv6", false)
 	f.Fuzz(func(t *testing.T, proxyPort, inPort, uid, gid, mode, incl, excl, inIncl, inExcl, outIncl, outExcl, ifaces, fams string, dns bool) {
 		cfg := DefaultConfig()
-		err := cfg.ApplyOptions(Options{
+		err := cfg.ApplyOptions(OptionText{
 			FieldProxyPort: proxyPort, FieldInboundPort: inPort, FieldProxyUID: uid, FieldProxyGID: gid, FieldMode: mode,
 			FieldOutboundIncludeCIDRs: incl, FieldOutboundExcludeCIDRs: excl, FieldInboundIncludePorts: inIncl,
 			FieldInboundExcludePorts: inExcl, FieldOutboundIncludePorts: outIncl, FieldOutboundExcludePorts: outExcl,

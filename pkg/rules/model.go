@@ -19,8 +19,8 @@ const (
 
 	// Base chains. In nftables they are ours (in NFTTable); in iptables
 	// they are the built-in nat chains of the same hook.
-	ChainPrerouting = "prerouting"
-	ChainOutputHook = "output"
+	BasePrerouting = "prerouting"
+	BaseOutput     = "output"
 
 	SetOutExcludeV4   = "out_exclude_v4"
 	SetOutExcludeV6   = "out_exclude_v6"
@@ -157,8 +157,8 @@ func (c *Chain) iptName() string {
 
 // Hook attaches a base chain to the kernel.
 type Hook struct {
-	// Hook is "prerouting" or "output".
-	Hook string
+	// Name is "prerouting" or "output".
+	Name string
 	// Priority is nftables' numeric priority (dstnat and srcnat are -100
 	// and 100). iptables ignores it.
 	Priority int32

@@ -529,8 +529,8 @@ func TestNFTCheckDrift(t *testing.T) {
 		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		// A base chain's priority cannot be changed in place; recreate the
 		// chain with another priority and the same rules.
-		nftCLI(t, n, "", "delete", "chain", "inet", NFTTable, ChainPrerouting)
-		nftCLI(t, n, "", "add", "chain", "inet", NFTTable, ChainPrerouting, "{ type nat hook prerouting priority -99; policy accept; }")
+		nftCLI(t, n, "", "delete", "chain", "inet", NFTTable, BasePrerouting)
+		nftCLI(t, n, "", "add", "chain", "inet", NFTTable, BasePrerouting, "{ type nat hook prerouting priority -99; policy accept; }")
 		checkDrift(t, n, "chain prerouting: type nat hook prerouting priority -100 policy accept",
 			"chain prerouting: type nat hook prerouting priority -99 policy accept")
 	})

@@ -266,15 +266,15 @@ func LookupOption(name string) *Option {
 	return nil
 }
 
-// Options is the textual form of (part of) a Config, keyed by option
+// OptionText is the textual form of (part of) a Config, keyed by option
 // Name: an absent key leaves the value alone, "" sets an empty list.
 // Apply it with (*Config).ApplyOptions.
-type Options map[string]string
+type OptionText map[string]string
 
 // ApplyOptions parses each given option into c, in registry order. It
 // stops at the first error and leaves c unchanged in that case. It does
 // not call Validate.
-func (c *Config) ApplyOptions(o Options) error {
+func (c *Config) ApplyOptions(o OptionText) error {
 	for k, v := range o {
 		if LookupOption(k) == nil {
 			return fieldErr(k, v, "not a capture option")
@@ -327,8 +327,8 @@ var podDefaults = func() Config {
 
 // IstioIptablesDefaults returns the options istio-iptables assumes when
 // no flag and no environment variable is set (the Default column).
-func IstioIptablesDefaults() Options {
-	o := Options{}
+func IstioIptablesDefaults() OptionText {
+	o := OptionText{}
 	for _, row := range CaptureOptions {
 		o[row.Name] = row.Default
 	}

@@ -125,7 +125,7 @@ func RenderNFT(rs *Ruleset) string {
 		}
 		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
 		if c.Hook != nil {
-			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %d; policy accept;\n", nftChainType(c), c.Hook.Hook, c.Hook.Priority)
+			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %d; policy accept;\n", nftChainType(c), c.Hook.Name, c.Hook.Priority)
 		}
 		for _, r := range c.Rules {
 			text := nftRuleText(r, inet)
@@ -516,13 +516,13 @@ func nftObjectsFor(rs *Ruleset) (*nftObjects, error) {
 	for _, c := range rs.Chains {
 		ch := &nftables.Chain{Name: c.Name, Table: table}
 		if c.Hook != nil {
-			switch c.Hook.Hook {
+			switch c.Hook.Name {
 			case "prerouting":
 				ch.Hooknum = nftables.ChainHookPrerouting
 			case "output":
 				ch.Hooknum = nftables.ChainHookOutput
 			default:
-				return nil, fmt.Errorf("chain %s: unsupported hook %q", c.Name, c.Hook.Hook)
+				return nil, fmt.Errorf("chain %s: unsupported hook %q", c.Name, c.Hook.Name)
 			}
 			ch.Priority = nftables.ChainPriorityRef(nftables.ChainPriority(c.Hook.Priority))
 			ch.Type = nftables.ChainTypeNAT

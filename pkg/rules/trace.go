@@ -26,7 +26,7 @@ type Packet struct {
 // kernel agrees.
 func (rs *Ruleset) Trace(p Packet) (redirectPort uint16, err error) {
 	for _, c := range rs.Chains {
-		if c.Hook != nil && c.Hook.Hook == p.Hook && c.Table == TableNAT {
+		if c.Hook != nil && c.Hook.Name == p.Hook && c.Table == TableNAT {
 			v, done, err := rs.traceChain(c, p, 0)
 			if err != nil || !done {
 				return 0, err

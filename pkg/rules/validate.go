@@ -46,8 +46,8 @@ func (rs *Ruleset) Validate() error {
 		default:
 			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported table %q", c.Table)}
 		}
-		if c.Hook != nil && c.Hook.Hook != "prerouting" && c.Hook.Hook != "output" {
-			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported hook %q", c.Hook.Hook)}
+		if c.Hook != nil && c.Hook.Name != "prerouting" && c.Hook.Name != "output" {
+			return &ModelError{Chain: c.Name, Rule: -1, Reason: fmt.Sprintf("unsupported hook %q", c.Hook.Name)}
 		}
 	}
 	sets := map[string]*Set{}

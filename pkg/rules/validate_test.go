@@ -24,7 +24,7 @@ func TestValidateRejectsCorruptModels(t *testing.T) {
 			rs.Chain(ChainOutput).Rules[0].Verdict = jump("NOPE")
 		}, "does not exist"},
 		{"jump to base chain", func(rs *Ruleset) {
-			rs.Chain(ChainOutput).Rules[0].Verdict = jump(ChainPrerouting)
+			rs.Chain(ChainOutput).Rules[0].Verdict = jump(BasePrerouting)
 		}, "base chain"},
 		{"missing set", func(rs *Ruleset) {
 			rs.Chain(ChainOutput).Rules[0] = Rule{Family: FamilyIPv4, DstSet: "nope", Verdict: ret()}

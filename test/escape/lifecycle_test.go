@@ -38,7 +38,7 @@ import (
 // once on each node, as `egress-cni-install install` leaves it.
 type life struct {
 	t        *testing.T
-	cl       *sim.Stack
+	cl       *sim.Cleanups
 	c        *sim.Cluster
 	exe      string
 	bin      string
@@ -53,7 +53,7 @@ func newLifeWith(t *testing.T, opts *sim.Options) *life {
 	t.Helper()
 	nstest.RequirePrivileged(t)
 	bin, plugins := buildBinaries(t)
-	l := &life{t: t, cl: &sim.Stack{}, bin: bin}
+	l := &life{t: t, cl: &sim.Cleanups{}, bin: bin}
 	l.nextPort.Store(40000)
 	t.Cleanup(l.cl.Run)
 	var err error

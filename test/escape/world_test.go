@@ -119,7 +119,7 @@ func buildBinaries(t *testing.T) (binDir, pluginsDir string) {
 type world struct {
 	t       *testing.T
 	topo    sim.Options
-	cl      *sim.Stack
+	cl      *sim.Cleanups
 	c       *sim.Cluster
 	exe     string
 	overlay *sim.Flannel
@@ -151,7 +151,7 @@ func newWorld(t *testing.T, topo sim.Options) *world {
 	t.Helper()
 	binDir, pluginsDir := buildBinaries(t)
 	start := time.Now()
-	cl := &sim.Stack{}
+	cl := &sim.Cleanups{}
 	t.Cleanup(cl.Run)
 	w := &world{t: t, topo: topo, cl: cl, bin: binDir}
 	var err error

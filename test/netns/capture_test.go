@@ -533,14 +533,14 @@ var tampers = []tamper{
 			if be == rules.BackendNFTables {
 				// The jump is the only rule of the output base chain
 				// that is not for IPv6; find its handle.
-				out := nstest.MustExec(t, p.NS, "nft", "-a", "list", "chain", ourNFTTable(t, p), rules.ChainOutputHook)
+				out := nstest.MustExec(t, p.NS, "nft", "-a", "list", "chain", ourNFTTable(t, p), rules.BaseOutput)
 				m := regexp.MustCompile(`jump ` + rules.ChainOutput + `.* # handle (\d+)`).FindStringSubmatch(out)
 				if m == nil {
 					t.Fatalf("no jump in:\n%s", out)
 				}
 				// In an inet table one jump serves both families,
 				// so deleting it uncaptures both.
-				nstest.MustExec(t, p.NS, "nft", "delete", "rule", ourNFTTable(t, p), rules.ChainOutputHook, "handle", m[1])
+				nstest.MustExec(t, p.NS, "nft", "delete", "rule", ourNFTTable(t, p), rules.BaseOutput, "handle", m[1])
 				return
 			}
 			save := nstest.MustExec(t, p.NS, iptCmd(be, false)+"-save", "-t", "nat")
@@ -704,7 +704,7 @@ func TestBadInput(t *testing.T) {
 	}
 	cfg = rules.DefaultConfig()
 	bad := "10.0.0.0/33"
-	if err := cfg.ApplyOptions(rules.Options{rules.FieldOutboundExcludeCIDRs: bad}); err == nil {
+	if err := cfg.ApplyOptions(rules.OptionText{rules.FieldOutboundExcludeCIDRs: bad}); err == nil {
 		t.Error("ApplyOptions accepted 10.0.0.0/33")
 	}
 	if d := cmp.Diff(rules.DefaultConfig(), cfg); d != "" {

@@ -35,7 +35,7 @@ func faultRuleset(t *testing.T, exclude []string) *rules.Ruleset {
 	t.Helper()
 	cfg := rules.DefaultConfig()
 	x := strings.Join(exclude, ",")
-	if err := cfg.ApplyOptions(rules.Options{rules.FieldOutboundExcludeCIDRs: x}); err != nil {
+	if err := cfg.ApplyOptions(rules.OptionText{rules.FieldOutboundExcludeCIDRs: x}); err != nil {
 		t.Fatal(err)
 	}
 	rs, err := rules.Build(cfg)

@@ -174,7 +174,7 @@ func TestEgressInitDropInvalid(t *testing.T) {
 			p := nstest.NewPod(t, nstest.PodOptions{})
 			nstest.ServeEcho(t, p.NS, ":8080")
 			nstest.ServeProxy(t, p.NS, 15006)
-			var stack sim.Stack
+			var stack sim.Cleanups
 			t.Cleanup(stack.Run)
 			rec, err := sim.Record(&stack, p.World, p.WorldIfName)
 			if err != nil {
