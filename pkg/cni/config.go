@@ -5,6 +5,10 @@
 // The plugin runs after the node's primary plugin (bridge, Calico,
 // Cilium…). ADD programs the pod's capture rules inside the pod's network
 // namespace and passes the primary plugin's result through unchanged.
+//
+// Platforms: the config parser, the capture decision and the gateway
+// annotation code build and test on any OS; the commands, which enter
+// network namespaces, are in _linux.go files.
 package cni
 
 import (

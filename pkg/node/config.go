@@ -6,6 +6,11 @@
 //
 // The rules live in tables of our own (inet and bridge egress_cni_node)
 // and are programmed with google/nftables over netlink: no binary is run.
+//
+// Platforms: the config (Parse, Config), the identity records and the
+// drop reasons build and test on any OS; the programming, the rendering
+// and the tracer use google/nftables' Linux constants and are in
+// _linux.go files, with no stand-ins elsewhere.
 package node
 
 import (
@@ -244,4 +249,16 @@ func (f *File) Config() (*Config, error) {
 		l.to(*l.v)
 	}
 	return c, nil
+}
+
+// splitFamilies splits prefixes into IPv4 and IPv6, keeping their order.
+func splitFamilies(ps []netip.Prefix) (v4, v6 []netip.Prefix) {
+	for _, p := range ps {
+		if p.Addr().Is4() {
+			v4 = append(v4, p)
+		} else {
+			v6 = append(v6, p)
+		}
+	}
+	return v4, v6
 }

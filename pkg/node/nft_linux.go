@@ -2,7 +2,6 @@ package node
 
 import (
 	"fmt"
-	"net/netip"
 	"slices"
 
 	"github.com/google/nftables"
@@ -26,17 +25,6 @@ var (
 const FormatVersion = 2
 
 var formatComment = fmt.Sprintf("egress-cni node format %d", FormatVersion)
-
-func splitFamilies(ps []netip.Prefix) (v4, v6 []netip.Prefix) {
-	for _, p := range ps {
-		if p.Addr().Is4() {
-			v4 = append(v4, p)
-		} else {
-			v6 = append(v6, p)
-		}
-	}
-	return v4, v6
-}
 
 func tableOf(f nftables.TableFamily) *nftables.Table {
 	if f == nftables.TableFamilyBridge {

@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"strings"
+	"time"
 )
 
 // BackendName names a backend. The same names are used in flags, config
@@ -31,6 +32,13 @@ func ParseBackendName(field, s string) (BackendName, error) {
 		names[i] = string(n)
 	}
 	return "", fieldErr(field, s, "must be one of "+strings.Join(names, ", "))
+}
+
+// BackendOptions tunes backend construction. The zero value is fine.
+type BackendOptions struct {
+	// LockWait bounds how long the iptables-legacy flavour waits for the
+	// xtables lock (iptables-restore --wait). Zero means 5 seconds.
+	LockWait time.Duration
 }
 
 // Backend programs a Ruleset into the network namespace of the calling

@@ -2,17 +2,9 @@ package rules
 
 import (
 	"fmt"
-	"time"
 
 	"github.com/google/nftables"
 )
-
-// BackendOptions tunes backend construction. The zero value is fine.
-type BackendOptions struct {
-	// LockWait bounds how long the iptables-legacy flavour waits for the
-	// xtables lock (iptables-restore --wait). Zero means 5 seconds.
-	LockWait time.Duration
-}
 
 // NewBackend returns the named backend. BackendAuto is resolved with
 // Detect in the calling thread's network namespace, so call it inside
