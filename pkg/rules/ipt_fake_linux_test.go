@@ -61,7 +61,7 @@ COMMIT
 `
 
 func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(c *Config) {
+	rs := goldenRuleset(t, func(c *Config) {
 		c.Families = IPv4Only
 		c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8")
 	})
@@ -125,7 +125,7 @@ func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
 }
 
 func TestIPTApplyFreshTableAndModelError(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	f := &fakeIPT{}
 	ipt := &iptBackend{name: BackendIPTablesLegacy, run: f}
 	if err := ipt.Apply(rs); err != nil {
@@ -152,7 +152,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 	}
 
 	// Restore errors are wrapped with the family and backend.
-	rs = iptGoldenRuleset(t, func(*Config) {})
+	rs = goldenRuleset(t, func(*Config) {})
 	f.err = errors.New("boom")
 	if err := ipt.Apply(rs); err == nil || !strings.Contains(err.Error(), "iptables-legacy") || !errors.Is(err, f.err) {
 		t.Errorf("want a wrapped restore error, got %v", err)
@@ -194,7 +194,7 @@ func TestIPTRemoveInput(t *testing.T) {
 }
 
 func TestIPTCheckFake(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8") })
+	rs := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8") })
 	// What iptables-save prints once we applied: builtin declarations,
 	// a foreign rule, our rules, and chains in any order.
 	save := func(fam Family) string {
@@ -236,7 +236,7 @@ func TestIPTCheckFake(t *testing.T) {
 	}
 
 	// A disabled family must hold nothing of ours.
-	rs4 := iptGoldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
+	rs4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
 	f.save = map[Family]string{FamilyIPv4: func() string { s, _ := RenderIPTablesFamily(rs4, FamilyIPv4); return s }(), FamilyIPv6: save(FamilyIPv6)}
 	if err := ipt.Check(rs4); !IsDrift(err) || !strings.Contains(err.Error(), "extra: ip6tables: ") {
 		t.Errorf("want extra IPv6 rules, got %v", err)

@@ -114,10 +114,10 @@ func forFlavours(t *testing.T, fn func(t *testing.T, flavour BackendName, n ns.N
 func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
 	iptRequirePrivileged(t)
 	for _, fl := range iptFlavours {
-		for _, tc := range iptGoldenCases() {
+		for _, tc := range goldenCases() {
 			t.Run(string(fl)+"/"+tc.name, func(t *testing.T) {
 				n := newIPTTestNS(t)
-				rs := iptGoldenRuleset(t, tc.cfg)
+				rs := goldenRuleset(t, tc.cfg)
 				ipt := newIPTBackend(fl, BackendOptions{})
 				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 				iptInNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
@@ -128,7 +128,7 @@ func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
 
 func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		rs := iptGoldenRuleset(t, func(c *Config) {
+		rs := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
@@ -145,12 +145,12 @@ func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 
 func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		a := iptGoldenRuleset(t, func(c *Config) {
+		a := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "192.168.0.0/16", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1", "eth2"}
 			c.RedirectDNS = true
 		})
-		b := iptGoldenRuleset(t, func(c *Config) {
+		b := goldenRuleset(t, func(c *Config) {
 			c.Families = IPv4Only
 			c.OutboundExcludeCIDRs = mustPrefixes("172.16.0.0/12")
 			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{80, 80}}, nil
@@ -209,7 +209,7 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		runIPT(t, n, fl, FamilyIPv6, "restore", iptForeign6, "--noflush")
 		before := saveBoth(t, n, fl)
 
-		rs := iptGoldenRuleset(t, func(c *Config) {
+		rs := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
@@ -239,7 +239,7 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 
 func TestIPTCheckReportsDrift(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
 		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 
@@ -297,7 +297,7 @@ COMMIT
 func TestIPTTakesOverIstioRules(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		runIPT(t, n, fl, FamilyIPv4, "restore", istioRules4, "--noflush")
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
 		iptInNS(t, n, "Check before takeover", func() error {
 			if err := ipt.Check(rs); !IsDrift(err) {
@@ -324,7 +324,7 @@ func TestIPTMissingBinary(t *testing.T) {
 		r := newExecRunner(fl, BackendOptions{})
 		r.dirs = []string{t.TempDir()}
 		ipt := &iptBackend{name: fl, run: r}
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		var err error
 		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
 		if !IsBinaryMissing(err) {
@@ -363,9 +363,9 @@ func BenchmarkIPTApply(b *testing.B) {
 			for _, size := range []int{0, 100, 1000, 10000} {
 				b.Run(fmt.Sprintf("%s/%s/N=%d", fl, mode, size), func(b *testing.B) {
 					n := newIPTTestNS(b)
-					rs := iptGoldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
+					rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
 					// other differs from rs in its last IPv4 rule.
-					other := iptGoldenRuleset(b, func(c *Config) {
+					other := goldenRuleset(b, func(c *Config) {
 						c.OutboundExcludeCIDRs = append(excludedCIDRs(size), netip.MustParsePrefix("192.0.2.0/24"))
 					})
 					ipt := newIPTBackend(fl, BackendOptions{})
@@ -417,7 +417,7 @@ func TestIPTLegacyLockWait(t *testing.T) {
 		t.Fatal(err)
 	}
 	ipt := newIPTBackend(BackendIPTablesLegacy, BackendOptions{LockWait: time.Second})
-	rs := iptGoldenRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	start := time.Now()
 	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
 	if !errors.Is(err, ErrXtablesLocked) {
@@ -440,7 +440,7 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Check and Remove on an empty namespace must not tip detection.
 		iptInNS(t, n, "Check and Remove", func() error {
-			_ = ipt.Check(iptGoldenRuleset(t, func(*Config) {}))
+			_ = ipt.Check(goldenRuleset(t, func(*Config) {}))
 			return ipt.Remove()
 		})
 		iptInNS(t, n, "Detect before", func() error {
@@ -449,7 +449,7 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 			}
 			return nil
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(iptGoldenRuleset(t, func(*Config) {})) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(goldenRuleset(t, func(*Config) {})) })
 		iptInNS(t, n, "Detect after", func() error {
 			if d, err := Detect(); err != nil || d != fl {
 				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
@@ -463,9 +463,9 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 // by" comments, iptables-save output is the same text.
 func TestIPTFlavoursSaveIdentically(t *testing.T) {
 	iptRequirePrivileged(t)
-	for _, tc := range iptGoldenCases() {
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := iptGoldenRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			saved := map[BackendName]string{}
 			for _, fl := range iptFlavours {
 				n := newIPTTestNS(t)

@@ -97,10 +97,10 @@ func nftTablesIn(tb testing.TB, n ns.NetNS) []string {
 }
 
 func TestNFTApplyCheckGolden(t *testing.T) {
-	for _, tc := range nftGoldenCases() {
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNFTTestNS(t)
-			rs := nftRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			be := newNFTBackend()
 			nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 			nftInNS(t, n, "Check", func() error { return be.Check(rs) })
@@ -117,9 +117,9 @@ func TestNFTApplyCheckGolden(t *testing.T) {
 // two tables identically, and Check (which compares expressions) must
 // accept the nft-loaded one.
 func TestNFTRenderMatchesApply(t *testing.T) {
-	for _, tc := range nftGoldenCases() {
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := nftRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			fam := nftFamilyName(nftTableFamily(rs.Families))
 			viaNft, viaApply := newNFTTestNS(t), newNFTTestNS(t)
 			nftCLI(t, viaNft, RenderNFT(rs), "-f", "-")
@@ -141,7 +141,7 @@ func TestNFTRenderMatchesApply(t *testing.T) {
 // the key space, which have no end element.
 func TestNFTSetLookups(t *testing.T) {
 	n := newNFTTestNS(t)
-	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // exclusions
 	be := newNFTBackend()
 	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	for _, tc := range []struct {
@@ -179,7 +179,7 @@ func TestNFTSetLookups(t *testing.T) {
 	}
 
 	// 0.0.0.0/0 and ::/0 are a single start element each.
-	all := nftRuleset(t, nftGoldenCases()[2].cfg) // exclude-everything
+	all := goldenRuleset(t, goldenConfig(t, "exclude-everything")) // exclude-everything
 	nftInNS(t, n, "Apply", func() error { return be.Apply(all) })
 	for _, tc := range []struct{ set, key string }{
 		{SetOutExcludeV4, "0.0.0.0"},
@@ -212,7 +212,7 @@ func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
 
 func TestNFTApplyIdempotent(t *testing.T) {
 	n := newNFTTestNS(t)
-	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions: every kind of set
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // exclusions: every kind of set
 	be := newNFTBackend()
 	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	first := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
@@ -242,8 +242,8 @@ func TestNFTApplyIdempotent(t *testing.T) {
 func TestNFTApplyReplaces(t *testing.T) {
 	n := newNFTTestNS(t)
 	be := newNFTBackend()
-	dual := nftRuleset(t, nftGoldenCases()[1].cfg)
-	v4 := nftRuleset(t, func(c *Config) {
+	dual := goldenRuleset(t, goldenConfig(t, "exclusions-merged"))
+	v4 := goldenRuleset(t, func(c *Config) {
 		c.Families = IPv4Only
 		c.OutboundExcludeCIDRs = nftPrefixes("192.168.0.0/16")
 	})
@@ -259,7 +259,7 @@ func TestNFTApplyReplaces(t *testing.T) {
 		t.Errorf("Check of the old ruleset: got %v, want drift", err)
 	}
 	// And back, with a changed exclusion list in the same family.
-	dual2 := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	dual2 := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
 	nftInNS(t, n, "Apply dual2", func() error { return be.Apply(dual2) })
 	nftInNS(t, n, "Check dual2", func() error { return be.Check(dual2) })
 	if got, want := nftTablesIn(t, n), []string{"inet " + NFTTable}; !slices.Equal(got, want) {
@@ -272,13 +272,13 @@ func TestNFTApplyReplaces(t *testing.T) {
 func TestNFTApplyFailsAtomically(t *testing.T) {
 	n := newNFTTestNS(t)
 	be := newNFTBackend()
-	rs := nftRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	before := nftCLI(t, n, "", "list", "ruleset")
 	// A new ruleset whose batch fails in the kernel at its end (a jump
 	// to a chain that is not created), after our table was deleted and
 	// recreated earlier in the same batch.
-	bad := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	bad := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
 	var err error
 	nftInNS(t, n, "Apply bad", func() error { err = applyBrokenForTest(bad); return nil })
 	if err == nil {
@@ -328,7 +328,7 @@ func applyBrokenForTest(rs *Ruleset) error {
 // after Apply listed the tables, and Apply then replaces it.
 func TestNFTApplyCreateRace(t *testing.T) {
 	n := newNFTTestNS(t)
-	rs := nftRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	objs, err := nftObjectsFor(rs)
 	if err != nil {
 		t.Fatal(err)
@@ -370,7 +370,7 @@ func TestNFTRemove(t *testing.T) {
 
 	// Remove with nothing of ours: success.
 	nftInNS(t, n, "Remove (nothing)", func() error { return be.Remove() })
-	rs := nftRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	// Leave a stale table in another family too, as a changed config
 	// would before Apply moves it.
@@ -395,7 +395,7 @@ func TestNFTRemove(t *testing.T) {
 }
 
 func TestNFTCheckDrift(t *testing.T) {
-	rs := nftRuleset(t, func(c *Config) {
+	rs := goldenRuleset(t, func(c *Config) {
 		c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8", "192.168.0.0/16", "fd00::/8")
 	})
 	be := newNFTBackend()
@@ -519,7 +519,7 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("table only in the wrong family", func(t *testing.T) {
 		n := newNFTTestNS(t)
-		v4 := nftRuleset(t, func(c *Config) { c.Families = IPv4Only })
+		v4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
 		nftInNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
 		checkDrift(t, n, "table inet "+NFTTable, "table ip "+NFTTable)
 	})
@@ -540,7 +540,7 @@ func TestNFTCheckDrift(t *testing.T) {
 // merge, in one batch and reads them back.
 func TestNFTApplyManyCIDRs(t *testing.T) {
 	n := newNFTTestNS(t)
-	rs := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
+	rs := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
 	if got := len(nftSetElementTexts(rs.Set(SetOutExcludeV4))); got != 10000 {
 		t.Fatalf("%d intervals, want 10000", got)
 	}

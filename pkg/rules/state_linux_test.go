@@ -72,7 +72,7 @@ func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
 // RemoveAll removes them without running (or registering) the others.
 func TestProbeRemoveAllEveryBackend(t *testing.T) {
 	iptRequirePrivileged(t)
-	rs := iptGoldenRuleset(t, func(c *Config) {
+	rs := goldenRuleset(t, func(c *Config) {
 		c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 	})
 	for _, tc := range []struct {
