@@ -3,6 +3,7 @@ package rules
 import (
 	"flag"
 	"net/netip"
+	"os/exec"
 	"runtime"
 	"testing"
 )
@@ -40,6 +41,16 @@ func mustPrefixes(s ...string) []netip.Prefix {
 // nftPrefixes parses prefixes sorted and without duplicates, as
 // ParseCIDRs returns them.
 func nftPrefixes(s ...string) []netip.Prefix { return normalizePrefixes(mustPrefixes(s...)) }
+
+// lookPathOrSkip finds a binary the test needs, or skips the test.
+func lookPathOrSkip(tb testing.TB, name string) string {
+	tb.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		tb.Skip(name + " not installed")
+	}
+	return path
+}
 
 // goldenRuleset builds DefaultConfig changed by mod.
 func goldenRuleset(t testing.TB, mod func(*Config)) *Ruleset {

@@ -21,14 +21,8 @@ import (
 // does). It skips the test when nft is not installed.
 func nftCLI(tb testing.TB, n ns.NetNS, stdin string, args ...string) string {
 	tb.Helper()
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		tb.Skip("nft binary not installed")
-	}
-	nsenter, err := exec.LookPath("nsenter")
-	if err != nil {
-		tb.Skip("nsenter not installed")
-	}
+	nft := lookPathOrSkip(tb, "nft")
+	nsenter := lookPathOrSkip(tb, "nsenter")
 	cmd := exec.Command(nsenter, append([]string{"--net=" + n.Path(), nft}, args...)...)
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
@@ -164,10 +158,7 @@ func TestNFTSetLookups(t *testing.T) {
 // key is in no interval of the set.
 func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
 	tb.Helper()
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		tb.Skip("nft binary not installed")
-	}
+	nft := lookPathOrSkip(tb, "nft")
 	out, err := exec.Command("nsenter", "--net="+n.Path(), nft, "get", "element", "inet", NFTTable, set, "{ "+key+" }").CombinedOutput()
 	if err != nil && !strings.Contains(string(out), "No such file or directory") {
 		tb.Fatalf("nft get element %s %s: %v\n%s", set, key, err, out)

@@ -10,11 +10,7 @@ import (
 // against iptables-save and ip6tables-save 1.8.9, both flavours.
 func TestRenderIPTablesCanonicalLines(t *testing.T) {
 	rs := goldenRuleset(t, func(c *Config) { c.OutboundIncludePorts = []PortRange{{8000, 8080}} })
-	v4, err := RenderIPTablesFamily(rs, FamilyIPv4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range []string{
+	v4 := iptRenderHas(t, rs, FamilyIPv4,
 		"-A PREROUTING -p tcp -m comment --comment egress-cni -j ISTIO_INBOUND",
 		"-A OUTPUT -m comment --comment egress-cni -j ISTIO_OUTPUT",
 		"-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
@@ -23,27 +19,28 @@ func TestRenderIPTablesCanonicalLines(t *testing.T) {
 		"-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
 		"-A ISTIO_OUTPUT -p tcp -m tcp --dport 8000:8080 -j ISTIO_REDIRECT",
 		"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
-		"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
-	} {
-		if !strings.Contains(v4, l+"\n") {
-			t.Errorf("IPv4 render lacks %q:\n%s", l, v4)
-		}
-	}
-	v6, err := RenderIPTablesFamily(rs, FamilyIPv6)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range []string{
+		"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001")
+	v6 := iptRenderHas(t, rs, FamilyIPv6,
 		"-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN",
-		"-A ISTIO_OUTPUT -d ::1/128 -j RETURN",
-	} {
-		if !strings.Contains(v6, l+"\n") {
-			t.Errorf("IPv6 render lacks %q:\n%s", l, v6)
-		}
-	}
+		"-A ISTIO_OUTPUT -d ::1/128 -j RETURN")
 	if strings.Contains(v6, "127.0.0.") || strings.Contains(v4, "::") {
 		t.Errorf("a family's rule leaked into the other:\nv4:\n%s\nv6:\n%s", v4, v6)
 	}
+}
+
+// iptRenderHas renders rs's family f and checks that it holds lines.
+func iptRenderHas(t *testing.T, rs *Ruleset, f Family, lines ...string) string {
+	t.Helper()
+	got, err := RenderIPTablesFamily(rs, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range lines {
+		if !strings.Contains(got, l+"\n") {
+			t.Errorf("%s render lacks %q:\n%s", iptCommand(f), l, got)
+		}
+	}
+	return got
 }
 
 func TestIPTPrefixMatchesInetNtop(t *testing.T) {

@@ -17,14 +17,8 @@ import (
 // (check only, nothing is committed), inside a new user and network
 // namespace so that it needs no root and cannot touch the host.
 func TestRenderNFTAcceptedByNft(t *testing.T) {
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		t.Skip("nft binary not installed")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("unshare not installed")
-	}
+	nft := lookPathOrSkip(t, "nft")
+	unshare := lookPathOrSkip(t, "unshare")
 	if out, err := exec.Command(unshare, "-rn", "true").CombinedOutput(); err != nil {
 		t.Skipf("cannot create a user+network namespace: %v: %s", err, out)
 	}
