@@ -100,7 +100,7 @@ func TestNFTRenderMatchesApply(t *testing.T) {
 func TestNFTSetLookups(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	n := nstest.NewNS(t)
-	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // exclusions
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged"))
 	be := newNFTBackend()
 	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	for _, tc := range []struct {
@@ -138,7 +138,7 @@ func TestNFTSetLookups(t *testing.T) {
 	}
 
 	// 0.0.0.0/0 and ::/0 are a single start element each.
-	all := goldenRuleset(t, goldenConfig(t, "exclude-everything")) // exclude-everything
+	all := goldenRuleset(t, goldenConfig(t, "exclude-everything"))
 	inNS(t, n, "Apply", func() error { return be.Apply(all) })
 	for _, tc := range []struct{ set, key string }{
 		{SetOutExcludeV4, "0.0.0.0"},
@@ -169,7 +169,7 @@ func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
 func TestNFTApplyIdempotent(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	n := nstest.NewNS(t)
-	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // exclusions: every kind of set
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // every kind of set
 	be := newNFTBackend()
 	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	first := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
