@@ -5,14 +5,18 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
@@ -279,5 +283,50 @@ func TestAddLogs(t *testing.T) {
 		if want == "captured" && rec["backend"] != "nftables" {
 			t.Errorf("backend = %v", rec["backend"])
 		}
+	}
+}
+
+// The fake backend records per network namespace, as the real ones
+// act: two pods' ADDs into their own namespaces are two records, each
+// with its own pod's rules, and CHECK compares each pod with its own.
+func TestAddRecordsPerNamespace(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	a, b := nstest.NewNS(t), nstest.NewNS(t)
+	p, f, _ := fakePlugin()
+	args := func(n ns.NetNS, ann map[string]string) *skel.CmdArgs {
+		return &skel.CmdArgs{ContainerID: "c1", Netns: n.Path(), IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", ann, true)}
+	}
+	plain, excl := injected(), injected(AnnotationExcludeOutboundIPRanges, "192.0.2.0/24")
+	if err := p.Add(args(a, plain)); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Add(args(b, excl)); err != nil {
+		t.Fatal(err)
+	}
+	name := func(n ns.NetNS) string {
+		var st syscall.Stat_t
+		if err := syscall.Stat(n.Path(), &st); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("net:[%d]", st.Ino)
+	}
+	dump := f.Dump()
+	sections := map[string]string{}
+	for _, s := range strings.Split(dump, "# netns ")[1:] {
+		head, body, _ := strings.Cut(s, "\n")
+		sections[head] = body
+	}
+	sa, sb := sections[name(a)+": nftables"], sections[name(b)+": nftables"]
+	if len(sections) != 2 || sa == "" || sb == "" {
+		t.Fatalf("want one record in each of %s and %s, got:\n%s", name(a), name(b), dump)
+	}
+	if strings.Contains(sa, "192.0.2.0/24") || !strings.Contains(sb, "192.0.2.0/24") {
+		t.Errorf("the exclusion is not (only) in the second pod's namespace:\n%s", dump)
+	}
+	if err := p.Check(args(a, plain)); err != nil {
+		t.Errorf("CHECK of the first pod: %v", err)
+	}
+	if err := p.Check(args(b, plain)); err == nil || !strings.Contains(err.Error(), "extra: 192.0.2.0/24") {
+		t.Errorf("CHECK of the second pod against the first pod's annotations: %v", err)
 	}
 }
