@@ -99,15 +99,24 @@ type fakeBackend struct {
 
 func (b fakeBackend) Name() BackendName { return b.name }
 
+// Render fails where the real backend's Render fails: a model that does
+// not validate, or that its renderer rejects.
 func (b fakeBackend) Render(rs *Ruleset) (string, error) {
 	if err := rs.Validate(); err != nil {
 		return "", err
 	}
-	return fakeRender(b.name, rs), nil
+	if b.name != BackendNFTables {
+		return renderIPTables(rs)
+	}
+	if _, err := nftObjectsFor(rs); err != nil {
+		return "", fmt.Errorf("could not render nftables ruleset: %w", err)
+	}
+	return RenderNFT(rs), nil
 }
 
+// Apply records rs, unless the backend could not render it.
 func (b fakeBackend) Apply(rs *Ruleset) error {
-	if err := rs.Validate(); err != nil {
+	if _, err := b.Render(rs); err != nil {
 		return err
 	}
 	if b.f.ApplyErr != nil {

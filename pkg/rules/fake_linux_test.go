@@ -55,6 +55,14 @@ func TestFake(t *testing.T) {
 	if _, err := f.NewBackend("pf", BackendOptions{}); err == nil {
 		t.Error("NewBackend accepted an unknown name")
 	}
+	// A model the backend cannot render is refused, as by the real ones.
+	bad := goldenRuleset(t, func(*Config) {})
+	bad.Chain(ChainRedirect).Rules[0].Proto = ProtoAny
+	for _, be := range []Backend{f, ipt} {
+		if err := be.Apply(bad); err == nil || f.Dump() != "" {
+			t.Errorf("%s: Apply of an unrenderable model: %v, holds %q", be.Name(), err, f.Dump())
+		}
+	}
 	f.ApplyErr = errors.New("no")
 	if err := f.Apply(a); err != f.ApplyErr || f.Dump() != "" {
 		t.Errorf("Apply with ApplyErr: %v, holds %q", err, f.Dump())
