@@ -11,8 +11,9 @@ import (
 // Fake is a Backend that touches no kernel and runs no binary, for the
 // tests of callers (pkg/cni). Like the real backends it acts on the
 // calling thread's network namespace: it records, per namespace and per
-// backend, the Ruleset last applied there, and Dump renders what it holds
-// with that backend's own renderer. So a test can assert what was
+// backend, the Ruleset last applied there as that backend renders it
+// (RenderNFT, RenderIPTables: a later change to the Ruleset does not
+// change the record), and Dump shows what it holds. So a test can assert what was
 // applied, and where, rather than how many calls were made.
 //
 // It keeps the Backend contract: Apply replaces (never duplicates) what
@@ -28,17 +29,18 @@ import (
 // it can stand in for it. It is safe for concurrent use.
 type Fake struct {
 	// ApplyErr, when set, is what Apply returns; nothing is recorded.
+	// Set it before the Fake is shared between goroutines.
 	ApplyErr error
 
 	mu   sync.Mutex
-	home string                              // the namespace of the process, at NewFake
-	nss  map[string]map[BackendName]*Ruleset // by namespace, then backend
+	home string                            // the namespace of the process, at NewFake
+	nss  map[string]map[BackendName]string // renderings, by namespace, then backend
 }
 
 // NewFake returns a Fake that holds no rules.
 func NewFake() *Fake {
 	home, _ := os.Readlink("/proc/self/ns/net")
-	return &Fake{home: home, nss: map[string]map[BackendName]*Ruleset{}}
+	return &Fake{home: home, nss: map[string]map[BackendName]string{}}
 }
 
 // NewBackend returns the named flavour over f's record. Auto resolves to
@@ -64,7 +66,7 @@ func (f *Fake) Remove() error                      { return fakeBackend{f, Backe
 //
 //	# netns NAME: BACKEND
 //
-// then the ruleset in that backend's syntax (RenderNFT, RenderIPTables).
+// then the ruleset in that backend's syntax.
 // NAME is "self" for the namespace the process was in at NewFake, else
 // the kernel's name of it ("net:[4026532281]"). A Fake that holds no
 // rules dumps as "".
@@ -83,8 +85,8 @@ func (f *Fake) Dump() string {
 			label = "self"
 		}
 		for _, n := range BackendNames {
-			if rs := f.nss[ns][n]; rs != nil {
-				fmt.Fprintf(&b, "# netns %s: %s\n%s", label, n, fakeRender(n, rs))
+			if text, ok := f.nss[ns][n]; ok {
+				fmt.Fprintf(&b, "# netns %s: %s\n%s", label, n, text)
 			}
 		}
 	}
@@ -116,7 +118,8 @@ func (b fakeBackend) Render(rs *Ruleset) (string, error) {
 
 // Apply records rs, unless the backend could not render it.
 func (b fakeBackend) Apply(rs *Ruleset) error {
-	if _, err := b.Render(rs); err != nil {
+	text, err := b.Render(rs)
+	if err != nil {
 		return err
 	}
 	if b.f.ApplyErr != nil {
@@ -126,24 +129,21 @@ func (b fakeBackend) Apply(rs *Ruleset) error {
 	b.f.mu.Lock()
 	defer b.f.mu.Unlock()
 	if b.f.nss[ns] == nil {
-		b.f.nss[ns] = map[BackendName]*Ruleset{}
+		b.f.nss[ns] = map[BackendName]string{}
 	}
-	b.f.nss[ns][b.name] = rs
+	b.f.nss[ns][b.name] = text
 	return nil
 }
 
 func (b fakeBackend) Check(rs *Ruleset) error {
-	if err := rs.Validate(); err != nil {
-		return err
-	}
 	b.f.mu.Lock()
 	have := b.f.nss[fakeThreadNS()][b.name]
 	b.f.mu.Unlock()
-	var haveLines []string
-	if have != nil {
-		haveLines = fakeLines(fakeRender(b.name, have))
+	want, err := b.Render(rs)
+	if err != nil {
+		return err
 	}
-	return diffLines(string(b.name), fakeLines(fakeRender(b.name, rs)), haveLines)
+	return diffLines(string(b.name), fakeLines(want), fakeLines(have))
 }
 
 func (b fakeBackend) Remove() error {
@@ -155,13 +155,6 @@ func (b fakeBackend) Remove() error {
 		delete(b.f.nss, ns)
 	}
 	return nil
-}
-
-func fakeRender(n BackendName, rs *Ruleset) string {
-	if n == BackendNFTables {
-		return RenderNFT(rs)
-	}
-	return RenderIPTables(rs)
 }
 
 // fakeLines are the lines of a rendering that say something: no blank

@@ -28,8 +28,19 @@ func TestFake(t *testing.T) {
 	if err := f.Check(b); !errors.As(err, &d) || !strings.Contains(err.Error(), "missing: 192.0.2.0/24") {
 		t.Errorf("Check of another ruleset: %v", err)
 	}
-	if want := "# netns self: nftables\n" + RenderNFT(a); f.Dump() != want {
+	want := "# netns self: nftables\n" + RenderNFT(a)
+	if f.Dump() != want {
 		t.Errorf("Dump after two Applies:\n%s\nwant:\n%s", f.Dump(), want)
+	}
+	// The record is what was applied, not the Ruleset as it is now.
+	g, c := NewFake(), goldenRuleset(t, func(*Config) {})
+	if err := g.Apply(c); err != nil {
+		t.Fatal(err)
+	}
+	before := g.Dump()
+	c.Chain(ChainRedirect).Rules = nil
+	if g.Dump() != before {
+		t.Errorf("a change to an applied Ruleset changed the record")
 	}
 	ipt, err := f.NewBackend(BackendIPTablesNFT, BackendOptions{})
 	if err != nil || ipt.Name() != BackendIPTablesNFT {
