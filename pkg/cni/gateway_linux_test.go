@@ -2,7 +2,6 @@ package cni
 
 import (
 	"errors"
-	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -10,74 +9,22 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/egress-cni/egress-cni/pkg/cni/cnitest"
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
-
-// fakePods is an in-memory node registration store with node.RegisterPod's
-// stale-removal semantics.
-type fakePods struct {
-	pods   []node.Pod
-	calls  int
-	egress bool
-	err    error
-}
-
-func (f *fakePods) RegisterPod(p node.Pod) ([]node.Pod, error) {
-	f.calls++
-	if f.err != nil {
-		return nil, f.err
-	}
-	if p.Gateway && !f.egress {
-		return nil, node.ErrNotEgressNode
-	}
-	var keep, stale []node.Pod
-	for _, o := range f.pods {
-		if o.ContainerID != p.ContainerID && (o.Port == p.Port || slices.ContainsFunc(o.IPs, func(ip netip.Addr) bool { return slices.Contains(p.IPs, ip) })) {
-			stale = append(stale, o)
-		} else {
-			keep = append(keep, o)
-		}
-	}
-	f.pods = append(keep, p)
-	return stale, nil
-}
-
-func (f *fakePods) UnregisterPods(match func(string) bool) ([]node.Pod, error) {
-	f.calls++
-	var keep, removed []node.Pod
-	for _, p := range f.pods {
-		if match(p.ContainerID) {
-			removed = append(removed, p)
-		} else {
-			keep = append(keep, p)
-		}
-	}
-	f.pods = keep
-	return removed, nil
-}
-
-func (f *fakePods) ListPods() ([]node.Pod, error) { return f.pods, nil }
-
-func fakeHostSide(port, l3 string, err error) func(string, string, types.Result) (string, string, string, error) {
-	return func(string, string, types.Result) (string, string, string, error) { return port, l3, "fake", err }
-}
-
-func regPod(id, port, ip string, gw bool) node.Pod {
-	return node.Pod{ContainerID: id, Port: port, L3: "cni0", IPs: []netip.Addr{netip.MustParseAddr(ip)}, Gateway: gw}
-}
 
 // Every pod's ADD registers it (one call) and takes over stale entries of
 // its address; DEL drops the container's registration without a
 // namespace or prevResult; GC keeps only valid attachments.
 func TestRegistrationAddDelGC(t *testing.T) {
 	p, _, _ := fakePlugin()
-	f := &fakePods{egress: true, pods: []node.Pod{
-		regPod("c-old", "vethold", "198.51.100.5", true), // departed gateway, same IP as the new pod
-		regPod("c-gw", "vethgw", "198.51.100.9", true),   // live gateway
-		regPod("c-gone", "vethgone", "198.51.100.10", false),
+	f := &cnitest.Pods{Egress: true, Pods: []node.Pod{
+		cnitest.Pod("c-old", "vethold", "198.51.100.5", true), // departed gateway, same IP as the new pod
+		cnitest.Pod("c-gw", "vethgw", "198.51.100.9", true),   // live gateway
+		cnitest.Pod("c-gone", "vethgone", "198.51.100.10", false),
 	}}
 	p.Pods = f
-	p.HostSide = fakeHostSide("veth1", "cni0", nil)
+	p.HostSide = cnitest.HostSide("veth1", "cni0", nil)
 	state := t.TempDir()
 	// Records of the departed gateway and of the pods DEL and GC remove.
 	for _, id := range []string{"c-old", "c-gw", "c-gone"} {
@@ -102,10 +49,10 @@ func TestRegistrationAddDelGC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.calls != 1 || len(f.pods) != 3 || slices.ContainsFunc(f.pods, func(p node.Pod) bool { return p.ContainerID == "c-old" }) {
-		t.Fatalf("after ordinary ADD: %d calls, %v", f.calls, f.pods)
+	if f.Calls != 1 || len(f.Pods) != 3 || slices.ContainsFunc(f.Pods, func(p node.Pod) bool { return p.ContainerID == "c-old" }) {
+		t.Fatalf("after ordinary ADD: %d calls, %v", f.Calls, f.Pods)
 	}
-	if got := f.pods[2]; got.ContainerID != "c1" || got.Port != "veth1" || got.L3 != "cni0" || got.Gateway {
+	if got := f.Pods[2]; got.ContainerID != "c1" || got.Port != "veth1" || got.L3 != "cni0" || got.Gateway {
 		t.Fatalf("registered %+v", got)
 	}
 	// ADD recorded the pod's identity from CNI_ARGS, and dropped the
@@ -121,28 +68,28 @@ func TestRegistrationAddDelGC(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if slices.ContainsFunc(f.pods, func(p node.Pod) bool { return p.ContainerID == "c-gw" }) {
-		t.Fatalf("after DEL: %v", f.pods)
+	if slices.ContainsFunc(f.Pods, func(p node.Pod) bool { return p.ContainerID == "c-gw" }) {
+		t.Fatalf("after DEL: %v", f.Pods)
 	}
 	if got := records(); !slices.Equal(got, []string{"c-gone", "c1"}) {
 		t.Fatalf("records after DEL: %v", got)
 	}
-	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", keys, nil, false)}); err != nil || len(f.pods) != 2 {
-		t.Fatalf("GC without attachments: %v, %v", err, f.pods)
+	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", keys, nil, false)}); err != nil || len(f.Pods) != 2 {
+		t.Fatalf("GC without attachments: %v, %v", err, f.Pods)
 	}
 	gc := keys + `, "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]`
 	if err := p.GC(&skel.CmdArgs{StdinData: stdin("1.1.0", gc, nil, false)}); err != nil {
 		t.Fatal(err)
 	}
-	if len(f.pods) != 1 || f.pods[0].ContainerID != "c1" {
-		t.Fatalf("after GC: %v", f.pods)
+	if len(f.Pods) != 1 || f.Pods[0].ContainerID != "c1" {
+		t.Fatalf("after GC: %v", f.Pods)
 	}
 	if got := records(); !slices.Equal(got, []string{"c1"}) {
 		t.Fatalf("records after GC: %v", got)
 	}
-	f.calls = 0
+	f.Calls = 0
 	_ = p.Del(&skel.CmdArgs{ContainerID: "c1", StdinData: stdin("1.0.0", "", nil, false)})
-	if f.calls != 0 {
+	if f.Calls != 0 {
 		t.Errorf("DEL without nodeEnforcement edited the node sets")
 	}
 }
@@ -166,15 +113,15 @@ func TestRegistrationRefusals(t *testing.T) {
 		{"gateway on an app node", gwArgs, nil, nil, false, types.ErrInvalidNetworkConfig, "egress nodes"},
 	} {
 		p, _, _ := fakePlugin()
-		f := &fakePods{egress: tc.egress, err: tc.storeErr}
+		f := &cnitest.Pods{Egress: tc.egress, Err: tc.storeErr}
 		p.Pods = f
-		p.HostSide = fakeHostSide("veth1", "cni0", tc.hostErr)
+		p.HostSide = cnitest.HostSide("veth1", "cni0", tc.hostErr)
 		err := p.Add(&skel.CmdArgs{ContainerID: "c2", IfName: "eth0", Args: tc.args, StdinData: stdin("1.0.0", keys, map[string]string{}, true)})
 		if err == nil || Code(err) != tc.code || !strings.Contains(err.Error(), tc.says) {
 			t.Errorf("%s: err %v (code %d), want code %d saying %q", tc.name, err, Code(err), tc.code, tc.says)
 		}
-		if len(f.pods) != 0 {
-			t.Errorf("%s: registered %v", tc.name, f.pods)
+		if len(f.Pods) != 0 {
+			t.Errorf("%s: registered %v", tc.name, f.Pods)
 		}
 	}
 }
@@ -196,9 +143,9 @@ func TestRegistrationAppliesMissingNodeRules(t *testing.T) {
 		{"no nodeConfig", `"nodeEnforcement": true`, nil, 0, types.ErrTryAgainLater},
 	} {
 		p, _, _ := fakePlugin()
-		f := &fakePods{egress: true, err: node.ErrNotApplied}
+		f := &cnitest.Pods{Egress: true, Err: node.ErrNotApplied}
 		p.Pods = f
-		p.HostSide = fakeHostSide("veth1", "cni0", nil)
+		p.HostSide = cnitest.HostSide("veth1", "cni0", nil)
 		applies := 0
 		p.NodeRules = func(path string) (bool, error) {
 			applies++
@@ -206,7 +153,7 @@ func TestRegistrationAppliesMissingNodeRules(t *testing.T) {
 				t.Errorf("%s: applied from %q", tc.name, path)
 			}
 			if tc.applyErr == nil {
-				f.err = nil
+				f.Err = nil
 			}
 			return tc.applyErr == nil, tc.applyErr
 		}
@@ -215,13 +162,13 @@ func TestRegistrationAppliesMissingNodeRules(t *testing.T) {
 			t.Errorf("%s: %d applies, want %d", tc.name, applies, tc.applies)
 		}
 		if tc.code == 0 {
-			if err != nil || len(f.pods) != 1 {
-				t.Errorf("%s: err %v, registered %v", tc.name, err, f.pods)
+			if err != nil || len(f.Pods) != 1 {
+				t.Errorf("%s: err %v, registered %v", tc.name, err, f.Pods)
 			}
 			continue
 		}
-		if err == nil || Code(err) != tc.code || len(f.pods) != 0 {
-			t.Errorf("%s: err %v (code %d), registered %v; want code %d and nothing registered", tc.name, err, Code(err), f.pods, tc.code)
+		if err == nil || Code(err) != tc.code || len(f.Pods) != 0 {
+			t.Errorf("%s: err %v (code %d), registered %v; want code %d and nothing registered", tc.name, err, Code(err), f.Pods, tc.code)
 		}
 	}
 	p, _, _ := fakePlugin()

@@ -4,39 +4,53 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/egress-cni/egress-cni/internal/nstest"
 	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
-// fakeBackend records calls; it never touches the kernel.
-type fakeBackend struct {
-	name     rules.BackendName
-	applied  []*rules.Ruleset
-	checkErr error
-	removed  int
+// fakePlugin is a plugin over rules.NewFake: what ADD applies is
+// recorded per network namespace, and f.Dump() shows it.
+func fakePlugin() (*Plugin, *rules.Fake, *bytes.Buffer) {
+	f := rules.NewFake()
+	out := &bytes.Buffer{}
+	return &Plugin{NewBackend: f.NewBackend, Stdout: out}, f, out
 }
 
-func (f *fakeBackend) Name() rules.BackendName               { return f.name }
-func (f *fakeBackend) Render(*rules.Ruleset) (string, error) { return "", nil }
-func (f *fakeBackend) Apply(rs *rules.Ruleset) error         { f.applied = append(f.applied, rs); return nil }
-func (f *fakeBackend) Check(*rules.Ruleset) error            { return f.checkErr }
-func (f *fakeBackend) Remove() error                         { f.removed++; return nil }
+// The -update flag rewrites the golden files under testdata/.
+var update = flag.Bool("update", false, "rewrite golden files under testdata/")
 
-func fakePlugin() (*Plugin, *fakeBackend, *bytes.Buffer) {
-	fb := &fakeBackend{name: rules.BackendNFTables}
-	out := &bytes.Buffer{}
-	p := &Plugin{
-		NewBackend: func(rules.BackendName, rules.BackendOptions) (rules.Backend, error) { return fb, nil },
-		Stdout:     out,
+// golden compares got with testdata/NAME.golden.
+func golden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", name+".golden")
+	if *update {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
 	}
-	return p, fb, out
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run with -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs:\n--- want\n%s\n--- got\n%s", path, want, got)
+	}
 }
 
 const podArgs = "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=c1"
@@ -75,14 +89,13 @@ func stdin(cniVersion, extra string, ann map[string]string, withPrev bool) []byt
 func TestAddPrintsPrevResultInRequestedVersion(t *testing.T) {
 	for _, v := range []string{"0.4.0", "1.0.0", "1.1.0"} {
 		t.Run(v, func(t *testing.T) {
-			p, fb, out := fakePlugin()
+			p, f, out := fakePlugin()
 			err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin(v, "", injected(), true)})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(fb.applied) != 1 {
-				t.Fatalf("applied %d times", len(fb.applied))
-			}
+			// Istio's defaults, in this (the test's) namespace, once.
+			golden(t, "fake/add-injected", f.Dump())
 			var res map[string]any
 			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
 				t.Fatalf("stdout is not JSON: %v: %s", err, out)
@@ -99,13 +112,13 @@ func TestAddPrintsPrevResultInRequestedVersion(t *testing.T) {
 }
 
 func TestAddSkippedPodStillPassesResultThrough(t *testing.T) {
-	p, fb, out := fakePlugin()
+	p, f, out := fakePlugin()
 	err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", map[string]string{}, true)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(fb.applied) != 0 {
-		t.Error("skipped pod got rules")
+	if d := f.Dump(); d != "" {
+		t.Errorf("skipped pod got rules:\n%s", d)
 	}
 	if !strings.Contains(out.String(), "198.51.100.5/24") {
 		t.Errorf("stdout = %s", out)
@@ -128,7 +141,7 @@ func TestAddErrors(t *testing.T) {
 			types.ErrInvalidNetworkConfig, []string{"proxyport2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p, fb, out := fakePlugin()
+			p, f, out := fakePlugin()
 			err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: tc.stdin})
 			var te *types.Error
 			if !errors.As(err, &te) {
@@ -142,8 +155,8 @@ func TestAddErrors(t *testing.T) {
 					t.Errorf("message %q does not contain %q", te.Msg, s)
 				}
 			}
-			if len(fb.applied) != 0 || out.Len() != 0 {
-				t.Errorf("touched the namespace (%d applies) or printed %q", len(fb.applied), out)
+			if d := f.Dump(); d != "" || out.Len() != 0 {
+				t.Errorf("touched the namespace (holds %q) or printed %q", d, out)
 			}
 		})
 	}
@@ -169,28 +182,59 @@ func TestDelIsLenient(t *testing.T) {
 		{"bad config", "", stdin("1.0.0", `"proxyPort": "x"`, nil, false)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p, fb, out := fakePlugin()
+			p, f, out := fakePlugin()
+			rs, err := rules.Build(rules.DefaultConfig())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Apply(rs); err != nil {
+				t.Fatal(err)
+			}
+			before := f.Dump()
 			if err := p.Del(&skel.CmdArgs{ContainerID: "c1", Netns: tc.netns, IfName: "eth0", Args: podArgs, StdinData: tc.stdin}); err != nil {
 				t.Fatal(err)
 			}
-			if fb.removed != 0 || out.Len() != 0 {
-				t.Errorf("removed %d, stdout %q", fb.removed, out)
+			if after := f.Dump(); after != before || out.Len() != 0 {
+				t.Errorf("removed through the backend (holds %q), stdout %q", after, out)
 			}
 		})
 	}
 }
 
+// CHECK compares the namespace with what ADD would apply now: nothing
+// there, or other rules, is drift naming the pod and the lines; what ADD
+// applied is not.
 func TestCheckDrift(t *testing.T) {
-	p, fb, _ := fakePlugin()
-	fb.checkErr = &rules.DriftError{Backend: "nftables", Missing: []string{"chain ISTIO_OUTPUT rule: x"}}
-	err := p.Check(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", injected(), true)})
-	if err == nil || !strings.Contains(err.Error(), "missing: chain ISTIO_OUTPUT rule: x") || !strings.Contains(err.Error(), "team-a/web-0") {
-		t.Errorf("err = %v", err)
+	p, _, _ := fakePlugin()
+	args := func(ann map[string]string) *skel.CmdArgs {
+		return &skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", ann, true)}
 	}
-	fb.checkErr = nil
-	if err := p.Check(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", injected(), true)}); err != nil {
-		t.Error(err)
+	err := p.Check(args(injected()))
+	if err == nil || !strings.Contains(err.Error(), "ruleset drift") || !strings.Contains(err.Error(), "missing: table inet egress_cni {") ||
+		!strings.Contains(err.Error(), "team-a/web-0") || !strings.Contains(err.Error(), "capture rules differ") {
+		t.Errorf("CHECK before ADD: err = %v", err)
 	}
+	if err := p.Add(args(injected())); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Check(args(injected())); err != nil {
+		t.Errorf("CHECK after ADD: %v", err)
+	}
+	// The annotations changed since ADD: the new exclusion is missing.
+	err = p.Check(args(injected(AnnotationExcludeOutboundIPRanges, "192.0.2.0/24")))
+	if err == nil || !strings.Contains(err.Error(), "missing, 0 extra") || !strings.Contains(err.Error(), "missing: 192.0.2.0/24") {
+		t.Errorf("CHECK with a new exclusion: err = %v", err)
+	}
+}
+
+// The configured backend is the one that applies, in its own syntax.
+func TestAddConfiguredBackend(t *testing.T) {
+	p, f, _ := fakePlugin()
+	in := stdin("1.0.0", `"backend": "iptables-legacy"`, injected(AnnotationExcludeOutboundIPRanges, "192.0.2.0/24"), true)
+	if err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Args: podArgs, StdinData: in}); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "fake/add-iptables-legacy-exclusion", f.Dump())
 }
 
 func TestStatusAndGC(t *testing.T) {
@@ -239,5 +283,50 @@ func TestAddLogs(t *testing.T) {
 		if want == "captured" && rec["backend"] != "nftables" {
 			t.Errorf("backend = %v", rec["backend"])
 		}
+	}
+}
+
+// The fake backend records per network namespace, as the real ones
+// act: two pods' ADDs into their own namespaces are two records, each
+// with its own pod's rules, and CHECK compares each pod with its own.
+func TestAddRecordsPerNamespace(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	a, b := nstest.NewNS(t), nstest.NewNS(t)
+	p, f, _ := fakePlugin()
+	args := func(n ns.NetNS, ann map[string]string) *skel.CmdArgs {
+		return &skel.CmdArgs{ContainerID: "c1", Netns: n.Path(), IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", ann, true)}
+	}
+	plain, excl := injected(), injected(AnnotationExcludeOutboundIPRanges, "192.0.2.0/24")
+	if err := p.Add(args(a, plain)); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Add(args(b, excl)); err != nil {
+		t.Fatal(err)
+	}
+	name := func(n ns.NetNS) string {
+		var st syscall.Stat_t
+		if err := syscall.Stat(n.Path(), &st); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("net:[%d]", st.Ino)
+	}
+	dump := f.Dump()
+	sections := map[string]string{}
+	for _, s := range strings.Split(dump, "# netns ")[1:] {
+		head, body, _ := strings.Cut(s, "\n")
+		sections[head] = body
+	}
+	sa, sb := sections[name(a)+": nftables"], sections[name(b)+": nftables"]
+	if len(sections) != 2 || sa == "" || sb == "" {
+		t.Fatalf("want one record in each of %s and %s, got:\n%s", name(a), name(b), dump)
+	}
+	if strings.Contains(sa, "192.0.2.0/24") || !strings.Contains(sb, "192.0.2.0/24") {
+		t.Errorf("the exclusion is not (only) in the second pod's namespace:\n%s", dump)
+	}
+	if err := p.Check(args(a, plain)); err != nil {
+		t.Errorf("CHECK of the first pod: %v", err)
+	}
+	if err := p.Check(args(b, plain)); err == nil || !strings.Contains(err.Error(), "extra: 192.0.2.0/24") {
+		t.Errorf("CHECK of the second pod against the first pod's annotations: %v", err)
 	}
 }

@@ -59,6 +59,11 @@ func (p *program) batchSize() int {
 	return n
 }
 
+// nftConn opens the netlink connections of this file (rules.NFTConn).
+// batch_linux_test.go replaces it with a rules.NFTRecorder's, a
+// nftables.WithTestDial connection, to read Apply's batch without root.
+var nftConn = rules.NFTConn
+
 func counters() []*nftables.CounterObj {
 	out := []*nftables.CounterObj{
 		{Table: inetTable, Name: CounterDropped},
@@ -83,7 +88,7 @@ func counters() []*nftables.CounterObj {
 // removed in the same batch.
 func Apply(cfg *Config) error {
 	p := newProgram(cfg)
-	c, err := rules.NFTConn(p.batchSize())
+	c, err := nftConn(p.batchSize())
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
@@ -197,7 +202,7 @@ func (s *chainSpec) chain() *nftables.Chain {
 // Remove deletes our tables, with their sets and counters, and nothing
 // else. It succeeds when they are absent.
 func Remove() error {
-	c, err := rules.NFTConn(0)
+	c, err := nftConn(0)
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
@@ -230,7 +235,7 @@ func Remove() error {
 // dynamic and not compared.
 func Check(cfg *Config) error {
 	p := newProgram(cfg)
-	c, err := rules.NFTConn(p.batchSize())
+	c, err := nftConn(p.batchSize())
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
@@ -400,7 +405,7 @@ type Counters struct {
 
 // ReadCounters reads the drop counters.
 func ReadCounters() (Counters, error) {
-	c, err := rules.NFTConn(0)
+	c, err := nftConn(0)
 	if err != nil {
 		return Counters{}, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}
@@ -448,7 +453,7 @@ func ReadCounters() (Counters, error) {
 
 // DropCounter reads the exit's drop counter.
 func DropCounter() (packets, bytes uint64, err error) {
-	c, err := rules.NFTConn(0)
+	c, err := nftConn(0)
 	if err != nil {
 		return 0, 0, fmt.Errorf("could not open nftables netlink socket: %w", err)
 	}

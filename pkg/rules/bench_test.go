@@ -44,12 +44,7 @@ func BenchmarkBuild10k(b *testing.B) {
 // BenchmarkRenderNFT10k renders the netlink objects (what Apply sends)
 // and the nft text (what dry runs and Check use).
 func BenchmarkRenderNFT10k(b *testing.B) {
-	cfg := DefaultConfig()
-	cfg.OutboundExcludeCIDRs = nftSpreadCIDRs(10000)
-	rs, err := Build(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
+	rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := nftObjectsFor(rs); err != nil {
@@ -62,12 +57,7 @@ func BenchmarkRenderNFT10k(b *testing.B) {
 // BenchmarkRenderIPTables10k renders the iptables-restore input of both
 // families (10,000 RETURN rules in the IPv4 one).
 func BenchmarkRenderIPTables10k(b *testing.B) {
-	cfg := DefaultConfig()
-	cfg.OutboundExcludeCIDRs = nftSpreadCIDRs(10000)
-	rs, err := Build(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
+	rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
 	b.ReportAllocs()
 	for b.Loop() {
 		for _, f := range []Family{FamilyIPv4, FamilyIPv6} {

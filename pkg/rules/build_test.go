@@ -8,14 +8,17 @@ import (
 
 func sp(s string) *string { return &s }
 
+// fieldErrCase is options and the FieldError they must give.
+type fieldErrCase struct {
+	name      string
+	opts      OptionText
+	field     string
+	value     string
+	reasonHas string
+}
+
 func TestParseErrorsNameFieldAndValue(t *testing.T) {
-	cases := []struct {
-		name      string
-		opts      OptionText
-		field     string
-		value     string
-		reasonHas string
-	}{
+	cases := []fieldErrCase{
 		{"prefix too long", OptionText{FieldOutboundExcludeCIDRs: "10.0.0.0/33"}, FieldOutboundExcludeCIDRs, "10.0.0.0/33", "out of range 0-32"},
 		{"v6 prefix too long", OptionText{FieldOutboundExcludeCIDRs: "2001:db8::/129"}, FieldOutboundExcludeCIDRs, "2001:db8::/129", "out of range 0-128"},
 		{"not a cidr", OptionText{FieldOutboundIncludeCIDRs: "abc"}, FieldOutboundIncludeCIDRs, "abc", "not a CIDR"},
@@ -60,13 +63,7 @@ func TestParseErrorsNameFieldAndValue(t *testing.T) {
 }
 
 func TestValidateErrors(t *testing.T) {
-	cases := []struct {
-		name      string
-		opts      OptionText
-		field     string
-		value     string
-		reasonHas string
-	}{
+	cases := []fieldErrCase{
 		{"v6 cidr in v4 config", OptionText{FieldFamilies: "ipv4", FieldOutboundExcludeCIDRs: "2001:db8::/32"}, FieldOutboundExcludeCIDRs, "2001:db8::/32", "IPv6 is disabled"},
 		{"v4 cidr in v6 config", OptionText{FieldFamilies: "ipv6", FieldOutboundIncludeCIDRs: "192.0.2.0/24"}, FieldOutboundIncludeCIDRs, "192.0.2.0/24", "IPv4 is disabled"},
 		{"include inside exclude", OptionText{FieldOutboundIncludeCIDRs: "10.1.0.0/16", FieldOutboundExcludeCIDRs: "10.0.0.0/8"}, FieldOutboundIncludeCIDRs, "10.1.0.0/16", "entirely covered"},
@@ -135,28 +132,51 @@ func out(dst string, port uint16, uid uint32) Packet {
 	return Packet{Hook: "output", OIF: "eth0", Src: src, Dst: d, Proto: ProtoTCP, DPort: port, UID: uid, GID: uid}
 }
 
-func TestTraceIstioDefaults(t *testing.T) {
+// optionsRuleset builds DefaultConfig with the istio-iptables options o.
+func optionsRuleset(t *testing.T, o OptionText) *Ruleset {
+	t.Helper()
 	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(OptionText{
-		FieldOutboundExcludeCIDRs: "198.51.100.0/24,2001:db8:dead::/48",
-		FieldOutboundExcludePorts: "3306",
-		FieldInboundExcludePorts:  "15090,15021,15020,22",
-	}); err != nil {
+	if err := cfg.ApplyOptions(o); err != nil {
 		t.Fatal(err)
 	}
 	rs, err := Build(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return rs
+}
+
+// traceCase is a packet and the port Trace must redirect it to (0: none).
+type traceCase struct {
+	name string
+	p    Packet
+	want uint16
+}
+
+func checkTraces(t *testing.T, rs *Ruleset, cases []traceCase) {
+	t.Helper()
+	for _, tc := range cases {
+		got, err := rs.Trace(tc.p)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if got != tc.want {
+			t.Errorf("%s: redirected to %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestTraceIstioDefaults(t *testing.T) {
+	rs := optionsRuleset(t, OptionText{
+		FieldOutboundExcludeCIDRs: "198.51.100.0/24,2001:db8:dead::/48",
+		FieldOutboundExcludePorts: "3306",
+		FieldInboundExcludePorts:  "15090,15021,15020,22",
+	})
 	lo := func(p Packet) Packet { p.OIF = "lo"; return p }
 	in := func(dst string, port uint16) Packet {
 		return Packet{Hook: "prerouting", IIF: "eth0", Src: netip.MustParseAddr("203.0.113.10"), Dst: netip.MustParseAddr(dst), Proto: ProtoTCP, DPort: port}
 	}
-	cases := []struct {
-		name string
-		p    Packet
-		want uint16
-	}{
+	checkTraces(t, rs, []traceCase{
 		{"app to internet", out("203.0.113.10", 80, 1000), 15001},
 		{"app to internet v6", out("2001:db8:2::10", 443, 1000), 15001},
 		{"proxy uid", out("203.0.113.10", 80, 1337), 0},
@@ -179,21 +199,11 @@ func TestTraceIstioDefaults(t *testing.T) {
 		{"inbound excluded port", in("192.0.2.2", 15021), 0},
 		{"inbound extra excluded port", in("192.0.2.2", 22), 0},
 		{"inbound tunnel port", in("192.0.2.2", 15008), 0},
-	}
-	for _, tc := range cases {
-		got, err := rs.Trace(tc.p)
-		if err != nil {
-			t.Fatalf("%s: %v", tc.name, err)
-		}
-		if got != tc.want {
-			t.Errorf("%s: redirected to %d, want %d", tc.name, got, tc.want)
-		}
-	}
+	})
 }
 
 func TestTraceIncludeOnlyAndDNS(t *testing.T) {
-	cfg := DefaultConfig()
-	if err := cfg.ApplyOptions(OptionText{
+	rs := optionsRuleset(t, OptionText{
 		FieldOutboundIncludeCIDRs: "203.0.113.0/25",
 		FieldOutboundExcludeCIDRs: "203.0.113.64/26",
 		FieldOutboundIncludePorts: "8443",
@@ -201,19 +211,9 @@ func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 		FieldInboundExcludePorts:  "",
 		FieldExcludeInterfaces:    "eth1",
 		FieldRedirectDNS:          "true",
-	}); err != nil {
-		t.Fatal(err)
-	}
-	rs, err := Build(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	})
 	udp := func(p Packet) Packet { p.Proto = ProtoUDP; return p }
-	cases := []struct {
-		name string
-		p    Packet
-		want uint16
-	}{
+	checkTraces(t, rs, []traceCase{
 		{"included", out("203.0.113.10", 80, 1000), 15001},
 		{"carved out of include", out("203.0.113.70", 80, 1000), 0},
 		{"outside include", out("203.0.113.200", 80, 1000), 0},
@@ -225,16 +225,7 @@ func TestTraceIncludeOnlyAndDNS(t *testing.T) {
 		{"inbound included", Packet{Hook: "prerouting", IIF: "eth0", Dst: netip.MustParseAddr("192.0.2.2"), Proto: ProtoTCP, DPort: 9001}, 15006},
 		{"inbound not included", Packet{Hook: "prerouting", IIF: "eth0", Dst: netip.MustParseAddr("192.0.2.2"), Proto: ProtoTCP, DPort: 8081}, 0},
 		{"inbound excluded iface", Packet{Hook: "prerouting", IIF: "eth1", Dst: netip.MustParseAddr("192.0.2.2"), Proto: ProtoTCP, DPort: 8080}, 0},
-	}
-	for _, tc := range cases {
-		got, err := rs.Trace(tc.p)
-		if err != nil {
-			t.Fatalf("%s: %v", tc.name, err)
-		}
-		if got != tc.want {
-			t.Errorf("%s: redirected to %d, want %d", tc.name, got, tc.want)
-		}
-	}
+	})
 }
 
 func TestBuildDeterministic(t *testing.T) {

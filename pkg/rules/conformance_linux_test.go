@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
 )
 
 // saveAll is "*-save -t <table>" of every table we write, in n, without
@@ -29,10 +31,10 @@ func saveAll(t *testing.T, n ns.NetNS, flavour BackendName, f Family) string {
 // own, and reads the rules back with iptables-save: what the kernel
 // holds is Istio's rules, rule for rule.
 func TestIstioConformanceKernel(t *testing.T) {
-	iptRequirePrivileged(t)
+	nstest.RequirePrivileged(t)
 	for _, fl := range iptFlavours {
 		t.Run(string(fl), func(t *testing.T) {
-			n := newIPTTestNS(t)
+			n := nstest.NewNS(t)
 			ipt := newIPTBackend(fl, BackendOptions{})
 			checked := 0
 			for _, tc := range istioCases() {
@@ -40,7 +42,7 @@ func TestIstioConformanceKernel(t *testing.T) {
 					continue
 				}
 				rs := tc.mustBuild(t)
-				iptInNS(t, n, tc.name+": Apply", func() error { return ipt.Apply(rs) })
+				inNS(t, n, tc.name+": Apply", func() error { return ipt.Apply(rs) })
 				for fi, f := range []Family{FamilyIPv4, FamilyIPv6} {
 					text := saveAll(t, n, fl, f)
 					if fi == 1 && !tc.v6 {
@@ -70,8 +72,8 @@ func TestIstioConformanceKernel(t *testing.T) {
 // nftables syntax as one batch, and Check finds it as built. Its
 // verdicts are TestIstioConformanceTrace's.
 func TestIstioConformanceNFT(t *testing.T) {
-	iptRequirePrivileged(t)
-	n := newIPTTestNS(t)
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
 	nft := newNFTBackend()
 	applied := 0
 	for _, tc := range istioCases() {
@@ -79,8 +81,8 @@ func TestIstioConformanceNFT(t *testing.T) {
 			continue
 		}
 		rs := tc.mustBuild(t)
-		iptInNS(t, n, tc.name+": Apply", func() error { return nft.Apply(rs) })
-		iptInNS(t, n, tc.name+": Check", func() error { return nft.Check(rs) })
+		inNS(t, n, tc.name+": Apply", func() error { return nft.Apply(rs) })
+		inNS(t, n, tc.name+": Check", func() error { return nft.Check(rs) })
 		applied++
 	}
 	if applied == 0 {

@@ -762,21 +762,20 @@ func conformancePackets(f Family) []Packet {
 		out("eth0", a("1.1.1.1", "2001:db8:1:1::1"), ProtoTCP, 80, 1000, 1000),
 		out("eth0", ext, ProtoTCP, 32000, 1000, 1000),
 		out("eth0", ext, ProtoTCP, 31000, 1000, 1000),
-		out("eth0", ext, ProtoTCP, 80, 1337, 1337),
-		out("eth0", ext, ProtoTCP, 80, 3, 1000),
-		out("eth0", ext, ProtoTCP, 80, 1000, 2),
-		out("eth0", ext, ProtoTCP, 80, 1000, 202),
-		out("eth0", ext, ProtoTCP, 80, 1000, 1001),
-		out("eth0", ext, ProtoTCP, 80, 1000, 888),
-		out("eth0", ext, ProtoTCP, 80, 1000, 21),
+	}
+	// The owner matches: proxy UID and GID, other UIDs and groups.
+	for _, ug := range [][2]uint32{{1337, 1337}, {3, 1000}, {1000, 2}, {1000, 202}, {1000, 1001}, {1000, 888}, {1000, 21}} {
+		ps = append(ps, out("eth0", ext, ProtoTCP, 80, ug[0], ug[1]))
+	}
+	ps = append(ps,
 		out("eth0", a("10.96.0.10", "2001:db8::a"), ProtoUDP, 53, 1000, 1000),
 		out("not-istio-nic", ext, ProtoTCP, 80, 1000, 1000),
 		out("lo", lo, ProtoTCP, 8080, 1000, 1000),
-		out("lo", a("127.1.2.3", "::1"), ProtoTCP, 8080, 1000, 1000),
-		out("lo", pod, ProtoTCP, 8080, 1000, 1000),
-		out("lo", pod, ProtoTCP, 8080, 1337, 1337),
-		out("lo", pod, ProtoTCP, 8080, 3, 1000),
-		out("lo", pod, ProtoTCP, 8080, 4, 1000),
+		out("lo", a("127.1.2.3", "::1"), ProtoTCP, 8080, 1000, 1000))
+	for _, ug := range [][2]uint32{{1000, 1000}, {1337, 1337}, {3, 1000}, {4, 1000}} {
+		ps = append(ps, out("lo", pod, ProtoTCP, 8080, ug[0], ug[1]))
+	}
+	ps = append(ps,
 		out("lo", pod, ProtoTCP, 15008, 1337, 1337),
 		out("lo", lo, ProtoTCP, 8080, 1337, 1337),
 		in("eth0", pod, 8080),
@@ -787,8 +786,7 @@ func conformancePackets(f Family) []Packet {
 		in("eth1", a("10.1.2.3", "2001:db8::10"), 80),
 		in("eth2", ext, 80),
 		in("eth0", ext, 80),
-		in("not-istio-nic", pod, 8080),
-	}
+		in("not-istio-nic", pod, 8080))
 	lp := out("lo", pod, ProtoTCP, 8080, 1337, 1337)
 	lp.Src = pass
 	return append(ps, lp)

@@ -60,8 +60,29 @@ COMMIT
 # Completed on Sat Nov 21 23:27:35 2026
 `
 
+// istioSave4Deletes starts every restore input over istioSave4: it
+// declares (and so flushes) our chains and deletes our entry rules.
+const istioSave4Deletes = `*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-D PREROUTING -p tcp -j ISTIO_INBOUND
+-D OUTPUT -j ISTIO_OUTPUT
+-D OUTPUT -m comment --comment egress-cni -j RETURN
+`
+
+// istioSave4Removal is the restore input that removes what istioSave4
+// holds of ours (Remove, and Apply in a family it leaves).
+const istioSave4Removal = istioSave4Deletes + `-X ISTIO_INBOUND
+-X ISTIO_IN_REDIRECT
+-X ISTIO_OUTPUT
+-X ISTIO_REDIRECT
+COMMIT
+`
+
 func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(c *Config) {
+	rs := goldenRuleset(t, func(c *Config) {
 		c.Families = IPv4Only
 		c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8")
 	})
@@ -73,16 +94,7 @@ func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
 	if err := ipt.Apply(rs); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{dedent(`
-		iptables:
-		*nat
-		:ISTIO_INBOUND - [0:0]
-		:ISTIO_IN_REDIRECT - [0:0]
-		:ISTIO_OUTPUT - [0:0]
-		:ISTIO_REDIRECT - [0:0]
-		-D PREROUTING -p tcp -j ISTIO_INBOUND
-		-D OUTPUT -j ISTIO_OUTPUT
-		-D OUTPUT -m comment --comment egress-cni -j RETURN
+	want := []string{"iptables:\n" + istioSave4Deletes + dedent(`
 		-A PREROUTING -p tcp -m comment --comment egress-cni -j ISTIO_INBOUND
 		-A OUTPUT -m comment --comment egress-cni -j ISTIO_OUTPUT
 		-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
@@ -103,29 +115,14 @@ func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
 		-A ISTIO_OUTPUT -j ISTIO_REDIRECT
 		-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 		COMMIT
-		`), dedent(`
-		ip6tables:
-		*nat
-		:ISTIO_INBOUND - [0:0]
-		:ISTIO_IN_REDIRECT - [0:0]
-		:ISTIO_OUTPUT - [0:0]
-		:ISTIO_REDIRECT - [0:0]
-		-D PREROUTING -p tcp -j ISTIO_INBOUND
-		-D OUTPUT -j ISTIO_OUTPUT
-		-D OUTPUT -m comment --comment egress-cni -j RETURN
-		-X ISTIO_INBOUND
-		-X ISTIO_IN_REDIRECT
-		-X ISTIO_OUTPUT
-		-X ISTIO_REDIRECT
-		COMMIT
-		`)}
+		`), "ip6tables:\n" + istioSave4Removal}
 	if diff := cmp.Diff(want, f.restores); diff != "" {
 		t.Errorf("restore input (-want +got):\n%s", diff)
 	}
 }
 
 func TestIPTApplyFreshTableAndModelError(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	f := &fakeIPT{}
 	ipt := &iptBackend{name: BackendIPTablesLegacy, run: f}
 	if err := ipt.Apply(rs); err != nil {
@@ -152,7 +149,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 	}
 
 	// Restore errors are wrapped with the family and backend.
-	rs = iptGoldenRuleset(t, func(*Config) {})
+	rs = goldenRuleset(t, func(*Config) {})
 	f.err = errors.New("boom")
 	if err := ipt.Apply(rs); err == nil || !strings.Contains(err.Error(), "iptables-legacy") || !errors.Is(err, f.err) {
 		t.Errorf("want a wrapped restore error, got %v", err)
@@ -165,22 +162,7 @@ func TestIPTRemoveInput(t *testing.T) {
 	if err := ipt.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{dedent(`
-		iptables:
-		*nat
-		:ISTIO_INBOUND - [0:0]
-		:ISTIO_IN_REDIRECT - [0:0]
-		:ISTIO_OUTPUT - [0:0]
-		:ISTIO_REDIRECT - [0:0]
-		-D PREROUTING -p tcp -j ISTIO_INBOUND
-		-D OUTPUT -j ISTIO_OUTPUT
-		-D OUTPUT -m comment --comment egress-cni -j RETURN
-		-X ISTIO_INBOUND
-		-X ISTIO_IN_REDIRECT
-		-X ISTIO_OUTPUT
-		-X ISTIO_REDIRECT
-		COMMIT
-		`)}
+	want := []string{"iptables:\n" + istioSave4Removal}
 	if diff := cmp.Diff(want, f.restores); diff != "" {
 		t.Errorf("restore input (-want +got):\n%s", diff)
 	}
@@ -194,7 +176,7 @@ func TestIPTRemoveInput(t *testing.T) {
 }
 
 func TestIPTCheckFake(t *testing.T) {
-	rs := iptGoldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8") })
+	rs := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8") })
 	// What iptables-save prints once we applied: builtin declarations,
 	// a foreign rule, our rules, and chains in any order.
 	save := func(fam Family) string {
@@ -236,7 +218,7 @@ func TestIPTCheckFake(t *testing.T) {
 	}
 
 	// A disabled family must hold nothing of ours.
-	rs4 := iptGoldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
+	rs4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
 	f.save = map[Family]string{FamilyIPv4: func() string { s, _ := RenderIPTablesFamily(rs4, FamilyIPv4); return s }(), FamilyIPv6: save(FamilyIPv6)}
 	if err := ipt.Check(rs4); !IsDrift(err) || !strings.Contains(err.Error(), "extra: ip6tables: ") {
 		t.Errorf("want extra IPv6 rules, got %v", err)

@@ -17,45 +17,15 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
 )
 
 var iptFlavours = []BackendName{BackendIPTablesNFT, BackendIPTablesLegacy}
 
-// iptRequirePrivileged skips without root, or fails when the environment
-// says privileged tests must run (CI).
-func iptRequirePrivileged(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	msg := "requires root: creates network namespaces and runs iptables-restore in them"
-	if os.Getenv("EGRESS_CNI_REQUIRE_PRIVILEGED") == "1" {
-		t.Fatal(msg + " (EGRESS_CNI_REQUIRE_PRIVILEGED=1)")
-	}
-	t.Skip(msg + "; set EGRESS_CNI_REQUIRE_PRIVILEGED=1 to fail instead of skipping")
-}
-
-// newIPTTestNS creates a fresh network namespace, removed at cleanup.
-func newIPTTestNS(t testing.TB) ns.NetNS {
-	t.Helper()
-	iptRequirePrivileged(t)
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatalf("could not create a network namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		if err := testutils.UnmountNS(n); err != nil {
-			t.Errorf("could not remove network namespace %s: %v", n.Path(), err)
-		}
-	})
-	return n
-}
-
-// iptInNS runs fn in n and fails the test on error.
-func iptInNS(t testing.TB, n ns.NetNS, what string, fn func() error) {
+// inNS runs fn in n and fails the test on error.
+func inNS(t testing.TB, n ns.NetNS, what string, fn func() error) {
 	t.Helper()
 	if err := n.Do(func(ns.NetNS) error { return fn() }); err != nil {
 		t.Fatalf("%s: %v", what, err)
@@ -70,7 +40,7 @@ func runIPT(t testing.TB, n ns.NetNS, flavour BackendName, f Family, op, stdin s
 		bin += "-" + op
 	}
 	var out []byte
-	iptInNS(t, n, bin, func() error {
+	inNS(t, n, bin, func() error {
 		cmd := exec.Command(bin, args...)
 		cmd.Stdin = strings.NewReader(stdin)
 		var err error
@@ -100,10 +70,10 @@ func saveBoth(t testing.TB, n ns.NetNS, flavour BackendName) string {
 }
 
 func forFlavours(t *testing.T, fn func(t *testing.T, flavour BackendName, n ns.NetNS)) {
-	iptRequirePrivileged(t)
+	nstest.RequirePrivileged(t)
 	for _, fl := range iptFlavours {
 		t.Run(string(fl), func(t *testing.T) {
-			n := newIPTTestNS(t)
+			n := nstest.NewNS(t)
 			fn(t, fl, n)
 		})
 	}
@@ -112,15 +82,15 @@ func forFlavours(t *testing.T, fn func(t *testing.T, flavour BackendName, n ns.N
 // Every golden config applies, and iptables-save prints back exactly the
 // rendered lines (Check compares them), in both flavours.
 func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
-	iptRequirePrivileged(t)
+	nstest.RequirePrivileged(t)
 	for _, fl := range iptFlavours {
-		for _, tc := range iptGoldenCases() {
+		for _, tc := range goldenCases() {
 			t.Run(string(fl)+"/"+tc.name, func(t *testing.T) {
-				n := newIPTTestNS(t)
-				rs := iptGoldenRuleset(t, tc.cfg)
+				n := nstest.NewNS(t)
+				rs := goldenRuleset(t, tc.cfg)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-				iptInNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
+				inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				inNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
 			})
 		}
 	}
@@ -128,38 +98,38 @@ func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
 
 func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		rs := iptGoldenRuleset(t, func(c *Config) {
+		rs := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
 		first := saveBoth(t, n, fl)
-		iptInNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
 		if diff := cmp.Diff(first, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("second Apply changed the tables (-first +second):\n%s", diff)
 		}
-		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
 	})
 }
 
 func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		a := iptGoldenRuleset(t, func(c *Config) {
+		a := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "192.168.0.0/16", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1", "eth2"}
 			c.RedirectDNS = true
 		})
-		b := iptGoldenRuleset(t, func(c *Config) {
+		b := goldenRuleset(t, func(c *Config) {
 			c.Families = IPv4Only
 			c.OutboundExcludeCIDRs = mustPrefixes("172.16.0.0/12")
 			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{80, 80}}, nil
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
-		iptInNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
-		iptInNS(t, n, "Check b", func() error { return ipt.Check(b) })
-		iptInNS(t, n, "Check a", func() error {
+		inNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
+		inNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
+		inNS(t, n, "Check b", func() error { return ipt.Check(b) })
+		inNS(t, n, "Check a", func() error {
 			if err := ipt.Check(a); !IsDrift(err) {
 				return fmt.Errorf("Check of the old config: want drift, got %v", err)
 			}
@@ -195,9 +165,9 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Remove where nothing exists succeeds, and (legacy) does not
 		// create the nat table, which would make Detect see legacy in use.
-		iptInNS(t, n, "Remove on an empty namespace", ipt.Remove)
+		inNS(t, n, "Remove on an empty namespace", ipt.Remove)
 		if fl == BackendIPTablesLegacy {
-			iptInNS(t, n, "legacy tables", func() error {
+			inNS(t, n, "legacy tables", func() error {
 				if legacyInUse() {
 					return errors.New("Remove registered legacy tables in an empty namespace")
 				}
@@ -209,25 +179,25 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		runIPT(t, n, fl, FamilyIPv6, "restore", iptForeign6, "--noflush")
 		before := saveBoth(t, n, fl)
 
-		rs := iptGoldenRuleset(t, func(c *Config) {
+		rs := goldenRuleset(t, func(c *Config) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 		applied := saveBoth(t, n, fl)
 		for _, l := range []string{"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT", "-A OUTPUT -d 2001:db8::7/128 -j ACCEPT", "-A FOREIGN -p udp -m udp --dport 4789 -j RETURN", "-A PREROUTING -i eth9 -j FOREIGN"} {
 			if !strings.Contains(applied, l+"\n") {
 				t.Errorf("Apply lost foreign rule %q:\n%s", l, applied)
 			}
 		}
-		iptInNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
 
-		iptInNS(t, n, "Remove", ipt.Remove)
+		inNS(t, n, "Remove", ipt.Remove)
 		if diff := cmp.Diff(before, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("Remove did not restore the tables as they were (-before +after):\n%s", diff)
 		}
-		iptInNS(t, n, "second Remove", ipt.Remove)
-		iptInNS(t, n, "Check after Remove", func() error {
+		inNS(t, n, "second Remove", ipt.Remove)
+		inNS(t, n, "Check after Remove", func() error {
 			err := ipt.Check(rs)
 			if !IsDrift(err) {
 				return fmt.Errorf("want drift after Remove, got %v", err)
@@ -239,9 +209,9 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 
 func TestIPTCheckReportsDrift(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 
 		bin := "ip6tables" + strings.TrimPrefix(string(fl), "iptables")
 		runIPT(t, n, fl, FamilyIPv6, "", "", "-t", "nat", "-D", "ISTIO_OUTPUT", "-d", "::1/128", "-j", "RETURN")
@@ -269,8 +239,8 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 		}
 
 		// Apply repairs it.
-		iptInNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
-		iptInNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
 	})
 }
 
@@ -297,16 +267,16 @@ COMMIT
 func TestIPTTakesOverIstioRules(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		runIPT(t, n, fl, FamilyIPv4, "restore", istioRules4, "--noflush")
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "Check before takeover", func() error {
+		inNS(t, n, "Check before takeover", func() error {
 			if err := ipt.Check(rs); !IsDrift(err) {
 				return fmt.Errorf("want drift before Apply, got %v", err)
 			}
 			return nil
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
 		v4 := saveNat(t, n, fl, FamilyIPv4)
 		for _, l := range []string{"-j ISTIO_OUTPUT\n", "-j ISTIO_INBOUND\n"} {
 			if c := strings.Count(v4, l); c != 1 {
@@ -324,7 +294,7 @@ func TestIPTMissingBinary(t *testing.T) {
 		r := newExecRunner(fl, BackendOptions{})
 		r.dirs = []string{t.TempDir()}
 		ipt := &iptBackend{name: fl, run: r}
-		rs := iptGoldenRuleset(t, func(*Config) {})
+		rs := goldenRuleset(t, func(*Config) {})
 		var err error
 		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
 		if !IsBinaryMissing(err) {
@@ -357,21 +327,21 @@ func excludedCIDRs(n int) []netip.Prefix {
 //     restore per family that deletes and re-adds everything of ours;
 //   - noop: over the identical ruleset (a repeated ADD): save only.
 func BenchmarkIPTApply(b *testing.B) {
-	iptRequirePrivileged(b)
+	nstest.RequirePrivileged(b)
 	for _, fl := range iptFlavours {
 		for _, mode := range []string{"fresh", "change", "noop"} {
 			for _, size := range []int{0, 100, 1000, 10000} {
 				b.Run(fmt.Sprintf("%s/%s/N=%d", fl, mode, size), func(b *testing.B) {
-					n := newIPTTestNS(b)
-					rs := iptGoldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
+					n := nstest.NewNS(b)
+					rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = excludedCIDRs(size) })
 					// other differs from rs in its last IPv4 rule.
-					other := iptGoldenRuleset(b, func(c *Config) {
+					other := goldenRuleset(b, func(c *Config) {
 						c.OutboundExcludeCIDRs = append(excludedCIDRs(size), netip.MustParsePrefix("192.0.2.0/24"))
 					})
 					ipt := newIPTBackend(fl, BackendOptions{})
-					iptInNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
+					inNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
 					last := rs
-					iptInNS(b, n, "Apply", func() error {
+					inNS(b, n, "Apply", func() error {
 						for b.Loop() {
 							switch mode {
 							case "fresh":
@@ -394,7 +364,7 @@ func BenchmarkIPTApply(b *testing.B) {
 						return nil
 					})
 					b.StopTimer()
-					iptInNS(b, n, "Check", func() error { return ipt.Check(last) })
+					inNS(b, n, "Check", func() error { return ipt.Check(last) })
 				})
 			}
 		}
@@ -405,7 +375,8 @@ func BenchmarkIPTApply(b *testing.B) {
 // fails with ErrXtablesLocked. The lock file is redirected
 // (XTABLES_LOCKFILE) so the test never holds the host's lock.
 func TestIPTLegacyLockWait(t *testing.T) {
-	n := newIPTTestNS(t)
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
 	lock := filepath.Join(t.TempDir(), "xtables.lock")
 	t.Setenv("XTABLES_LOCKFILE", lock)
 	fh, err := os.Create(lock)
@@ -417,7 +388,7 @@ func TestIPTLegacyLockWait(t *testing.T) {
 		t.Fatal(err)
 	}
 	ipt := newIPTBackend(BackendIPTablesLegacy, BackendOptions{LockWait: time.Second})
-	rs := iptGoldenRuleset(t, func(*Config) {})
+	rs := goldenRuleset(t, func(*Config) {})
 	start := time.Now()
 	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
 	if !errors.Is(err, ErrXtablesLocked) {
@@ -429,8 +400,8 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	if err := syscall.Flock(int(fh.Fd()), syscall.LOCK_UN); err != nil {
 		t.Fatal(err)
 	}
-	iptInNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(rs) })
-	iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+	inNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(rs) })
+	inNS(t, n, "Check", func() error { return ipt.Check(rs) })
 }
 
 // Once we applied rules with a flavour, auto-detection keeps choosing it
@@ -439,18 +410,18 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Check and Remove on an empty namespace must not tip detection.
-		iptInNS(t, n, "Check and Remove", func() error {
-			_ = ipt.Check(iptGoldenRuleset(t, func(*Config) {}))
+		inNS(t, n, "Check and Remove", func() error {
+			_ = ipt.Check(goldenRuleset(t, func(*Config) {}))
 			return ipt.Remove()
 		})
-		iptInNS(t, n, "Detect before", func() error {
+		inNS(t, n, "Detect before", func() error {
 			if d, err := Detect(); err != nil || d != BackendNFTables {
 				return fmt.Errorf("Detect in an empty namespace = %q, %v; want %q", d, err, BackendNFTables)
 			}
 			return nil
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(iptGoldenRuleset(t, func(*Config) {})) })
-		iptInNS(t, n, "Detect after", func() error {
+		inNS(t, n, "Apply", func() error { return ipt.Apply(goldenRuleset(t, func(*Config) {})) })
+		inNS(t, n, "Detect after", func() error {
 			if d, err := Detect(); err != nil || d != fl {
 				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
 			}
@@ -462,15 +433,15 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 // Both flavours print our rules identically: apart from the "# Generated
 // by" comments, iptables-save output is the same text.
 func TestIPTFlavoursSaveIdentically(t *testing.T) {
-	iptRequirePrivileged(t)
-	for _, tc := range iptGoldenCases() {
+	nstest.RequirePrivileged(t)
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := iptGoldenRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			saved := map[BackendName]string{}
 			for _, fl := range iptFlavours {
-				n := newIPTTestNS(t)
+				n := nstest.NewNS(t)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
 				saved[fl] = saveBoth(t, n, fl)
 			}
 			if diff := cmp.Diff(saved[BackendIPTablesNFT], saved[BackendIPTablesLegacy]); diff != "" {

@@ -45,10 +45,11 @@ import (
 
 // nftBackend implements Backend with nf_tables netlink.
 type nftBackend struct {
-	// newConn opens the netlink connection (nftConn). The tests of
-	// nft_seam_linux_test.go replace it with a nftables.WithTestDial
-	// connection to a fake kernel.
-	// sockBuf is a hint for the socket buffers the batch needs.
+	// newConn opens the netlink connection (nftConn); sockBuf is a
+	// hint for the socket buffers the batch needs. The unprivileged
+	// tests (nft_seam_linux_test.go, nft_batch_linux_test.go) replace
+	// it with an NFTRecorder's Conn, a nftables.WithTestDial connection
+	// to a fake kernel, and read the batch's bytes and the hint.
 	newConn func(sockBuf int) (*nftables.Conn, error)
 }
 

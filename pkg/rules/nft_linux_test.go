@@ -2,7 +2,6 @@ package rules
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -10,63 +9,20 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/google/nftables"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
 )
 
 // The privileged tests below program nftables in a fresh network
 // namespace each, never in the namespace the test runs in.
 
-func nftRequirePrivileged(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	const msg = "requires root: programs nftables in a fresh network namespace (set EGRESS_CNI_REQUIRE_PRIVILEGED=1 to make this a failure)"
-	if os.Getenv("EGRESS_CNI_REQUIRE_PRIVILEGED") == "1" {
-		tb.Fatal(msg)
-	}
-	tb.Skip(msg)
-}
-
-// newNFTTestNS creates a network namespace that is closed and unmounted
-// when the test ends, even on failure.
-func newNFTTestNS(tb testing.TB) ns.NetNS {
-	tb.Helper()
-	nftRequirePrivileged(tb)
-	n, err := testutils.NewNS()
-	if err != nil {
-		tb.Fatalf("could not create a network namespace: %v", err)
-	}
-	tb.Cleanup(func() {
-		_ = n.Close()
-		if err := testutils.UnmountNS(n); err != nil {
-			tb.Errorf("could not unmount network namespace %s: %v", n.Path(), err)
-		}
-	})
-	return n
-}
-
-// inNS runs fn inside n and fails the test on error.
-func nftInNS(tb testing.TB, n ns.NetNS, what string, fn func() error) {
-	tb.Helper()
-	if err := n.Do(func(ns.NetNS) error { return fn() }); err != nil {
-		tb.Fatalf("%s: %v", what, err)
-	}
-}
-
 // nftCLI runs the nft binary inside n (tests only; the backend never
 // does). It skips the test when nft is not installed.
 func nftCLI(tb testing.TB, n ns.NetNS, stdin string, args ...string) string {
 	tb.Helper()
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		tb.Skip("nft binary not installed")
-	}
-	nsenter, err := exec.LookPath("nsenter")
-	if err != nil {
-		tb.Skip("nsenter not installed")
-	}
+	nft := lookPathOrSkip(tb, "nft")
+	nsenter := lookPathOrSkip(tb, "nsenter")
 	cmd := exec.Command(nsenter, append([]string{"--net=" + n.Path(), nft}, args...)...)
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
@@ -81,7 +37,7 @@ func nftCLI(tb testing.TB, n ns.NetNS, stdin string, args ...string) string {
 func nftTablesIn(tb testing.TB, n ns.NetNS) []string {
 	tb.Helper()
 	var names []string
-	nftInNS(tb, n, "list tables", func() error {
+	inNS(tb, n, "list tables", func() error {
 		c, err := nftables.New()
 		if err != nil {
 			return err
@@ -97,13 +53,14 @@ func nftTablesIn(tb testing.TB, n ns.NetNS) []string {
 }
 
 func TestNFTApplyCheckGolden(t *testing.T) {
-	for _, tc := range nftGoldenCases() {
+	nstest.RequirePrivileged(t)
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			n := newNFTTestNS(t)
-			rs := nftRuleset(t, tc.cfg)
+			n := nstest.NewNS(t)
+			rs := goldenRuleset(t, tc.cfg)
 			be := newNFTBackend()
-			nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
-			nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+			inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+			inNS(t, n, "Check", func() error { return be.Check(rs) })
 			want := []string{nftFamilyName(nftTableFamily(rs.Families)) + " " + NFTTable}
 			if got := nftTablesIn(t, n); !slices.Equal(got, want) {
 				t.Errorf("line %d: tables = %v, want %v", tc.line, got, want)
@@ -117,20 +74,21 @@ func TestNFTApplyCheckGolden(t *testing.T) {
 // two tables identically, and Check (which compares expressions) must
 // accept the nft-loaded one.
 func TestNFTRenderMatchesApply(t *testing.T) {
-	for _, tc := range nftGoldenCases() {
+	nstest.RequirePrivileged(t)
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := nftRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			fam := nftFamilyName(nftTableFamily(rs.Families))
-			viaNft, viaApply := newNFTTestNS(t), newNFTTestNS(t)
+			viaNft, viaApply := nstest.NewNS(t), nstest.NewNS(t)
 			nftCLI(t, viaNft, RenderNFT(rs), "-f", "-")
 			be := newNFTBackend()
-			nftInNS(t, viaApply, "Apply", func() error { return be.Apply(rs) })
+			inNS(t, viaApply, "Apply", func() error { return be.Apply(rs) })
 			a := nftCLI(t, viaNft, "", "list", "table", fam, NFTTable)
 			b := nftCLI(t, viaApply, "", "list", "table", fam, NFTTable)
 			if a != b {
 				t.Errorf("line %d: nft -f and Apply differ:\n--- nft -f\n%s\n--- Apply\n%s", tc.line, a, b)
 			}
-			nftInNS(t, viaNft, "Check of the nft-loaded table", func() error { return be.Check(rs) })
+			inNS(t, viaNft, "Check of the nft-loaded table", func() error { return be.Check(rs) })
 		})
 	}
 }
@@ -140,10 +98,11 @@ func TestNFTRenderMatchesApply(t *testing.T) {
 // Apply wrote: edges of merged ranges, and ranges that reach the top of
 // the key space, which have no end element.
 func TestNFTSetLookups(t *testing.T) {
-	n := newNFTTestNS(t)
-	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged"))
 	be := newNFTBackend()
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	for _, tc := range []struct {
 		set, key string
 		in       bool
@@ -179,8 +138,8 @@ func TestNFTSetLookups(t *testing.T) {
 	}
 
 	// 0.0.0.0/0 and ::/0 are a single start element each.
-	all := nftRuleset(t, nftGoldenCases()[2].cfg) // exclude-everything
-	nftInNS(t, n, "Apply", func() error { return be.Apply(all) })
+	all := goldenRuleset(t, goldenConfig(t, "exclude-everything"))
+	inNS(t, n, "Apply", func() error { return be.Apply(all) })
 	for _, tc := range []struct{ set, key string }{
 		{SetOutExcludeV4, "0.0.0.0"},
 		{SetOutExcludeV4, "127.0.0.1"},
@@ -199,10 +158,7 @@ func TestNFTSetLookups(t *testing.T) {
 // key is in no interval of the set.
 func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
 	tb.Helper()
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		tb.Skip("nft binary not installed")
-	}
+	nft := lookPathOrSkip(tb, "nft")
 	out, err := exec.Command("nsenter", "--net="+n.Path(), nft, "get", "element", "inet", NFTTable, set, "{ "+key+" }").CombinedOutput()
 	if err != nil && !strings.Contains(string(out), "No such file or directory") {
 		tb.Fatalf("nft get element %s %s: %v\n%s", set, key, err, out)
@@ -211,17 +167,18 @@ func nftHasElement(tb testing.TB, n ns.NetNS, set, key string) bool {
 }
 
 func TestNFTApplyIdempotent(t *testing.T) {
-	n := newNFTTestNS(t)
-	rs := nftRuleset(t, nftGoldenCases()[1].cfg) // exclusions: every kind of set
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
+	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // every kind of set
 	be := newNFTBackend()
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	first := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
-	nftInNS(t, n, "second Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "second Apply", func() error { return be.Apply(rs) })
 	second := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
 	if first != second {
 		t.Errorf("second Apply changed the table:\n--- first\n%s\n--- second\n%s", first, second)
 	}
-	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(rs) })
 	// Every rule carries its text as a comment, and sets the format.
 	for _, want := range []string{
 		`oifname "lo" ip saddr 127.0.0.6 return comment "oifname lo ip saddr 127.0.0.6 return"`,
@@ -240,28 +197,29 @@ func TestNFTApplyIdempotent(t *testing.T) {
 // TestNFTApplyReplaces changes the config, including the family, and
 // checks that the new table replaced the old one.
 func TestNFTApplyReplaces(t *testing.T) {
-	n := newNFTTestNS(t)
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
 	be := newNFTBackend()
-	dual := nftRuleset(t, nftGoldenCases()[1].cfg)
-	v4 := nftRuleset(t, func(c *Config) {
+	dual := goldenRuleset(t, goldenConfig(t, "exclusions-merged"))
+	v4 := goldenRuleset(t, func(c *Config) {
 		c.Families = IPv4Only
 		c.OutboundExcludeCIDRs = nftPrefixes("192.168.0.0/16")
 	})
-	nftInNS(t, n, "Apply dual", func() error { return be.Apply(dual) })
-	nftInNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
-	nftInNS(t, n, "Check v4", func() error { return be.Check(v4) })
+	inNS(t, n, "Apply dual", func() error { return be.Apply(dual) })
+	inNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
+	inNS(t, n, "Check v4", func() error { return be.Check(v4) })
 	if got, want := nftTablesIn(t, n), []string{"ip " + NFTTable}; !slices.Equal(got, want) {
 		t.Errorf("tables = %v, want %v", got, want)
 	}
 	var err error
-	nftInNS(t, n, "Check dual", func() error { err = be.Check(dual); return nil })
+	inNS(t, n, "Check dual", func() error { err = be.Check(dual); return nil })
 	if !IsDrift(err) {
 		t.Errorf("Check of the old ruleset: got %v, want drift", err)
 	}
 	// And back, with a changed exclusion list in the same family.
-	dual2 := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
-	nftInNS(t, n, "Apply dual2", func() error { return be.Apply(dual2) })
-	nftInNS(t, n, "Check dual2", func() error { return be.Check(dual2) })
+	dual2 := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	inNS(t, n, "Apply dual2", func() error { return be.Apply(dual2) })
+	inNS(t, n, "Check dual2", func() error { return be.Check(dual2) })
 	if got, want := nftTablesIn(t, n), []string{"inet " + NFTTable}; !slices.Equal(got, want) {
 		t.Errorf("tables = %v, want %v", got, want)
 	}
@@ -270,24 +228,25 @@ func TestNFTApplyReplaces(t *testing.T) {
 // TestNFTApplyFailsAtomically makes the batch fail at its very end and
 // checks that the previous ruleset is untouched.
 func TestNFTApplyFailsAtomically(t *testing.T) {
-	n := newNFTTestNS(t)
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
 	be := newNFTBackend()
-	rs := nftRuleset(t, func(*Config) {})
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	rs := goldenRuleset(t, func(*Config) {})
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	before := nftCLI(t, n, "", "list", "ruleset")
 	// A new ruleset whose batch fails in the kernel at its end (a jump
 	// to a chain that is not created), after our table was deleted and
 	// recreated earlier in the same batch.
-	bad := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
+	bad := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
 	var err error
-	nftInNS(t, n, "Apply bad", func() error { err = applyBrokenForTest(bad); return nil })
+	inNS(t, n, "Apply bad", func() error { err = applyBrokenForTest(bad); return nil })
 	if err == nil {
 		t.Fatal("Apply of a broken batch succeeded")
 	}
 	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
 		t.Errorf("a failed Apply changed the ruleset:\n--- before\n%s\n--- after\n%s", before, after)
 	}
-	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(rs) })
 }
 
 // applyBrokenForTest queues rs like Apply but leaves out the chain
@@ -327,15 +286,16 @@ func applyBrokenForTest(rs *Ruleset) error {
 // creates our table exclusively fails as a whole when the table appeared
 // after Apply listed the tables, and Apply then replaces it.
 func TestNFTApplyCreateRace(t *testing.T) {
-	n := newNFTTestNS(t)
-	rs := nftRuleset(t, func(*Config) {})
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
+	rs := goldenRuleset(t, func(*Config) {})
 	objs, err := nftObjectsFor(rs)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nftCLI(t, n, "add table inet egress_cni\nadd chain inet egress_cni stale\n", "-f", "-")
 	before := nftCLI(t, n, "", "list", "ruleset")
-	nftInNS(t, n, "exclusive batch", func() error {
+	inNS(t, n, "exclusive batch", func() error {
 		conn, err := nftConn(objs.batchSize())
 		if err != nil {
 			return err
@@ -354,14 +314,15 @@ func TestNFTApplyCreateRace(t *testing.T) {
 	}
 	// The fallback Apply takes after a failed exclusive batch.
 	be := newNFTBackend().(*nftBackend)
-	nftInNS(t, n, "applyReplacing", func() error { return be.applyReplacing(objs) })
-	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
-	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "applyReplacing", func() error { return be.applyReplacing(objs) })
+	inNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(rs) })
 }
 
 func TestNFTRemove(t *testing.T) {
-	n := newNFTTestNS(t)
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
 	be := newNFTBackend()
 	foreign := "table ip other {\n\tchain c {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tip daddr 192.0.2.1 counter drop\n\t}\n}\n" +
 		"table inet other6 {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 192.0.2.2 }\n\t}\n}\n"
@@ -369,13 +330,13 @@ func TestNFTRemove(t *testing.T) {
 	before := nftCLI(t, n, "", "list", "ruleset")
 
 	// Remove with nothing of ours: success.
-	nftInNS(t, n, "Remove (nothing)", func() error { return be.Remove() })
-	rs := nftRuleset(t, func(*Config) {})
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Remove (nothing)", func() error { return be.Remove() })
+	rs := goldenRuleset(t, func(*Config) {})
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	// Leave a stale table in another family too, as a changed config
 	// would before Apply moves it.
 	nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
-	nftInNS(t, n, "Remove", func() error { return be.Remove() })
+	inNS(t, n, "Remove", func() error { return be.Remove() })
 	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
 		t.Errorf("Remove changed foreign tables:\n--- before\n%s\n--- after\n%s", before, after)
 	}
@@ -384,10 +345,10 @@ func TestNFTRemove(t *testing.T) {
 			t.Errorf("table %s left after Remove", tb)
 		}
 	}
-	nftInNS(t, n, "Remove again", func() error { return be.Remove() })
+	inNS(t, n, "Remove again", func() error { return be.Remove() })
 
 	var err error
-	nftInNS(t, n, "Check after Remove", func() error { err = be.Check(rs); return nil })
+	inNS(t, n, "Check after Remove", func() error { err = be.Check(rs); return nil })
 	d, ok := err.(*DriftError)
 	if !ok || !slices.Contains(d.Missing, "table inet "+NFTTable) {
 		t.Errorf("Check after Remove: got %v, want drift with the table missing", err)
@@ -395,14 +356,15 @@ func TestNFTRemove(t *testing.T) {
 }
 
 func TestNFTCheckDrift(t *testing.T) {
-	rs := nftRuleset(t, func(c *Config) {
+	nstest.RequirePrivileged(t)
+	rs := goldenRuleset(t, func(c *Config) {
 		c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8", "192.168.0.0/16", "fd00::/8")
 	})
 	be := newNFTBackend()
 	checkDrift := func(t *testing.T, n ns.NetNS, missing, extra string) {
 		t.Helper()
 		var err error
-		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
 		d, ok := err.(*DriftError)
 		if !ok {
 			t.Fatalf("Check: got %v, want a *DriftError", err)
@@ -418,10 +380,10 @@ func TestNFTCheckDrift(t *testing.T) {
 	table := &nftables.Table{Name: NFTTable, Family: nftables.TableFamilyINet}
 
 	t.Run("deleted rule", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		const victim = `oifname lo ip saddr 127.0.0.6 return`
-		nftInNS(t, n, "delete rule", func() error {
+		inNS(t, n, "delete rule", func() error {
 			c, err := nftables.New()
 			if err != nil {
 				return err
@@ -443,8 +405,8 @@ func TestNFTCheckDrift(t *testing.T) {
 	})
 
 	t.Run("deleted rule by nft handle", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainRedirect)
 		var handle string
 		for _, l := range strings.Split(out, "\n") {
@@ -460,25 +422,25 @@ func TestNFTCheckDrift(t *testing.T) {
 	})
 
 	t.Run("deleted set element", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		nftCLI(t, n, "", "delete", "element", "inet", NFTTable, SetOutExcludeV4, "{ 192.168.0.0/16 }")
 		checkDrift(t, n, "set "+SetOutExcludeV4+" element 192.168.0.0/16", "")
 	})
 
 	t.Run("added set element", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		nftCLI(t, n, "", "add", "element", "inet", NFTTable, SetOutExcludeV6, "{ 2001:db8::/32 }")
 		checkDrift(t, n, "", "set "+SetOutExcludeV6+" element 2001:db8::/32")
 	})
 
 	t.Run("added rule", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		nftCLI(t, n, "", "insert", "rule", "inet", NFTTable, ChainOutput, "meta skuid 0", "return")
 		var err error
-		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
 		d, ok := err.(*DriftError)
 		if !ok || len(d.Extra) != 1 || !strings.HasSuffix(d.Extra[0], "without comment") || len(d.Missing) != 0 {
 			t.Errorf("Check: got %v, want one extra rule without comment", err)
@@ -486,8 +448,8 @@ func TestNFTCheckDrift(t *testing.T) {
 	})
 
 	t.Run("rule replaced under the same comment", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		const victim = "meta skuid 1337 return"
 		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainOutput)
 		var handle string
@@ -502,31 +464,31 @@ func TestNFTCheckDrift(t *testing.T) {
 		nftCLI(t, n, "", "replace", "rule", "inet", NFTTable, ChainOutput, "handle", strings.TrimSpace(handle),
 			"meta", "skuid", "1338", "return", "comment", `"`+victim+`"`)
 		var err error
-		nftInNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
 		if !IsDrift(err) || !strings.Contains(err.Error(), "expressions differ") {
 			t.Errorf("Check: got %v, want drift naming differing expressions", err)
 		}
 	})
 
 	t.Run("stale table in another family", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
 		checkDrift(t, n, "", "table ip6 "+NFTTable)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
-		nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Check", func() error { return be.Check(rs) })
 	})
 
 	t.Run("table only in the wrong family", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		v4 := nftRuleset(t, func(c *Config) { c.Families = IPv4Only })
-		nftInNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
+		n := nstest.NewNS(t)
+		v4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
+		inNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
 		checkDrift(t, n, "table inet "+NFTTable, "table ip "+NFTTable)
 	})
 
 	t.Run("hook changed", func(t *testing.T) {
-		n := newNFTTestNS(t)
-		nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		n := nstest.NewNS(t)
+		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 		// A base chain's priority cannot be changed in place; recreate the
 		// chain with another priority and the same rules.
 		nftCLI(t, n, "", "delete", "chain", "inet", NFTTable, BasePrerouting)
@@ -539,20 +501,21 @@ func TestNFTCheckDrift(t *testing.T) {
 // TestNFTApplyManyCIDRs applies 10,000 excluded CIDRs, which do not
 // merge, in one batch and reads them back.
 func TestNFTApplyManyCIDRs(t *testing.T) {
-	n := newNFTTestNS(t)
-	rs := nftRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
+	rs := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
 	if got := len(nftSetElementTexts(rs.Set(SetOutExcludeV4))); got != 10000 {
 		t.Fatalf("%d intervals, want 10000", got)
 	}
 	be := newNFTBackend()
 	start := time.Now()
-	nftInNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
 	applied := time.Since(start)
 	start = time.Now()
-	nftInNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(rs) })
 	t.Logf("Apply of 10000 CIDRs: %v; Check: %v", applied, time.Since(start))
-	nftInNS(t, n, "Apply again", func() error { return be.Apply(rs) })
-	nftInNS(t, n, "Check again", func() error { return be.Check(rs) })
+	inNS(t, n, "Apply again", func() error { return be.Apply(rs) })
+	inNS(t, n, "Check again", func() error { return be.Check(rs) })
 }
 
 // BenchmarkNFTApply measures Apply with N excluded CIDRs (which do not
@@ -561,6 +524,7 @@ func TestNFTApplyManyCIDRs(t *testing.T) {
 // "replace" re-applies over an existing table: the batch also deletes
 // it, and a commit that deletes waits for RCU grace periods.
 func BenchmarkNFTApply(b *testing.B) {
+	nstest.RequirePrivileged(b)
 	for _, size := range []int{0, 100, 1000, 10000} {
 		for _, mode := range []string{"fresh", "replace"} {
 			b.Run(fmt.Sprintf("cidrs=%d/%s", size, mode), func(b *testing.B) {
@@ -578,17 +542,17 @@ func BenchmarkNFTApply(b *testing.B) {
 				}
 				b.ReportAllocs()
 				if mode == "replace" {
-					n := newNFTTestNS(b)
+					n := nstest.NewNS(b)
 					apply(n)
 					for b.Loop() {
 						apply(n)
 					}
-					nftInNS(b, n, "Check", func() error { return be.Check(rs) })
+					inNS(b, n, "Check", func() error { return be.Check(rs) })
 					return
 				}
 				for b.Loop() {
 					b.StopTimer()
-					n := newNFTTestNS(b)
+					n := nstest.NewNS(b)
 					b.StartTimer()
 					apply(n)
 				}

@@ -2,13 +2,9 @@ package rules
 
 import (
 	"bytes"
-	"flag"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -17,183 +13,18 @@ import (
 	"github.com/google/nftables/expr"
 )
 
-// The -update flag rewrites golden files; it is shared with the other
-// renderers' tests, whichever file's init runs first defines it.
-func init() {
-	if flag.Lookup("update") == nil {
-		flag.Bool("update", false, "rewrite golden files under testdata/")
-	}
-}
-
-func nftUpdate() bool {
-	f := flag.Lookup("update")
-	if f == nil {
-		return false
-	}
-	g, ok := f.Value.(flag.Getter)
-	return ok && g.Get() == true
-}
-
-func nftLine() int {
-	_, _, line, _ := runtime.Caller(1)
-	return line
-}
-
-func nftPrefixes(s ...string) []netip.Prefix {
-	out := make([]netip.Prefix, len(s))
-	for i, p := range s {
-		out[i] = netip.MustParsePrefix(p)
-	}
-	return normalizePrefixes(out)
-}
-
-type nftGoldenCase struct {
-	name string
-	line int
-	cfg  func(*Config)
-}
-
-// nftGoldenCases are rendered to testdata/nft/NAME.golden, and applied in
-// a fresh netns by the privileged tests.
-func nftGoldenCases() []nftGoldenCase {
-	return []nftGoldenCase{
-		{"istio-defaults", nftLine(), func(*Config) {}},
-		{"exclusions", nftLine(), func(c *Config) {
-			// Overlapping (10.1/16 in 10/8), adjacent (12/8 and 13/8),
-			// and reaching the top of the address space.
-			c.OutboundExcludeCIDRs = nftPrefixes(
-				"10.0.0.0/8", "10.1.0.0/16", "12.0.0.0/8", "13.0.0.0/8", "169.254.169.254/32", "255.255.255.0/24",
-				"fd00::/8", "fd00:1::/32", "2001:db8::/32", "ffff::/16")
-			c.OutboundExcludePorts = []PortRange{{22, 22}, {9000, 9100}, {9050, 9200}, {65000, 65535}}
-			c.InboundExcludePorts = append(c.InboundExcludePorts, PortRange{8443, 8443})
-		}},
-		{"exclude-everything", nftLine(), func(c *Config) {
-			c.OutboundExcludeCIDRs = nftPrefixes("0.0.0.0/0", "10.0.0.0/8", "::/0")
-		}},
-		{"include-only-cidrs", nftLine(), func(c *Config) {
-			c.OutboundIncludeAll = false
-			c.OutboundIncludeCIDRs = nftPrefixes("10.0.0.0/8", "172.16.0.0/12", "fd00::/8")
-			c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.10/32")
-		}},
-		{"ports-and-ranges", nftLine(), func(c *Config) {
-			c.OutboundIncludePorts = []PortRange{{80, 80}, {8000, 8080}}
-			c.OutboundExcludePorts = []PortRange{{3306, 3306}, {9000, 9100}}
-			c.InboundExcludePorts = []PortRange{{15020, 15021}, {15090, 15090}}
-		}},
-		{"inbound-include-ports", nftLine(), func(c *Config) {
-			c.InboundIncludeAll = false
-			c.InboundIncludePorts = []PortRange{{80, 80}, {8080, 8090}}
-			c.InboundExcludePorts = nil
-		}},
-		{"no-inbound", nftLine(), func(c *Config) {
-			c.InboundIncludeAll = false
-			c.InboundExcludePorts = nil
-		}},
-		{"ipv6-only", nftLine(), func(c *Config) {
-			c.Families = IPv6Only
-			c.OutboundExcludeCIDRs = nftPrefixes("::1.2.3.4/128", "::ffff:10.0.0.0/104", "2001:db8:0:0:1::/80")
-		}},
-		{"ipv4-only", nftLine(), func(c *Config) {
-			c.Families = IPv4Only
-			c.OutboundExcludeCIDRs = nftPrefixes("192.168.0.0/16")
-		}},
-		{"dns-capture", nftLine(), func(c *Config) {
-			c.RedirectDNS = true
-		}},
-		// Istio's per-nameserver DNS, with the raw-table zones.
-		{"dns-nameservers", nftLine(), func(c *Config) {
-			c.RedirectDNS, c.CaptureAllDNS = true, false
-			c.DNSServers = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("2001:db8::53")}
-		}},
-		// TPROXY mode (mangle), with excluded inbound ports and interfaces.
-		{"tproxy", nftLine(), func(c *Config) {
-			c.Mode = ModeTPROXY
-			c.ExcludeInterfaces = []string{"eth1"}
-			c.DropInvalid = true
-		}},
-		{"tproxy-ports", nftLine(), func(c *Config) {
-			c.Mode = ModeTPROXY
-			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{8080, 8080}, {9000, 9001}}, nil
-		}},
-		// mangle (--drop-invalid), owner groups, -k and the loopback CIDR.
-		{"drop-invalid-groups-virt", nftLine(), func(c *Config) {
-			c.DropInvalid = true
-			c.OwnerGroupsInclude = []uint32{1001, 202}
-			c.RerouteVirtualInterfaces = []string{"vm0"}
-			lo := netip.MustParsePrefix("127.0.0.0/8")
-			c.IPv4LoopbackCIDR = &lo
-		}},
-		{"exclude-interfaces", nftLine(), func(c *Config) {
-			c.ExcludeInterfaces = []string{"eth1", "net1"}
-		}},
-		{"uid-only-custom-ports", nftLine(), func(c *Config) {
-			c.ProxyPort, c.InboundPort, c.InboundTunnelPort = 16001, 16006, 16008
-			c.ProxyUIDs, c.ProxyGIDs = []uint32{1337, 2000}, nil
-		}},
-	}
-}
-
-func nftRuleset(t testing.TB, mod func(*Config)) *Ruleset {
-	t.Helper()
-	cfg := DefaultConfig()
-	mod(&cfg)
-	rs, err := Build(cfg)
-	if err != nil {
-		t.Fatalf("Build: %v", err)
-	}
-	return rs
-}
-
-func TestRenderNFTGolden(t *testing.T) {
-	for _, tc := range nftGoldenCases() {
-		t.Run(tc.name, func(t *testing.T) {
-			rs := nftRuleset(t, tc.cfg)
-			got := RenderNFT(rs)
-			if again := RenderNFT(rs); again != got {
-				t.Fatalf("line %d: RenderNFT is not deterministic", tc.line)
-			}
-			if _, err := nftObjectsFor(rs); err != nil {
-				t.Fatalf("line %d: nftObjectsFor: %v", tc.line, err)
-			}
-			path := filepath.Join("testdata", "nft", tc.name+".golden")
-			if nftUpdate() {
-				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("line %d: %v (run with -update to create it)", tc.line, err)
-			}
-			if diff := cmp.Diff(string(want), got); diff != "" {
-				t.Errorf("line %d: %s differs (-want +got):\n%s", tc.line, path, diff)
-			}
-		})
-	}
-}
-
 // TestRenderNFTAcceptedByNft feeds every golden ruleset to `nft -c -f -`
 // (check only, nothing is committed), inside a new user and network
 // namespace so that it needs no root and cannot touch the host.
 func TestRenderNFTAcceptedByNft(t *testing.T) {
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		t.Skip("nft binary not installed")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("unshare not installed")
-	}
+	nft := lookPathOrSkip(t, "nft")
+	unshare := lookPathOrSkip(t, "unshare")
 	if out, err := exec.Command(unshare, "-rn", "true").CombinedOutput(); err != nil {
 		t.Skipf("cannot create a user+network namespace: %v: %s", err, out)
 	}
-	for _, tc := range nftGoldenCases() {
+	for _, tc := range goldenCases() {
 		t.Run(tc.name, func(t *testing.T) {
-			rs := nftRuleset(t, tc.cfg)
+			rs := goldenRuleset(t, tc.cfg)
 			cmd := exec.Command(unshare, "-rn", nft, "-c", "-f", "-")
 			cmd.Stdin = strings.NewReader(RenderNFT(rs))
 			if out, err := cmd.CombinedOutput(); err != nil {
@@ -209,16 +40,16 @@ func TestMergePrefixes(t *testing.T) {
 		in   []string
 		want []string
 	}{
-		{nftLine(), nil, nil},
-		{nftLine(), []string{"10.0.0.0/8", "10.1.0.0/16"}, []string{"10.0.0.0/8"}},
-		{nftLine(), []string{"10.0.0.0/25", "10.0.0.128/25"}, []string{"10.0.0.0/24"}},
-		{nftLine(), []string{"10.0.0.0/8", "11.0.0.0/8"}, []string{"10.0.0.0/7"}},
-		{nftLine(), []string{"11.0.0.0/8", "12.0.0.0/8"}, []string{"11.0.0.0-12.255.255.255"}},
-		{nftLine(), []string{"10.0.0.1/32", "10.0.0.3/32"}, []string{"10.0.0.1", "10.0.0.3"}},
-		{nftLine(), []string{"0.0.0.0/0", "10.0.0.0/8"}, []string{"0.0.0.0/0"}},
-		{nftLine(), []string{"255.255.255.255/32", "255.255.255.0/24"}, []string{"255.255.255.0/24"}},
-		{nftLine(), []string{"::/0"}, []string{"::/0"}},
-		{nftLine(), []string{"ffff::/16", "fd00::/8", "fd00:1::/32"}, []string{"fd00::/8", "ffff::/16"}},
+		{goldenLine(), nil, nil},
+		{goldenLine(), []string{"10.0.0.0/8", "10.1.0.0/16"}, []string{"10.0.0.0/8"}},
+		{goldenLine(), []string{"10.0.0.0/25", "10.0.0.128/25"}, []string{"10.0.0.0/24"}},
+		{goldenLine(), []string{"10.0.0.0/8", "11.0.0.0/8"}, []string{"10.0.0.0/7"}},
+		{goldenLine(), []string{"11.0.0.0/8", "12.0.0.0/8"}, []string{"11.0.0.0-12.255.255.255"}},
+		{goldenLine(), []string{"10.0.0.1/32", "10.0.0.3/32"}, []string{"10.0.0.1", "10.0.0.3"}},
+		{goldenLine(), []string{"0.0.0.0/0", "10.0.0.0/8"}, []string{"0.0.0.0/0"}},
+		{goldenLine(), []string{"255.255.255.255/32", "255.255.255.0/24"}, []string{"255.255.255.0/24"}},
+		{goldenLine(), []string{"::/0"}, []string{"::/0"}},
+		{goldenLine(), []string{"ffff::/16", "fd00::/8", "fd00:1::/32"}, []string{"fd00::/8", "ffff::/16"}},
 	} {
 		var got []string
 		for _, r := range mergePrefixes(nftPrefixes(tc.in...)) {
@@ -251,19 +82,19 @@ func TestNFTSetElements(t *testing.T) {
 		set  *Set
 		want []el
 	}{
-		{nftLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("10.0.0.0/8", "192.168.0.0/16")},
+		{goldenLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("10.0.0.0/8", "192.168.0.0/16")},
 			[]el{{"00000000", true}, {"0a000000", false}, {"0b000000", true}, {"c0a80000", false}, {"c0a90000", true}}},
 		// Reaching the top: no end element.
-		{nftLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("255.255.255.0/24")},
+		{goldenLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("255.255.255.0/24")},
 			[]el{{"00000000", true}, {"ffffff00", false}}},
 		// Everything: a single start at zero, no leading end marker.
-		{nftLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("0.0.0.0/0")},
+		{goldenLine(), &Set{Type: SetIPv4, Prefixes: nftPrefixes("0.0.0.0/0")},
 			[]el{{"00000000", false}}},
-		{nftLine(), &Set{Type: SetIPv6, Prefixes: nftPrefixes("::/0")},
+		{goldenLine(), &Set{Type: SetIPv6, Prefixes: nftPrefixes("::/0")},
 			[]el{{"00000000000000000000000000000000", false}}},
-		{nftLine(), &Set{Type: SetIPv6, Prefixes: nftPrefixes("ffff::/16")},
+		{goldenLine(), &Set{Type: SetIPv6, Prefixes: nftPrefixes("ffff::/16")},
 			[]el{{"00000000000000000000000000000000", true}, {"ffff0000000000000000000000000000", false}}},
-		{nftLine(), &Set{Type: SetPorts, Ports: []PortRange{{53, 53}, {1000, 2000}, {65535, 65535}}},
+		{goldenLine(), &Set{Type: SetPorts, Ports: []PortRange{{53, 53}, {1000, 2000}, {65535, 65535}}},
 			[]el{{"0000", true}, {"0035", false}, {"0036", true}, {"03e8", false}, {"07d1", true}, {"ffff", false}}},
 	} {
 		elems := nftSetElements(tc.set)
@@ -286,7 +117,7 @@ func TestNFTSetElements(t *testing.T) {
 }
 
 func TestNFTRuleComments(t *testing.T) {
-	rs := nftRuleset(t, func(c *Config) { c.RedirectDNS = true; c.ExcludeInterfaces = []string{"eth1"} })
+	rs := goldenRuleset(t, func(c *Config) { c.RedirectDNS = true; c.ExcludeInterfaces = []string{"eth1"} })
 	objs, err := nftObjectsFor(rs)
 	if err != nil {
 		t.Fatal(err)
@@ -328,7 +159,7 @@ func TestNFTRuleComments(t *testing.T) {
 // TestNFTExprsInetFamily checks that in an inet table every rule that
 // matches an IPv4 or IPv6 header checks meta nfproto first.
 func TestNFTExprsInetFamily(t *testing.T) {
-	rs := nftRuleset(t, func(c *Config) {
+	rs := goldenRuleset(t, func(c *Config) {
 		c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8", "fd00::/8", "10.0.0.0/20")
 	})
 	objs, err := nftObjectsFor(rs)

@@ -13,6 +13,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
 )
 
 // removeBackend counts Remove calls and fails them with err.
@@ -71,8 +73,8 @@ func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
 // Every backend's rules are found by Probe and CheckNoneOurs, and
 // RemoveAll removes them without running (or registering) the others.
 func TestProbeRemoveAllEveryBackend(t *testing.T) {
-	iptRequirePrivileged(t)
-	rs := iptGoldenRuleset(t, func(c *Config) {
+	nstest.RequirePrivileged(t)
+	rs := goldenRuleset(t, func(c *Config) {
 		c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 	})
 	for _, tc := range []struct {
@@ -84,8 +86,8 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 		{BackendIPTablesLegacy, "iptables-legacy-save: -A OUTPUT"},
 	} {
 		t.Run(string(tc.name), func(t *testing.T) {
-			n := newIPTTestNS(t)
-			iptInNS(t, n, "fresh namespace", func() error {
+			n := nstest.NewNS(t)
+			inNS(t, n, "fresh namespace", func() error {
 				if st := Probe(); st.Err != nil || slices.ContainsFunc(concreteBackends, st.MayHold) {
 					t.Errorf("Probe of a fresh namespace = %+v", st)
 				}
@@ -102,8 +104,8 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			iptInNS(t, n, "Apply", func() error { return b.Apply(rs) })
-			iptInNS(t, n, "after Apply", func() error {
+			inNS(t, n, "Apply", func() error { return b.Apply(rs) })
+			inNS(t, n, "after Apply", func() error {
 				st := Probe()
 				if st.Err != nil || !st.MayHold(tc.name) {
 					t.Errorf("Probe after %s Apply = %+v", tc.name, st)
@@ -159,7 +161,7 @@ COMMIT
 COMMIT
 `
 		runIPT(t, n, fl, FamilyIPv4, "restore", foreignOnly, "--noflush")
-		iptInNS(t, n, "foreign look-alikes only", func() error {
+		inNS(t, n, "foreign look-alikes only", func() error {
 			if !Probe().MayHold(fl) {
 				t.Errorf("Probe does not see the %s tables", fl)
 			}
@@ -182,7 +184,7 @@ COMMIT
 		if fl == BackendIPTablesLegacy {
 			bin = "iptables-legacy-save: "
 		}
-		iptInNS(t, n, "ours without our comment", func() error {
+		inNS(t, n, "ours without our comment", func() error {
 			err := CheckNoneOurs()
 			var d *DriftError
 			if !errors.As(err, &d) {
@@ -229,9 +231,9 @@ func TestAvailable(t *testing.T) {
 	if err := Available("bogus"); err == nil {
 		t.Error("Available accepted an unknown backend")
 	}
-	iptRequirePrivileged(t)
-	n := newIPTTestNS(t)
-	iptInNS(t, n, "Available", func() error {
+	nstest.RequirePrivileged(t)
+	n := nstest.NewNS(t)
+	inNS(t, n, "Available", func() error {
 		for _, b := range []BackendName{BackendAuto, BackendNFTables} {
 			if err := Available(b); err != nil {
 				t.Errorf("Available(%s): %v", b, err)
