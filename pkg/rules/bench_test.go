@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -41,19 +42,6 @@ func BenchmarkBuild10k(b *testing.B) {
 	}
 }
 
-// BenchmarkRenderNFT10k renders the netlink objects (what Apply sends)
-// and the nft text (what dry runs and Check use).
-func BenchmarkRenderNFT10k(b *testing.B) {
-	rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := nftObjectsFor(rs); err != nil {
-			b.Fatal(err)
-		}
-		_ = RenderNFT(rs)
-	}
-}
-
 // BenchmarkRenderIPTables10k renders the iptables-restore input of both
 // families (10,000 RETURN rules in the IPv4 one).
 func BenchmarkRenderIPTables10k(b *testing.B) {
@@ -66,4 +54,16 @@ func BenchmarkRenderIPTables10k(b *testing.B) {
 			}
 		}
 	}
+}
+
+// nftSpreadCIDRs returns n IPv4 host routes that do not merge (every other
+// address of 10.0.0.0/8), so the set really holds n intervals.
+func nftSpreadCIDRs(n int) []netip.Prefix {
+	out := make([]netip.Prefix, 0, n)
+	for i := range n {
+		v := uint32(10)<<24 | uint32(2*i)
+		a := netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+		out = append(out, netip.PrefixFrom(a, 32))
+	}
+	return out
 }

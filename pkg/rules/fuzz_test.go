@@ -119,9 +119,7 @@ func FuzzConfig(f *testing.F) {
 		if err := rs.Validate(); err != nil {
 			t.Fatalf("Build produced an invalid model: %v", err)
 		}
-		if out := RenderNFT(rs); !strings.Contains(out, NFTTable) {
-			t.Fatalf("nft rendering lacks the table:\n%s", out)
-		}
+		checkNFTRendering(t, rs)
 		if _, err := renderIPTables(rs); err != nil {
 			t.Fatalf("iptables rendering: %v", err)
 		}

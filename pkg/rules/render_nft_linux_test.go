@@ -3,7 +3,6 @@ package rules
 import (
 	"bytes"
 	"fmt"
-	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
@@ -202,14 +201,24 @@ func BenchmarkBuildRenderNFT(b *testing.B) {
 	}
 }
 
-// nftSpreadCIDRs returns n IPv4 host routes that do not merge (every other
-// address of 10.0.0.0/8), so the set really holds n intervals.
-func nftSpreadCIDRs(n int) []netip.Prefix {
-	out := make([]netip.Prefix, 0, n)
-	for i := range n {
-		v := uint32(10)<<24 | uint32(2*i)
-		a := netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
-		out = append(out, netip.PrefixFrom(a, 32))
+// BenchmarkRenderNFT10k renders the netlink objects (what Apply sends)
+// and the nft text (what dry runs and Check use).
+func BenchmarkRenderNFT10k(b *testing.B) {
+	rs := goldenRuleset(b, func(c *Config) { c.OutboundExcludeCIDRs = nftSpreadCIDRs(10000) })
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := nftObjectsFor(rs); err != nil {
+			b.Fatal(err)
+		}
+		_ = RenderNFT(rs)
 	}
-	return out
+}
+
+// checkNFTRendering is FuzzConfig's nftables check: the rendering holds
+// our table.
+func checkNFTRendering(t *testing.T, rs *Ruleset) {
+	t.Helper()
+	if out := RenderNFT(rs); !strings.Contains(out, NFTTable) {
+		t.Fatalf("nft rendering lacks the table:\n%s", out)
+	}
 }
