@@ -5,6 +5,7 @@ package rules
 // when the test ends, pass or fail.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -119,8 +120,8 @@ func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
 				n := newIPTTestNS(t)
 				rs := iptGoldenRuleset(t, tc.cfg)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-				iptInNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
+				iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
+				iptInNS(t, n, "Check after Apply", func() error { return ipt.Check(context.Background(), rs) })
 			})
 		}
 	}
@@ -133,13 +134,13 @@ func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "first Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		first := saveBoth(t, n, fl)
-		iptInNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "second Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		if diff := cmp.Diff(first, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("second Apply changed the tables (-first +second):\n%s", diff)
 		}
-		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 	})
 }
 
@@ -156,11 +157,11 @@ func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{80, 80}}, nil
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
-		iptInNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
-		iptInNS(t, n, "Check b", func() error { return ipt.Check(b) })
+		iptInNS(t, n, "Apply a", func() error { return ipt.Apply(context.Background(), a) })
+		iptInNS(t, n, "Apply b", func() error { return ipt.Apply(context.Background(), b) })
+		iptInNS(t, n, "Check b", func() error { return ipt.Check(context.Background(), b) })
 		iptInNS(t, n, "Check a", func() error {
-			if err := ipt.Check(a); !IsDrift(err) {
+			if err := ipt.Check(context.Background(), a); !IsDrift(err) {
 				return fmt.Errorf("Check of the old config: want drift, got %v", err)
 			}
 			return nil
@@ -195,7 +196,7 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Remove where nothing exists succeeds, and (legacy) does not
 		// create the nat table, which would make Detect see legacy in use.
-		iptInNS(t, n, "Remove on an empty namespace", ipt.Remove)
+		iptInNS(t, n, "Remove on an empty namespace", func() error { return ipt.Remove(context.Background()) })
 		if fl == BackendIPTablesLegacy {
 			iptInNS(t, n, "legacy tables", func() error {
 				if legacyInUse() {
@@ -213,22 +214,22 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		applied := saveBoth(t, n, fl)
 		for _, l := range []string{"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT", "-A OUTPUT -d 2001:db8::7/128 -j ACCEPT", "-A FOREIGN -p udp -m udp --dport 4789 -j RETURN", "-A PREROUTING -i eth9 -j FOREIGN"} {
 			if !strings.Contains(applied, l+"\n") {
 				t.Errorf("Apply lost foreign rule %q:\n%s", l, applied)
 			}
 		}
-		iptInNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(context.Background(), rs) })
 
-		iptInNS(t, n, "Remove", ipt.Remove)
+		iptInNS(t, n, "Remove", func() error { return ipt.Remove(context.Background()) })
 		if diff := cmp.Diff(before, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("Remove did not restore the tables as they were (-before +after):\n%s", diff)
 		}
-		iptInNS(t, n, "second Remove", ipt.Remove)
+		iptInNS(t, n, "second Remove", func() error { return ipt.Remove(context.Background()) })
 		iptInNS(t, n, "Check after Remove", func() error {
-			err := ipt.Check(rs)
+			err := ipt.Check(context.Background(), rs)
 			if !IsDrift(err) {
 				return fmt.Errorf("want drift after Remove, got %v", err)
 			}
@@ -241,13 +242,13 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		rs := iptGoldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 
 		bin := "ip6tables" + strings.TrimPrefix(string(fl), "iptables")
 		runIPT(t, n, fl, FamilyIPv6, "", "", "-t", "nat", "-D", "ISTIO_OUTPUT", "-d", "::1/128", "-j", "RETURN")
 		runIPT(t, n, fl, FamilyIPv4, "", "", "-t", "nat", "-A", "ISTIO_REDIRECT", "-j", "RETURN")
 		var err error
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(context.Background(), rs); return nil })
 		var d *DriftError
 		if !errors.As(err, &d) {
 			t.Fatalf("want a DriftError after %s -D, got %v", bin, err)
@@ -263,14 +264,14 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 
 		// A missing chain is drift too.
 		runIPT(t, n, fl, FamilyIPv4, "restore", "*nat\n:ISTIO_INBOUND - [0:0]\n-D PREROUTING -p tcp -m comment --comment egress-cni -j ISTIO_INBOUND\n-X ISTIO_INBOUND\nCOMMIT\n", "--noflush")
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(context.Background(), rs); return nil })
 		if !IsDrift(err) || !strings.Contains(err.Error(), "missing: iptables: :ISTIO_INBOUND - [0:0]") {
 			t.Errorf("want the missing chain reported, got %v", err)
 		}
 
 		// Apply repairs it.
-		iptInNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
-		iptInNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Apply again", func() error { return ipt.Apply(context.Background(), rs) })
+		iptInNS(t, n, "Check after repair", func() error { return ipt.Check(context.Background(), rs) })
 	})
 }
 
@@ -300,13 +301,13 @@ func TestIPTTakesOverIstioRules(t *testing.T) {
 		rs := iptGoldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
 		iptInNS(t, n, "Check before takeover", func() error {
-			if err := ipt.Check(rs); !IsDrift(err) {
+			if err := ipt.Check(context.Background(), rs); !IsDrift(err) {
 				return fmt.Errorf("want drift before Apply, got %v", err)
 			}
 			return nil
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-		iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
+		iptInNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 		v4 := saveNat(t, n, fl, FamilyIPv4)
 		for _, l := range []string{"-j ISTIO_OUTPUT\n", "-j ISTIO_INBOUND\n"} {
 			if c := strings.Count(v4, l); c != 1 {
@@ -326,7 +327,7 @@ func TestIPTMissingBinary(t *testing.T) {
 		ipt := &iptBackend{name: fl, run: r}
 		rs := iptGoldenRuleset(t, func(*Config) {})
 		var err error
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(context.Background(), rs); return nil })
 		if !IsBinaryMissing(err) {
 			t.Fatalf("want a missing-binary error, got %v", err)
 		}
@@ -369,14 +370,14 @@ func BenchmarkIPTApply(b *testing.B) {
 						c.OutboundExcludeCIDRs = append(excludedCIDRs(size), netip.MustParsePrefix("192.0.2.0/24"))
 					})
 					ipt := newIPTBackend(fl, BackendOptions{})
-					iptInNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
+					iptInNS(b, n, "first Apply", func() error { return ipt.Apply(context.Background(), rs) })
 					last := rs
 					iptInNS(b, n, "Apply", func() error {
 						for b.Loop() {
 							switch mode {
 							case "fresh":
 								b.StopTimer()
-								if err := ipt.Remove(); err != nil {
+								if err := ipt.Remove(context.Background()); err != nil {
 									return err
 								}
 								b.StartTimer()
@@ -387,14 +388,14 @@ func BenchmarkIPTApply(b *testing.B) {
 									last = rs
 								}
 							}
-							if err := ipt.Apply(last); err != nil {
+							if err := ipt.Apply(context.Background(), last); err != nil {
 								return err
 							}
 						}
 						return nil
 					})
 					b.StopTimer()
-					iptInNS(b, n, "Check", func() error { return ipt.Check(last) })
+					iptInNS(b, n, "Check", func() error { return ipt.Check(context.Background(), last) })
 				})
 			}
 		}
@@ -419,7 +420,7 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	ipt := newIPTBackend(BackendIPTablesLegacy, BackendOptions{LockWait: time.Second})
 	rs := iptGoldenRuleset(t, func(*Config) {})
 	start := time.Now()
-	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
+	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(context.Background(), rs); return nil })
 	if !errors.Is(err, ErrXtablesLocked) {
 		t.Fatalf("want ErrXtablesLocked, got %v", err)
 	}
@@ -429,8 +430,8 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	if err := syscall.Flock(int(fh.Fd()), syscall.LOCK_UN); err != nil {
 		t.Fatal(err)
 	}
-	iptInNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(rs) })
-	iptInNS(t, n, "Check", func() error { return ipt.Check(rs) })
+	iptInNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(context.Background(), rs) })
+	iptInNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 }
 
 // Once we applied rules with a flavour, auto-detection keeps choosing it
@@ -440,8 +441,8 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Check and Remove on an empty namespace must not tip detection.
 		iptInNS(t, n, "Check and Remove", func() error {
-			_ = ipt.Check(iptGoldenRuleset(t, func(*Config) {}))
-			return ipt.Remove()
+			_ = ipt.Check(context.Background(), iptGoldenRuleset(t, func(*Config) {}))
+			return ipt.Remove(context.Background())
 		})
 		iptInNS(t, n, "Detect before", func() error {
 			if d, err := Detect(); err != nil || d != BackendNFTables {
@@ -449,7 +450,7 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 			}
 			return nil
 		})
-		iptInNS(t, n, "Apply", func() error { return ipt.Apply(iptGoldenRuleset(t, func(*Config) {})) })
+		iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), iptGoldenRuleset(t, func(*Config) {})) })
 		iptInNS(t, n, "Detect after", func() error {
 			if d, err := Detect(); err != nil || d != fl {
 				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
@@ -470,7 +471,7 @@ func TestIPTFlavoursSaveIdentically(t *testing.T) {
 			for _, fl := range iptFlavours {
 				n := newIPTTestNS(t)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				iptInNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				iptInNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 				saved[fl] = saveBoth(t, n, fl)
 			}
 			if diff := cmp.Diff(saved[BackendIPTablesNFT], saved[BackendIPTablesLegacy]); diff != "" {

@@ -5,6 +5,7 @@ package rules
 // by a fake kernel that holds the tables given.
 
 import (
+	"context"
 	"testing"
 
 	"github.com/google/nftables"
@@ -69,7 +70,7 @@ func TestNFTRemoveThroughTheSeam(t *testing.T) {
 		{Name: "nat", Family: nftables.TableFamilyIPv4},
 		{Name: NFTTable, Family: nftables.TableFamilyIPv4},
 	}}
-	if err := k.backend().Remove(); err != nil {
+	if err := k.backend().Remove(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{"add table inet", "delete table inet", "add table ip", "delete table ip"}
@@ -77,7 +78,7 @@ func TestNFTRemoveThroughTheSeam(t *testing.T) {
 		t.Errorf("Remove sent %q, want %q", k.sent, want)
 	}
 	k = &fakeNFTKernel{tables: []*nftables.Table{{Name: "nat", Family: nftables.TableFamilyIPv4}}}
-	if err := k.backend().Remove(); err != nil {
+	if err := k.backend().Remove(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if len(k.sent) != 0 {
