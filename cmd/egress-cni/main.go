@@ -3,6 +3,10 @@
 package main
 
 import (
+	"context"
+	"os/signal"
+	"syscall"
+
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/version"
 
@@ -12,5 +16,11 @@ import (
 
 func main() {
 	gctune.ShortLived()
-	skel.PluginMainFuncs(cni.New().Funcs(), version.All, "CNI plugin egress-cni: programs sidecar capture rules in the pod's network namespace")
+	// A runtime that gives up on the plugin sends SIGTERM first: stop an
+	// iptables binary cleanly (a killed restore commits nothing).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	p := cni.New()
+	p.Context = ctx
+	skel.PluginMainFuncs(p.Funcs(), version.All, "CNI plugin egress-cni: programs sidecar capture rules in the pod's network namespace")
 }

@@ -4,7 +4,10 @@
 package main
 
 import (
+	"context"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/egress-cni/egress-cni/internal/gctune"
 	"github.com/egress-cni/egress-cni/internal/initcmd"
@@ -12,5 +15,10 @@ import (
 
 func main() {
 	gctune.ShortLived()
-	os.Exit(initcmd.Run(os.Args[1:], os.Stdout, os.Stderr))
+	// A kubelet stopping the init container sends SIGTERM: stop the
+	// backend's binaries rather than be killed in the middle of them.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	code := initcmd.Run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
 }

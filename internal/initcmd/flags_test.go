@@ -2,6 +2,7 @@ package initcmd
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -112,7 +113,7 @@ func TestInjectorArgvJSONLogs(t *testing.T) {
 	}
 	// A dry run logs to stderr, one JSON object a line.
 	var stdout, stderr bytes.Buffer
-	code := Run(append(slices.Clone(argvJSON), "--dry-run", "--backend", "iptables-nft"), &stdout, &stderr)
+	code := Run(context.Background(), append(slices.Clone(argvJSON), "--dry-run", "--backend", "iptables-nft"), &stdout, &stderr)
 	if code != ExitOK {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
@@ -273,7 +274,7 @@ func TestBadInputNamesFieldAndValue(t *testing.T) {
 		if tc.env == nil {
 			// --dry-run: should the parse wrongly succeed, nothing is
 			// applied to the test's own (the host's) namespace.
-			if code := Run(append(args, "--dry-run"), io.Discard, &stderr); code != ExitUsage {
+			if code := Run(context.Background(), append(args, "--dry-run"), io.Discard, &stderr); code != ExitUsage {
 				t.Errorf("%q: exit %d, want %d", tc.args, code, ExitUsage)
 			}
 		}

@@ -23,8 +23,11 @@ const (
 
 // Run is egress-init's main. args excludes the program name. The ruleset
 // goes to stdout only for --dry-run; logs go to stderr unless
-// --log_target says otherwise.
-func Run(args []string, stdout, stderr io.Writer) int {
+// --log_target says otherwise. Cancelling ctx (egress-init's main
+// cancels it on SIGTERM and SIGINT) stops a backend's binaries and the
+// validation probe; a backend never leaves half its rules (see
+// rules.Backend).
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	inv, err := Parse(args, stderr)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -47,7 +50,7 @@ func Run(args []string, stdout, stderr io.Writer) int {
 		log.Info("interception mode NONE: no rules applied")
 		return ExitOK
 	}
-	if err := run(inv, stdout, log); err != nil {
+	if err := run(ctx, inv, stdout, log); err != nil {
 		log.Error(err.Error())
 		if errors.Is(err, errValidation) {
 			return ExitValidation
@@ -57,7 +60,7 @@ func Run(args []string, stdout, stderr io.Writer) int {
 	return ExitOK
 }
 
-func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
+func run(ctx context.Context, inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 	var rs *rules.Ruleset
 	if inv.Action != ActionCleanup && !(inv.Action == ActionApply && inv.SkipRuleApply) {
 		var err error
@@ -74,11 +77,11 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 			// The TPROXY route of the mark and table given (or the
 			// defaults, 1337 and 133), whatever the mode.
 			err := removeTProxyRoute(&rules.TProxyRoute{Mark: inv.Config.TProxyMark, Table: inv.Config.TProxyRouteTable})
-			return errors.Join(cleanup(inv.Backend, log), err)
+			return errors.Join(cleanup(ctx, inv.Backend, log), err)
 		}
 		if inv.Action == ActionApply && inv.SkipRuleApply {
 			log.Info("--skip-rule-apply: no rules applied")
-			return validate(inv, log)
+			return validate(ctx, inv, log)
 		}
 		be, err := rules.NewBackend(inv.Backend, rules.BackendOptions{})
 		if err != nil {
@@ -86,7 +89,7 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 		}
 		switch inv.Action {
 		case ActionCheck:
-			if err := be.Check(rs); err != nil {
+			if err := be.Check(ctx, rs); err != nil {
 				return err
 			}
 			if rs.TProxyRoute != nil {
@@ -97,7 +100,7 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 			log.Info(fmt.Sprintf("backend=%s: rules match the desired state", be.Name()))
 			return nil
 		default:
-			if err := be.Apply(rs); err != nil {
+			if err := be.Apply(ctx, rs); err != nil {
 				return fmt.Errorf("backend %s: could not apply rules: %w", be.Name(), err)
 			}
 			log.Info(fmt.Sprintf("backend=%s applied in %s", be.Name(), time.Since(start).Round(time.Microsecond)))
@@ -111,13 +114,13 @@ func run(inv *Invocation, stdout io.Writer, log *slog.Logger) error {
 					return err
 				}
 			}
-			return validate(inv, log)
+			return validate(ctx, inv, log)
 		}
 	})
 }
 
 // validate runs Istio's validation probe when --run-validation is set.
-func validate(inv *Invocation, log *slog.Logger) error {
+func validate(ctx context.Context, inv *Invocation, log *slog.Logger) error {
 	if !inv.Validate {
 		return nil
 	}
@@ -128,7 +131,7 @@ func validate(inv *Invocation, log *slog.Logger) error {
 		timeout:   inv.ProbeTimeout,
 		log:       log,
 	}
-	return p.run(context.Background())
+	return p.run(ctx)
 }
 
 // dryRun prints the ruleset. "auto" is resolved in the target namespace
@@ -165,11 +168,11 @@ func dryRun(inv *Invocation, rs *rules.Ruleset, stdout io.Writer, log *slog.Logg
 // cleaned; with auto, every backend that may hold rules of ours
 // (rules.RemoveAll), since rules may have been written by another
 // flavour before.
-func cleanup(name rules.BackendName, log *slog.Logger) error {
+func cleanup(ctx context.Context, name rules.BackendName, log *slog.Logger) error {
 	if name != rules.BackendAuto {
 		be, err := rules.NewBackend(name, rules.BackendOptions{})
 		if err == nil {
-			err = be.Remove()
+			err = be.Remove(ctx)
 		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
@@ -177,7 +180,7 @@ func cleanup(name rules.BackendName, log *slog.Logger) error {
 		log.Info(fmt.Sprintf("backend=%s: removed our rules", name))
 		return nil
 	}
-	ran, err := rules.RemoveAll()
+	ran, err := rules.RemoveAll(ctx)
 	for _, n := range ran {
 		log.Info(fmt.Sprintf("backend=%s: removed our rules", n))
 	}

@@ -1,6 +1,7 @@
 package cni
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -41,6 +42,19 @@ type Plugin struct {
 	// NodeRules applies the node rules from a host config when they are
 	// missing (nil: applyNodeRules); tests inject one.
 	NodeRules func(path string) (applied bool, err error)
+	// Context bounds the backends' work (nil: context.Background()).
+	// skel's callbacks take none, so the plugin holds it; cmd/egress-cni
+	// cancels it on SIGTERM, which stops an iptables binary rather than
+	// leave the runtime to kill the plugin in the middle of it.
+	Context context.Context
+}
+
+// ctx is the context the commands run under.
+func (p *Plugin) ctx() context.Context {
+	if p.Context == nil {
+		return context.Background()
+	}
+	return p.Context
 }
 
 // New returns the plugin wired to the real backends and os.Stdout.
@@ -142,7 +156,7 @@ func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.R
 			return err
 		}
 		used = string(b.Name())
-		return b.Apply(rs)
+		return b.Apply(p.ctx(), rs)
 	})
 	if err == nil {
 		return used, nil
@@ -205,7 +219,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	var removed []rules.BackendName
 	err = netns.Do(args.Netns, func() error {
 		var e error
-		removed, e = rules.RemoveAll()
+		removed, e = rules.RemoveAll(p.ctx())
 		return e
 	})
 	if netns.IsNotExist(err) {
@@ -243,14 +257,14 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 	var backend string
 	err = netns.Do(args.Netns, func() error {
 		if !dec.Capture {
-			return rules.CheckNoneOurs()
+			return rules.CheckNoneOurs(p.ctx())
 		}
 		b, err := p.NewBackend(s.Backend, rules.BackendOptions{})
 		if err != nil {
 			return err
 		}
 		backend = string(b.Name())
-		return b.Check(dec.Ruleset)
+		return b.Check(p.ctx(), dec.Ruleset)
 	})
 	if err == nil && s.NodeEnforcement {
 		if err := p.checkRegistration(inv, args); err != nil {

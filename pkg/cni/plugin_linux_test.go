@@ -2,6 +2,7 @@ package cni
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -187,7 +188,7 @@ func TestDelIsLenient(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := f.Apply(rs); err != nil {
+			if err := f.Apply(context.Background(), rs); err != nil {
 				t.Fatal(err)
 			}
 			before := f.Dump()

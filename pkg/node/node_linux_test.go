@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -326,7 +327,7 @@ func TestNftListLoadsBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := in(host, func() error { return b.Apply(rs) }); err != nil {
+	if err := in(host, func() error { return b.Apply(context.Background(), rs) }); err != nil {
 		t.Fatal(err)
 	}
 	dump := nstest.NFTDump(t, host)

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -45,6 +46,13 @@ type BackendOptions struct {
 // OS thread. Callers that target another namespace run it inside
 // netns.Do. Every method is safe to call on a namespace that holds none
 // of our rules.
+//
+// ctx bounds the work. The iptables backends run their save and restore
+// binaries under it: cancelling kills the binary, and since a restore
+// commits only at its COMMIT line a killed one changes nothing; Apply
+// still rolls back a family it already wrote. The nftables backend
+// checks ctx before it sends its one batch; a batch once sent completes
+// (the kernel applies it whole or not at all).
 type Backend interface {
 	// Name is the backend's name, never BackendAuto.
 	Name() BackendName
@@ -54,14 +62,14 @@ type Backend interface {
 	// Apply makes the namespace hold exactly rs: atomically, and
 	// idempotently. Rules we wrote before are replaced, never
 	// duplicated; rules we do not own are left alone.
-	Apply(rs *Ruleset) error
+	Apply(ctx context.Context, rs *Ruleset) error
 	// Check compares the live state with rs. It returns a *DriftError
 	// naming what is missing or extra, or another error if the state
 	// could not be read.
-	Check(rs *Ruleset) error
+	Check(ctx context.Context, rs *Ruleset) error
 	// Remove deletes everything we own and nothing else. It succeeds
 	// when there is nothing to remove.
-	Remove() error
+	Remove(ctx context.Context) error
 }
 
 // unknownBackend is the error for a backend name we do not know.

@@ -3,6 +3,7 @@
 package rules
 
 import (
+	"context"
 	"strings"
 	"testing"
 
@@ -42,7 +43,7 @@ func TestIstioConformanceKernel(t *testing.T) {
 					continue
 				}
 				rs := tc.mustBuild(t)
-				inNS(t, n, tc.name+": Apply", func() error { return ipt.Apply(rs) })
+				inNS(t, n, tc.name+": Apply", func() error { return ipt.Apply(context.Background(), rs) })
 				for fi, f := range []Family{FamilyIPv4, FamilyIPv6} {
 					text := saveAll(t, n, fl, f)
 					if fi == 1 && !tc.v6 {
@@ -81,8 +82,8 @@ func TestIstioConformanceNFT(t *testing.T) {
 			continue
 		}
 		rs := tc.mustBuild(t)
-		inNS(t, n, tc.name+": Apply", func() error { return nft.Apply(rs) })
-		inNS(t, n, tc.name+": Check", func() error { return nft.Check(rs) })
+		inNS(t, n, tc.name+": Apply", func() error { return nft.Apply(context.Background(), rs) })
+		inNS(t, n, tc.name+": Check", func() error { return nft.Check(context.Background(), rs) })
 		applied++
 	}
 	if applied == 0 {

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"slices"
@@ -57,9 +58,13 @@ func (f *Fake) NewBackend(name BackendName, _ BackendOptions) (Backend, error) {
 
 func (f *Fake) Name() BackendName                  { return BackendNFTables }
 func (f *Fake) Render(rs *Ruleset) (string, error) { return fakeBackend{f, BackendNFTables}.Render(rs) }
-func (f *Fake) Apply(rs *Ruleset) error            { return fakeBackend{f, BackendNFTables}.Apply(rs) }
-func (f *Fake) Check(rs *Ruleset) error            { return fakeBackend{f, BackendNFTables}.Check(rs) }
-func (f *Fake) Remove() error                      { return fakeBackend{f, BackendNFTables}.Remove() }
+func (f *Fake) Apply(ctx context.Context, rs *Ruleset) error {
+	return fakeBackend{f, BackendNFTables}.Apply(ctx, rs)
+}
+func (f *Fake) Check(ctx context.Context, rs *Ruleset) error {
+	return fakeBackend{f, BackendNFTables}.Check(ctx, rs)
+}
+func (f *Fake) Remove(ctx context.Context) error { return fakeBackend{f, BackendNFTables}.Remove(ctx) }
 
 // Dump renders everything f holds: per namespace, in the order of their
 // names, per backend in BackendNames order, a header line
@@ -116,8 +121,12 @@ func (b fakeBackend) Render(rs *Ruleset) (string, error) {
 	return RenderNFT(rs), nil
 }
 
-// Apply records rs, unless the backend could not render it.
-func (b fakeBackend) Apply(rs *Ruleset) error {
+// Apply records rs, unless the backend could not render it or ctx is
+// done (as the real backends, it then changes nothing).
+func (b fakeBackend) Apply(ctx context.Context, rs *Ruleset) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	text, err := b.Render(rs)
 	if err != nil {
 		return err
@@ -135,7 +144,10 @@ func (b fakeBackend) Apply(rs *Ruleset) error {
 	return nil
 }
 
-func (b fakeBackend) Check(rs *Ruleset) error {
+func (b fakeBackend) Check(ctx context.Context, rs *Ruleset) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	b.f.mu.Lock()
 	have := b.f.nss[fakeThreadNS()][b.name]
 	b.f.mu.Unlock()
@@ -146,7 +158,10 @@ func (b fakeBackend) Check(rs *Ruleset) error {
 	return diffLines(string(b.name), fakeLines(want), fakeLines(have))
 }
 
-func (b fakeBackend) Remove() error {
+func (b fakeBackend) Remove(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	ns := fakeThreadNS()
 	b.f.mu.Lock()
 	defer b.f.mu.Unlock()

@@ -4,6 +4,7 @@ package rules
 // they generate, without root.
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -19,9 +20,9 @@ type fakeIPT struct {
 	err      error
 }
 
-func (f *fakeIPT) Save(fam Family) (string, error) { return f.save[fam], nil }
+func (f *fakeIPT) Save(_ context.Context, fam Family) (string, error) { return f.save[fam], nil }
 
-func (f *fakeIPT) Restore(fam Family, input string) error {
+func (f *fakeIPT) Restore(_ context.Context, fam Family, input string) error {
 	f.restores = append(f.restores, iptCommand(fam)+":\n"+input)
 	return f.err
 }
@@ -91,7 +92,7 @@ func TestIPTApplyInputTakesOverAndReplaces(t *testing.T) {
 		FamilyIPv6: strings.ReplaceAll(istioSave4, "198.51.100.7/32", "2001:db8::7/128"),
 	}}
 	ipt := &iptBackend{name: BackendIPTablesNFT, run: f}
-	if err := ipt.Apply(rs); err != nil {
+	if err := ipt.Apply(context.Background(), rs); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{"iptables:\n" + istioSave4Deletes + dedent(`
@@ -125,7 +126,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 	rs := goldenRuleset(t, func(*Config) {})
 	f := &fakeIPT{}
 	ipt := &iptBackend{name: BackendIPTablesLegacy, run: f}
-	if err := ipt.Apply(rs); err != nil {
+	if err := ipt.Apply(context.Background(), rs); err != nil {
 		t.Fatal(err)
 	}
 	if len(f.restores) != 2 {
@@ -141,7 +142,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 	// A model error is reported before anything is written.
 	f.restores = nil
 	rs.Chain(ChainRedirect).Rules[0].Proto = ProtoAny
-	if err := ipt.Apply(rs); err == nil {
+	if err := ipt.Apply(context.Background(), rs); err == nil {
 		t.Error("Apply of an unrenderable model succeeded")
 	}
 	if len(f.restores) != 0 {
@@ -151,7 +152,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 	// Restore errors are wrapped with the family and backend.
 	rs = goldenRuleset(t, func(*Config) {})
 	f.err = errors.New("boom")
-	if err := ipt.Apply(rs); err == nil || !strings.Contains(err.Error(), "iptables-legacy") || !errors.Is(err, f.err) {
+	if err := ipt.Apply(context.Background(), rs); err == nil || !strings.Contains(err.Error(), "iptables-legacy") || !errors.Is(err, f.err) {
 		t.Errorf("want a wrapped restore error, got %v", err)
 	}
 }
@@ -159,7 +160,7 @@ func TestIPTApplyFreshTableAndModelError(t *testing.T) {
 func TestIPTRemoveInput(t *testing.T) {
 	f := &fakeIPT{save: map[Family]string{FamilyIPv4: istioSave4}}
 	ipt := &iptBackend{name: BackendIPTablesNFT, run: f}
-	if err := ipt.Remove(); err != nil {
+	if err := ipt.Remove(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{"iptables:\n" + istioSave4Removal}
@@ -170,7 +171,7 @@ func TestIPTRemoveInput(t *testing.T) {
 	// Nothing of ours: no restore at all.
 	f = &fakeIPT{save: map[Family]string{FamilyIPv4: "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ACCEPT\nCOMMIT\n"}}
 	ipt.run = f
-	if err := ipt.Remove(); err != nil || len(f.restores) != 0 {
+	if err := ipt.Remove(context.Background()); err != nil || len(f.restores) != 0 {
 		t.Errorf("Remove on a clean table: err=%v restores=%q", err, f.restores)
 	}
 }
@@ -189,16 +190,16 @@ func TestIPTCheckFake(t *testing.T) {
 	}
 	f := &fakeIPT{save: map[Family]string{FamilyIPv4: save(FamilyIPv4), FamilyIPv6: save(FamilyIPv6)}}
 	ipt := &iptBackend{name: BackendIPTablesNFT, run: f}
-	if err := ipt.Check(rs); err != nil {
+	if err := ipt.Check(context.Background(), rs); err != nil {
 		t.Fatalf("Check of the applied state: %v", err)
 	}
-	if err := ipt.Apply(rs); err != nil || len(f.restores) != 0 {
+	if err := ipt.Apply(context.Background(), rs); err != nil || len(f.restores) != 0 {
 		t.Errorf("Apply over the identical state should write nothing: err=%v restores=%q", err, f.restores)
 	}
 
 	f.save[FamilyIPv6] = strings.Replace(f.save[FamilyIPv6], "-A ISTIO_OUTPUT -d fd00::/8 -j RETURN\n", "", 1)
 	f.save[FamilyIPv4] = strings.Replace(f.save[FamilyIPv4], "COMMIT", "-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT", 1)
-	err := ipt.Check(rs)
+	err := ipt.Check(context.Background(), rs)
 	var d *DriftError
 	if !errors.As(err, &d) {
 		t.Fatalf("want drift, got %v", err)
@@ -213,21 +214,21 @@ func TestIPTCheckFake(t *testing.T) {
 
 	// Nothing applied: every chain is missing.
 	f.save = map[Family]string{}
-	if err := ipt.Check(rs); !IsDrift(err) || !strings.Contains(err.Error(), ":ISTIO_OUTPUT - [0:0]") {
+	if err := ipt.Check(context.Background(), rs); !IsDrift(err) || !strings.Contains(err.Error(), ":ISTIO_OUTPUT - [0:0]") {
 		t.Errorf("want missing chains, got %v", err)
 	}
 
 	// A disabled family must hold nothing of ours.
 	rs4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
 	f.save = map[Family]string{FamilyIPv4: func() string { s, _ := RenderIPTablesFamily(rs4, FamilyIPv4); return s }(), FamilyIPv6: save(FamilyIPv6)}
-	if err := ipt.Check(rs4); !IsDrift(err) || !strings.Contains(err.Error(), "extra: ip6tables: ") {
+	if err := ipt.Check(context.Background(), rs4); !IsDrift(err) || !strings.Contains(err.Error(), "extra: ip6tables: ") {
 		t.Errorf("want extra IPv6 rules, got %v", err)
 	}
 }
 
 func TestMissingBinaryFake(t *testing.T) {
 	r := &execRunner{dirs: []string{t.TempDir()}}
-	_, err := r.Save(FamilyIPv6)
+	_, err := r.Save(context.Background(), FamilyIPv6)
 	if !IsBinaryMissing(err) || !strings.Contains(err.Error(), "ip6tables-nft-save") || !strings.Contains(err.Error(), `"iptables"`) {
 		t.Errorf("want a missing-binary error naming ip6tables-nft-save and the iptables package, got %v", err)
 	}
@@ -262,7 +263,7 @@ type scriptedIPT struct {
 	restores []string
 }
 
-func (f *scriptedIPT) Save(fam Family) (string, error) {
+func (f *scriptedIPT) Save(_ context.Context, fam Family) (string, error) {
 	q := f.saves[fam]
 	if len(q) == 0 {
 		return "", nil
@@ -271,7 +272,7 @@ func (f *scriptedIPT) Save(fam Family) (string, error) {
 	return q[0], nil
 }
 
-func (f *scriptedIPT) Restore(fam Family, input string) error {
+func (f *scriptedIPT) Restore(_ context.Context, fam Family, input string) error {
 	f.restores = append(f.restores, iptCommand(fam)+":\n"+input)
 	if fam == f.failFam {
 		return errors.New("ip6tables-restore: line 3 failed")
@@ -296,7 +297,7 @@ func TestIPTApplyRollsBackFirstFamily(t *testing.T) {
 		FamilyIPv4: {"*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", v4},
 	}}
 	b := &iptBackend{name: BackendIPTablesNFT, run: fake}
-	err = b.Apply(rs)
+	err = b.Apply(context.Background(), rs)
 	if err == nil || !strings.Contains(err.Error(), "ip6tables") {
 		t.Fatalf("want the ip6tables error, got %v", err)
 	}

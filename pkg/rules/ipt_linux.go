@@ -46,10 +46,12 @@ const DefaultLockWait = 5 * time.Second
 // calling thread's network namespace. Tests fake it.
 type iptRunner interface {
 	// Save returns "*-save -t nat" for the family. A namespace without
-	// a nat table may return "".
-	Save(f Family) (string, error)
-	// Restore feeds input to "*-restore --noflush".
-	Restore(f Family, input string) error
+	// a nat table may return "". Cancelling ctx kills the binary.
+	Save(ctx context.Context, f Family) (string, error)
+	// Restore feeds input to "*-restore --noflush". Cancelling ctx
+	// kills the binary; a restore commits a table only at its COMMIT
+	// line, so a killed restore changes nothing.
+	Restore(ctx context.Context, f Family, input string) error
 }
 
 type iptBackend struct {
@@ -76,8 +78,11 @@ var iptFamilies = []Family{FamilyIPv4, FamilyIPv6}
 // the other. Each family is one atomic restore. The two families cannot
 // be one kernel transaction, so when the second restore fails the first
 // family is restored to what it held before: the namespace ends with the
-// old rules in both families, never the new rules in one of them.
-func (ipt *iptBackend) Apply(rs *Ruleset) error {
+// old rules in both families, never the new rules in one of them. The
+// rollback runs even when ctx was cancelled (under
+// context.WithoutCancel, bounded by the runner's own timeout), since
+// stopping there would leave exactly that half.
+func (ipt *iptBackend) Apply(ctx context.Context, rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
 	}
@@ -96,9 +101,9 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 	}
 	var done [][]*iptTable // families already written, as they were before
 	for _, f := range iptFamilies {
-		have, err := ipt.owned(f)
+		have, err := ipt.owned(ctx, f)
 		if err != nil {
-			return errors.Join(err, ipt.rollback(done))
+			return errors.Join(err, ipt.rollback(ctx, done))
 		}
 		// One restore per family, one section per table that changes.
 		var input strings.Builder
@@ -119,9 +124,9 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 		if input.Len() == 0 {
 			continue
 		}
-		if err := ipt.run.Restore(f, input.String()); err != nil {
+		if err := ipt.run.Restore(ctx, f, input.String()); err != nil {
 			err = fmt.Errorf("could not apply %s rules with %s: %w", iptCommand(f), ipt.name, err)
-			return errors.Join(err, ipt.rollback(done))
+			return errors.Join(err, ipt.rollback(ctx, done))
 		}
 		done = append(done, have)
 	}
@@ -130,11 +135,12 @@ func (ipt *iptBackend) Apply(rs *Ruleset) error {
 
 // rollback puts the families in prev (their state before this Apply)
 // back as they were.
-func (ipt *iptBackend) rollback(prev [][]*iptTable) error {
+func (ipt *iptBackend) rollback(ctx context.Context, prev [][]*iptTable) error {
+	ctx = context.WithoutCancel(ctx)
 	var errs []error
 	for i := len(prev) - 1; i >= 0; i-- {
 		f := prev[i][0].Family
-		now, err := ipt.owned(f)
+		now, err := ipt.owned(ctx, f)
 		if err == nil {
 			var input strings.Builder
 			for j, t := range prev[i] {
@@ -143,7 +149,7 @@ func (ipt *iptBackend) rollback(prev [][]*iptTable) error {
 				}
 			}
 			if input.Len() > 0 {
-				err = ipt.run.Restore(f, input.String())
+				err = ipt.run.Restore(ctx, f, input.String())
 			}
 		}
 		if err != nil {
@@ -155,7 +161,7 @@ func (ipt *iptBackend) rollback(prev [][]*iptTable) error {
 
 // Check compares what we own in both families with rs. Lines of a table
 // other than nat are prefixed with the table's name.
-func (ipt *iptBackend) Check(rs *Ruleset) error {
+func (ipt *iptBackend) Check(ctx context.Context, rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
 	}
@@ -169,7 +175,7 @@ func (ipt *iptBackend) Check(rs *Ruleset) error {
 			}
 			want = tablesLines(ts)
 		}
-		have, err := ipt.owned(f)
+		have, err := ipt.owned(ctx, f)
 		if err != nil {
 			return err
 		}
@@ -194,10 +200,10 @@ func (ipt *iptBackend) Check(rs *Ruleset) error {
 }
 
 // Remove deletes our entry rules and chains in both families.
-func (ipt *iptBackend) Remove() error {
+func (ipt *iptBackend) Remove(ctx context.Context) error {
 	var errs []error
 	for _, f := range iptFamilies {
-		have, err := ipt.owned(f)
+		have, err := ipt.owned(ctx, f)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -207,7 +213,7 @@ func (ipt *iptBackend) Remove() error {
 			input.WriteString(iptRemoveInput(h))
 		}
 		if input.Len() > 0 {
-			if err := ipt.run.Restore(f, input.String()); err != nil {
+			if err := ipt.run.Restore(ctx, f, input.String()); err != nil {
 				errs = append(errs, fmt.Errorf("could not remove %s rules with %s: %w", iptCommand(f), ipt.name, err))
 			}
 		}
@@ -217,8 +223,8 @@ func (ipt *iptBackend) Remove() error {
 
 // owned reads the tables of family f and returns what we own in each
 // (iptTables order).
-func (ipt *iptBackend) owned(f Family) ([]*iptTable, error) {
-	out, err := ipt.run.Save(f)
+func (ipt *iptBackend) owned(ctx context.Context, f Family) ([]*iptTable, error) {
+	out, err := ipt.run.Save(ctx, f)
 	if err != nil {
 		return nil, fmt.Errorf("could not read the %s tables with %s: %w", iptCommand(f), ipt.name, err)
 	}
@@ -285,7 +291,7 @@ func (r *execRunner) timeout() time.Duration {
 	return time.Duration(r.lockWait)*time.Second + time.Minute
 }
 
-func (r *execRunner) Save(f Family) (string, error) {
+func (r *execRunner) Save(ctx context.Context, f Family) (string, error) {
 	// Running the legacy save registers the nat table in the namespace,
 	// which would make the namespace look "legacy in use" to Detect.
 	// An unregistered table holds nothing of ours.
@@ -294,33 +300,37 @@ func (r *execRunner) Save(f Family) (string, error) {
 	}
 	// Without -t, *-save prints every table that exists and creates
 	// none (the legacy flavour lists only the registered ones).
-	out, err := r.exec(f, "save", nil, "")
+	out, err := r.exec(ctx, f, "save", nil, "")
 	return out, err
 }
 
-func (r *execRunner) Restore(f Family, input string) error {
+func (r *execRunner) Restore(ctx context.Context, f Family, input string) error {
 	args := []string{"--noflush"}
 	if r.legacy {
 		// Debian's 1.8.9 takes -w seconds; -W is ignored as deprecated.
 		args = append(args, "-w", strconv.Itoa(r.lockWait))
 	}
-	_, err := r.exec(f, "restore", args, input)
+	_, err := r.exec(ctx, f, "restore", args, input)
 	return err
 }
 
-func (r *execRunner) exec(f Family, op string, args []string, stdin string) (string, error) {
+func (r *execRunner) exec(ctx context.Context, f Family, op string, args []string, stdin string) (string, error) {
 	name := r.binary(f, op)
 	path, err := r.lookPath(name)
 	if err != nil {
 		return "", err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.timeout())
+	ctx, cancel := context.WithTimeout(ctx, r.timeout())
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
+		if cerr := ctx.Err(); cerr != nil {
+			// Cancelled or timed out: the binary was killed.
+			return "", fmt.Errorf("%s %s: %w (%w)", name, strings.Join(args, " "), cerr, err)
+		}
 		msg := iptStderr(stderr.String())
 		if op == "restore" {
 			msg += iptInputContext(msg, stdin)

@@ -5,6 +5,7 @@ package rules
 // when the test ends, pass or fail.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -89,8 +90,8 @@ func TestIPTApplyCheckGoldenConfigs(t *testing.T) {
 				n := nstest.NewNS(t)
 				rs := goldenRuleset(t, tc.cfg)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-				inNS(t, n, "Check after Apply", func() error { return ipt.Check(rs) })
+				inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
+				inNS(t, n, "Check after Apply", func() error { return ipt.Check(context.Background(), rs) })
 			})
 		}
 	}
@@ -103,13 +104,13 @@ func TestIPTApplyTwiceIsIdentical(t *testing.T) {
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "first Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "first Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		first := saveBoth(t, n, fl)
-		inNS(t, n, "second Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "second Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		if diff := cmp.Diff(first, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("second Apply changed the tables (-first +second):\n%s", diff)
 		}
-		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 	})
 }
 
@@ -126,11 +127,11 @@ func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 			c.InboundIncludeAll, c.InboundIncludePorts, c.InboundExcludePorts = false, []PortRange{{80, 80}}, nil
 		})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "Apply a", func() error { return ipt.Apply(a) })
-		inNS(t, n, "Apply b", func() error { return ipt.Apply(b) })
-		inNS(t, n, "Check b", func() error { return ipt.Check(b) })
+		inNS(t, n, "Apply a", func() error { return ipt.Apply(context.Background(), a) })
+		inNS(t, n, "Apply b", func() error { return ipt.Apply(context.Background(), b) })
+		inNS(t, n, "Check b", func() error { return ipt.Check(context.Background(), b) })
 		inNS(t, n, "Check a", func() error {
-			if err := ipt.Check(a); !IsDrift(err) {
+			if err := ipt.Check(context.Background(), a); !IsDrift(err) {
 				return fmt.Errorf("Check of the old config: want drift, got %v", err)
 			}
 			return nil
@@ -165,7 +166,7 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Remove where nothing exists succeeds, and (legacy) does not
 		// create the nat table, which would make Detect see legacy in use.
-		inNS(t, n, "Remove on an empty namespace", ipt.Remove)
+		inNS(t, n, "Remove on an empty namespace", func() error { return ipt.Remove(context.Background()) })
 		if fl == BackendIPTablesLegacy {
 			inNS(t, n, "legacy tables", func() error {
 				if legacyInUse() {
@@ -183,22 +184,22 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 			c.OutboundExcludeCIDRs = mustPrefixes("10.0.0.0/8", "fd00::/8")
 			c.ExcludeInterfaces = []string{"eth1"}
 		})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 		applied := saveBoth(t, n, fl)
 		for _, l := range []string{"-A OUTPUT -d 198.51.100.7/32 -j ACCEPT", "-A OUTPUT -d 2001:db8::7/128 -j ACCEPT", "-A FOREIGN -p udp -m udp --dport 4789 -j RETURN", "-A PREROUTING -i eth9 -j FOREIGN"} {
 			if !strings.Contains(applied, l+"\n") {
 				t.Errorf("Apply lost foreign rule %q:\n%s", l, applied)
 			}
 		}
-		inNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Check with foreign rules present", func() error { return ipt.Check(context.Background(), rs) })
 
-		inNS(t, n, "Remove", ipt.Remove)
+		inNS(t, n, "Remove", func() error { return ipt.Remove(context.Background()) })
 		if diff := cmp.Diff(before, saveBoth(t, n, fl)); diff != "" {
 			t.Errorf("Remove did not restore the tables as they were (-before +after):\n%s", diff)
 		}
-		inNS(t, n, "second Remove", ipt.Remove)
+		inNS(t, n, "second Remove", func() error { return ipt.Remove(context.Background()) })
 		inNS(t, n, "Check after Remove", func() error {
-			err := ipt.Check(rs)
+			err := ipt.Check(context.Background(), rs)
 			if !IsDrift(err) {
 				return fmt.Errorf("want drift after Remove, got %v", err)
 			}
@@ -211,13 +212,13 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 	forFlavours(t, func(t *testing.T, fl BackendName, n ns.NetNS) {
 		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 
 		bin := "ip6tables" + strings.TrimPrefix(string(fl), "iptables")
 		runIPT(t, n, fl, FamilyIPv6, "", "", "-t", "nat", "-D", "ISTIO_OUTPUT", "-d", "::1/128", "-j", "RETURN")
 		runIPT(t, n, fl, FamilyIPv4, "", "", "-t", "nat", "-A", "ISTIO_REDIRECT", "-j", "RETURN")
 		var err error
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(context.Background(), rs); return nil })
 		var d *DriftError
 		if !errors.As(err, &d) {
 			t.Fatalf("want a DriftError after %s -D, got %v", bin, err)
@@ -233,14 +234,14 @@ func TestIPTCheckReportsDrift(t *testing.T) {
 
 		// A missing chain is drift too.
 		runIPT(t, n, fl, FamilyIPv4, "restore", "*nat\n:ISTIO_INBOUND - [0:0]\n-D PREROUTING -p tcp -m comment --comment egress-cni -j ISTIO_INBOUND\n-X ISTIO_INBOUND\nCOMMIT\n", "--noflush")
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Check(context.Background(), rs); return nil })
 		if !IsDrift(err) || !strings.Contains(err.Error(), "missing: iptables: :ISTIO_INBOUND - [0:0]") {
 			t.Errorf("want the missing chain reported, got %v", err)
 		}
 
 		// Apply repairs it.
-		inNS(t, n, "Apply again", func() error { return ipt.Apply(rs) })
-		inNS(t, n, "Check after repair", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Apply again", func() error { return ipt.Apply(context.Background(), rs) })
+		inNS(t, n, "Check after repair", func() error { return ipt.Check(context.Background(), rs) })
 	})
 }
 
@@ -270,13 +271,13 @@ func TestIPTTakesOverIstioRules(t *testing.T) {
 		rs := goldenRuleset(t, func(*Config) {})
 		ipt := newIPTBackend(fl, BackendOptions{})
 		inNS(t, n, "Check before takeover", func() error {
-			if err := ipt.Check(rs); !IsDrift(err) {
+			if err := ipt.Check(context.Background(), rs); !IsDrift(err) {
 				return fmt.Errorf("want drift before Apply, got %v", err)
 			}
 			return nil
 		})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
-		inNS(t, n, "Check", func() error { return ipt.Check(rs) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
+		inNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 		v4 := saveNat(t, n, fl, FamilyIPv4)
 		for _, l := range []string{"-j ISTIO_OUTPUT\n", "-j ISTIO_INBOUND\n"} {
 			if c := strings.Count(v4, l); c != 1 {
@@ -296,7 +297,7 @@ func TestIPTMissingBinary(t *testing.T) {
 		ipt := &iptBackend{name: fl, run: r}
 		rs := goldenRuleset(t, func(*Config) {})
 		var err error
-		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
+		_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(context.Background(), rs); return nil })
 		if !IsBinaryMissing(err) {
 			t.Fatalf("want a missing-binary error, got %v", err)
 		}
@@ -339,14 +340,14 @@ func BenchmarkIPTApply(b *testing.B) {
 						c.OutboundExcludeCIDRs = append(excludedCIDRs(size), netip.MustParsePrefix("192.0.2.0/24"))
 					})
 					ipt := newIPTBackend(fl, BackendOptions{})
-					inNS(b, n, "first Apply", func() error { return ipt.Apply(rs) })
+					inNS(b, n, "first Apply", func() error { return ipt.Apply(context.Background(), rs) })
 					last := rs
 					inNS(b, n, "Apply", func() error {
 						for b.Loop() {
 							switch mode {
 							case "fresh":
 								b.StopTimer()
-								if err := ipt.Remove(); err != nil {
+								if err := ipt.Remove(context.Background()); err != nil {
 									return err
 								}
 								b.StartTimer()
@@ -357,14 +358,14 @@ func BenchmarkIPTApply(b *testing.B) {
 									last = rs
 								}
 							}
-							if err := ipt.Apply(last); err != nil {
+							if err := ipt.Apply(context.Background(), last); err != nil {
 								return err
 							}
 						}
 						return nil
 					})
 					b.StopTimer()
-					inNS(b, n, "Check", func() error { return ipt.Check(last) })
+					inNS(b, n, "Check", func() error { return ipt.Check(context.Background(), last) })
 				})
 			}
 		}
@@ -390,7 +391,7 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	ipt := newIPTBackend(BackendIPTablesLegacy, BackendOptions{LockWait: time.Second})
 	rs := goldenRuleset(t, func(*Config) {})
 	start := time.Now()
-	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(rs); return nil })
+	_ = n.Do(func(ns.NetNS) error { err = ipt.Apply(context.Background(), rs); return nil })
 	if !errors.Is(err, ErrXtablesLocked) {
 		t.Fatalf("want ErrXtablesLocked, got %v", err)
 	}
@@ -400,8 +401,8 @@ func TestIPTLegacyLockWait(t *testing.T) {
 	if err := syscall.Flock(int(fh.Fd()), syscall.LOCK_UN); err != nil {
 		t.Fatal(err)
 	}
-	inNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(rs) })
-	inNS(t, n, "Check", func() error { return ipt.Check(rs) })
+	inNS(t, n, "Apply once the lock is free", func() error { return ipt.Apply(context.Background(), rs) })
+	inNS(t, n, "Check", func() error { return ipt.Check(context.Background(), rs) })
 }
 
 // Once we applied rules with a flavour, auto-detection keeps choosing it
@@ -411,8 +412,8 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		// Check and Remove on an empty namespace must not tip detection.
 		inNS(t, n, "Check and Remove", func() error {
-			_ = ipt.Check(goldenRuleset(t, func(*Config) {}))
-			return ipt.Remove()
+			_ = ipt.Check(context.Background(), goldenRuleset(t, func(*Config) {}))
+			return ipt.Remove(context.Background())
 		})
 		inNS(t, n, "Detect before", func() error {
 			if d, err := Detect(); err != nil || d != BackendNFTables {
@@ -420,7 +421,7 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 			}
 			return nil
 		})
-		inNS(t, n, "Apply", func() error { return ipt.Apply(goldenRuleset(t, func(*Config) {})) })
+		inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), goldenRuleset(t, func(*Config) {})) })
 		inNS(t, n, "Detect after", func() error {
 			if d, err := Detect(); err != nil || d != fl {
 				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
@@ -441,7 +442,7 @@ func TestIPTFlavoursSaveIdentically(t *testing.T) {
 			for _, fl := range iptFlavours {
 				n := nstest.NewNS(t)
 				ipt := newIPTBackend(fl, BackendOptions{})
-				inNS(t, n, "Apply", func() error { return ipt.Apply(rs) })
+				inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), rs) })
 				saved[fl] = saveBoth(t, n, fl)
 			}
 			if diff := cmp.Diff(saved[BackendIPTablesNFT], saved[BackendIPTablesLegacy]); diff != "" {

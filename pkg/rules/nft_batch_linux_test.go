@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"context"
 	"net/netip"
 	"testing"
 
@@ -30,7 +31,7 @@ func TestNFTApplyBatchBytes(t *testing.T) {
 			})
 			r := &NFTRecorder{Tables: tc.tables}
 			be := &nftBackend{newConn: r.Conn}
-			if err := be.Apply(rs); err != nil {
+			if err := be.Apply(context.Background(), rs); err != nil {
 				t.Fatal(err)
 			}
 			bs := r.Batches()

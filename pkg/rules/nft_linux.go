@@ -34,6 +34,7 @@ package rules
 // decode set comments, so Check cannot compare them.
 
 import (
+	"context"
 	"fmt"
 	"slices"
 
@@ -122,7 +123,7 @@ func (o *nftObjects) batchSize() int {
 	return n
 }
 
-func (nft *nftBackend) Apply(rs *Ruleset) error {
+func (nft *nftBackend) Apply(ctx context.Context, rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
 	}
@@ -143,6 +144,10 @@ func (nft *nftBackend) Apply(rs *Ruleset) error {
 	fresh := len(present) == 0
 	if err := queueApply(conn, objs, present, fresh); err != nil {
 		return err
+	}
+	// The last moment to stop: once sent, the batch completes.
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("nftables table %s not applied: %w", NFTTable, err)
 	}
 	err = conn.Flush()
 	if err != nil && fresh {
@@ -225,7 +230,7 @@ func deleteOurTables(conn *nftables.Conn, fams []nftables.TableFamily) {
 	}
 }
 
-func (nft *nftBackend) Remove() error {
+func (nft *nftBackend) Remove(ctx context.Context) error {
 	conn, err := nft.newConn(0)
 	if err != nil {
 		return fmt.Errorf("could not open nftables netlink socket: %w", err)
@@ -239,6 +244,9 @@ func (nft *nftBackend) Remove() error {
 		return nil
 	}
 	deleteOurTables(conn, present)
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("nftables table %s not removed: %w", NFTTable, err)
+	}
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("could not delete nftables table %s: %w", NFTTable, err)
 	}
@@ -258,7 +266,10 @@ func (nft *nftBackend) Remove() error {
 // comment is right but whose expressions differ from what we would
 // write (someone replaced it by hand) is reported as "(expressions
 // differ)".
-func (nft *nftBackend) Check(rs *Ruleset) error {
+func (nft *nftBackend) Check(ctx context.Context, rs *Ruleset) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	objs, err := nftObjectsFor(rs)
 	if err != nil {
 		return fmt.Errorf("could not build nftables ruleset: %w", err)

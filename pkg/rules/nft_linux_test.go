@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"context"
 	"fmt"
 	"os/exec"
 	"slices"
@@ -59,8 +60,8 @@ func TestNFTApplyCheckGolden(t *testing.T) {
 			n := nstest.NewNS(t)
 			rs := goldenRuleset(t, tc.cfg)
 			be := newNFTBackend()
-			inNS(t, n, "Apply", func() error { return be.Apply(rs) })
-			inNS(t, n, "Check", func() error { return be.Check(rs) })
+			inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
+			inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 			want := []string{nftFamilyName(nftTableFamily(rs.Families)) + " " + NFTTable}
 			if got := nftTablesIn(t, n); !slices.Equal(got, want) {
 				t.Errorf("line %d: tables = %v, want %v", tc.line, got, want)
@@ -82,13 +83,13 @@ func TestNFTRenderMatchesApply(t *testing.T) {
 			viaNft, viaApply := nstest.NewNS(t), nstest.NewNS(t)
 			nftCLI(t, viaNft, RenderNFT(rs), "-f", "-")
 			be := newNFTBackend()
-			inNS(t, viaApply, "Apply", func() error { return be.Apply(rs) })
+			inNS(t, viaApply, "Apply", func() error { return be.Apply(context.Background(), rs) })
 			a := nftCLI(t, viaNft, "", "list", "table", fam, NFTTable)
 			b := nftCLI(t, viaApply, "", "list", "table", fam, NFTTable)
 			if a != b {
 				t.Errorf("line %d: nft -f and Apply differ:\n--- nft -f\n%s\n--- Apply\n%s", tc.line, a, b)
 			}
-			inNS(t, viaNft, "Check of the nft-loaded table", func() error { return be.Check(rs) })
+			inNS(t, viaNft, "Check of the nft-loaded table", func() error { return be.Check(context.Background(), rs) })
 		})
 	}
 }
@@ -102,7 +103,7 @@ func TestNFTSetLookups(t *testing.T) {
 	n := nstest.NewNS(t)
 	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged"))
 	be := newNFTBackend()
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 	for _, tc := range []struct {
 		set, key string
 		in       bool
@@ -139,7 +140,7 @@ func TestNFTSetLookups(t *testing.T) {
 
 	// 0.0.0.0/0 and ::/0 are a single start element each.
 	all := goldenRuleset(t, goldenConfig(t, "exclude-everything"))
-	inNS(t, n, "Apply", func() error { return be.Apply(all) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), all) })
 	for _, tc := range []struct{ set, key string }{
 		{SetOutExcludeV4, "0.0.0.0"},
 		{SetOutExcludeV4, "127.0.0.1"},
@@ -171,14 +172,14 @@ func TestNFTApplyIdempotent(t *testing.T) {
 	n := nstest.NewNS(t)
 	rs := goldenRuleset(t, goldenConfig(t, "exclusions-merged")) // every kind of set
 	be := newNFTBackend()
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 	first := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
-	inNS(t, n, "second Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "second Apply", func() error { return be.Apply(context.Background(), rs) })
 	second := nftCLI(t, n, "", "list", "table", "inet", NFTTable)
 	if first != second {
 		t.Errorf("second Apply changed the table:\n--- first\n%s\n--- second\n%s", first, second)
 	}
-	inNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 	// Every rule carries its text as a comment, and sets the format.
 	for _, want := range []string{
 		`oifname "lo" ip saddr 127.0.0.6 return comment "oifname lo ip saddr 127.0.0.6 return"`,
@@ -205,21 +206,21 @@ func TestNFTApplyReplaces(t *testing.T) {
 		c.Families = IPv4Only
 		c.OutboundExcludeCIDRs = nftPrefixes("192.168.0.0/16")
 	})
-	inNS(t, n, "Apply dual", func() error { return be.Apply(dual) })
-	inNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
-	inNS(t, n, "Check v4", func() error { return be.Check(v4) })
+	inNS(t, n, "Apply dual", func() error { return be.Apply(context.Background(), dual) })
+	inNS(t, n, "Apply v4", func() error { return be.Apply(context.Background(), v4) })
+	inNS(t, n, "Check v4", func() error { return be.Check(context.Background(), v4) })
 	if got, want := nftTablesIn(t, n), []string{"ip " + NFTTable}; !slices.Equal(got, want) {
 		t.Errorf("tables = %v, want %v", got, want)
 	}
 	var err error
-	inNS(t, n, "Check dual", func() error { err = be.Check(dual); return nil })
+	inNS(t, n, "Check dual", func() error { err = be.Check(context.Background(), dual); return nil })
 	if !IsDrift(err) {
 		t.Errorf("Check of the old ruleset: got %v, want drift", err)
 	}
 	// And back, with a changed exclusion list in the same family.
 	dual2 := goldenRuleset(t, func(c *Config) { c.OutboundExcludeCIDRs = nftPrefixes("10.0.0.0/8") })
-	inNS(t, n, "Apply dual2", func() error { return be.Apply(dual2) })
-	inNS(t, n, "Check dual2", func() error { return be.Check(dual2) })
+	inNS(t, n, "Apply dual2", func() error { return be.Apply(context.Background(), dual2) })
+	inNS(t, n, "Check dual2", func() error { return be.Check(context.Background(), dual2) })
 	if got, want := nftTablesIn(t, n), []string{"inet " + NFTTable}; !slices.Equal(got, want) {
 		t.Errorf("tables = %v, want %v", got, want)
 	}
@@ -232,7 +233,7 @@ func TestNFTApplyFailsAtomically(t *testing.T) {
 	n := nstest.NewNS(t)
 	be := newNFTBackend()
 	rs := goldenRuleset(t, func(*Config) {})
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 	before := nftCLI(t, n, "", "list", "ruleset")
 	// A new ruleset whose batch fails in the kernel at its end (a jump
 	// to a chain that is not created), after our table was deleted and
@@ -246,7 +247,7 @@ func TestNFTApplyFailsAtomically(t *testing.T) {
 	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
 		t.Errorf("a failed Apply changed the ruleset:\n--- before\n%s\n--- after\n%s", before, after)
 	}
-	inNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 }
 
 // applyBrokenForTest queues rs like Apply but leaves out the chain
@@ -315,9 +316,9 @@ func TestNFTApplyCreateRace(t *testing.T) {
 	// The fallback Apply takes after a failed exclusive batch.
 	be := newNFTBackend().(*nftBackend)
 	inNS(t, n, "applyReplacing", func() error { return be.applyReplacing(objs) })
-	inNS(t, n, "Check", func() error { return be.Check(rs) })
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
-	inNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
+	inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 }
 
 func TestNFTRemove(t *testing.T) {
@@ -330,13 +331,13 @@ func TestNFTRemove(t *testing.T) {
 	before := nftCLI(t, n, "", "list", "ruleset")
 
 	// Remove with nothing of ours: success.
-	inNS(t, n, "Remove (nothing)", func() error { return be.Remove() })
+	inNS(t, n, "Remove (nothing)", func() error { return be.Remove(context.Background()) })
 	rs := goldenRuleset(t, func(*Config) {})
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 	// Leave a stale table in another family too, as a changed config
 	// would before Apply moves it.
 	nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
-	inNS(t, n, "Remove", func() error { return be.Remove() })
+	inNS(t, n, "Remove", func() error { return be.Remove(context.Background()) })
 	if after := nftCLI(t, n, "", "list", "ruleset"); after != before {
 		t.Errorf("Remove changed foreign tables:\n--- before\n%s\n--- after\n%s", before, after)
 	}
@@ -345,10 +346,10 @@ func TestNFTRemove(t *testing.T) {
 			t.Errorf("table %s left after Remove", tb)
 		}
 	}
-	inNS(t, n, "Remove again", func() error { return be.Remove() })
+	inNS(t, n, "Remove again", func() error { return be.Remove(context.Background()) })
 
 	var err error
-	inNS(t, n, "Check after Remove", func() error { err = be.Check(rs); return nil })
+	inNS(t, n, "Check after Remove", func() error { err = be.Check(context.Background(), rs); return nil })
 	d, ok := err.(*DriftError)
 	if !ok || !slices.Contains(d.Missing, "table inet "+NFTTable) {
 		t.Errorf("Check after Remove: got %v, want drift with the table missing", err)
@@ -364,7 +365,7 @@ func TestNFTCheckDrift(t *testing.T) {
 	checkDrift := func(t *testing.T, n ns.NetNS, missing, extra string) {
 		t.Helper()
 		var err error
-		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(context.Background(), rs); return nil })
 		d, ok := err.(*DriftError)
 		if !ok {
 			t.Fatalf("Check: got %v, want a *DriftError", err)
@@ -381,7 +382,7 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("deleted rule", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		const victim = `oifname lo ip saddr 127.0.0.6 return`
 		inNS(t, n, "delete rule", func() error {
 			c, err := nftables.New()
@@ -406,7 +407,7 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("deleted rule by nft handle", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainRedirect)
 		var handle string
 		for _, l := range strings.Split(out, "\n") {
@@ -423,24 +424,24 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("deleted set element", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		nftCLI(t, n, "", "delete", "element", "inet", NFTTable, SetOutExcludeV4, "{ 192.168.0.0/16 }")
 		checkDrift(t, n, "set "+SetOutExcludeV4+" element 192.168.0.0/16", "")
 	})
 
 	t.Run("added set element", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		nftCLI(t, n, "", "add", "element", "inet", NFTTable, SetOutExcludeV6, "{ 2001:db8::/32 }")
 		checkDrift(t, n, "", "set "+SetOutExcludeV6+" element 2001:db8::/32")
 	})
 
 	t.Run("added rule", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		nftCLI(t, n, "", "insert", "rule", "inet", NFTTable, ChainOutput, "meta skuid 0", "return")
 		var err error
-		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(context.Background(), rs); return nil })
 		d, ok := err.(*DriftError)
 		if !ok || len(d.Extra) != 1 || !strings.HasSuffix(d.Extra[0], "without comment") || len(d.Missing) != 0 {
 			t.Errorf("Check: got %v, want one extra rule without comment", err)
@@ -449,7 +450,7 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("rule replaced under the same comment", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		const victim = "meta skuid 1337 return"
 		out := nftCLI(t, n, "", "-a", "list", "chain", "inet", NFTTable, ChainOutput)
 		var handle string
@@ -464,7 +465,7 @@ func TestNFTCheckDrift(t *testing.T) {
 		nftCLI(t, n, "", "replace", "rule", "inet", NFTTable, ChainOutput, "handle", strings.TrimSpace(handle),
 			"meta", "skuid", "1338", "return", "comment", `"`+victim+`"`)
 		var err error
-		inNS(t, n, "Check", func() error { err = be.Check(rs); return nil })
+		inNS(t, n, "Check", func() error { err = be.Check(context.Background(), rs); return nil })
 		if !IsDrift(err) || !strings.Contains(err.Error(), "expressions differ") {
 			t.Errorf("Check: got %v, want drift naming differing expressions", err)
 		}
@@ -472,23 +473,23 @@ func TestNFTCheckDrift(t *testing.T) {
 
 	t.Run("stale table in another family", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		nftCLI(t, n, "", "add", "table", "ip6", NFTTable)
 		checkDrift(t, n, "", "table ip6 "+NFTTable)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
-		inNS(t, n, "Check", func() error { return be.Check(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
+		inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 	})
 
 	t.Run("table only in the wrong family", func(t *testing.T) {
 		n := nstest.NewNS(t)
 		v4 := goldenRuleset(t, func(c *Config) { c.Families = IPv4Only })
-		inNS(t, n, "Apply v4", func() error { return be.Apply(v4) })
+		inNS(t, n, "Apply v4", func() error { return be.Apply(context.Background(), v4) })
 		checkDrift(t, n, "table inet "+NFTTable, "table ip "+NFTTable)
 	})
 
 	t.Run("hook changed", func(t *testing.T) {
 		n := nstest.NewNS(t)
-		inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+		inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 		// A base chain's priority cannot be changed in place; recreate the
 		// chain with another priority and the same rules.
 		nftCLI(t, n, "", "delete", "chain", "inet", NFTTable, BasePrerouting)
@@ -509,13 +510,13 @@ func TestNFTApplyManyCIDRs(t *testing.T) {
 	}
 	be := newNFTBackend()
 	start := time.Now()
-	inNS(t, n, "Apply", func() error { return be.Apply(rs) })
+	inNS(t, n, "Apply", func() error { return be.Apply(context.Background(), rs) })
 	applied := time.Since(start)
 	start = time.Now()
-	inNS(t, n, "Check", func() error { return be.Check(rs) })
+	inNS(t, n, "Check", func() error { return be.Check(context.Background(), rs) })
 	t.Logf("Apply of 10000 CIDRs: %v; Check: %v", applied, time.Since(start))
-	inNS(t, n, "Apply again", func() error { return be.Apply(rs) })
-	inNS(t, n, "Check again", func() error { return be.Check(rs) })
+	inNS(t, n, "Apply again", func() error { return be.Apply(context.Background(), rs) })
+	inNS(t, n, "Check again", func() error { return be.Check(context.Background(), rs) })
 }
 
 // BenchmarkNFTApply measures Apply with N excluded CIDRs (which do not
@@ -536,7 +537,7 @@ func BenchmarkNFTApply(b *testing.B) {
 				}
 				be := newNFTBackend()
 				apply := func(n ns.NetNS) {
-					if err := n.Do(func(ns.NetNS) error { return be.Apply(rs) }); err != nil {
+					if err := n.Do(func(ns.NetNS) error { return be.Apply(context.Background(), rs) }); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -547,7 +548,7 @@ func BenchmarkNFTApply(b *testing.B) {
 					for b.Loop() {
 						apply(n)
 					}
-					inNS(b, n, "Check", func() error { return be.Check(rs) })
+					inNS(b, n, "Check", func() error { return be.Check(context.Background(), rs) })
 					return
 				}
 				for b.Loop() {

@@ -6,6 +6,7 @@ package rules
 // batch the same way.
 
 import (
+	"context"
 	"testing"
 
 	"github.com/google/nftables"
@@ -40,7 +41,7 @@ func TestNFTRemoveThroughTheSeam(t *testing.T) {
 		{Name: "nat", Family: nftables.TableFamilyIPv4},
 		{Name: NFTTable, Family: nftables.TableFamilyIPv4},
 	}}
-	if err := (&nftBackend{newConn: r.Conn}).Remove(); err != nil {
+	if err := (&nftBackend{newConn: r.Conn}).Remove(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	want := []string{"add table inet", "delete table inet", "add table ip", "delete table ip"}
@@ -48,7 +49,7 @@ func TestNFTRemoveThroughTheSeam(t *testing.T) {
 		t.Errorf("Remove sent %q in %d batches, want %q in one", got, len(r.Batches()), want)
 	}
 	r = &NFTRecorder{Tables: []*nftables.Table{{Name: "nat", Family: nftables.TableFamilyIPv4}}}
-	if err := (&nftBackend{newConn: r.Conn}).Remove(); err != nil {
+	if err := (&nftBackend{newConn: r.Conn}).Remove(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(r.Batches()); n != 0 {

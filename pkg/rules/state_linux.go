@@ -7,6 +7,7 @@ package rules
 // one answer to "is this ours" (the backends' own parsers).
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -88,11 +89,11 @@ func Probe() State {
 // legacy binaries registers legacy tables), and a flavour whose binaries
 // are not installed is skipped. It succeeds when there is nothing to
 // remove; each error names its backend.
-func RemoveAll() ([]BackendName, error) {
-	return removeAll(Probe(), NewBackend)
+func RemoveAll(ctx context.Context) ([]BackendName, error) {
+	return removeAll(ctx, Probe(), NewBackend)
 }
 
-func removeAll(st State, newBackend func(BackendName, BackendOptions) (Backend, error)) ([]BackendName, error) {
+func removeAll(ctx context.Context, st State, newBackend func(BackendName, BackendOptions) (Backend, error)) ([]BackendName, error) {
 	var errs []error
 	var ran []BackendName
 	for _, name := range concreteBackends {
@@ -101,7 +102,7 @@ func removeAll(st State, newBackend func(BackendName, BackendOptions) (Backend, 
 		}
 		b, err := newBackend(name, BackendOptions{})
 		if err == nil {
-			err = b.Remove()
+			err = b.Remove(ctx)
 		}
 		if IsBinaryMissing(err) {
 			continue
@@ -124,7 +125,7 @@ func removeAll(st State, newBackend func(BackendName, BackendOptions) (Backend, 
 // write. Extra lines are "table egress_cni (family inet)" and
 // "<binary>: <saved rule>" ("iptables-nft-save: -A OUTPUT ..."). A
 // flavour whose binaries are not installed holds nothing of ours.
-func CheckNoneOurs() error {
+func CheckNoneOurs(ctx context.Context) error {
 	st := Probe()
 	if st.Err != nil {
 		return st.Err
@@ -140,7 +141,7 @@ func CheckNoneOurs() error {
 		r := newExecRunner(name, BackendOptions{})
 		ipt := &iptBackend{name: name, run: r}
 		for _, f := range iptFamilies {
-			have, err := ipt.owned(f)
+			have, err := ipt.owned(ctx, f)
 			if IsBinaryMissing(err) {
 				continue
 			}

@@ -5,6 +5,7 @@ package rules
 // namespace of their own (iptInNS), never the test's.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -24,11 +25,11 @@ type removeBackend struct {
 	removed int
 }
 
-func (r *removeBackend) Name() BackendName               { return r.name }
-func (r *removeBackend) Render(*Ruleset) (string, error) { return "", nil }
-func (r *removeBackend) Apply(*Ruleset) error            { return nil }
-func (r *removeBackend) Check(*Ruleset) error            { return nil }
-func (r *removeBackend) Remove() error                   { r.removed++; return r.err }
+func (r *removeBackend) Name() BackendName                     { return r.name }
+func (r *removeBackend) Render(*Ruleset) (string, error)       { return "", nil }
+func (r *removeBackend) Apply(context.Context, *Ruleset) error { return nil }
+func (r *removeBackend) Check(context.Context, *Ruleset) error { return nil }
+func (r *removeBackend) Remove(context.Context) error          { r.removed++; return r.err }
 
 func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
 	calls := map[BackendName]*removeBackend{
@@ -38,7 +39,7 @@ func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
 	}
 	newBackend := func(n BackendName, _ BackendOptions) (Backend, error) { return calls[n], nil }
 	all := State{NFTFamilies: []nftables.TableFamily{nftables.TableFamilyINet}, IPTablesNFT: true, IPTablesLegacy: true}
-	ran, err := removeAll(all, newBackend)
+	ran, err := removeAll(context.Background(), all, newBackend)
 	if err == nil || !strings.Contains(err.Error(), "netlink said no") || !strings.Contains(err.Error(), "xtables lock") ||
 		strings.Contains(err.Error(), "iptables-nft-restore") {
 		t.Errorf("err = %v, want both real errors joined and the missing binary skipped", err)
@@ -60,11 +61,11 @@ func TestRemoveAllJoinsErrorsAndSkipsMissingBinaries(t *testing.T) {
 	for _, b := range calls {
 		b.removed, b.err = 0, nil
 	}
-	ran, err = removeAll(State{}, newBackend)
+	ran, err = removeAll(context.Background(), State{}, newBackend)
 	if err != nil || len(ran) != 0 || calls[BackendNFTables].removed != 0 || calls[BackendIPTablesLegacy].removed != 0 || calls[BackendIPTablesNFT].removed != 0 {
 		t.Errorf("on an empty state: ran %v, err %v", ran, err)
 	}
-	ran, err = removeAll(State{Err: errors.New("no netlink")}, newBackend)
+	ran, err = removeAll(context.Background(), State{Err: errors.New("no netlink")}, newBackend)
 	if err != nil || !slices.Equal(ran, []BackendName{BackendNFTables, BackendIPTablesNFT}) || calls[BackendIPTablesLegacy].removed != 0 {
 		t.Errorf("with nftables unreadable: ran %v, err %v", ran, err)
 	}
@@ -91,10 +92,10 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 				if st := Probe(); st.Err != nil || slices.ContainsFunc(concreteBackends, st.MayHold) {
 					t.Errorf("Probe of a fresh namespace = %+v", st)
 				}
-				if err := CheckNoneOurs(); err != nil {
+				if err := CheckNoneOurs(context.Background()); err != nil {
 					t.Errorf("CheckNoneOurs of a fresh namespace: %v", err)
 				}
-				ran, err := RemoveAll()
+				ran, err := RemoveAll(context.Background())
 				if err != nil || len(ran) != 0 {
 					t.Errorf("RemoveAll of a fresh namespace: ran %v, err %v", ran, err)
 				}
@@ -104,7 +105,7 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			inNS(t, n, "Apply", func() error { return b.Apply(rs) })
+			inNS(t, n, "Apply", func() error { return b.Apply(context.Background(), rs) })
 			inNS(t, n, "after Apply", func() error {
 				st := Probe()
 				if st.Err != nil || !st.MayHold(tc.name) {
@@ -113,7 +114,7 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 				if tc.name != BackendIPTablesLegacy && st.IPTablesLegacy {
 					t.Errorf("legacy tables registered after a %s Apply", tc.name)
 				}
-				err := CheckNoneOurs()
+				err := CheckNoneOurs(context.Background())
 				var d *DriftError
 				if !errors.As(err, &d) {
 					return fmt.Errorf("CheckNoneOurs after %s Apply: %v, want a drift error", tc.name, err)
@@ -121,20 +122,20 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 				if !slices.ContainsFunc(d.Extra, func(l string) bool { return strings.HasPrefix(l, tc.want) }) {
 					t.Errorf("CheckNoneOurs extra = %q, want a line starting %q", d.Extra, tc.want)
 				}
-				ran, err := RemoveAll()
+				ran, err := RemoveAll(context.Background())
 				if err != nil || !slices.Contains(ran, tc.name) {
 					t.Errorf("RemoveAll: ran %v, err %v", ran, err)
 				}
 				if slices.Contains(ran, BackendIPTablesLegacy) != (tc.name == BackendIPTablesLegacy) {
 					t.Errorf("RemoveAll ran %v after a %s Apply", ran, tc.name)
 				}
-				if err := CheckNoneOurs(); err != nil {
+				if err := CheckNoneOurs(context.Background()); err != nil {
 					t.Errorf("CheckNoneOurs after RemoveAll: %v", err)
 				}
-				if err := b.Check(rs); !IsDrift(err) {
+				if err := b.Check(context.Background(), rs); !IsDrift(err) {
 					t.Errorf("%s Check after RemoveAll: %v, want drift", tc.name, err)
 				}
-				if _, err := RemoveAll(); err != nil {
+				if _, err := RemoveAll(context.Background()); err != nil {
 					t.Errorf("second RemoveAll: %v", err)
 				}
 				if tc.name != BackendIPTablesLegacy && legacyInUse() {
@@ -165,7 +166,7 @@ COMMIT
 			if !Probe().MayHold(fl) {
 				t.Errorf("Probe does not see the %s tables", fl)
 			}
-			if err := CheckNoneOurs(); err != nil {
+			if err := CheckNoneOurs(context.Background()); err != nil {
 				t.Errorf("CheckNoneOurs with only foreign rules whose comment contains %q: %v", Comment, err)
 			}
 			return nil
@@ -185,7 +186,7 @@ COMMIT
 			bin = "iptables-legacy-save: "
 		}
 		inNS(t, n, "ours without our comment", func() error {
-			err := CheckNoneOurs()
+			err := CheckNoneOurs(context.Background())
 			var d *DriftError
 			if !errors.As(err, &d) {
 				return fmt.Errorf("CheckNoneOurs: %v, want a drift error", err)
@@ -207,10 +208,10 @@ COMMIT
 					t.Errorf("CheckNoneOurs counts a foreign rule as ours: %q", l)
 				}
 			}
-			if ran, err := RemoveAll(); err != nil || !slices.Contains(ran, fl) {
+			if ran, err := RemoveAll(context.Background()); err != nil || !slices.Contains(ran, fl) {
 				t.Errorf("RemoveAll: ran %v, err %v", ran, err)
 			}
-			if err := CheckNoneOurs(); err != nil {
+			if err := CheckNoneOurs(context.Background()); err != nil {
 				t.Errorf("CheckNoneOurs after RemoveAll: %v", err)
 			}
 			return nil

@@ -11,6 +11,7 @@
 package netns_test
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -110,15 +111,15 @@ func withBackend(p *nstest.Pod, name rules.BackendName, fn func(rules.Backend) e
 }
 
 func apply(p *nstest.Pod, name rules.BackendName, rs *rules.Ruleset) error {
-	return withBackend(p, name, func(b rules.Backend) error { return b.Apply(rs) })
+	return withBackend(p, name, func(b rules.Backend) error { return b.Apply(context.Background(), rs) })
 }
 
 func check(p *nstest.Pod, name rules.BackendName, rs *rules.Ruleset) error {
-	return withBackend(p, name, func(b rules.Backend) error { return b.Check(rs) })
+	return withBackend(p, name, func(b rules.Backend) error { return b.Check(context.Background(), rs) })
 }
 
 func remove(p *nstest.Pod, name rules.BackendName) error {
-	return withBackend(p, name, func(b rules.Backend) error { return b.Remove() })
+	return withBackend(p, name, func(b rules.Backend) error { return b.Remove(context.Background()) })
 }
 
 // detect runs rules.Detect (what "auto" resolves to) in the pod.

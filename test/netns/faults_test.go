@@ -115,7 +115,7 @@ func TestKilledApplyIsAllOrNothing(t *testing.T) {
 				}
 				var oldErr, newErr error
 				_ = n.Do(func(ns.NetNS) error {
-					oldErr, newErr = be.Check(oldRS), be.Check(newRS)
+					oldErr, newErr = be.Check(context.Background(), oldRS), be.Check(context.Background(), newRS)
 					return nil
 				})
 				switch {
@@ -231,10 +231,10 @@ func applyIn(t *testing.T, n ns.NetNS, backend string, rs *rules.Ruleset) {
 		if err != nil {
 			return err
 		}
-		if err := be.Apply(rs); err != nil {
+		if err := be.Apply(context.Background(), rs); err != nil {
 			return err
 		}
-		return be.Check(rs)
+		return be.Check(context.Background(), rs)
 	})
 	if err != nil {
 		t.Fatalf("%s apply+check: %v", backend, err)
