@@ -29,7 +29,7 @@ type Plugin struct {
 	// NewBackend resolves and constructs the backend of ADD and CHECK;
 	// it is called inside the pod's namespace so that "auto" looks at
 	// the pod's state. DEL and the CHECK of a pod we do not capture look
-	// at every backend (rules.RemoveAll, rules.CheckNoneOurs).
+	// at every backend (RemoveAll, CheckNoneOurs below).
 	NewBackend func(rules.BackendName, rules.BackendOptions) (rules.Backend, error)
 	// Stdout receives the CNI result, and nothing else.
 	Stdout io.Writer
@@ -42,6 +42,11 @@ type Plugin struct {
 	// NodeRules applies the node rules from a host config when they are
 	// missing (nil: applyNodeRules); tests inject one.
 	NodeRules func(path string) (applied bool, err error)
+	// RemoveAll and CheckNoneOurs look at every backend, for DEL and
+	// for the CHECK of a pod we do not capture (nil: rules.RemoveAll and
+	// rules.CheckNoneOurs); tests give rules.Fake's.
+	RemoveAll     func(context.Context) ([]rules.BackendName, error)
+	CheckNoneOurs func(context.Context) error
 	// Context bounds the backends' work (nil: context.Background()).
 	// skel's callbacks take none, so the plugin holds it; cmd/egress-cni
 	// cancels it on SIGTERM, which stops an iptables binary rather than
@@ -219,7 +224,11 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	var removed []rules.BackendName
 	err = netns.Do(args.Netns, func() error {
 		var e error
-		removed, e = rules.RemoveAll(p.ctx())
+		removeAll := p.RemoveAll
+		if removeAll == nil {
+			removeAll = rules.RemoveAll
+		}
+		removed, e = removeAll(p.ctx())
 		return e
 	})
 	if netns.IsNotExist(err) {
@@ -257,6 +266,9 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 	var backend string
 	err = netns.Do(args.Netns, func() error {
 		if !dec.Capture {
+			if p.CheckNoneOurs != nil {
+				return p.CheckNoneOurs(p.ctx())
+			}
 			return rules.CheckNoneOurs(p.ctx())
 		}
 		b, err := p.NewBackend(s.Backend, rules.BackendOptions{})

@@ -26,7 +26,7 @@ import (
 func fakePlugin() (*Plugin, *rules.Fake, *bytes.Buffer) {
 	f := rules.NewFake()
 	out := &bytes.Buffer{}
-	return &Plugin{NewBackend: f.NewBackend, Stdout: out}, f, out
+	return &Plugin{NewBackend: f.NewBackend, RemoveAll: f.RemoveAll, CheckNoneOurs: f.CheckNoneOurs, Stdout: out}, f, out
 }
 
 // The -update flag rewrites the golden files under testdata/.
@@ -329,5 +329,23 @@ func TestAddRecordsPerNamespace(t *testing.T) {
 	}
 	if err := p.Check(args(b, plain)); err == nil || !strings.Contains(err.Error(), "extra: 192.0.2.0/24") {
 		t.Errorf("CHECK of the second pod against the first pod's annotations: %v", err)
+	}
+
+	// A pod we do not capture: CHECK finds the first pod's rules as ours
+	// (every backend is looked at); after DEL its namespace holds
+	// nothing, and the second pod's record is untouched.
+	opted := injected(AnnotationInject, "false")
+	if err := p.Check(args(a, opted)); err == nil || !strings.Contains(err.Error(), "nftables: table inet egress_cni {") {
+		t.Errorf("CHECK of an uncaptured pod whose namespace holds our rules: %v", err)
+	}
+	if err := p.Del(args(a, plain)); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Check(args(a, opted)); err != nil {
+		t.Errorf("CHECK of an uncaptured pod after DEL: %v", err)
+	}
+	after := f.Dump()
+	if strings.Contains(after, name(a)) || !strings.Contains(after, name(b)+": nftables\n"+sb) {
+		t.Errorf("DEL of the first pod: want only the second pod's record, unchanged; got:\n%s", after)
 	}
 }

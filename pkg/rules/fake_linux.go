@@ -21,9 +21,10 @@ import (
 // the same backend recorded in the namespace, Check returns a
 // *DriftError naming the rendered lines that are missing or extra, and
 // Remove forgets the namespace's rules of that backend, succeeding when
-// there are none. What it does not model: kernel errors, the rules of
-// others, and the package-level functions that look at every backend
-// (RemoveAll, CheckNoneOurs, Detect), which still read the kernel.
+// there are none. Its RemoveAll and CheckNoneOurs stand in for the
+// package functions of the same names over the record of every backend.
+// What it does not model: kernel errors, the rules of others, and
+// Detect.
 //
 // The Fake itself is the nftables backend; NewBackend gives the other
 // flavours over the same record, and has NewBackend's signature so that
@@ -192,4 +193,49 @@ func fakeThreadNS() string {
 		return "unknown"
 	}
 	return ns
+}
+
+// RemoveAll is rules.RemoveAll over the record: it forgets every
+// backend's rules in the calling thread's namespace and returns the
+// backends that held some, in RemoveAll's order.
+func (f *Fake) RemoveAll(ctx context.Context) ([]BackendName, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	ns := fakeThreadNS()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var ran []BackendName
+	for _, name := range concreteBackends {
+		if _, ok := f.nss[ns][name]; ok {
+			ran = append(ran, name)
+		}
+	}
+	delete(f.nss, ns)
+	return ran, nil
+}
+
+// CheckNoneOurs is rules.CheckNoneOurs over the record: a *DriftError
+// (Backend "any") whose Extra holds the recorded lines of every backend
+// in the calling thread's namespace, prefixed with the backend's name.
+func (f *Fake) CheckNoneOurs(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := &DriftError{Backend: "any"}
+	for _, name := range concreteBackends {
+		text, ok := f.nss[fakeThreadNS()][name]
+		if !ok {
+			continue
+		}
+		for _, l := range fakeLines(text) {
+			d.Extra = append(d.Extra, string(name)+": "+l)
+		}
+	}
+	if len(d.Extra) > 0 {
+		return d
+	}
+	return nil
 }
