@@ -8,8 +8,8 @@ import (
 	"slices"
 	"sort"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -65,7 +65,7 @@ func ScanAttachments(dir, hostNS string) ([]Unenforceable, error) {
 		}
 		var found []Unenforceable
 		err = n.Do(func(ns.NetNS) error {
-			links, err := netlink.LinkList()
+			links, err := netlinksafe.LinkList()
 			if err != nil {
 				return err
 			}
