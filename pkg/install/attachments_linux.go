@@ -88,7 +88,7 @@ func ScanAttachments(dir, hostNS string) ([]Unenforceable, error) {
 			// Entering takes CAP_SYS_ADMIN: without it every namespace
 			// would be skipped and the scan would find nothing, silently.
 			if ok, cerr := hasSysAdmin(); cerr == nil && !ok {
-				return nil, fmt.Errorf("could not enter pod network namespace %s: %v (entering another network namespace takes CAP_SYS_ADMIN, which this process lacks)", path, err)
+				return nil, fmt.Errorf("could not enter pod network namespace %s: %w (entering another network namespace takes CAP_SYS_ADMIN, which this process lacks)", path, err)
 			}
 			continue
 		}
