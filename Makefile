@@ -107,7 +107,7 @@ fuzz:
 GOLANGCI_LINT := $(BIN)/golangci-lint
 $(GOLANGCI_LINT): tools/golangci-lint/go.mod tools/golangci-lint/go.sum
 	@mkdir -p $(BIN)
-	GOWORK=off $(GO) build -C tools/golangci-lint -trimpath -o $(CURDIR)/$(GOLANGCI_LINT) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+	GOWORK=off $(GO) build -C tools/golangci-lint -trimpath -buildvcs=false -o $(CURDIR)/$(GOLANGCI_LINT) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
 
 lint: $(GOLANGCI_LINT)
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
