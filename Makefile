@@ -100,10 +100,20 @@ fuzz:
 		done; \
 	done
 
-lint:
+# gofmt, go vet, then golangci-lint with .golangci.yml. golangci-lint is
+# built from the version pinned in tools/golangci-lint (a module of its
+# own, so its dependencies stay out of ours) into $(BIN) once, and again
+# only when that pin changes.
+GOLANGCI_LINT := $(BIN)/golangci-lint
+$(GOLANGCI_LINT): tools/golangci-lint/go.mod tools/golangci-lint/go.sum
+	@mkdir -p $(BIN)
+	GOWORK=off $(GO) build -C tools/golangci-lint -trimpath -buildvcs=false -o $(CURDIR)/$(GOLANGCI_LINT) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+
+lint: $(GOLANGCI_LINT)
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GOLANGCI_LINT) run ./...
 
 verify: lint test
 

@@ -87,7 +87,9 @@ func TestInstallUninstallCommands(t *testing.T) {
 		t.Fatalf("unknown command: exit %d", rc)
 	}
 	bad := newNode(t)
-	os.WriteFile(bad.plugin, []byte(`{"type":"egress-cni","captrue":"all"}`), 0o644)
+	if err := os.WriteFile(bad.plugin, []byte(`{"type":"egress-cni","captrue":"all"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if rc := run("install", bad.args("install")[1:]); rc != 2 {
 		t.Fatalf("typo in plugin.json: exit %d, want 2", rc)
 	}
@@ -110,8 +112,8 @@ func TestRunUninstallOnExit(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			cmd.Wait()
+			_ = cmd.Process.Kill() // the Fatalf says what went wrong
+			_ = cmd.Wait()
 			t.Fatalf("never ready:\n%s", stderr.String())
 		}
 		time.Sleep(20 * time.Millisecond)

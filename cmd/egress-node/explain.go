@@ -108,8 +108,11 @@ func who(p node.Pod, ids map[string]node.Identity) string {
 // routeOIF names the interface the route to a leaves through.
 func routeOIF(a netip.Addr) (string, error) {
 	rs, err := netlink.RouteGet(a.AsSlice())
-	if err != nil || len(rs) == 0 {
-		return "", fmt.Errorf("no route to %s: %v", a, err)
+	if err != nil {
+		return "", fmt.Errorf("no route to %s: %w", a, err)
+	}
+	if len(rs) == 0 {
+		return "", fmt.Errorf("no route to %s", a)
 	}
 	l, err := netlink.LinkByIndex(rs[0].LinkIndex)
 	if err != nil {

@@ -69,7 +69,7 @@ func BuildBinaries(ctx context.Context, root, dir, arch string) error {
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("go build %s: %v\n%s", b.Package, err, out)
+			return fmt.Errorf("go build %s: %w\n%s", b.Package, err, out)
 		}
 	}
 	return nil
@@ -269,7 +269,7 @@ func Write(img v1.Image, ref, dir string) (*Result, error) {
 // sorted, mtime 0, uid/gid 0, directories 0755 and files 0644.
 func tarDir(dir, out string) error {
 	var paths []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}

@@ -251,9 +251,8 @@ func TestChartMatchesKustomize(t *testing.T) {
 	index := func(objs []any) map[string]any {
 		out := map[string]any{}
 		for _, o := range objs {
-			switch o := o.(type) {
-			case *corev1.ConfigMap:
-				normalizeConfigMap(t, o)
+			if cm, ok := o.(*corev1.ConfigMap); ok {
+				normalizeConfigMap(t, cm)
 			}
 			out[key(o)] = o
 		}

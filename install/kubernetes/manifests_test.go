@@ -365,8 +365,8 @@ func checkDaemonSetOn(t *testing.T, ds *appsv1.DaemonSet, cm *corev1.ConfigMap, 
 	// Metrics: the container port named metrics, the flag and the scrape
 	// annotations agree (the Helm chart mirrors these names).
 	port := fmt.Sprint(lay.metricsPort)
-	switch {
-	case lay.metricsPort == 0:
+	switch lay.metricsPort {
+	case 0:
 		if len(c.Ports) != 0 || len(ds.Spec.Template.Annotations) != 0 || args["metrics-port"] != "0" {
 			t.Errorf("%s: metrics off, but ports %v, annotations %v, -metrics-port=%q", ds.Name, c.Ports, ds.Spec.Template.Annotations, args["metrics-port"])
 		}

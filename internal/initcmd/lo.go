@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -15,7 +16,7 @@ import (
 // 127.0.0.0/8 already covers), and the validation probe dials it. It is
 // idempotent and runs in the target namespace only.
 func addPassthroughV6() error {
-	lo, err := netlink.LinkByName("lo")
+	lo, err := netlinksafe.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("could not find lo: %w", err)
 	}

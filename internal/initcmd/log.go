@@ -2,6 +2,7 @@ package initcmd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -58,7 +59,11 @@ func scopeLevels(field, v string) (lvl slog.Level, ok bool, err error) {
 		}
 		l, err := parseLevel(field, level)
 		if err != nil {
-			return 0, false, &rules.FieldError{Field: field, Value: item, Reason: err.(*rules.FieldError).Reason}
+			reason := err.Error()
+			if fe, ok := errors.AsType[*rules.FieldError](err); ok {
+				reason = fe.Reason
+			}
+			return 0, false, &rules.FieldError{Field: field, Value: item, Reason: reason}
 		}
 		if scope == "default" || scope == "all" {
 			lvl, ok = l, true

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -40,7 +41,7 @@ func defaultRoute(fam int) *net.IPNet {
 
 // ourRules are the policy rules of family fam with the mark and table.
 func ourRules(fam int, r *rules.TProxyRoute) ([]netlink.Rule, error) {
-	all, err := netlink.RuleListFiltered(fam, &netlink.Rule{Table: int(r.Table), Mark: r.Mark},
+	all, err := netlinksafe.RuleListFiltered(fam, &netlink.Rule{Table: int(r.Table), Mark: r.Mark},
 		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_MARK)
 	if err != nil {
 		return nil, fmt.Errorf("could not list policy rules: %w", err)
@@ -50,7 +51,7 @@ func ourRules(fam int, r *rules.TProxyRoute) ([]netlink.Rule, error) {
 
 // applyTProxyRoute writes the policy rule and route, idempotently.
 func applyTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
-	lo, err := netlink.LinkByName("lo")
+	lo, err := netlinksafe.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("could not find lo: %w", err)
 	}
@@ -114,7 +115,7 @@ func checkTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
 		if len(have) == 0 {
 			drift.Missing = append(drift.Missing, fmt.Sprintf("%s: rule fwmark %d lookup %d", name, r.Mark, r.Table))
 		}
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: int(r.Table)}, netlink.RT_FILTER_TABLE)
+		routes, err := netlinksafe.RouteListFiltered(fam, &netlink.Route{Table: int(r.Table)}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return fmt.Errorf("could not list the routes of table %d: %w", r.Table, err)
 		}

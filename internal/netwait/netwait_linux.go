@@ -3,10 +3,10 @@
 package netwait
 
 import (
-	"errors"
 	"fmt"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -19,13 +19,13 @@ import (
 func LinkReady(name string) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		link, err := netlink.LinkByName(name)
+		link, err := netlinksafe.LinkByName(name)
 		if err != nil {
 			return fmt.Errorf("could not find %s: %w", name, err)
 		}
 		if link.Attrs().OperState == netlink.OperUp {
-			addrs, err := netlink.AddrList(link, netlink.FAMILY_V6)
-			if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			addrs, err := netlinksafe.AddrList(link, netlink.FAMILY_V6)
+			if err != nil {
 				return fmt.Errorf("could not list addresses of %s: %w", name, err)
 			}
 			for _, a := range addrs {

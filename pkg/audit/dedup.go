@@ -17,8 +17,8 @@ type dedup struct {
 	suppressed uint64
 }
 
-func newDedup(window time.Duration, max int) *dedup {
-	return &dedup{window: window, max: max, seen: make(map[string]time.Time)}
+func newDedup(window time.Duration, limit int) *dedup {
+	return &dedup{window: window, max: limit, seen: make(map[string]time.Time)}
 }
 
 // first reports whether key should be logged at now.

@@ -244,14 +244,6 @@ func flexTypeError(what string) error {
 	return &json.UnmarshalTypeError{Value: what, Type: reflect.TypeFor[string]()}
 }
 
-func (f *flexString) ptr() *string {
-	if f == nil {
-		return nil
-	}
-	s := string(*f)
-	return &s
-}
-
 // ParseConfig parses and validates stdin of a CNI call. Errors are a
 // *types.Error: code 6 (decoding failure) for malformed JSON, code 7 for
 // unknown keys and bad values.

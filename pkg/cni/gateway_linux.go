@@ -8,6 +8,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 
 	"github.com/egress-cni/egress-cni/pkg/netns"
@@ -140,7 +141,7 @@ func hostSide(nsPath, ifName string, prev types.Result) (port, l3, how string, e
 	var podIndex, peerIndex int
 	var podType string
 	err = netns.Do(nsPath, func() error {
-		l, err := netlink.LinkByName(ifName)
+		l, err := netlinksafe.LinkByName(ifName)
 		if err != nil {
 			return err
 		}
@@ -167,7 +168,7 @@ func hostSide(nsPath, ifName string, prev types.Result) (port, l3, how string, e
 	if h == nil {
 		var found []netlink.Link
 		for _, name := range hostInterfaces(prev) {
-			if l, e := netlink.LinkByName(name); e == nil && l.Type() == "veth" {
+			if l, e := netlinksafe.LinkByName(name); e == nil && l.Type() == "veth" {
 				found = append(found, l)
 			}
 		}

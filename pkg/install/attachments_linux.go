@@ -8,8 +8,8 @@ import (
 	"slices"
 	"sort"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -65,7 +65,7 @@ func ScanAttachments(dir, hostNS string) ([]Unenforceable, error) {
 		}
 		var found []Unenforceable
 		err = n.Do(func(ns.NetNS) error {
-			links, err := netlink.LinkList()
+			links, err := netlinksafe.LinkList()
 			if err != nil {
 				return err
 			}
@@ -88,7 +88,7 @@ func ScanAttachments(dir, hostNS string) ([]Unenforceable, error) {
 			// Entering takes CAP_SYS_ADMIN: without it every namespace
 			// would be skipped and the scan would find nothing, silently.
 			if ok, cerr := hasSysAdmin(); cerr == nil && !ok {
-				return nil, fmt.Errorf("could not enter pod network namespace %s: %v (entering another network namespace takes CAP_SYS_ADMIN, which this process lacks)", path, err)
+				return nil, fmt.Errorf("could not enter pod network namespace %s: %w (entering another network namespace takes CAP_SYS_ADMIN, which this process lacks)", path, err)
 			}
 			continue
 		}

@@ -2,6 +2,7 @@ package install
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -147,7 +148,7 @@ func TestMetricsIdleConnections(t *testing.T) {
 			if err == nil {
 				continue // a 408 or 400 before the close
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
 				open++
 			}
 			break

@@ -156,13 +156,20 @@ func TestHealthEndpoint(t *testing.T) {
 	e := newEnv(t, "10-flannel.conflist")
 	in := e.installer(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	addr := l.Addr().String()
-	go in.serveHealth(ctx, l)
+	done := make(chan error, 1)
+	go func() { done <- in.serveHealth(ctx, l) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serveHealth: %v", err)
+		}
+	}()
 	get := func() int {
 		resp, err := http.Get("http://" + addr + "/readyz")
 		if err != nil {
@@ -198,7 +205,12 @@ func TestWatchDirRecreated(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- in.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
 	eventually(t, "install", in.InPlace)
 	if err := os.RemoveAll(e.confDir); err != nil {
 		t.Fatal(err)

@@ -138,8 +138,12 @@ func ReadIdentities(stateDir string) (map[string]Identity, error) {
 			continue
 		}
 		var rec Identity
-		if err := json.Unmarshal(b, &rec); err != nil || rec.ContainerID != id {
-			errs = append(errs, fmt.Errorf("identity record %s does not parse or names another container: %v", identityPath(stateDir, id), err))
+		if err := json.Unmarshal(b, &rec); err != nil {
+			errs = append(errs, fmt.Errorf("identity record %s does not parse: %w", identityPath(stateDir, id), err))
+			continue
+		}
+		if rec.ContainerID != id {
+			errs = append(errs, fmt.Errorf("identity record %s names another container (%q)", identityPath(stateDir, id), rec.ContainerID))
 			continue
 		}
 		out[id] = rec

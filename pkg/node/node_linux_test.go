@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -102,7 +103,7 @@ func TestApplyRegisterCheckRemove(t *testing.T) {
 	if err := in(host, func() error { return Check(cfg) }); err != nil {
 		t.Fatalf("check with pods: %v", err)
 	}
-	removed, err := in2(host, func() ([]Pod, error) { return UnregisterPods(func(id string) bool { return true }) })
+	removed, err := in2(host, func() ([]Pod, error) { return UnregisterPods(func(string) bool { return true }) })
 	if err != nil || len(removed) != 2 {
 		t.Fatalf("unregister: %v %v", removed, err)
 	}
@@ -119,7 +120,7 @@ func TestApplyRegisterCheckRemove(t *testing.T) {
 	if err := in(host, func() error { return Check(app) }); err != nil {
 		t.Fatalf("check app: %v", err)
 	}
-	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(routedGW) }); err != ErrNotEgressNode {
+	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(routedGW) }); !errors.Is(err, ErrNotEgressNode) {
 		t.Fatalf("gateway on an app node: %v, want ErrNotEgressNode", err)
 	}
 	if err := in(host, Remove); err != nil {
@@ -131,17 +132,17 @@ func TestApplyRegisterCheckRemove(t *testing.T) {
 	if got := nstest.NFTDump(t, host); got != before {
 		t.Fatalf("remove did not restore the namespace:\n--- before\n%s\n--- after\n%s", before, got)
 	}
-	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); err != ErrNotApplied {
+	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); !errors.Is(err, ErrNotApplied) {
 		t.Fatalf("register without tables: %v", err)
 	}
 	// Half the rules are not the rules: with only the bridge table gone,
 	// a bridged node cannot tell the gateway's port from a neighbour's.
 	mustApply(t, host, cfg)
 	nstest.MustExec(t, host, "nft", "delete", "table", "bridge", Table)
-	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); err != ErrNotApplied {
+	if _, err := in2(host, func() ([]Pod, error) { return RegisterPod(bridgedPod) }); !errors.Is(err, ErrNotApplied) {
 		t.Fatalf("register with the bridge table gone: %v, want ErrNotApplied (so that ADD applies the rules)", err)
 	}
-	if _, err := in2(host, func() ([]Pod, error) { _, err := IsEgressNode(); return nil, err }); err != ErrNotApplied {
+	if _, err := in2(host, func() ([]Pod, error) { _, err := IsEgressNode(); return nil, err }); !errors.Is(err, ErrNotApplied) {
 		t.Fatalf("IsEgressNode with the bridge table gone: %v", err)
 	}
 	if err := in(host, func() error { return Check(cfg) }); !rules.IsDrift(err) {
@@ -289,8 +290,11 @@ func TestCheckCatchesSwappedExpression(t *testing.T) {
 	for _, l := range strings.Split(out, "\n") {
 		if strings.Contains(l, "@"+SetAllowV6) {
 			handle = l[strings.LastIndex(l, " ")+1:]
-			comment = l[strings.Index(l, `comment "`)+len(`comment "`):]
-			comment = comment[:strings.Index(comment, `"`)]
+			_, rest, ok := strings.Cut(l, `comment "`)
+			if !ok {
+				t.Fatalf("IPv6 allow rule without a comment: %s", l)
+			}
+			comment, _, _ = strings.Cut(rest, `"`)
 		}
 	}
 	if handle == "" {

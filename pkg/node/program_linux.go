@@ -91,17 +91,17 @@ type chainSpec struct {
 	drop bool
 }
 
-func (c *chainSpec) baseText() string {
-	if c.hook == nil {
+func (s *chainSpec) baseText() string {
+	if s.hook == nil {
 		return ""
 	}
 	hook := map[*nftables.ChainHook]string{nftables.ChainHookPrerouting: "prerouting", nftables.ChainHookForward: "forward",
-		nftables.ChainHookPostrouting: "postrouting", nftables.ChainHookOutput: "output"}[c.hook]
+		nftables.ChainHookPostrouting: "postrouting", nftables.ChainHookOutput: "output"}[s.hook]
 	policy := "accept"
-	if c.drop {
+	if s.drop {
 		policy = "drop"
 	}
-	return fmt.Sprintf("type %s hook %s priority %d; policy %s;", c.typ, hook, c.prio, policy)
+	return fmt.Sprintf("type %s hook %s priority %d; policy %s;", s.typ, hook, s.prio, policy)
 }
 
 // setSpec is a named set of the program. Dynamic sets hold per-pod
@@ -128,13 +128,6 @@ func (s *setSpec) set() *nftables.Set {
 		st.Comment = formatComment
 	}
 	return st
-}
-
-func (s *setSpec) typeText() string {
-	if s.static {
-		return s.keyType.Name + "\n\t\tflags interval"
-	}
-	return strings.ReplaceAll(s.keyType.Name, " . ", " . ")
 }
 
 // program is the whole desired node state, minus per-pod elements.

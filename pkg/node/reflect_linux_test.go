@@ -3,6 +3,7 @@ package node
 import (
 	"encoding/binary"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -96,7 +97,7 @@ func sendFirstFragment(t *testing.T, n ns.NetNS, src, dst netip.Addr, payload []
 	binary.BigEndian.PutUint16(udp[2:], 8080)
 	binary.BigEndian.PutUint16(udp[4:], uint16(len(udp)+100)) // the whole datagram is longer
 	copy(udp[8:], payload)
-	h := make([]byte, 20, 20+len(udp))
+	h := make([]byte, 20)
 	h[0] = 0x45
 	binary.BigEndian.PutUint16(h[2:], uint16(20+len(udp)))
 	binary.BigEndian.PutUint16(h[4:], uint16(time.Now().UnixNano())) // a new queue each time
@@ -105,7 +106,7 @@ func sendFirstFragment(t *testing.T, n ns.NetNS, src, dst netip.Addr, payload []
 	s, d := src.As4(), dst.As4()
 	copy(h[12:], s[:])
 	copy(h[16:], d[:])
-	pkt := append(h, udp...)
+	pkt := slices.Concat(h, udp)
 	if err := n.Do(func(ns.NetNS) error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 		if err != nil {
