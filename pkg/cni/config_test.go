@@ -137,7 +137,7 @@ func TestParseConfigErrors(t *testing.T) {
 				}
 			}
 			// What skel prints.
-			if te, ok := toCNIError(err).(*types.Error); !ok || te.Code != tc.code || te.Msg == "" {
+			if te, ok := errors.AsType[*types.Error](toCNIError(err)); !ok || te.Code != tc.code || te.Msg == "" {
 				t.Errorf("toCNIError = %#v", toCNIError(err))
 			}
 		})

@@ -6,8 +6,6 @@ import (
 	"testing"
 )
 
-func sp(s string) *string { return &s }
-
 // fieldErrCase is options and the FieldError they must give.
 type fieldErrCase struct {
 	name      string

@@ -61,7 +61,6 @@ type istioCase struct {
 
 func both(rules ...string) [2][]string   { return [2][]string{rules, rules} }
 func v4only(rules ...string) [2][]string { return [2][]string{rules, nil} }
-func v6only(rules ...string) [2][]string { return [2][]string{nil, rules} }
 
 const (
 	diffInclExc = "an include CIDR wholly inside an exclude CIDR is refused: the exclude RETURNs first, so the include could never match (Istio writes both rules)"

@@ -76,7 +76,7 @@ func TestFake(t *testing.T) {
 		}
 	}
 	f.ApplyErr = errors.New("no")
-	if err := f.Apply(context.Background(), a); err != f.ApplyErr || f.Dump() != "" {
+	if err := f.Apply(context.Background(), a); !errors.Is(err, f.ApplyErr) || f.Dump() != "" {
 		t.Errorf("Apply with ApplyErr: %v, holds %q", err, f.Dump())
 	}
 }

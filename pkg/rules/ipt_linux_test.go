@@ -132,7 +132,7 @@ func TestIPTApplyReplacesChangedConfig(t *testing.T) {
 		inNS(t, n, "Check b", func() error { return ipt.Check(context.Background(), b) })
 		inNS(t, n, "Check a", func() error {
 			if err := ipt.Check(context.Background(), a); !IsDrift(err) {
-				return fmt.Errorf("Check of the old config: want drift, got %v", err)
+				return fmt.Errorf("Check of the old config: want drift, got %w", err)
 			}
 			return nil
 		})
@@ -201,7 +201,7 @@ func TestIPTRemoveKeepsForeignRules(t *testing.T) {
 		inNS(t, n, "Check after Remove", func() error {
 			err := ipt.Check(context.Background(), rs)
 			if !IsDrift(err) {
-				return fmt.Errorf("want drift after Remove, got %v", err)
+				return fmt.Errorf("want drift after Remove, got %w", err)
 			}
 			return nil
 		})
@@ -272,7 +272,7 @@ func TestIPTTakesOverIstioRules(t *testing.T) {
 		ipt := newIPTBackend(fl, BackendOptions{})
 		inNS(t, n, "Check before takeover", func() error {
 			if err := ipt.Check(context.Background(), rs); !IsDrift(err) {
-				return fmt.Errorf("want drift before Apply, got %v", err)
+				return fmt.Errorf("want drift before Apply, got %w", err)
 			}
 			return nil
 		})
@@ -417,14 +417,14 @@ func TestIPTDetectKeepsFlavour(t *testing.T) {
 		})
 		inNS(t, n, "Detect before", func() error {
 			if d, err := Detect(); err != nil || d != BackendNFTables {
-				return fmt.Errorf("Detect in an empty namespace = %q, %v; want %q", d, err, BackendNFTables)
+				return fmt.Errorf("Detect in an empty namespace = %q, %w; want %q", d, err, BackendNFTables)
 			}
 			return nil
 		})
 		inNS(t, n, "Apply", func() error { return ipt.Apply(context.Background(), goldenRuleset(t, func(*Config) {})) })
 		inNS(t, n, "Detect after", func() error {
 			if d, err := Detect(); err != nil || d != fl {
-				return fmt.Errorf("Detect after Apply = %q, %v; want %q", d, err, fl)
+				return fmt.Errorf("Detect after Apply = %q, %w; want %q", d, err, fl)
 			}
 			return nil
 		})

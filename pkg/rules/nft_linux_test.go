@@ -2,6 +2,7 @@ package rules
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os/exec"
 	"slices"
@@ -350,7 +351,7 @@ func TestNFTRemove(t *testing.T) {
 
 	var err error
 	inNS(t, n, "Check after Remove", func() error { err = be.Check(context.Background(), rs); return nil })
-	d, ok := err.(*DriftError)
+	d, ok := errors.AsType[*DriftError](err)
 	if !ok || !slices.Contains(d.Missing, "table inet "+NFTTable) {
 		t.Errorf("Check after Remove: got %v, want drift with the table missing", err)
 	}
@@ -366,7 +367,7 @@ func TestNFTCheckDrift(t *testing.T) {
 		t.Helper()
 		var err error
 		inNS(t, n, "Check", func() error { err = be.Check(context.Background(), rs); return nil })
-		d, ok := err.(*DriftError)
+		d, ok := errors.AsType[*DriftError](err)
 		if !ok {
 			t.Fatalf("Check: got %v, want a *DriftError", err)
 		}
@@ -442,7 +443,7 @@ func TestNFTCheckDrift(t *testing.T) {
 		nftCLI(t, n, "", "insert", "rule", "inet", NFTTable, ChainOutput, "meta skuid 0", "return")
 		var err error
 		inNS(t, n, "Check", func() error { err = be.Check(context.Background(), rs); return nil })
-		d, ok := err.(*DriftError)
+		d, ok := errors.AsType[*DriftError](err)
 		if !ok || len(d.Extra) != 1 || !strings.HasSuffix(d.Extra[0], "without comment") || len(d.Missing) != 0 {
 			t.Errorf("Check: got %v, want one extra rule without comment", err)
 		}

@@ -28,7 +28,6 @@ type NFTRecorder struct {
 	Tables []*nftables.Table
 
 	mu      sync.Mutex
-	sockBuf int
 	batches []NFTBatch
 }
 

@@ -211,7 +211,7 @@ var CaptureOptions = []Option{
 	{Name: FieldDualStack, Env: "DUAL_STACK", EnvAliases: []string{"ISTIO_DUAL_STACK"}, Kind: OptBool,
 		Default: "false", PodDefault: "false",
 		Usage: "accepted for compatibility: both families are programmed unless --families says otherwise",
-		set: func(c *Config, v string) error {
+		set: func(_ *Config, v string) error {
 			_, err := parseBool(FieldDualStack, v)
 			return err
 		}},

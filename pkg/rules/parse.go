@@ -67,7 +67,7 @@ func parsePrefix(s string) (netip.Prefix, error) {
 					return netip.Prefix{}, fmt.Errorf("zoned addresses are not allowed")
 				}
 			}
-			return netip.Prefix{}, fmt.Errorf("not a CIDR: %v", err)
+			return netip.Prefix{}, fmt.Errorf("not a CIDR: %w", err)
 		}
 		if p.Addr().Is4In6() {
 			return netip.Prefix{}, fmt.Errorf("IPv4-mapped IPv6 prefixes are ambiguous; write the IPv4 CIDR")

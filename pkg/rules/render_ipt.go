@@ -59,8 +59,6 @@ func isIPTChainIn(table, name string) bool { return slices.Contains(iptChainsOf[
 // in the order iptables-save prints them.
 var iptBuiltins = []string{"PREROUTING", "OUTPUT"}
 
-func isIPTChain(name string) bool { return slices.Contains(iptChains, name) }
-
 // iptTable is what we own in the nat table of one family, in
 // iptables-save syntax: the model rendered, or what was parsed back from
 // iptables-save. Both are in the same canonical order, so two iptTables
@@ -184,11 +182,6 @@ func renderIPTables(rs *Ruleset) (string, error) {
 		}
 	}
 	return b.String(), nil
-}
-
-// renderIPT renders the model's nat rules of family f.
-func renderIPT(rs *Ruleset, f Family) (*iptTable, error) {
-	return renderIPTTable(rs, f, "nat")
 }
 
 // renderIPTAll renders every table we write (iptTables order), empty

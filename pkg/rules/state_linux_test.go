@@ -117,7 +117,7 @@ func TestProbeRemoveAllEveryBackend(t *testing.T) {
 				err := CheckNoneOurs(context.Background())
 				var d *DriftError
 				if !errors.As(err, &d) {
-					return fmt.Errorf("CheckNoneOurs after %s Apply: %v, want a drift error", tc.name, err)
+					return fmt.Errorf("CheckNoneOurs after %s Apply: %w, want a drift error", tc.name, err)
 				}
 				if !slices.ContainsFunc(d.Extra, func(l string) bool { return strings.HasPrefix(l, tc.want) }) {
 					t.Errorf("CheckNoneOurs extra = %q, want a line starting %q", d.Extra, tc.want)
@@ -189,7 +189,7 @@ COMMIT
 			err := CheckNoneOurs(context.Background())
 			var d *DriftError
 			if !errors.As(err, &d) {
-				return fmt.Errorf("CheckNoneOurs: %v, want a drift error", err)
+				return fmt.Errorf("CheckNoneOurs: %w, want a drift error", err)
 			}
 			want := []string{
 				bin + ":ISTIO_OUTPUT - [0:0]",

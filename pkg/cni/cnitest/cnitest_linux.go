@@ -51,7 +51,8 @@ func (f *Pods) RegisterPod(p node.Pod) ([]node.Pod, error) {
 			keep = append(keep, o)
 		}
 	}
-	f.Pods = append(keep, p)
+	keep = append(keep, p)
+	f.Pods = keep
 	return stale, nil
 }
 
