@@ -28,6 +28,14 @@ const (
 	ReasonReversePath Reason = "reverse-path"
 	// ReasonSourceRoute: an IPv4 packet with a source-route option.
 	ReasonSourceRoute Reason = "source-route"
+	// ReasonIPOptions: an IPv4 packet with any other options (or a
+	// source route the kernel's option parser does not recognise as
+	// one) to a unicast address.
+	ReasonIPOptions Reason = "ip-options"
+	// ReasonLoopback: a packet to 127.0.0.0/8 that did not arrive on lo
+	// (with route_localnet on, the node would deliver it to its
+	// localhost-only services).
+	ReasonLoopback Reason = "loopback"
 	// ReasonBadEtherType: a frame from a veth bridge port that is not
 	// untagged IPv4, IPv6 or ARP.
 	ReasonBadEtherType Reason = "bad-ethertype"

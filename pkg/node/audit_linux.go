@@ -24,6 +24,8 @@ type auditSpec struct {
 
 var auditSpecs = []auditSpec{
 	{nftables.TableFamilyINet, ReasonSourceRoute, CounterForged, []string{FamilyIPv4}},
+	{nftables.TableFamilyINet, ReasonIPOptions, CounterForged, []string{FamilyIPv4}},
+	{nftables.TableFamilyINet, ReasonLoopback, CounterForged, []string{FamilyIPv4}},
 	{nftables.TableFamilyINet, ReasonForgedSource, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonStolenAddress, CounterForged, []string{FamilyIPv4, FamilyIPv6}},
 	{nftables.TableFamilyINet, ReasonReversePath, CounterForged, []string{FamilyIPv4, FamilyIPv6}},

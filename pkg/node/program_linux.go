@@ -202,6 +202,35 @@ func newProgram(cfg *Config) *program {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
 		src.rules = append(src.rules, r.add(gotoAudit(ReasonSourceRoute)))
 	}
+	// Any other IPv4 options, to a unicast address. The exists match
+	// above asks the kernel's option parser in its strict mode (options
+	// given by a user), which rejects, so does not match, a source route
+	// whose pointer is not 4 or whose length is odd, or one behind an
+	// option the sending task may not set; the receive path accepts the
+	// same packet and routes it by the option (found by the fourth
+	// red-team pass: a routed pod's LSRR with pointer 8 reached the
+	// internet, and an exhausted one made the node echo the payload out
+	// by the reversed route). So the header length decides: nothing in a
+	// cluster needs IPv4 options to a unicast address; IGMP's Router
+	// Alert goes to multicast.
+	src.rules = append(src.rules, matchNfproto(&rule{}, false).add("ip hdrlength != 5",
+		// [ payload load 1b @ network header + 0 => reg 1 ] [ bitwise reg 1 = (reg 1 & 0x0f) ^ 0x00 ] [ cmp neq reg 1 0x05 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 0, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x0f}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{5}}).add("ip daddr != 224.0.0.0/4",
+		// [ payload load 1b @ network header + 16 => reg 1 ] [ bitwise reg 1 = (reg 1 & 0xf0) ^ 0x00 ] [ cmp neq reg 1 0xe0 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0xf0}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0xe0}}).add(gotoAudit(ReasonIPOptions)))
+	// 127.0.0.0/8 from anywhere but lo: with route_localnet on (kube-proxy's
+	// iptables mode sets it) the node delivers it to services bound to
+	// its localhost, which may relay (found by the fourth red-team pass).
+	src.rules = append(src.rules, matchNfproto(&rule{}, false).add(`iifname != "lo"`,
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifnameKey("lo")}).add("ip daddr 127.0.0.0/8",
+		// [ payload load 1b @ network header + 16 => reg 1 ] [ cmp eq reg 1 0x7f ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{127}}).add(gotoAudit(ReasonLoopback)))
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
@@ -283,6 +312,14 @@ func newProgram(cfg *Config) *program {
 		r.add("ip daddr != @"+SetAllowV4, daddr(false), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV4, Invert: true})
 		out.rules = append(out.rules, r.add(gotoAudit(ReasonReflection)))
 	}
+	// The node's own IPv4 packets with options leave for cluster
+	// destinations only: a reversed source route, say, answering a
+	// packet the source chain should have stopped.
+	out.rules = append(out.rules, matchNfproto(&rule{}, false).add("ip hdrlength != 5",
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 0, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x0f}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{5}}).add("ip daddr != @"+SetAllowV4,
+		daddr(false), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV4, Invert: true}).add(gotoAudit(ReasonReflection)))
 	out.rules = append(out.rules, acceptRule())
 	p.chains = append(p.chains, out)
 

@@ -1,0 +1,283 @@
+package node
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/nstest"
+)
+
+// optionsWorld is a routed pod (eth0, 10.244.1.2) on a node (vpod;
+// up0 192.0.2.10) whose uplink leads to an internet host (192.0.2.20,
+// 203.0.113.10) that captures every IPv4 frame on its eth0 (a sniffer:
+// what reaches the wire counts, whether or not its own stack would
+// accept a packet that still carries a source route); the node has
+// source routing and route_localnet on, the settings the attacks below
+// need.
+type optionsWorld struct {
+	pod, host, inet ns.NetNS
+	sniff           int          // the internet host's packet socket
+	local           *net.UDPConn // the node's listener on 127.0.0.1:5300
+}
+
+func newOptionsWorld(t *testing.T) *optionsWorld {
+	t.Helper()
+	w := &optionsWorld{pod: nstest.NewNS(t), host: nstest.NewNS(t), inet: nstest.NewNS(t)}
+	nstest.Link(t,
+		nstest.LinkEnd{NS: w.pod, Name: "eth0", Addrs: []netip.Prefix{netip.MustParsePrefix("10.244.1.2/24")}},
+		nstest.LinkEnd{NS: w.host, Name: "vpod", Addrs: []netip.Prefix{netip.MustParsePrefix("10.244.1.1/24")}})
+	nstest.Link(t,
+		nstest.LinkEnd{NS: w.host, Name: "up0", Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/26")}},
+		nstest.LinkEnd{NS: w.inet, Name: "eth0", Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.20/26"), netip.MustParsePrefix("203.0.113.10/32")}})
+	nstest.Route(t, w.pod, netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("10.244.1.1"))
+	nstest.Route(t, w.host, netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("192.0.2.20"))
+	for _, k := range []string{"net.ipv4.ip_forward", "net.ipv4.conf.all.accept_source_route", "net.ipv4.conf.vpod.accept_source_route",
+		"net.ipv4.conf.all.route_localnet", "net.ipv4.conf.vpod.route_localnet"} {
+		nstest.Sysctl(t, w.host, k, "1")
+	}
+	listen := func(n ns.NetNS, addr string) *net.UDPConn {
+		var c *net.UDPConn
+		if err := n.Do(func(ns.NetNS) error {
+			var err error
+			c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	w.local = listen(w.host, "127.0.0.1:5300")
+	if err := w.inet.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		proto := htons(unix.ETH_P_IP)
+		w.sniff, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(proto))
+		if err != nil {
+			return err
+		}
+		if err := unix.Bind(w.sniff, &unix.SockaddrLinklayer{Protocol: proto, Ifindex: l.Attrs().Index}); err != nil {
+			return err
+		}
+		return unix.SetsockoptTimeval(w.sniff, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 1})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(w.sniff) })
+	return w
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// sniffed says whether an IPv4 packet carrying payload reached the
+// internet host's wire within a second.
+func (w *optionsWorld) sniffed(t *testing.T, payload string) bool {
+	t.Helper()
+	buf := make([]byte, 4096)
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		n, _, err := unix.Recvfrom(w.sniff, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(buf[:n], []byte(payload)) {
+			return true
+		}
+	}
+	return false
+}
+
+// arrived says whether a datagram carrying payload reached c.
+func arrived(t *testing.T, c *net.UDPConn, payload string) bool {
+	t.Helper()
+	buf := make([]byte, 2048)
+	for {
+		if err := c.SetReadDeadline(time.Now().Add(time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		n, _, err := c.ReadFromUDP(buf)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return false
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(buf[:n]) == payload {
+			return true
+		}
+	}
+}
+
+// ipv4UDP builds an IPv4 UDP datagram with the given options (padded
+// with End of Options to a multiple of 4) and a correct header checksum.
+func ipv4UDP(src, dst netip.Addr, opts []byte, dport uint16, payload string) []byte {
+	for len(opts)%4 != 0 {
+		opts = append(opts, 0)
+	}
+	ihl := 20 + len(opts)
+	udp := make([]byte, 8, 8+len(payload))
+	binary.BigEndian.PutUint16(udp[0:], 40000)
+	binary.BigEndian.PutUint16(udp[2:], dport)
+	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
+	udp = append(udp, payload...)
+	h := make([]byte, 20, ihl+len(udp))
+	h[0] = 0x40 | byte(ihl/4)
+	binary.BigEndian.PutUint16(h[2:], uint16(ihl+len(udp)))
+	binary.BigEndian.PutUint16(h[4:], uint16(time.Now().UnixNano()))
+	h[8], h[9] = 64, unix.IPPROTO_UDP
+	s, d := src.As4(), dst.As4()
+	copy(h[12:], s[:])
+	copy(h[16:], d[:])
+	h = append(h, opts...)
+	var sum uint32
+	for i := 0; i < ihl; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(h[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	binary.BigEndian.PutUint16(h[10:], ^uint16(sum))
+	return append(h, udp...)
+}
+
+// lsrr is a loose source route option: type 131, its length, the
+// pointer and the addresses.
+func lsrr(length, ptr byte, addrs ...string) []byte {
+	o := []byte{131, length, ptr}
+	for _, a := range addrs {
+		b := netip.MustParseAddr(a).As4()
+		o = append(o, b[:]...)
+	}
+	return o
+}
+
+// sendRaw sends pkt from the pod through a raw IP socket (the pod's
+// kernel routes it by its destination and leaves the options alone).
+func (w *optionsWorld) sendRaw(t *testing.T, pkt []byte) {
+	t.Helper()
+	if err := w.pod.Do(func(ns.NetNS) error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: [4]byte(pkt[16:20])})
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sendFrame sends pkt from the pod as a link-layer frame to the node's
+// vpod, so that no routing in the pod decides where it goes.
+func (w *optionsWorld) sendFrame(t *testing.T, pkt []byte) {
+	t.Helper()
+	var mac net.HardwareAddr
+	if err := w.host.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("vpod")
+		if err == nil {
+			mac = l.Attrs().HardwareAddr
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.pod.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		proto := htons(unix.ETH_P_IP)
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(proto))
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		sa := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: l.Attrs().Index, Halen: 6}
+		copy(sa.Addr[:], mac)
+		return unix.Sendto(fd, pkt, 0, sa)
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// IPv4 options get a registered pod nothing, in whatever shape: the
+// well-formed loose source route (source-route), and the ones the
+// kernel's option parser refuses in its strict mode but the receive
+// path follows (ip-options): pointer 8 over two hops, an odd length.
+// A packet to 127.0.0.0/8 from the pod's interface is refused too
+// (loopback). Controls: without the node rules the pointer-8 route and
+// the odd-length one reach the internet host, and the loopback one the
+// node's localhost listener, so each check can fail.
+func TestIPv4OptionsAndLoopback(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	w := newOptionsWorld(t)
+	podIP, nodeIP := netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("192.0.2.10")
+	cases := []struct {
+		name   string
+		opts   []byte
+		reason Reason
+	}{
+		{"lsrr pointer 4", lsrr(7, 4, "203.0.113.10"), ReasonSourceRoute},
+		{"lsrr pointer 8 over two hops", lsrr(11, 8, "198.51.100.1", "203.0.113.10"), ReasonIPOptions},
+		{"lsrr of length 8", append(lsrr(8, 4, "203.0.113.10"), 0), ReasonIPOptions},
+	}
+	mustApply(t, w.host, mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16"],"nodeCIDRs":["192.0.2.0/26"]}`))
+	if _, err := in2(w.host, func() ([]Pod, error) {
+		return RegisterPod(Pod{ContainerID: "c-raw", Port: "vpod", L3: "vpod", IPs: []netip.Addr{podIP}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range cases {
+		w.sendRaw(t, ipv4UDP(podIP, nodeIP, tc.opts, 9999, "ruled "+tc.name))
+		if w.sniffed(t, "ruled "+tc.name) {
+			t.Errorf("%s: with the node rules, the pod's datagram reached the internet host", tc.name)
+		}
+	}
+	w.sendFrame(t, ipv4UDP(podIP, netip.MustParseAddr("127.0.0.1"), nil, 5300, "ruled loopback"))
+	if arrived(t, w.local, "ruled loopback") {
+		t.Error("with the node rules, the pod reached the node's 127.0.0.1 listener")
+	}
+	var c Counters
+	if err := in(w.host, func() error {
+		var err error
+		c, err = ReadCounters()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[Reason]uint64{ReasonSourceRoute: 1, ReasonIPOptions: 2, ReasonLoopback: 1}
+	for r, n := range want {
+		if got := c.ByReason[r][FamilyIPv4]; got != n {
+			t.Errorf("%s/ipv4 counted %d, want %d", r, got, n)
+		}
+	}
+
+	if err := in(w.host, Remove); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range cases[1:] {
+		w.sendRaw(t, ipv4UDP(podIP, nodeIP, tc.opts, 9999, "control "+tc.name))
+		if !w.sniffed(t, "control "+tc.name) {
+			t.Errorf("control, %s: without the node rules the datagram did not reach the internet host either, so its check cannot fail", tc.name)
+		}
+	}
+	w.sendFrame(t, ipv4UDP(podIP, netip.MustParseAddr("127.0.0.1"), nil, 5300, "control loopback"))
+	if !arrived(t, w.local, "control loopback") {
+		t.Error("control: without the node rules the pod did not reach the node's 127.0.0.1 listener either, so the check cannot fail")
+	}
+}
