@@ -2,16 +2,13 @@ package nstest
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
-	"os"
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
-	"github.com/egress-cni/egress-cni/internal/netwait"
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // Addresses of the pod topology. They are all from documentation ranges
@@ -86,55 +83,18 @@ func NewPod(t testing.TB, opts PodOptions) *Pod {
 	// The veth is created inside the pod namespace with its peer placed
 	// straight into the world namespace, so it never exists in the root
 	// namespace, not even briefly.
-	err := p.NS.Do(func(ns.NetNS) error {
-		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: p.IfName},
-			PeerName:      p.WorldIfName,
-			PeerNamespace: netlink.NsFd(int(p.World.Fd())),
-		}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return fmt.Errorf("could not create veth %s/%s: %w", p.IfName, p.WorldIfName, err)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	err = p.NS.Do(func(ns.NetNS) error {
-		link, err := setupLink(p.IfName,
-			netip.PrefixFrom(PodIPv4, linkBitsV4), netip.PrefixFrom(PodIPv6, linkBitsV6))
-		if err != nil {
-			return err
-		}
-		for _, gw := range []netip.Addr{WorldIPv4, WorldIPv6} {
-			r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(gw.AsSlice())}
-			if gw.Is4() {
-				r.Dst = &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-			} else {
-				r.Dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
-			}
-			if err := netlink.RouteAdd(r); err != nil {
-				return fmt.Errorf("could not add default route via %s: %w", gw, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("could not set up pod namespace: %v", err)
-	}
-
-	err = p.World.Do(func(ns.NetNS) error {
-		if _, err := setupLink(p.WorldIfName,
-			netip.PrefixFrom(WorldIPv4, linkBitsV4), netip.PrefixFrom(WorldIPv6, linkBitsV6)); err != nil {
-			return err
-		}
+	Link(t,
+		LinkEnd{NS: p.NS, Name: p.IfName, Addrs: []netip.Prefix{netip.PrefixFrom(PodIPv4, linkBitsV4), netip.PrefixFrom(PodIPv6, linkBitsV6)}},
+		LinkEnd{NS: p.World, Name: p.WorldIfName, Addrs: []netip.Prefix{netip.PrefixFrom(WorldIPv4, linkBitsV4), netip.PrefixFrom(WorldIPv6, linkBitsV6)}})
+	Route(t, p.NS, netip.MustParsePrefix("0.0.0.0/0"), WorldIPv4)
+	Route(t, p.NS, netip.MustParsePrefix("::/0"), WorldIPv6)
+	err := p.World.Do(func(ns.NetNS) error {
 		lo, err := netlink.LinkByName("lo")
 		if err != nil {
 			return fmt.Errorf("could not find lo: %w", err)
 		}
 		for _, a := range []netip.Addr{InternetIPv4, InternetIPv6} {
-			if err := addrAdd(lo, netip.PrefixFrom(a, a.BitLen())); err != nil {
+			if err := nscore.AddrAdd(lo, netip.PrefixFrom(a, a.BitLen())); err != nil {
 				return err
 			}
 		}
@@ -143,58 +103,5 @@ func NewPod(t testing.TB, opts PodOptions) *Pod {
 	if err != nil {
 		t.Fatalf("could not set up world namespace: %v", err)
 	}
-	for _, side := range []struct {
-		n      ns.NetNS
-		ifName string
-	}{{p.NS, p.IfName}, {p.World, p.WorldIfName}} {
-		if err := side.n.Do(func(ns.NetNS) error { return waitLinkReady(side.ifName) }); err != nil {
-			t.Fatal(err)
-		}
-	}
 	return p
-}
-
-func waitLinkReady(name string) error { return netwait.LinkReady(name) }
-
-// setupLink turns DAD off, adds the addresses and brings the link up. It
-// runs inside the link's namespace.
-func setupLink(name string, addrs ...netip.Prefix) (netlink.Link, error) {
-	// accept_dad=0 before the link goes up also covers the link-local
-	// address, which nodad on our own addresses does not.
-	if err := writeSysctl("/proc/sys/net/ipv6/conf/"+name+"/accept_dad", "0"); err != nil {
-		return nil, err
-	}
-	link, err := netlink.LinkByName(name)
-	if err != nil {
-		return nil, fmt.Errorf("could not find %s: %w", name, err)
-	}
-	for _, a := range addrs {
-		if err := addrAdd(link, a); err != nil {
-			return nil, err
-		}
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		return nil, fmt.Errorf("could not bring %s up: %w", name, err)
-	}
-	return link, nil
-}
-
-func addrAdd(link netlink.Link, p netip.Prefix) error {
-	a := &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
-	if p.Addr().Is6() {
-		a.Flags = unix.IFA_F_NODAD
-	}
-	if err := netlink.AddrAdd(link, a); err != nil {
-		return fmt.Errorf("could not add %s to %s: %w", p, link.Attrs().Name, err)
-	}
-	return nil
-}
-
-// writeSysctl writes a /proc/sys/net file. Opened from a thread inside a
-// namespace, /proc/sys/net belongs to that namespace.
-func writeSysctl(path, value string) error {
-	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("could not set %s=%s: %w", path, value, err)
-	}
-	return nil
 }
