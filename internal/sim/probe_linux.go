@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // A probe is a plain socket client run as a child process of a chosen
@@ -108,7 +110,7 @@ func RunProbe(ctx context.Context, exe string, n ns.NetNS, uid uint32, p Probe) 
 
 func runProbeChild() int {
 	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "%s%s %v\n", probeErrorTag, classify(err), err)
+		fmt.Fprintf(os.Stderr, "%s%s %v\n", probeErrorTag, sockopt.Classify(err), err)
 		return 1
 	}
 	network, addr := os.Getenv(probeNetwork), os.Getenv(probeAddr)
