@@ -131,11 +131,7 @@ func RunClient(ctx context.Context, exe string, n ns.NetNS, c Client) (string, e
 	if c.Timeout == 0 {
 		c.Timeout = DefaultClientTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.Timeout+clientGrace)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe)
-	cmd.Dir = "/"
-	cmd.Env = append([]string{
+	env := append([]string{
 		childEnv + "=" + childModeDial,
 		childNetwork + "=" + c.Network,
 		childAddr + "=" + c.Addr,
@@ -143,6 +139,35 @@ func RunClient(ctx context.Context, exe string, n ns.NetNS, c Client) (string, e
 		childTimeout + "=" + c.Timeout.String(),
 		childReadAll + "=" + strconv.FormatBool(c.ReadAll),
 	}, c.Env...)
+	return RunAs(ctx, exe, n, Child{UID: c.UID, GID: c.GID, Groups: c.Groups, Env: env, Limit: c.Timeout + clientGrace, ErrPrefix: childErrPrefix})
+}
+
+// Child is a child process run by RunAs.
+type Child struct {
+	UID, GID uint32
+	// Groups are the supplementary groups (nil: none).
+	Groups []uint32
+	// Env is the child's whole environment.
+	Env []string
+	// Limit is how long the child may run before it is killed.
+	Limit time.Duration
+	// ErrPrefix starts the line "<ErrPrefix><kind> <message>" a child
+	// writes on stderr before it exits non-zero for a failed exchange.
+	ErrPrefix string
+}
+
+// RunAs runs exe (this program re-executed, in a child mode its Env
+// selects) inside n as c.UID:c.GID and returns its standard output. A
+// child that exits non-zero is a *ClientError: of the kind it named after
+// c.ErrPrefix on stderr, else "other"; one killed at c.Limit is a
+// *ClientError with Killed set. A failure to start it, or ctx's
+// cancellation, is another error.
+func RunAs(ctx context.Context, exe string, n ns.NetNS, c Child) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.Limit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, exe)
+	cmd.Dir = "/"
+	cmd.Env = c.Env
 	groups := c.Groups
 	if groups == nil {
 		groups = []uint32{}
@@ -154,7 +179,7 @@ func RunClient(ctx context.Context, exe string, n ns.NetNS, c Client) (string, e
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	// Started from a thread inside n, the child is in n.
 	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
-		return "", fmt.Errorf("could not start client as %d:%d in %s: %w", c.UID, c.GID, n.Path(), err)
+		return "", fmt.Errorf("could not start %s as %d:%d in %s: %w", exe, c.UID, c.GID, n.Path(), err)
 	}
 	werr := cmd.Wait()
 	if ctx.Err() != nil {
@@ -165,7 +190,7 @@ func RunClient(ctx context.Context, exe string, n ns.NetNS, c Client) (string, e
 	}
 	if werr != nil {
 		msg := strings.TrimSpace(stderr.String())
-		if rest, ok := strings.CutPrefix(msg, childErrPrefix); ok {
+		if rest, ok := strings.CutPrefix(msg, c.ErrPrefix); ok && c.ErrPrefix != "" {
 			kind, m, _ := strings.Cut(rest, " ")
 			return "", &ClientError{Kind: kind, Msg: m}
 		}

@@ -112,40 +112,40 @@ func (o *Owner) As(fn func() error) error {
 // Listen listens on a TCP network and address inside n, the socket owned
 // by own (nil: this process).
 func Listen(n ns.NetNS, network, addr string, own *Owner) (*net.TCPListener, error) {
-	var l *net.TCPListener
-	err := n.Do(func(ns.NetNS) error {
-		return own.As(func() error {
-			ln, err := net.Listen(network, addr)
-			if err != nil {
-				return err
-			}
-			l = ln.(*net.TCPListener)
-			return nil
-		})
+	return listenIn(n, network, addr, own, func() (*net.TCPListener, error) {
+		l, err := net.Listen(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return l.(*net.TCPListener), nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("could not listen on %s %s in %s: %w", network, addr, n.Path(), err)
-	}
-	return l, nil
 }
 
 // ListenUDP is Listen for UDP.
 func ListenUDP(n ns.NetNS, network, addr string, own *Owner) (*net.UDPConn, error) {
-	var pc *net.UDPConn
+	return listenIn(n, network, addr, own, func() (*net.UDPConn, error) {
+		c, err := net.ListenPacket(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.UDPConn), nil
+	})
+}
+
+// listenIn runs listen inside n as own.
+func listenIn[T any](n ns.NetNS, network, addr string, own *Owner, listen func() (T, error)) (T, error) {
+	var sock T
 	err := n.Do(func(ns.NetNS) error {
 		return own.As(func() error {
-			c, err := net.ListenPacket(network, addr)
-			if err != nil {
-				return err
-			}
-			pc = c.(*net.UDPConn)
-			return nil
+			var err error
+			sock, err = listen()
+			return err
 		})
 	})
 	if err != nil {
-		return nil, fmt.Errorf("could not listen on %s %s in %s: %w", network, addr, n.Path(), err)
+		return sock, fmt.Errorf("could not listen on %s %s in %s: %w", network, addr, n.Path(), err)
 	}
-	return pc, nil
+	return sock, nil
 }
 
 // ServeUDPEcho tracks pc and answers every datagram with reply(from,
