@@ -528,16 +528,7 @@ func TestClusterBypassMatrix(t *testing.T) {
 	if n := len(sidecar.captured()); n == 0 {
 		t.Error("the sidecar captured nothing")
 	}
-	for _, p := range []*clusterPod{app, admin} {
-		if err := c.app.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
-	for _, p := range []*clusterPod{worker, gw} {
-		if err := c.egress.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
+	delPods(t, app, admin, worker, gw)
 	if got := c.egress.gateways(t); len(got) != 0 {
 		t.Errorf("gateway entries after the gateway's DEL: %v", got)
 	}

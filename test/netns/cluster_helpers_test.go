@@ -189,26 +189,29 @@ func (n *clusterNode) drops(t *testing.T) uint64 {
 // applied).
 func (n *clusterNode) counters(t *testing.T) node.Counters {
 	t.Helper()
-	var c node.Counters
-	if err := n.in(func() error {
-		var err error
-		c, err = node.ReadCounters()
-		return err
-	}); err != nil {
+	c, err := inNodeNS(n, node.ReadCounters)
+	if err != nil {
 		return node.Counters{}
 	}
 	return c
 }
 
+// inNodeNS calls f in the node's namespace.
+func inNodeNS[T any](n *clusterNode, f func() (T, error)) (T, error) {
+	var v T
+	err := n.in(func() error {
+		var err error
+		v, err = f()
+		return err
+	})
+	return v, err
+}
+
 // pods lists the node's pod registrations.
 func (n *clusterNode) pods(t *testing.T) []node.Pod {
 	t.Helper()
-	var ps []node.Pod
-	if err := n.in(func() error {
-		var err error
-		ps, err = node.ListPods()
-		return err
-	}); err != nil {
+	ps, err := inNodeNS(n, node.ListPods)
+	if err != nil {
 		t.Fatalf("list pod registrations on %s: %v", n.name, err)
 	}
 	return ps
@@ -268,12 +271,8 @@ func (matchAllFlows) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return tr
 
 func (n *clusterNode) gateways(t *testing.T) []node.Gateway {
 	t.Helper()
-	var gws []node.Gateway
-	if err := n.in(func() error {
-		var err error
-		gws, err = node.ListGateways()
-		return err
-	}); err != nil {
+	gws, err := inNodeNS(n, node.ListGateways)
+	if err != nil {
 		t.Fatalf("list gateways on %s: %v", n.name, err)
 	}
 	return gws
@@ -341,6 +340,17 @@ func (n *clusterNode) mustAdd(t *testing.T, p *clusterPod, extraArgs ...[2]strin
 // releases by container ID).
 func (n *clusterNode) del(p *clusterPod) error {
 	return n.chain.del(p.pod, p.path)
+}
+
+// delPods runs DEL for each pod on its node; a failure is an error of
+// the test.
+func delPods(t *testing.T, pods ...*clusterPod) {
+	t.Helper()
+	for _, p := range pods {
+		if err := p.node.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
 }
 
 // hostVeth is the name of the pod's host-side veth, read independently

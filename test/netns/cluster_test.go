@@ -405,15 +405,6 @@ func TestCluster(t *testing.T) {
 			t.Errorf("%s: remove did not restore the ruleset:\n--- before\n%s\n--- after\n%s", n.name, before[n], got)
 		}
 	}
-	for _, p := range []*clusterPod{app, plain} {
-		if err := c.app.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
-	for _, p := range []*clusterPod{worker, reuse} {
-		if err := c.egress.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
+	delPods(t, app, plain, worker, reuse)
 	t.Logf("plugins built in %s; cluster test ran in %s", built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
 }
