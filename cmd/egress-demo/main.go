@@ -438,7 +438,8 @@ func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err
 		seen = strings.Join(parts, ", ")
 		return seen, seen == s.expect, nil
 	case drops > 0 && reached == 0:
-		// The agent's line naming the pod: NFLOG delivers within 100 ms.
+		// The agent's line naming the pod: NFLOG delivers it
+		// asynchronously, so wait for it (at most 2 s).
 		ln, ok := ag.WaitLine(ctx, lines0, 2*time.Second, func(ln audit.Line) bool {
 			return ln.Pod == s.from.Name && ln.Namespace == s.from.Namespace
 		})
