@@ -21,16 +21,15 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 
 	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
-// Addresses: documentation ranges only.
-const (
-	podV4, worldV4 = "192.0.2.2", "192.0.2.1"
-	podV6, worldV6 = "2001:db8:1::2", "2001:db8:1::1"
-	inetV4, inetV6 = "203.0.113.10", "2001:db8:2::10"
+// Addresses (nscore.WirePod's, and an excluded one on the world's
+// loopback too): documentation ranges only.
+var (
+	podV4          = nscore.PodIPv4.String()
+	inetV4, inetV6 = nscore.InternetIPv4.String(), nscore.InternetIPv6.String()
 	excludedV4     = "198.51.100.10"
 )
 
@@ -154,38 +153,14 @@ func newNS(cl *nscore.Cleanups) (ns.NetNS, error) {
 	return n, nil
 }
 
-// wire joins pod and world with a veth pair, puts the "internet" addresses
-// on the world's loopback and routes the pod's default through the world.
-// Neither namespace has any link to the machine's real network.
+// wire joins pod and world with a veth pair (nscore.WirePod), puts the
+// "internet" addresses and the excluded one on the world's loopback and
+// routes the pod's default through the world. Neither namespace has any
+// link to the machine's real network.
 func wire(pod, world ns.NetNS) error {
-	pfx := netip.MustParsePrefix
-	if err := nscore.Link(
-		nscore.LinkEnd{NS: world, Name: "world0", Addrs: []netip.Prefix{pfx(worldV4 + "/24"), pfx(worldV6 + "/64")}},
-		nscore.LinkEnd{NS: pod, Name: "eth0", Addrs: []netip.Prefix{pfx(podV4 + "/24"), pfx(podV6 + "/64")}},
-	); err != nil {
-		return err
-	}
-	err := world.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		for _, a := range []string{inetV4 + "/32", inetV6 + "/128", excludedV4 + "/32"} {
-			if err := nscore.AddrAdd(lo, pfx(a)); err != nil {
-				return err
-			}
-		}
-		return nil
+	return nscore.WirePod(pod, world, nscore.PodLink{
+		IfName: "eth0", WorldIfName: "world0", WorldLoopback: []netip.Addr{netip.MustParseAddr(excludedV4)},
 	})
-	if err != nil {
-		return err
-	}
-	for _, r := range []struct{ dst, gw string }{{"0.0.0.0/0", worldV4}, {"::/0", worldV6}} {
-		if err := nscore.Route(pod, pfx(r.dst), netip.MustParseAddr(r.gw)); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // serve listens in n (the socket stays in n after Do returns) and answers
