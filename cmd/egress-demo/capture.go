@@ -12,43 +12,30 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
-	"github.com/egress-cni/egress-cni/internal/sockopt"
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
-// Addresses: documentation ranges only.
-const (
-	podV4, worldV4 = "192.0.2.2", "192.0.2.1"
-	podV6, worldV6 = "2001:db8:1::2", "2001:db8:1::1"
-	inetV4, inetV6 = "203.0.113.10", "2001:db8:2::10"
+// Addresses (nscore.WirePod's, and an excluded one on the world's
+// loopback too): documentation ranges only.
+var (
+	podV4          = nscore.PodIPv4.String()
+	inetV4, inetV6 = nscore.InternetIPv4.String(), nscore.InternetIPv6.String()
 	excludedV4     = "198.51.100.10"
 )
 
-type cleanup []func()
-
-func (c *cleanup) add(f func()) { *c = append(*c, f) }
-func (c *cleanup) run() {
-	for i := len(*c) - 1; i >= 0; i-- {
-		(*c)[i]()
-	}
-}
-
 func runCaptureBackends(ctx context.Context, initBin string) (bool, error) {
-	var cl cleanup
-	defer cl.run()
+	cl := &nscore.Cleanups{}
+	defer cl.Run()
 
 	initBin, err := filepath.Abs(initBin)
 	if err != nil {
@@ -57,11 +44,14 @@ func runCaptureBackends(ctx context.Context, initBin string) (bool, error) {
 	if _, err := os.Stat(initBin); err != nil {
 		return false, fmt.Errorf("egress-init binary: %w (run `make build`)", err)
 	}
-	self, err := worldExecutable()
+	// A copy any UID can execute (go run builds into a 0700 directory).
+	self, dir, err := nscore.CopyExecutable("egress-demo-", "egress-demo")
+	if dir != "" {
+		cl.Push(func() { os.RemoveAll(dir) })
+	}
 	if err != nil {
 		return false, err
 	}
-	cl.add(func() { os.RemoveAll(filepath.Dir(self)) })
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "BACKEND\tPATH\tEXPECTED\tSEEN\tOK")
@@ -93,13 +83,13 @@ func (r row) ok() bool { return strings.HasPrefix(r.seen, r.want) }
 // captureScenario builds a fresh pod and world, applies the rules with egress-init
 // and runs the traffic.
 func captureScenario(ctx context.Context, initBin, self, backend string) ([]row, error) {
-	var cl cleanup
-	defer cl.run()
-	pod, err := newNS(&cl)
+	cl := &nscore.Cleanups{}
+	defer cl.Run()
+	pod, err := newNS(cl)
 	if err != nil {
 		return nil, err
 	}
-	world, err := newNS(&cl)
+	world, err := newNS(cl)
 	if err != nil {
 		return nil, err
 	}
@@ -108,6 +98,8 @@ func captureScenario(ctx context.Context, initBin, self, backend string) ([]row,
 	}
 	// Servers: in the pod, the sidecar stand-in (15001, 15006) and an app
 	// on 8080 and 15021; in the world, the "internet" echo.
+	srv := &nscore.Servers{}
+	cl.Push(srv.Close)
 	for _, l := range []struct {
 		n    ns.NetNS
 		addr string
@@ -119,11 +111,9 @@ func captureScenario(ctx context.Context, initBin, self, backend string) ([]row,
 		{pod, ":15021", "direct to app"},
 		{world, ":80", "direct"},
 	} {
-		stopFn, err := serve(l.n, l.addr, l.tag)
-		if err != nil {
+		if err := serve(srv, l.n, l.addr, l.tag); err != nil {
 			return nil, err
 		}
-		cl.add(stopFn)
 	}
 	args := []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", excludedV4 + "/32",
 		"-b", "*", "-d", "15090,15021,15020", "--backend", backend, "--netns", pod.Path()}
@@ -154,104 +144,46 @@ func captureScenario(ctx context.Context, initBin, self, backend string) ([]row,
 	}, nil
 }
 
-func newNS(cl *cleanup) (ns.NetNS, error) {
-	n, err := testutils.NewNS()
+func newNS(cl *nscore.Cleanups) (ns.NetNS, error) {
+	n, remove, err := nscore.NewNS()
 	if err != nil {
-		return nil, fmt.Errorf("could not create a network namespace: %w", err)
+		return nil, err
 	}
-	cl.add(func() { n.Close(); _ = testutils.UnmountNS(n) })
-	err = n.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	return n, err
+	cl.Push(func() { _ = remove() })
+	return n, nil
 }
 
-// wire joins pod and world with a veth pair, puts the "internet" addresses
-// on the world's loopback and routes the pod's default through the world.
-// Neither namespace has any link to the machine's real network.
+// wire joins pod and world with a veth pair (nscore.WirePod), puts the
+// "internet" addresses and the excluded one on the world's loopback and
+// routes the pod's default through the world. Neither namespace has any
+// link to the machine's real network.
 func wire(pod, world ns.NetNS) error {
-	return world.Do(func(ns.NetNS) error {
-		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "world0"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(pod.Fd()))}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
-		}
-		if err := setup("world0", []string{worldV4 + "/24", worldV6 + "/64"}, nil); err != nil {
-			return err
-		}
-		if err := setup("lo", []string{inetV4 + "/32", inetV6 + "/128", excludedV4 + "/32"}, nil); err != nil {
-			return err
-		}
-		return pod.Do(func(ns.NetNS) error {
-			return setup("eth0", []string{podV4 + "/24", podV6 + "/64"}, []string{worldV4, worldV6})
-		})
+	return nscore.WirePod(pod, world, nscore.PodLink{
+		IfName: "eth0", WorldIfName: "world0", WorldLoopback: []netip.Addr{netip.MustParseAddr(excludedV4)},
 	})
-}
-
-func setup(link string, addrs, gateways []string) error {
-	l, err := netlink.LinkByName(link)
-	if err != nil {
-		return err
-	}
-	for _, a := range addrs {
-		addr, err := netlink.ParseAddr(a)
-		if err != nil {
-			return err
-		}
-		addr.Flags = unix.IFA_F_NODAD
-		if err := netlink.AddrAdd(l, addr); err != nil {
-			return fmt.Errorf("add %s to %s: %w", a, link, err)
-		}
-	}
-	if err := netlink.LinkSetUp(l); err != nil {
-		return err
-	}
-	for _, g := range gateways {
-		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.ParseIP(g)}); err != nil {
-			return fmt.Errorf("default route via %s: %w", g, err)
-		}
-	}
-	return nil
 }
 
 // serve listens in n (the socket stays in n after Do returns) and answers
 // each connection with tag and, for redirected connections, the original
-// destination read with SO_ORIGINAL_DST.
-func serve(n ns.NetNS, addr, tag string) (func(), error) {
-	var l net.Listener
-	err := n.Do(func(ns.NetNS) (err error) {
-		l, err = net.Listen("tcp", addr)
-		return err
-	})
+// destination read with SO_ORIGINAL_DST; srv stops it.
+func serve(srv *nscore.Servers, n ns.NetNS, addr, tag string) error {
+	l, err := nscore.Listen(n, "tcp", addr, nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				msg := tag
-				if strings.HasPrefix(tag, "redirected") {
-					msg += " (orig " + origDst(c.(*net.TCPConn)) + ")"
-				}
-				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-				fmt.Fprintln(c, msg)
-			}()
+	srv.Serve(l, 2*time.Second, func(c net.Conn) {
+		msg := tag
+		if strings.HasPrefix(tag, "redirected") {
+			msg += " (orig " + origDst(c.(*net.TCPConn)) + ")"
 		}
-	}()
-	return func() { l.Close() }, nil
+		fmt.Fprintln(c, msg)
+	})
+	return nil
 }
 
 // origDst reads the pre-NAT destination of a redirected connection.
 func origDst(c *net.TCPConn) string {
-	ap, err := sockopt.OriginalDst(c)
+	ap, err := nscore.OriginalDst(c)
 	if err != nil {
 		return "? " + err.Error()
 	}
@@ -272,49 +204,14 @@ func fetch(addr string) string {
 	return strings.TrimSpace(line)
 }
 
-func client(addr string) int {
-	fmt.Println(fetch(addr))
-	return 0
-}
-
-// runClient runs this binary's client mode as uid (and gid = uid) inside
-// the pod, so the owner match sees a real process of that identity.
+// runClient runs a client child (nscore.RunClient: this binary
+// re-executed) as uid (and gid = uid) inside the pod, so the owner match
+// sees a real process of that identity; it reads one line.
 func runClient(ctx context.Context, pod ns.NetNS, self string, uid uint32, addr string) (string, error) {
-	var out []byte
-	err := pod.Do(func(ns.NetNS) error {
-		// The child inherits the namespace of this locked thread.
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(cctx, self, "client", addr)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
-		var err error
-		out, err = cmd.Output()
-		return err
-	})
-	return strings.TrimSpace(string(out)), err
-}
-
-// worldExecutable copies this binary to a world-readable temporary
-// directory, so that clients running as an unprivileged UID can execute it
-// (go run builds into a 0700 directory).
-func worldExecutable() (string, error) {
-	src, err := os.Executable()
-	if err != nil {
-		return "", err
+	out, err := nscore.RunClient(ctx, self, pod, nscore.Client{UID: uid, GID: uid, Network: "tcp", Addr: addr, Timeout: 2 * time.Second})
+	var ce *nscore.ClientError
+	if errors.As(err, &ce) && !ce.Killed {
+		return "error: " + ce.Msg, nil
 	}
-	dir, err := os.MkdirTemp("", "egress-demo-")
-	if err != nil {
-		return "", err
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return "", err
-	}
-	data, err := os.ReadFile(src)
-	if err != nil {
-		return "", err
-	}
-	dst := filepath.Join(dir, "egress-demo")
-	return dst, os.WriteFile(dst, data, 0o755)
+	return strings.TrimSpace(out), err
 }

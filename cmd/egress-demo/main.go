@@ -42,10 +42,7 @@ import (
 )
 
 func main() {
-	sim.RunChild()
-	if len(os.Args) > 2 && os.Args[1] == "client" { // -capture-backends' client
-		os.Exit(client(os.Args[2]))
-	}
+	sim.RunChild() // clients (also -capture-backends') and the sidecar
 	os.Exit(realMain())
 }
 
@@ -100,8 +97,12 @@ type demo struct {
 	bin, pluginsDir string
 	verbose         bool
 
-	exe string // this program, runnable by any UID (clients, sidecar)
-	c   *sim.Cluster
+	cl                *sim.Cleanups
+	installer, plugin string
+	exe               string // this program, runnable by any UID (clients, sidecar)
+	c                 *sim.Cluster
+	// The pods of step 4.
+	app, plain, gw, worker, selfGW *sim.Pod
 	// agents are the nodes' agents (the installer's run mode), whose
 	// audit lines name the pod of each blocked path.
 	agents map[*sim.Node]*sim.Agent
@@ -113,50 +114,69 @@ func step(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
 func (d *demo) run(ctx context.Context) (bool, error) {
 	start := time.Now()
-	var cl sim.Cleanups
-	defer cl.Run()
+	d.cl = &sim.Cleanups{}
+	defer d.cl.Run()
 
-	installer, plugin := filepath.Join(d.bin, "egress-cni-install"), filepath.Join(d.bin, "egress-cni")
-	for _, b := range []string{installer, plugin} {
+	d.installer, d.plugin = filepath.Join(d.bin, "egress-cni-install"), filepath.Join(d.bin, "egress-cni")
+	for _, b := range []string{d.installer, d.plugin} {
 		if _, err := os.Stat(b); err != nil {
 			return false, fmt.Errorf("%w (run `make build`)", err)
 		}
 	}
-	// 1. The primary CNI's plugins (ours are built by make).
-	built, err := sim.EnsureReferencePlugins(ctx, d.pluginsDir)
+	for _, s := range []func(context.Context) error{d.referencePlugins, d.cluster, d.install, d.pods} {
+		if err := s(ctx); err != nil {
+			return false, err
+		}
+	}
+	n, ok, err := d.traffic(ctx)
 	if err != nil {
 		return false, err
+	}
+	fmt.Printf("\n%d paths in %.1fs; tearing down\n", n, time.Since(start).Seconds())
+	return ok, nil
+}
+
+// referencePlugins is step 1: the primary CNI's plugins (ours are built
+// by make), and the copy of this program its clients and the sidecar run
+// as.
+func (d *demo) referencePlugins(ctx context.Context) error {
+	built, err := sim.EnsureReferencePlugins(ctx, d.pluginsDir)
+	if err != nil {
+		return err
 	}
 	how := "cached"
 	if built {
 		how = "built from the Go module cache"
 	}
 	step("[1/5] CNI reference plugins (bridge, host-local, loopback): %s in %s", how, d.pluginsDir)
-	if d.exe, err = sim.Executable(&cl); err != nil {
-		return false, err
-	}
+	d.exe, err = sim.Executable(d.cl)
+	return err
+}
 
-	// 2. The cluster.
-	c, err := sim.NewCluster(&cl, d.pluginsDir)
+// cluster is step 2: the cluster's namespaces.
+func (d *demo) cluster(ctx context.Context) error {
+	c, err := sim.NewCluster(d.cl, d.pluginsDir)
 	if err != nil {
-		return false, err
+		return err
 	}
 	d.c = c
 	step("[2/5] cluster in network namespaces: internet %s/%s, router, app node %s, egress node %s",
 		sim.InternetV4, sim.InternetV6, c.App.Uplink4, c.Egress.Uplink4)
-	if ctx.Err() != nil {
-		return false, ctx.Err()
-	}
+	return ctx.Err()
+}
 
-	// 3. The installer, on each node, as the DaemonSet runs it.
-	step("[3/5] %s install, inside each node's namespace, with the node's own CNI dirs:", installer)
+// install is step 3: the installer, on each node, as the DaemonSet runs
+// it, then the agents.
+func (d *demo) install(ctx context.Context) error {
+	c := d.c
+	step("[3/5] %s install, inside each node's namespace, with the node's own CNI dirs:", d.installer)
 	for _, n := range []*sim.Node{c.App, c.Egress} {
-		out, err := n.Install(ctx, installer, plugin)
+		out, err := n.Install(ctx, d.installer, d.plugin)
 		if err != nil {
-			return false, err
+			return err
 		}
 		if err := n.LoadChain(); err != nil {
-			return false, err
+			return err
 		}
 		action := "?"
 		if m := installAction.FindStringSubmatch(out); m != nil {
@@ -175,15 +195,21 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 	// try the same destination from one pod.
 	d.agents = map[*sim.Node]*sim.Agent{}
 	for _, n := range []*sim.Node{c.App, c.Egress} {
-		a, err := n.StartAgent(&cl, installer, plugin, "-audit-dedup", "500ms")
+		a, err := n.StartAgent(d.cl, d.installer, d.plugin, "-audit-dedup", "500ms")
 		if err != nil {
-			return false, err
+			return err
 		}
 		d.agents[n] = a
 	}
-	step("      agents (%s run) on both nodes: reading the drops from NFLOG, metrics on :%d/metrics", filepath.Base(installer), sim.AgentMetricsPort)
+	step("      agents (%s run) on both nodes: reading the drops from NFLOG, metrics on :%d/metrics", filepath.Base(d.installer), sim.AgentMetricsPort)
+	return nil
+}
 
-	// 4. Pods, through the chain.
+// pods is step 4: the pods, through the chain, and what runs in them (the
+// worker's and the plain pod's echo servers, the gateway's forwarder,
+// the app's sidecar stand-in), and a kube-proxy stand-in.
+func (d *demo) pods(ctx context.Context) error {
+	c := d.c
 	step("[4/5] pods, through each node's CNI chain (loopback; %s):", strings.Join(c.App.Plugins(), ", "))
 	injected := map[string]string{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`}
 	type podSpec struct {
@@ -193,41 +219,46 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		p        **sim.Pod
 		role     string
 	}
-	var app, plain, gw, worker, selfGW *sim.Pod
 	for _, s := range []podSpec{
-		{c.Egress, "istio-system", "istio-egressgateway-5d8f9-abcde", nil, &gw, "egress gateway"},
-		{c.Egress, "team-c", "worker", nil, &worker, "no sidecar; echo server on 8080"},
-		{c.Egress, "team-x", "self-declared-gw", map[string]string{"egress-cni.io/gateway": "true"}, &selfGW, "annotated egress-cni.io/gateway: true (not a gateway: team-x is not allowed)"},
-		{c.App, "team-a", "app", injected, &app, "sidecar injected; sidecar stand-in on 15001 as UID 1337"},
-		{c.App, "team-b", "no-sidecar", nil, &plain, "no sidecar"},
+		{c.Egress, "istio-system", "istio-egressgateway-5d8f9-abcde", nil, &d.gw, "egress gateway"},
+		{c.Egress, "team-c", "worker", nil, &d.worker, "no sidecar; echo server on 8080"},
+		{c.Egress, "team-x", "self-declared-gw", map[string]string{"egress-cni.io/gateway": "true"}, &d.selfGW, "annotated egress-cni.io/gateway: true (not a gateway: team-x is not allowed)"},
+		{c.App, "team-a", "app", injected, &d.app, "sidecar injected; sidecar stand-in on 15001 as UID 1337"},
+		{c.App, "team-b", "no-sidecar", nil, &d.plain, "no sidecar"},
 	} {
-		p, err := s.n.NewPod(&cl, s.ns, s.name, s.ann)
+		p, err := s.n.NewPod(d.cl, s.ns, s.name, s.ann)
 		if err != nil {
-			return false, err
+			return err
 		}
-		if err := s.n.AddPod(ctx, &cl, p); err != nil {
-			return false, err
+		if err := s.n.AddPod(ctx, d.cl, p); err != nil {
+			return err
 		}
 		*s.p = p
 		step("      %-6s node: %-45s %-15s %s", s.n.Name, p.Namespace+"/"+p.Name, p.IP4, s.role)
 	}
 	gws, err := c.Egress.Gateways()
 	if err != nil {
-		return false, err
+		return err
 	}
 	var entries []string
 	for _, g := range gws {
 		entries = append(entries, g.Iface+" . "+g.IP.String())
 	}
 	step("      egress node: gateways registered by the plugin: %s", strings.Join(entries, ", "))
-	if err := sim.ServeEcho(&cl, worker.NS, netip.AddrPortFrom(worker.IP4, sim.EchoPort), netip.AddrPortFrom(worker.IP6, sim.EchoPort)); err != nil {
-		return false, err
+	return d.podServers(ctx)
+}
+
+// podServers starts what runs in the pods, and the kube-proxy stand-in.
+func (d *demo) podServers(ctx context.Context) error {
+	c, worker, plain, gw := d.c, d.worker, d.plain, d.gw
+	if err := sim.ServeEcho(d.cl, worker.NS, netip.AddrPortFrom(worker.IP4, sim.EchoPort), netip.AddrPortFrom(worker.IP6, sim.EchoPort)); err != nil {
+		return err
 	}
-	if err := sim.ServeEcho(&cl, plain.NS, netip.AddrPortFrom(plain.IP6, sim.EchoPort)); err != nil {
-		return false, err
+	if err := sim.ServeEcho(d.cl, plain.NS, netip.AddrPortFrom(plain.IP6, sim.EchoPort)); err != nil {
+		return err
 	}
-	if err := sim.ServeForwarder(&cl, gw.NS, gw.IP4, sim.ForwardPort); err != nil {
-		return false, err
+	if err := sim.ServeForwarder(d.cl, gw.NS, gw.IP4, sim.ForwardPort); err != nil {
+		return err
 	}
 	// A kube-proxy stand-in on the egress node: a NodePort whose Service
 	// has an internet endpoint (no selector, a hand-made EndpointSlice),
@@ -237,21 +268,53 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 		Endpoints: []netip.AddrPort{netip.AddrPortFrom(sim.InternetV4, sim.EchoPort)},
 	}}}
 	if err := sim.InstallKubeProxy(c.Egress.NS, kp); err != nil {
-		return false, err
+		return err
 	}
-	if _, err := sim.StartSidecar(ctx, &cl, d.exe, app.NS, proxyUID, 15001, netip.AddrPortFrom(gw.IP4, sim.ForwardPort), sim.ClusterCIDRs); err != nil {
-		return false, err
-	}
+	_, err := sim.StartSidecar(ctx, d.cl, d.exe, d.app.NS, proxyUID, 15001, netip.AddrPortFrom(gw.IP4, sim.ForwardPort), sim.ClusterCIDRs)
+	return err
+}
 
-	// 5. Traffic, once the pods' own link-local chatter is over (it is
-	// counted by the node rules too, see ResolveNeighbours).
-	for _, p := range []*sim.Pod{gw, worker, selfGW, app, plain} {
+// traffic is step 5: once the pods' own link-local chatter is over (it
+// is counted by the node rules too, see ResolveNeighbours), every row of
+// scenarios, as a table, and the audit lines of the blocked ones. It
+// returns how many rows ran and whether all held.
+func (d *demo) traffic(ctx context.Context) (int, bool, error) {
+	for _, p := range []*sim.Pod{d.gw, d.worker, d.selfGW, d.app, d.plain} {
 		p.ResolveNeighbours()
 	}
-	if err := settle(ctx, c.App, c.Egress); err != nil {
-		return false, err
+	if err := settle(ctx, d.c.App, d.c.Egress); err != nil {
+		return 0, false, err
 	}
 	step("[5/5] traffic (blocked paths wait %s for a reply)", blockedWait)
+	rows := d.scenarios()
+	fmt.Println()
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "PATH\tEXPECTED\tSEEN\tOK")
+	allOK := true
+	for _, s := range rows {
+		seen, ok, err := d.probe(ctx, s)
+		if err != nil {
+			w.Flush()
+			return 0, false, err
+		}
+		mark := "ok"
+		if !ok {
+			mark, allOK = "FAIL", false
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.path, s.expect, seen, mark)
+	}
+	w.Flush()
+	fmt.Printf("\nThe agents' audit lines of the blocked paths (stdout of %s run, one per connection attempt):\n", filepath.Base(d.installer))
+	for _, ln := range d.audited {
+		b, _ := json.Marshal(ln)
+		fmt.Printf("  %s\n", b)
+	}
+	return len(rows), allOK, nil
+}
+
+// scenarios are the rows of step 5, in table order.
+func (d *demo) scenarios() []scenario {
+	c, app, plain, gw, worker, selfGW := d.c, d.app, d.plain, d.gw, d.worker, d.selfGW
 	inet4 := netip.AddrPortFrom(sim.InternetV4, sim.EchoPort).String()
 	inet6 := netip.AddrPortFrom(sim.InternetV6, sim.EchoPort).String()
 	workerAddr := netip.AddrPortFrom(worker.IP4, sim.EchoPort).String()
@@ -286,30 +349,7 @@ func (d *demo) run(ctx context.Context) (bool, error) {
 	}
 	step("      internet = %s and %s; worker pod = team-c/worker %s on the egress node; gateway IP = %s",
 		inet4, inet6, workerAddr, gw.IP4)
-	fmt.Println()
-	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "PATH\tEXPECTED\tSEEN\tOK")
-	allOK := true
-	for _, s := range rows {
-		seen, ok, err := d.probe(ctx, s)
-		if err != nil {
-			w.Flush()
-			return false, err
-		}
-		mark := "ok"
-		if !ok {
-			mark, allOK = "FAIL", false
-		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.path, s.expect, seen, mark)
-	}
-	w.Flush()
-	fmt.Printf("\nThe agents' audit lines of the blocked paths (stdout of %s run, one per connection attempt):\n", filepath.Base(installer))
-	for _, ln := range d.audited {
-		b, _ := json.Marshal(ln)
-		fmt.Printf("  %s\n", b)
-	}
-	fmt.Printf("\n%d paths in %.1fs; tearing down\n", len(rows), time.Since(start).Seconds())
-	return allOK, nil
+	return rows
 }
 
 const (
@@ -398,7 +438,8 @@ func (d *demo) probe(ctx context.Context, s scenario) (seen string, ok bool, err
 		seen = strings.Join(parts, ", ")
 		return seen, seen == s.expect, nil
 	case drops > 0 && reached == 0:
-		// The agent's line naming the pod: NFLOG delivers within 100 ms.
+		// The agent's line naming the pod: NFLOG delivers it
+		// asynchronously, so wait for it (at most 2 s).
 		ln, ok := ag.WaitLine(ctx, lines0, 2*time.Second, func(ln audit.Line) bool {
 			return ln.Pod == s.from.Name && ln.Namespace == s.from.Namespace
 		})

@@ -83,7 +83,8 @@ func (b *Bench) measureApply() ([]ApplyRow, error) {
 		)
 		if n == 10000 {
 			// Diagnostic: how much of egress-init's time at N=10000 is
-			// the garbage collector of a process that lives 50 ms.
+			// the garbage collector of a short-lived process (see
+			// docs/DESIGN.md, Test harness).
 			env := append(os.Environ(), "GOGC=off")
 			for _, be := range Backends {
 				cases = append(cases, applyCase{backend: be, diag: true, run: func(n ns.NetNS) (proc, error) {

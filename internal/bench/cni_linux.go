@@ -35,10 +35,12 @@ type CNIResult struct {
 // istioStatus is what the sidecar injector leaves on a pod.
 const istioStatus = `{"initContainers":null,"containers":["istio-proxy"],"volumes":["istio-envoy"]}`
 
-// cniStdin is what containerd gives the last plugin of a chain: the
+// CNIStdin is what containerd gives the last plugin of a chain: the
 // conflist entry with name and cniVersion, runtimeConfig holding the
-// pod's annotations, and prevResult (a bridge plugin's result).
-func cniStdin(backend, logFile, exclude string) ([]byte, error) {
+// pod's annotations (an injected pod's, excluding the CIDRs exclude),
+// and prevResult (a bridge plugin's result). test/netns's Go benchmark
+// of the plugin uses it too.
+func CNIStdin(backend, logFile, exclude string) ([]byte, error) {
 	conf := map[string]any{
 		"cniVersion":   "1.0.0",
 		"name":         "egress-bench",
@@ -69,7 +71,9 @@ func cniStdin(backend, logFile, exclude string) ([]byte, error) {
 	return json.Marshal(conf)
 }
 
-func cniEnv(command, binDir, podNS string, i int) []string {
+// CNIEnv is the environment a runtime gives the plugin for pod i
+// (bench-<i> in team-a, container bench<i>) in podNS.
+func CNIEnv(command, binDir, podNS string, i int) []string {
 	return append(os.Environ(),
 		"CNI_COMMAND="+command,
 		fmt.Sprintf("CNI_CONTAINERID=bench%d", i),
@@ -101,7 +105,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 	id := 0
 	for _, be := range Backends {
 		row := CNIRow{Backend: be}
-		stdin, err := cniStdin(be, filepath.Join(logDir, be+".log"), "169.254.169.254/32,10.96.0.1/32")
+		stdin, err := CNIStdin(be, filepath.Join(logDir, be+".log"), "169.254.169.254/32,10.96.0.1/32")
 		if err != nil {
 			return nil, err
 		}
@@ -118,7 +122,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 				out *[]time.Duration
 			}{{"ADD", &add}, {"CHECK", &check}, {"DEL", &del}}
 			for _, s := range steps {
-				if p, err = runIn(node, stdin, cniEnv(s.cmd, binDir, pod.Path(), id), plugin); err != nil {
+				if p, err = runIn(node, stdin, CNIEnv(s.cmd, binDir, pod.Path(), id), plugin); err != nil {
 					delNS(pod)
 					return nil, fmt.Errorf("CNI %s (%s): %w", s.cmd, be, err)
 				}
@@ -153,7 +157,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 		}
 		row.BurstWall, row.Burst = wall, summarize(burst)
 
-		big, err := cniStdin(be, filepath.Join(logDir, be+".log"), strings.Join(excludedCIDRs(10000), ","))
+		big, err := CNIStdin(be, filepath.Join(logDir, be+".log"), strings.Join(excludedCIDRs(10000), ","))
 		if err != nil {
 			return nil, err
 		}
@@ -164,7 +168,7 @@ func (b *Bench) measureCNI() (*CNIResult, error) {
 			if err != nil {
 				return nil, err
 			}
-			p, err := runIn(node, big, cniEnv("ADD", binDir, pod.Path(), id), plugin)
+			p, err := runIn(node, big, CNIEnv("ADD", binDir, pod.Path(), id), plugin)
 			delNS(pod)
 			if err != nil {
 				return nil, fmt.Errorf("CNI ADD N=10000 (%s): %w", be, err)
@@ -206,7 +210,7 @@ func (b *Bench) cniBurst(node ns.NetNS, be string, stdin []byte, id *int) (time.
 	start := time.Now()
 	for i := range pods {
 		wg.Go(func() {
-			p, err := runIn(node, stdin, cniEnv("ADD", filepath.Dir(b.cfg.EgressCNI), pods[i].Path(), ids[i]), b.cfg.EgressCNI)
+			p, err := runIn(node, stdin, CNIEnv("ADD", filepath.Dir(b.cfg.EgressCNI), pods[i].Path(), ids[i]), b.cfg.EgressCNI)
 			took[i], errs[i] = p.Took, err
 		})
 	}
@@ -220,13 +224,20 @@ func (b *Bench) cniBurst(node ns.NetNS, be string, stdin []byte, id *int) (time.
 	return wall, took, nil
 }
 
-// addDurations reads the "duration" of every ADD record in the plugin's
+// addDurations is AddDurations without the error (none when the log is
+// missing).
+func addDurations(logFile string) []time.Duration {
+	d, _ := AddDurations(logFile)
+	return d
+}
+
+// AddDurations reads the "duration" of every ADD record in the plugin's
 // JSON log: the plugin's own time, from its first line of Go to the
 // result.
-func addDurations(logFile string) []time.Duration {
+func AddDurations(logFile string) ([]time.Duration, error) {
 	data, err := os.ReadFile(logFile)
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	var out []time.Duration
 	for _, l := range strings.Split(strings.TrimSpace(string(data)), "\n") {
@@ -238,5 +249,5 @@ func addDurations(logFile string) []time.Duration {
 			out = append(out, time.Duration(rec.Duration))
 		}
 	}
-	return out
+	return out, nil
 }

@@ -30,7 +30,7 @@ type EnforcedResult struct {
 }
 
 func enforcedStdin(logFile, nodeConfig string, podIP netip.Prefix, gw netip.Addr, hostVeth string) ([]byte, error) {
-	b, err := cniStdin("nftables", logFile, "169.254.169.254/32")
+	b, err := CNIStdin("nftables", logFile, "169.254.169.254/32")
 	if err != nil {
 		return nil, err
 	}
@@ -93,7 +93,7 @@ func (b *Bench) measureEnforced() (*EnforcedResult, error) {
 			cmd string
 			out *[]time.Duration
 		}{{"ADD", &add}, {"DEL", &del}} {
-			p, err := runIn(nodeNS, stdin, cniEnv(s.cmd, filepath.Dir(plugin), pod.Path(), 100000+i), plugin)
+			p, err := runIn(nodeNS, stdin, CNIEnv(s.cmd, filepath.Dir(plugin), pod.Path(), 100000+i), plugin)
 			if err != nil {
 				delNS(pod)
 				return nil, fmt.Errorf("CNI %s with nodeEnforcement: %w\n%s", s.cmd, err, p.Out)

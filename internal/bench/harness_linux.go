@@ -19,62 +19,55 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
+
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // nsRegistry remembers every namespace the bench creates, so that a
 // failure or a signal still removes them all.
 type nsRegistry struct {
 	mu  sync.Mutex
-	all map[string]ns.NetNS
+	all map[string]func() error
 }
 
-var registry = &nsRegistry{all: map[string]ns.NetNS{}}
+var registry = &nsRegistry{all: map[string]func() error{}}
 
-// newNS creates a bind-mounted namespace with lo up.
+// newNS creates a bind-mounted namespace with lo up (nscore.NewNS).
 func newNS() (ns.NetNS, error) {
-	n, err := testutils.NewNS()
+	n, remove, err := nscore.NewNS()
 	if err != nil {
-		return nil, fmt.Errorf("could not create network namespace: %w", err)
+		return nil, err
 	}
 	registry.mu.Lock()
-	registry.all[n.Path()] = n
+	registry.all[n.Path()] = remove
 	registry.mu.Unlock()
-	err = n.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if err != nil {
-		delNS(n)
-		return nil, fmt.Errorf("could not bring lo up in %s: %w", n.Path(), err)
-	}
 	return n, nil
 }
 
 // delNS closes and unmounts a namespace; the kernel frees it (and every
 // rule, link and socket in it) when the last reference goes.
-func delNS(n ns.NetNS) {
+func delNS(n ns.NetNS) { removeNS(n.Path()) }
+
+func removeNS(path string) {
 	registry.mu.Lock()
-	delete(registry.all, n.Path())
+	remove := registry.all[path]
+	delete(registry.all, path)
 	registry.mu.Unlock()
-	_ = n.Close()
-	_ = testutils.UnmountNS(n)
+	if remove != nil {
+		_ = remove()
+	}
 }
 
 // Cleanup removes every namespace still registered.
 func Cleanup() {
 	registry.mu.Lock()
-	left := make([]ns.NetNS, 0, len(registry.all))
-	for _, n := range registry.all {
-		left = append(left, n)
+	left := make([]string, 0, len(registry.all))
+	for p := range registry.all {
+		left = append(left, p)
 	}
 	registry.mu.Unlock()
-	for _, n := range left {
-		delNS(n)
+	for _, p := range left {
+		removeNS(p)
 	}
 }
 
@@ -96,7 +89,7 @@ func runIn(n ns.NetNS, stdin []byte, env []string, name string, args ...string) 
 	if env != nil {
 		cmd.Env = env
 	}
-	var out limited
+	out := nscore.LimitedBuffer{Max: 16 << 10}
 	cmd.Stdout, cmd.Stderr = &out, &out
 	err := n.Do(func(ns.NetNS) error {
 		start := time.Now()
@@ -105,9 +98,9 @@ func runIn(n ns.NetNS, stdin []byte, env []string, name string, args ...string) 
 		return err
 	})
 	if err != nil {
-		return p, fmt.Errorf("%s %q: %w: %s", name, shorten(args), err, bytes.TrimSpace(out.b))
+		return p, fmt.Errorf("%s %q: %w: %s", name, shorten(args), err, bytes.TrimSpace(out.Bytes()))
 	}
-	p.Out = out.b
+	p.Out = out.Bytes()
 	return p, nil
 }
 
@@ -136,16 +129,6 @@ func shorten(args []string) []string {
 	return out
 }
 
-// limited keeps the first 16 KiB written to it.
-type limited struct{ b []byte }
-
-func (l *limited) Write(p []byte) (int, error) {
-	if room := 16<<10 - len(l.b); room > 0 {
-		l.b = append(l.b, p[:min(room, len(p))]...)
-	}
-	return len(p), nil
-}
-
 // Stats summarises samples.
 type Stats struct {
 	N                     int
@@ -167,6 +150,16 @@ func summarize(s []time.Duration) Stats {
 }
 
 // rank is the nearest-rank percentile of sorted s.
+// Percentile is the nearest-rank percentile p of s (0 for none).
+func Percentile(s []time.Duration, p int) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return rank(s, p)
+}
+
 func rank(s []time.Duration, p int) time.Duration {
 	r := (p*len(s) + 99) / 100
 	return s[max(r, 1)-1]

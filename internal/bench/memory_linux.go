@@ -75,14 +75,14 @@ func (b *Bench) measureMemory() ([]MemRow, error) {
 	)
 	id := 900000
 	for _, be := range Backends {
-		stdin, err := cniStdin(be, filepath.Join(tmp, "cni.log"), strings.Join(cidrs, ","))
+		stdin, err := CNIStdin(be, filepath.Join(tmp, "cni.log"), strings.Join(cidrs, ","))
 		if err != nil {
 			return nil, err
 		}
 		items = append(items, item{row: MemRow{What: "egress-cni ADD " + be, Backend: be, Plugin: true}, node: true,
 			stdin: func(p string) ([]byte, []string, error) {
 				id++
-				return stdin, cniEnv("ADD", filepath.Dir(b.cfg.EgressCNI), p, id), nil
+				return stdin, CNIEnv("ADD", filepath.Dir(b.cfg.EgressCNI), p, id), nil
 			},
 			argv: func(string) []string { return []string{b.cfg.EgressCNI} }})
 	}

@@ -13,8 +13,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
 
+	"github.com/egress-cni/egress-cni/internal/nscore"
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
@@ -301,42 +301,17 @@ func ctOnly(on bool) error {
 	return c.Flush()
 }
 
-// wire connects peer to the node with a veth pair: hostIf in the node
-// namespace holding gw, eth0 in peer holding addr with a default route
-// via gw.
+// wire connects peer to the node with a veth pair (nscore.Link): hostIf
+// in the node namespace holding gw, eth0 in peer holding addr with a
+// default route via gw.
 func wire(nodeNS, peer ns.NetNS, hostIf string, addr, gw netip.Prefix) error {
-	err := peer.Do(func(ns.NetNS) error {
-		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: hostIf, PeerNamespace: netlink.NsFd(int(nodeNS.Fd()))}
-		if err := netlink.LinkAdd(v); err != nil {
-			return fmt.Errorf("could not add veth %s: %w", hostIf, err)
-		}
-		l, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(addr.String())
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		if err := netlink.LinkSetUp(l); err != nil {
-			return err
-		}
-		return netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: gw.Addr().AsSlice()})
-	})
-	if err != nil {
+	if err := nscore.Link(
+		nscore.LinkEnd{NS: peer, Name: "eth0", Addrs: []netip.Prefix{addr}},
+		nscore.LinkEnd{NS: nodeNS, Name: hostIf, Addrs: []netip.Prefix{gw}},
+	); err != nil {
 		return err
 	}
-	return nodeNS.Do(func(ns.NetNS) error {
-		l, err := netlink.LinkByName(hostIf)
-		if err != nil {
-			return err
-		}
-		a, _ := netlink.ParseAddr(gw.String())
-		if err := netlink.AddrAdd(l, a); err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(l)
-	})
+	return nscore.Route(peer, netip.MustParsePrefix("0.0.0.0/0"), gw.Addr())
 }
 
 // inFreshNS runs f inside a network namespace made for it and deleted

@@ -81,7 +81,8 @@ func udpLoop(n ns.NetNS, sink *udpSink, dst netip.AddrPort, window time.Duration
 	var got int64
 	err := n.Do(func(ns.NetNS) error {
 		// Sender and receiver on CPUs of their own (the receiver on 1):
-		// unpinned, their scheduling moved the rate by 15% run to run.
+		// unpinned, their scheduling moves the rate run to run (see
+		// docs/DESIGN.md, Test harness).
 		pin(0)
 		defer unpin()
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)

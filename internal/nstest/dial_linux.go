@@ -1,35 +1,21 @@
 package nstest
 
 import (
-	"bytes"
 	"context"
+	"errors"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/egress-cni/egress-cni/internal/sockopt"
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
-// Environment of a Dial child process. childEnv selects child mode in Main.
-const (
-	childEnv        = "NSTEST_CHILD"
-	childNetwork    = "NSTEST_NETWORK"
-	childAddr       = "NSTEST_ADDR"
-	childSource     = "NSTEST_SOURCE"
-	childTimeout    = "NSTEST_TIMEOUT"
-	childModeDial   = "dial"
-	childErrPrefix  = "nstest-dial-error "
-	defaultDialWait = 2 * time.Second
-)
+const defaultDialWait = nscore.DefaultClientTimeout
 
 var (
 	mainCalled bool
@@ -44,13 +30,12 @@ var (
 //
 //	func TestMain(m *testing.M) { nstest.Main(m) }
 //
-// When the binary runs as a Dial child it performs the dial and exits
-// without running any test. Otherwise it runs the tests and removes the
-// world-executable copy of the test binary that Dial makes.
+// When the binary runs as a Dial child (nscore.RunChild) it performs the
+// dial and exits without running any test. Otherwise it runs the tests
+// and removes the world-executable copy of the test binary that Dial
+// makes.
 func Main(m *testing.M) {
-	if os.Getenv(childEnv) == childModeDial {
-		os.Exit(runDialChild())
-	}
+	nscore.RunChild()
 	mainCalled = true
 	code := m.Run()
 	if exeDir != "" {
@@ -99,11 +84,11 @@ func (e *DialError) Error() string { return fmt.Sprintf("dial failed (%s): %s", 
 // sends one datagram first. A failed connect or read returns a
 // *DialError; Dial never blocks longer than the timeout plus 3 seconds.
 //
-// The process is the test binary re-executed (see Main), copied once to
-// a world-readable directory so that an unprivileged UID can exec it.
-// Because the kernel records the UID/GID of the socket's owner, the
-// owner matches of the capture rules (meta skuid / -m owner) see exactly
-// uid and gid.
+// The process is the test binary re-executed (see Main, and
+// nscore.RunClient), copied once to a world-readable directory so that
+// an unprivileged UID can exec it. Because the kernel records the
+// UID/GID of the socket's owner, the owner matches of the capture rules
+// (meta skuid / -m owner) see exactly uid and gid.
 func Dial(t testing.TB, n ns.NetNS, uid, gid uint32, network, addr string, opts ...DialOption) (string, error) {
 	t.Helper()
 	if !mainCalled {
@@ -117,45 +102,21 @@ func Dial(t testing.TB, n ns.NetNS, uid, gid uint32, network, addr string, opts 
 	if err != nil {
 		t.Fatalf("could not prepare the client binary: %v", err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout+3*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe)
-	cmd.Dir = "/"
-	cmd.Env = []string{
-		childEnv + "=" + childModeDial,
-		childNetwork + "=" + network,
-		childAddr + "=" + addr,
-		childSource + "=" + cfg.source,
-		childTimeout + "=" + cfg.timeout.String(),
-		"PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-	}
-	groups := cfg.groups
-	if groups == nil {
-		groups = []uint32{}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: groups},
-	}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	// Start from a thread inside the namespace: the child inherits it.
-	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
-		t.Fatalf("could not start client as %d:%d in %s: %v", uid, gid, n.Path(), err)
-	}
-	werr := cmd.Wait()
-	if ctx.Err() != nil {
+	out, err := nscore.RunClient(context.Background(), exe, n, nscore.Client{
+		UID: uid, GID: gid, Groups: cfg.groups,
+		Network: network, Addr: addr, Source: cfg.source, Timeout: cfg.timeout,
+		Env: []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"},
+	})
+	var ce *nscore.ClientError
+	switch {
+	case errors.As(err, &ce) && ce.Killed:
 		return "", &DialError{Kind: "timeout", Msg: fmt.Sprintf("client %s %s killed after %s", network, addr, cfg.timeout+3*time.Second)}
+	case errors.As(err, &ce):
+		return "", &DialError{Kind: ce.Kind, Msg: ce.Msg}
+	case err != nil:
+		t.Fatal(err)
 	}
-	if werr != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if rest, ok := strings.CutPrefix(msg, childErrPrefix); ok {
-			kind, m, _ := strings.Cut(rest, " ")
-			return "", &DialError{Kind: kind, Msg: m}
-		}
-		return "", &DialError{Kind: "other", Msg: fmt.Sprintf("client exited: %v: %s", werr, msg)}
-	}
-	return strings.TrimSuffix(stdout.String(), "\n"), nil
+	return strings.TrimSuffix(out, "\n"), nil
 }
 
 // MustDial is Dial that fails the test on error.
@@ -173,65 +134,7 @@ func MustDial(t testing.TB, n ns.NetNS, uid, gid uint32, network, addr string, o
 // cannot enter.
 func childExe() (string, error) {
 	exeOnce.Do(func() {
-		self, err := os.Executable()
-		if err != nil {
-			exeErr = err
-			return
-		}
-		dir, err := os.MkdirTemp("", "nstest-exe-")
-		if err != nil {
-			exeErr = err
-			return
-		}
-		exeDir = dir
-		if err := os.Chmod(dir, 0o755); err != nil {
-			exeErr = err
-			return
-		}
-		src, err := os.Open(self)
-		if err != nil {
-			exeErr = err
-			return
-		}
-		defer src.Close()
-		p := filepath.Join(dir, "nstest-client")
-		dst, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
-		if err != nil {
-			exeErr = err
-			return
-		}
-		if _, err := io.Copy(dst, src); err != nil {
-			dst.Close()
-			exeErr = err
-			return
-		}
-		if err := dst.Close(); err != nil {
-			exeErr = err
-			return
-		}
-		exePath = p
+		exePath, exeDir, exeErr = nscore.CopyExecutable("nstest-exe-", "nstest-client")
 	})
 	return exePath, exeErr
 }
-
-// runDialChild is the client side of Dial. It prints the reply on stdout,
-// or "nstest-dial-error <kind> <message>" on stderr and exits 1.
-func runDialChild() int {
-	network, addr := os.Getenv(childNetwork), os.Getenv(childAddr)
-	timeout, err := time.ParseDuration(os.Getenv(childTimeout))
-	if err != nil {
-		timeout = defaultDialWait
-	}
-	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "%s%s %v\n", childErrPrefix, classify(err), err)
-		return 1
-	}
-	out, err := sockopt.Exchange(network, addr, os.Getenv(childSource), timeout, false)
-	if err != nil {
-		return fail(err)
-	}
-	os.Stdout.Write(out)
-	return 0
-}
-
-func classify(err error) string { return sockopt.Classify(err) }

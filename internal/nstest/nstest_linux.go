@@ -1,4 +1,5 @@
-// Package nstest is the harness for privileged tests that need real
+// Package nstest is the testing.TB face of internal/nscore, the harness
+// for privileged tests that need real
 // network namespaces and real traffic: a pod namespace wired to a "world"
 // namespace by a veth pair, TCP/UDP servers that report where a connection
 // landed (including the pre-NAT destination, SO_ORIGINAL_DST), clients
@@ -26,12 +27,11 @@ package nstest
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
+
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // RequirePrivilegedEnv names the environment variable that turns the skip
@@ -60,31 +60,15 @@ func RequirePrivileged(t testing.TB) {
 // in, first out) they stop before the namespace goes.
 func NewNS(t testing.TB) ns.NetNS {
 	t.Helper()
-	n, err := testutils.NewNS()
+	n, remove, err := nscore.NewNS()
 	if err != nil {
-		t.Fatalf("could not create network namespace: %v", err)
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := n.Close(); err != nil {
-			t.Errorf("could not close network namespace %s: %v", n.Path(), err)
-		}
-		if err := testutils.UnmountNS(n); err != nil {
-			t.Errorf("could not unmount network namespace %s: %v", n.Path(), err)
+		if err := remove(); err != nil {
+			t.Error(err)
 		}
 	})
-	err = n.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return fmt.Errorf("could not find lo: %w", err)
-		}
-		if err := netlink.LinkSetUp(lo); err != nil {
-			return fmt.Errorf("could not bring lo up: %w", err)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("could not set up namespace %s: %v", n.Path(), err)
-	}
 	return n
 }
 
@@ -93,20 +77,7 @@ func NewNS(t testing.TB) ns.NetNS {
 // for nft/iptables tampering in tests; never point it at the root
 // namespace.
 func Exec(n ns.NetNS, name string, args ...string) (string, error) {
-	var out, stderr []byte
-	err := n.Do(func(ns.NetNS) error {
-		cmd := exec.Command(name, args...)
-		var errb limitedBuffer
-		cmd.Stderr = &errb
-		var e error
-		out, e = cmd.Output()
-		stderr = errb.b
-		return e
-	})
-	if err != nil {
-		return string(out), fmt.Errorf("%s %q in %s: %w: %s", name, args, n.Path(), err, stderr)
-	}
-	return string(out), nil
+	return nscore.Exec(n, name, args...)
 }
 
 // MustExec is Exec that fails the test on error.
@@ -117,14 +88,4 @@ func MustExec(t testing.TB, n ns.NetNS, name string, args ...string) string {
 		t.Fatal(err)
 	}
 	return out
-}
-
-// limitedBuffer keeps the first 64 KiB written to it.
-type limitedBuffer struct{ b []byte }
-
-func (l *limitedBuffer) Write(p []byte) (int, error) {
-	if room := 64<<10 - len(l.b); room > 0 {
-		l.b = append(l.b, p[:min(room, len(p))]...)
-	}
-	return len(p), nil
 }

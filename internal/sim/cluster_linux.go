@@ -61,6 +61,7 @@ var (
 type Cluster struct {
 	Internet, Router ns.NetNS
 	App, Egress      *Node
+	net              *Net
 }
 
 // Node is one node: its host network namespace and its CNI directories.
@@ -91,42 +92,13 @@ type Node struct {
 // are linked into each node's CNI bin dir. The nodes have no egress-cni
 // yet: run Node.Install.
 func NewCluster(cl *Cleanups, pluginsDir string) (*Cluster, error) {
-	var err error
-	c := &Cluster{}
-	if c.Internet, err = NewNS(cl, "internet"); err != nil {
+	w, err := NewNet(cl, NetOptions{})
+	if err != nil {
 		return nil, err
 	}
-	if c.Router, err = NewNS(cl, "router"); err != nil {
-		return nil, err
-	}
-	pfx := netip.MustParsePrefix
-	if err := Link(
-		LinkEnd{NS: c.Router, Name: "inet0", Addrs: []netip.Prefix{pfx("203.0.113.1/24"), pfx("2001:db8:ff::1/64")}},
-		LinkEnd{NS: c.Internet, Name: "eth0", Addrs: []netip.Prefix{netip.PrefixFrom(InternetV4, 24), netip.PrefixFrom(InternetV6, 64)}},
-	); err != nil {
-		return nil, err
-	}
-	for _, r := range []struct{ dst, gw string }{{"0.0.0.0/0", "203.0.113.1"}, {"::/0", "2001:db8:ff::1"}} {
-		if err := Route(c.Internet, pfx(r.dst), netip.MustParseAddr(r.gw)); err != nil {
-			return nil, err
-		}
-	}
-	for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"} {
-		if err := Sysctl(c.Router, k, "1"); err != nil {
-			return nil, err
-		}
-	}
+	c := &Cluster{Internet: w.Internet, Router: w.Router, net: w}
 	if err := ServeEcho(cl, c.Internet, netip.AddrPortFrom(InternetV4, EchoPort), netip.AddrPortFrom(InternetV6, EchoPort)); err != nil {
 		return nil, err
-	}
-	// Count what reaches the internet host's echo port at all, whatever
-	// happens to the reply (a spoofed datagram's answer goes to the
-	// address's real owner).
-	if _, err := Exec(c.Internet, "nft", fmt.Sprintf(`add table inet probe
-		add counter inet probe seen
-		add chain inet probe in { type filter hook prerouting priority -300; }
-		add rule inet probe in th dport %d counter name seen`, EchoPort)); err != nil {
-		return nil, fmt.Errorf("internet host's packet counter: %w", err)
 	}
 	var allow []string
 	for _, p := range ClusterCIDRs {
@@ -146,45 +118,14 @@ func NewCluster(cl *Cleanups, pluginsDir string) (*Cluster, error) {
 	return c, nil
 }
 
-// newNode makes a node: uplink to the router at 192.0.2.(off+1|off+2)/30
-// and 2001:db8:<letter>::(1|2)/64, routes both ways, forwarding on, and
-// its directory with the primary CNI's plugins and conflist.
+// newNode makes a node on the cluster's network (Net.WireNode) and its
+// directory with the primary CNI's plugins and conflist.
 func (c *Cluster) newNode(cl *Cleanups, pluginsDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string) (*Node, error) {
-	n := &Node{Name: name, Role: name, Uplink4: netip.AddrFrom4([4]byte{192, 0, 2, off + 2})}
-	var err error
-	if n.NS, err = NewNS(cl, name+"-node"); err != nil {
+	nn, err := c.net.WireNode(name, routerIf, off, sub4, sub6)
+	if err != nil {
 		return nil, err
 	}
-	r4 := netip.AddrFrom4([4]byte{192, 0, 2, off + 1})
-	letter := name[:1]
-	r6 := netip.MustParseAddr("2001:db8:" + letter + "::1")
-	n.Uplink6 = netip.MustParseAddr("2001:db8:" + letter + "::2")
-	if err := Link(
-		LinkEnd{NS: c.Router, Name: routerIf, Addrs: []netip.Prefix{netip.PrefixFrom(r4, 30), netip.PrefixFrom(r6, 64)}},
-		LinkEnd{NS: n.NS, Name: "uplink", Addrs: []netip.Prefix{netip.PrefixFrom(n.Uplink4, 30), netip.PrefixFrom(n.Uplink6, 64)}},
-	); err != nil {
-		return nil, err
-	}
-	for _, r := range []struct {
-		in  ns.NetNS
-		dst string
-		gw  netip.Addr
-	}{{n.NS, "0.0.0.0/0", r4}, {n.NS, "::/0", r6}, {c.Router, sub4, n.Uplink4}, {c.Router, sub6, n.Uplink6}} {
-		if err := Route(r.in, netip.MustParsePrefix(r.dst), r.gw); err != nil {
-			return nil, err
-		}
-	}
-	// Forwarding on; the bridge made later must not hold its IPv6
-	// gateway address tentative.
-	for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.default.accept_dad"} {
-		v := "1"
-		if strings.HasSuffix(k, "accept_dad") {
-			v = "0"
-		}
-		if err := Sysctl(n.NS, k, v); err != nil {
-			return nil, err
-		}
-	}
+	n := &Node{Name: name, Role: name, NS: nn.NS, Uplink4: nn.Uplink4, Uplink6: nn.Uplink6}
 
 	if n.Dir, err = os.MkdirTemp("", "egress-sim-"+name+"-"); err != nil {
 		return nil, err
@@ -357,18 +298,25 @@ func (n *Node) NewPod(cl *Cleanups, namespace, name string, annotations map[stri
 }
 
 func (n *Node) rt(p *Pod) *libcni.RuntimeConf {
+	return RuntimeConf(p.ID, p.NS.Path(), p.Namespace, p.Name, p.Annotations)
+}
+
+// RuntimeConf is the RuntimeConf containerd builds for a pod sandbox id
+// of pod namespace/name in netnsPath: eth0, the kubelet's K8S_* CNI_ARGS
+// and the pod's annotations as a capability argument.
+func RuntimeConf(id, netnsPath, namespace, name string, annotations map[string]string) *libcni.RuntimeConf {
 	return &libcni.RuntimeConf{
-		ContainerID: p.ID,
-		NetNS:       p.NS.Path(),
+		ContainerID: id,
+		NetNS:       netnsPath,
 		IfName:      "eth0",
 		Args: [][2]string{
 			{"IgnoreUnknown", "1"},
-			{"K8S_POD_NAMESPACE", p.Namespace},
-			{"K8S_POD_NAME", p.Name},
-			{"K8S_POD_INFRA_CONTAINER_ID", p.ID},
-			{"K8S_POD_UID", "uid-" + p.Name},
+			{"K8S_POD_NAMESPACE", namespace},
+			{"K8S_POD_NAME", name},
+			{"K8S_POD_INFRA_CONTAINER_ID", id},
+			{"K8S_POD_UID", "uid-" + name},
 		},
-		CapabilityArgs: map[string]interface{}{"io.kubernetes.cri.pod-annotations": p.Annotations},
+		CapabilityArgs: map[string]interface{}{"io.kubernetes.cri.pod-annotations": annotations},
 	}
 }
 

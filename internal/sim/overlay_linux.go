@@ -9,6 +9,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // Flannel's VXLAN backend, as it sets up every node: a VXLAN device
@@ -176,7 +178,7 @@ func (v VTEP) create() error {
 	if err := netlink.LinkAdd(dev); err != nil {
 		return fmt.Errorf("could not create %s: %w", FlannelDevice, err)
 	}
-	if err := writeSysctl("/proc/sys/net/ipv6/conf/"+FlannelDevice+"/accept_dad", "0"); err != nil {
+	if err := nscore.WriteSysctl("/proc/sys/net/ipv6/conf/"+FlannelDevice+"/accept_dad", "0"); err != nil {
 		return err
 	}
 	l, err := netlink.LinkByName(FlannelDevice)

@@ -8,13 +8,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/egress-cni/egress-cni/internal/nscore"
+	"github.com/egress-cni/egress-cni/internal/sockopt"
 )
 
 // A probe is a plain socket client run as a child process of a chosen
@@ -65,50 +66,39 @@ func RunProbe(ctx context.Context, exe string, n ns.NetNS, uid uint32, p Probe) 
 	if p.Timeout == 0 {
 		p.Timeout = time.Second
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.Timeout+3*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe)
-	cmd.Dir = "/"
-	cmd.Env = []string{
-		probeEnv + "=1",
-		probeNetwork + "=" + p.Network,
-		probeAddr + "=" + p.Addr.String(),
-		probeLocal + "=" + strconv.Itoa(int(p.LocalPort)),
-		probePayload + "=" + hex.EncodeToString(p.Payload),
-		probeTimeout + "=" + p.Timeout.String(),
-		probeNoReply + "=" + strconv.FormatBool(p.NoReply),
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
-	var stdout, stderr strings.Builder
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
-		return nil, fmt.Errorf("could not start a probe as UID %d: %w", uid, err)
-	}
-	werr := cmd.Wait()
-	if ctx.Err() != nil {
-		if err := context.Cause(ctx); errors.Is(err, context.Canceled) {
-			return nil, err
-		}
+	out, err := nscore.RunAs(ctx, exe, n, nscore.Child{
+		UID: uid, GID: uid, Limit: p.Timeout + 3*time.Second, ErrPrefix: probeErrorTag,
+		Env: []string{
+			probeEnv + "=1",
+			probeNetwork + "=" + p.Network,
+			probeAddr + "=" + p.Addr.String(),
+			probeLocal + "=" + strconv.Itoa(int(p.LocalPort)),
+			probePayload + "=" + hex.EncodeToString(p.Payload),
+			probeTimeout + "=" + p.Timeout.String(),
+			probeNoReply + "=" + strconv.FormatBool(p.NoReply),
+		},
+	})
+	var ce *nscore.ClientError
+	switch {
+	case errors.As(err, &ce) && ce.Killed:
 		return nil, &DialError{Kind: "timeout", Msg: "probe killed"}
+	case errors.As(err, &ce) && ce.Kind == "other":
+		return nil, &DialError{Kind: "other", Msg: "probe: " + strings.TrimPrefix(ce.Msg, "client exited: ")}
+	case errors.As(err, &ce):
+		return nil, &DialError{Kind: ce.Kind, Msg: ce.Msg}
+	case err != nil:
+		return nil, err
 	}
-	if werr != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if rest, ok := strings.CutPrefix(msg, probeErrorTag); ok {
-			kind, m, _ := strings.Cut(rest, " ")
-			return nil, &DialError{Kind: kind, Msg: m}
-		}
-		return nil, &DialError{Kind: "other", Msg: fmt.Sprintf("probe: %v: %s", werr, msg)}
-	}
-	b, err := hex.DecodeString(strings.TrimSpace(stdout.String()))
+	b, err := hex.DecodeString(strings.TrimSpace(out))
 	if err != nil {
-		return nil, fmt.Errorf("probe output %q: %w", stdout.String(), err)
+		return nil, fmt.Errorf("probe output %q: %w", out, err)
 	}
 	return b, nil
 }
 
 func runProbeChild() int {
 	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "%s%s %v\n", probeErrorTag, classify(err), err)
+		fmt.Fprintf(os.Stderr, "%s%s %v\n", probeErrorTag, sockopt.Classify(err), err)
 		return 1
 	}
 	network, addr := os.Getenv(probeNetwork), os.Getenv(probeAddr)

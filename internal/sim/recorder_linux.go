@@ -14,6 +14,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // Captured is one packet a Recorder saw arrive.
@@ -182,12 +184,8 @@ func ServeSink(cl *Cleanups, n ns.NetNS, addrs ...netip.AddrPort) (*Sink, error)
 		if a.Addr().Is6() {
 			fam = "tcp6"
 		}
-		var l net.Listener
-		if err := n.Do(func(ns.NetNS) error {
-			var err error
-			l, err = net.Listen(fam, a.String())
-			return err
-		}); err != nil {
+		l, err := nscore.Listen(n, fam, a.String(), nil)
+		if err != nil {
 			return nil, fmt.Errorf("sink on %s: %w", a, err)
 		}
 		if !k.track(l) {
@@ -213,16 +211,9 @@ func (k *Sink) track(c io.Closer) bool {
 
 func (k *Sink) accept(l net.Listener) {
 	defer k.wg.Done()
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue
-		}
+	nscore.AcceptLoop(l, func(c net.Conn) bool {
 		if !k.track(c) {
-			return
+			return false
 		}
 		ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
 		sc := &sinkConn{remote: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
@@ -247,7 +238,8 @@ func (k *Sink) accept(l net.Listener) {
 				}
 			}
 		}()
-	}
+		return true
+	})
 }
 
 func (k *Sink) close() {

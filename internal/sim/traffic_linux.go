@@ -10,42 +10,33 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/egress-cni/egress-cni/internal/sockopt"
+	"github.com/egress-cni/egress-cni/internal/nscore"
 )
 
 // Processes that must run as a given UID (clients, the sidecar) are this
-// program re-executed with childEnv set; RunChild, called first thing in
-// main, serves that mode.
+// program re-executed: clients are nscore's client child, the sidecar is
+// started with childEnv set. RunChild, called first thing in main, serves
+// both modes.
 const (
 	childEnv      = "EGRESS_SIM_CHILD"
-	childNetwork  = "EGRESS_SIM_NETWORK"
-	childAddr     = "EGRESS_SIM_ADDR"
-	childSource   = "EGRESS_SIM_SOURCE"
-	childTimeout  = "EGRESS_SIM_TIMEOUT"
 	childGateway  = "EGRESS_SIM_GATEWAY"
 	childCluster  = "EGRESS_SIM_CLUSTER"
 	childListen   = "EGRESS_SIM_LISTEN"
-	modeDial      = "dial"
 	modeSidecar   = "sidecar"
-	errPrefix     = "sim-dial-error "
 	relayLifetime = 3 * time.Second
 )
 
 // RunChild runs the child mode this process was started in, if any, and
 // exits; it returns at once in an ordinary run. Call it first in main.
 func RunChild() {
-	switch os.Getenv(childEnv) {
-	case modeDial:
-		os.Exit(runDialChild())
-	case modeSidecar:
+	nscore.RunChild()
+	if os.Getenv(childEnv) == modeSidecar {
 		os.Exit(runSidecarChild())
 	}
 }
@@ -54,33 +45,11 @@ func RunChild() {
 // that processes running as an unprivileged UID can execute it whatever
 // the permissions of its own directory; cl removes the copy.
 func Executable(cl *Cleanups) (string, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return "", err
+	p, dir, err := nscore.CopyExecutable("egress-sim-exe-", "")
+	if dir != "" {
+		cl.Push(func() { _ = os.RemoveAll(dir) })
 	}
-	dir, err := os.MkdirTemp("", "egress-sim-exe-")
-	if err != nil {
-		return "", err
-	}
-	cl.Push(func() { _ = os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return "", err
-	}
-	src, err := os.Open(self)
-	if err != nil {
-		return "", err
-	}
-	defer src.Close()
-	p := filepath.Join(dir, filepath.Base(self))
-	dst, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
-	if err != nil {
-		return "", err
-	}
-	if _, err := io.Copy(dst, src); err != nil {
-		dst.Close()
-		return "", err
-	}
-	return p, dst.Close()
+	return p, err
 }
 
 // Reply is what a client saw: the lines each hop wrote on the way.
@@ -142,147 +111,50 @@ func (e *DialError) Error() string { return fmt.Sprintf("%s: %s", e.Kind, e.Msg)
 // socket to that address with IP_FREEBIND and IP_TRANSPARENT, so a root
 // client can forge a source address the pod does not own.
 func Dial(ctx context.Context, exe string, n ns.NetNS, uid uint32, network, addr, source string, timeout time.Duration) (Reply, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout+3*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, exe)
-	cmd.Dir = "/"
-	cmd.Env = []string{
-		childEnv + "=" + modeDial,
-		childNetwork + "=" + network,
-		childAddr + "=" + addr,
-		childSource + "=" + source,
-		childTimeout + "=" + timeout.String(),
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
-	var stdout, stderr strings.Builder
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	// Started from a thread inside n, the child is in n.
-	if err := n.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
-		return Reply{}, fmt.Errorf("could not start a client as UID %d: %w", uid, err)
-	}
-	werr := cmd.Wait()
-	if ctx.Err() != nil {
-		if err := context.Cause(ctx); errors.Is(err, context.Canceled) {
-			return Reply{}, err
-		}
+	out, err := nscore.RunClient(ctx, exe, n, nscore.Client{
+		UID: uid, GID: uid, Network: network, Addr: addr, Source: source, Timeout: timeout, ReadAll: true,
+	})
+	var ce *nscore.ClientError
+	switch {
+	case errors.As(err, &ce) && ce.Killed:
 		return Reply{}, &DialError{Kind: "timeout", Msg: "client killed"}
+	case errors.As(err, &ce):
+		return Reply{}, &DialError{Kind: ce.Kind, Msg: ce.Msg}
+	case err != nil:
+		return Reply{}, err
 	}
-	if werr != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if rest, ok := strings.CutPrefix(msg, errPrefix); ok {
-			kind, m, _ := strings.Cut(rest, " ")
-			return Reply{}, &DialError{Kind: kind, Msg: m}
-		}
-		return Reply{}, &DialError{Kind: "other", Msg: fmt.Sprintf("client: %v: %s", werr, msg)}
-	}
-	return parseReply(stdout.String()), nil
-}
-
-func runDialChild() int {
-	network, addr, source := os.Getenv(childNetwork), os.Getenv(childAddr), os.Getenv(childSource)
-	timeout, err := time.ParseDuration(os.Getenv(childTimeout))
-	if err != nil {
-		timeout = 2 * time.Second
-	}
-	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "%s%s %v\n", errPrefix, classify(err), err)
-		return 1
-	}
-	out, err := sockopt.Exchange(network, addr, source, timeout, true)
-	if err != nil {
-		return fail(err)
-	}
-	os.Stdout.Write(out)
-	return 0
-}
-
-func classify(err error) string { return sockopt.Classify(err) }
-
-// servers tracks listening sockets and their handlers.
-type servers struct {
-	closers []func() error
-	wg      sync.WaitGroup
-}
-
-func (s *servers) close() {
-	for _, c := range s.closers {
-		_ = c()
-	}
-	s.wg.Wait()
+	return parseReply(out), nil
 }
 
 // ServeEcho listens on TCP and UDP at each address inside n and answers
 // every connection or datagram with "echo src=<client> dst=<local>"; cl
 // stops it.
 func ServeEcho(cl *Cleanups, n ns.NetNS, addrs ...netip.AddrPort) error {
-	s := &servers{}
-	cl.Push(s.close)
+	s := &nscore.Servers{}
+	cl.Push(s.Close)
 	for _, a := range addrs {
 		fam := "4"
 		if a.Addr().Is6() {
 			fam = "6"
 		}
-		var l net.Listener
-		var pc net.PacketConn
-		err := n.Do(func(ns.NetNS) error {
-			var err error
-			if l, err = net.Listen("tcp"+fam, a.String()); err != nil {
-				return err
-			}
-			pc, err = net.ListenPacket("udp"+fam, a.String())
-			return err
-		})
-		if l != nil {
-			s.closers = append(s.closers, l.Close)
+		l, err := nscore.Listen(n, "tcp"+fam, a.String(), nil)
+		if err != nil {
+			return fmt.Errorf("echo server on %s: %w", a, err)
 		}
-		if pc != nil {
-			s.closers = append(s.closers, pc.Close)
+		s.Serve(l, relayLifetime, func(c net.Conn) {
+			fmt.Fprintf(c, "echo src=%s dst=%s\n", c.RemoteAddr(), c.LocalAddr())
+		})
+		pc, err := nscore.ListenUDP(n, "udp"+fam, a.String(), nil)
+		if err == nil {
+			err = s.ServeUDPEcho(pc, func(from, _ netip.AddrPort) string {
+				return fmt.Sprintf("echo src=%s dst=%s\n", from, a)
+			})
 		}
 		if err != nil {
 			return fmt.Errorf("echo server on %s: %w", a, err)
 		}
-		s.accept(l, func(c net.Conn) {
-			fmt.Fprintf(c, "echo src=%s dst=%s\n", c.RemoteAddr(), c.LocalAddr())
-		})
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			buf := make([]byte, 2048)
-			for {
-				_, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				_, _ = pc.WriteTo(fmt.Appendf(nil, "echo src=%s dst=%s\n", from, a), from)
-			}
-		}()
 	}
 	return nil
-}
-
-// accept serves each connection of l with handle on its own goroutine,
-// with a bounded lifetime, and closes it after.
-func (s *servers) accept(l net.Listener, handle func(net.Conn)) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
-				}
-				continue
-			}
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(relayLifetime))
-				handle(c)
-			}()
-		}
-	}()
 }
 
 // ServeForwarder stands in for an egress gateway inside the gateway pod's
@@ -290,19 +162,13 @@ func (s *servers) accept(l net.Listener, handle func(net.Conn)) {
 // the sidecar stand-in sends), answers "gateway pod=<podIP>", connects to
 // the destination from the pod and relays. cl stops it.
 func ServeForwarder(cl *Cleanups, n ns.NetNS, podIP netip.Addr, port uint16) error {
-	s := &servers{}
-	cl.Push(s.close)
-	var l net.Listener
-	err := n.Do(func(ns.NetNS) error {
-		var err error
-		l, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
-		return err
-	})
+	s := &nscore.Servers{}
+	cl.Push(s.Close)
+	l, err := nscore.Listen(n, "tcp", fmt.Sprintf(":%d", port), nil)
 	if err != nil {
 		return fmt.Errorf("gateway forwarder on %d: %w", port, err)
 	}
-	s.closers = append(s.closers, l.Close)
-	s.accept(l, func(c net.Conn) {
+	s.Serve(l, relayLifetime, func(c net.Conn) {
 		line, err := bufio.NewReader(c).ReadString('\n')
 		if err != nil {
 			return
@@ -313,16 +179,12 @@ func ServeForwarder(cl *Cleanups, n ns.NetNS, podIP netip.Addr, port uint16) err
 			return
 		}
 		fmt.Fprintf(c, "gateway pod=%s\n", podIP)
-		var up net.Conn
-		_ = n.Do(func(ns.NetNS) error {
-			up, err = net.DialTimeout("tcp", dst.String(), 2*time.Second)
-			return nil
-		})
+		up, err := nscore.DialIn(n, "tcp", dst.String(), 2*time.Second)
 		if err != nil {
 			fmt.Fprintf(c, "gateway error=%q\n", err)
 			return
 		}
-		relay(c, up)
+		nscore.Relay(c, up, relayLifetime)
 	})
 	return nil
 }
@@ -415,7 +277,7 @@ func runSidecarChild() int {
 		}
 	}
 	port := os.Getenv(childListen)
-	s := &servers{}
+	s := &nscore.Servers{}
 	for _, a := range []string{"0.0.0.0:" + port, "[::]:" + port} {
 		network := "tcp4"
 		if strings.HasPrefix(a, "[") {
@@ -426,9 +288,8 @@ func runSidecarChild() int {
 			fmt.Fprintln(os.Stderr, "sidecar:", err)
 			return 1
 		}
-		s.closers = append(s.closers, l.Close)
-		s.accept(l, func(c net.Conn) {
-			orig, err := originalDst(c.(*net.TCPConn))
+		s.Serve(l, relayLifetime, func(c net.Conn) {
+			orig, err := nscore.OriginalDst(c.(*net.TCPConn))
 			if err != nil {
 				fmt.Fprintf(c, "sidecar uid=%d error=%q\n", os.Getuid(), err)
 				return
@@ -455,31 +316,12 @@ func runSidecarChild() int {
 					return
 				}
 			}
-			relay(c, up)
+			nscore.Relay(c, up, relayLifetime)
 		})
 	}
 	fmt.Println("ready")
 	// The parent holds our stdin: EOF means it is gone.
 	_, _ = io.Copy(io.Discard, os.Stdin)
-	s.close()
+	s.Close()
 	return 0
 }
-
-// relay copies both ways between a and b until either side is done, with
-// a bounded lifetime.
-func relay(a, b net.Conn) {
-	deadline := time.Now().Add(relayLifetime)
-	_ = a.SetDeadline(deadline)
-	_ = b.SetDeadline(deadline)
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(a, b); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(b, a); done <- struct{}{} }()
-	<-done
-	a.Close()
-	b.Close()
-	<-done
-}
-
-// originalDst returns a redirected TCP connection's destination before
-// NAT: SO_ORIGINAL_DST, or for IPv6 IP6T_SO_ORIGINAL_DST (also 80).
-func originalDst(c *net.TCPConn) (netip.AddrPort, error) { return sockopt.OriginalDst(c) }

@@ -254,11 +254,13 @@ func testAuditAndMetrics(t *testing.T, opts *sim.Options) {
 			flood, spread, took.Round(time.Millisecond), events, lines, cpu1-cpu0, rss0, rss1, after["egress_cni_audit_events_lost_total"])
 	}
 
-	// 4. The pod is deleted: its series goes after the retention.
+	// 4. The pod is deleted: its series goes after the retention. The
+	// clock starts before the DEL: the agent may see the pod go before
+	// DelPod returns.
+	deleted := time.Now()
 	if err := app.DelPod(pod); err != nil {
 		t.Fatal(err)
 	}
-	deleted := time.Now()
 	if _, ok := ag.mustScrape()[podSeries(pod, "not-a-gateway")]; !ok {
 		t.Fatal("the pod's series went at once, before the retention")
 	}

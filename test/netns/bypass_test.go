@@ -3,7 +3,6 @@
 package netns_test
 
 import (
-	"bufio"
 	"fmt"
 	"net"
 	"net/netip"
@@ -67,80 +66,12 @@ func (s *recordingSidecar) captured() []netip.AddrPort {
 func serveRecordingSidecar(t *testing.T, p *clusterPod, gateway netip.AddrPort) *recordingSidecar {
 	t.Helper()
 	s := &recordingSidecar{}
-	serveTCPOn(t, p.netns, "tcp", ":15001", func(c *net.TCPConn) {
-		defer c.Close()
-		orig, err := nstest.OriginalDst(c)
-		if err != nil {
-			return
-		}
-		orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	serveSidecar(t, p, "tcp", ":15001", gateway, func(orig netip.AddrPort) {
 		s.mu.Lock()
 		s.orig = append(s.orig, orig)
 		s.mu.Unlock()
-		up, err := dialIn(p.netns, "tcp4", gateway.String())
-		if err != nil {
-			return
-		}
-		if _, err := fmt.Fprintf(up, "%s\n", orig); err != nil {
-			up.Close()
-			return
-		}
-		relay(c, up)
 	})
 	return s
-}
-
-// serveDualForwarder is serveForwarder that also reaches IPv6
-// destinations.
-func serveDualForwarder(t *testing.T, p *clusterPod) {
-	t.Helper()
-	serveTCPOn(t, p.netns, "tcp4", fmt.Sprintf("0.0.0.0:%d", gatewayForwardPort), func(c *net.TCPConn) {
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-		line, err := bufio.NewReader(c).ReadString('\n')
-		if err != nil {
-			return
-		}
-		dst, err := netip.ParseAddrPort(strings.TrimSpace(line))
-		if err != nil {
-			return
-		}
-		up, err := dialIn(p.netns, "tcp", dst.String())
-		if err != nil {
-			return
-		}
-		relay(c, up)
-	})
-}
-
-// serveTCPOn is serveTCP with a chosen network ("tcp" for dual stack).
-func serveTCPOn(t *testing.T, n ns.NetNS, network, addr string, handle func(*net.TCPConn)) {
-	t.Helper()
-	var l net.Listener
-	if err := n.Do(func(ns.NetNS) error {
-		var err error
-		l, err = net.Listen(network, addr)
-		return err
-	}); err != nil {
-		t.Fatalf("listen %s %s in %s: %v", network, addr, n.Path(), err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				if strings.Contains(err.Error(), "use of closed") {
-					return
-				}
-				continue
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); handle(c.(*net.TCPConn)) }()
-		}
-	}()
-	t.Cleanup(func() { l.Close(); wg.Wait() })
 }
 
 // rawSendIn sends one packet from a raw socket inside n, as root. For
@@ -293,13 +224,7 @@ func (r bypassResult) detail() string {
 // node rules, and tries every bypass of issue 7 from an injected app
 // pod. The matrix is logged as a table.
 func TestClusterBypassMatrix(t *testing.T) {
-	nstest.RequirePrivileged(t)
-	start := time.Now()
-	binDir := t.TempDir()
-	buildReferencePlugins(t, binDir)
-	buildEgressCNI(t, binDir)
-	built := time.Since(start)
-	c := newCluster(t, binDir)
+	c, _, start, built := startCluster(t)
 
 	// The internet host also runs a resolver stand-in (UDP and TCP
 	// echo on 203.0.113.53:53) and QUIC's port (UDP 443), and counts
@@ -375,7 +300,7 @@ func TestClusterBypassMatrix(t *testing.T) {
 			t.Logf("%s: counters before the matrix: %+v", n.name, k)
 		}
 	}
-	serveDualForwarder(t, gw)
+	serveForwarder(t, gw, "tcp")
 	sidecar := serveRecordingSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
 	for _, n := range []*clusterNode{c.app, c.egress} {
 		observeNode(t, n)
@@ -603,16 +528,7 @@ func TestClusterBypassMatrix(t *testing.T) {
 	if n := len(sidecar.captured()); n == 0 {
 		t.Error("the sidecar captured nothing")
 	}
-	for _, p := range []*clusterPod{app, admin} {
-		if err := c.app.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
-	for _, p := range []*clusterPod{worker, gw} {
-		if err := c.egress.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
+	delPods(t, app, admin, worker, gw)
 	if got := c.egress.gateways(t); len(got) != 0 {
 		t.Errorf("gateway entries after the gateway's DEL: %v", got)
 	}

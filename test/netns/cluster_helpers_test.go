@@ -24,14 +24,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -42,7 +40,10 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/egress-cni/egress-cni/internal/nscore"
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/internal/sim"
+	"github.com/egress-cni/egress-cni/internal/simtest"
 	"github.com/egress-cni/egress-cni/pkg/node"
 )
 
@@ -72,6 +73,7 @@ type cluster struct {
 	router   ns.NetNS
 	app      *clusterNode
 	egress   *clusterNode
+	net      *sim.Net
 }
 
 // clusterPodCIDRs etc. are what both nodes' configs allow.
@@ -80,27 +82,14 @@ const clusterAllow = `"podCIDRs": ["198.51.100.0/25", "2001:db8:1a::/64", "2001:
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-// newCluster builds the namespaces, links and routes; nodes get a chain
-// each but no node rules yet.
+// newCluster builds the namespaces, links and routes (internal/sim's
+// cluster network, through internal/simtest); nodes get a chain each but
+// no node rules yet.
 func newCluster(t *testing.T, binDir string) *cluster {
 	t.Helper()
-	c := &cluster{t: t, internet: nstest.NewNS(t), router: nstest.NewNS(t)}
-	nstest.Link(t,
-		nstest.LinkEnd{NS: c.router, Name: "inet0", Addrs: []netip.Prefix{pfx("203.0.113.1/24"), pfx("2001:db8:ff::1/64")}},
-		nstest.LinkEnd{NS: c.internet, Name: "eth0", Addrs: []netip.Prefix{pfx("203.0.113.10/24"), pfx("2001:db8:ff::10/64")}})
-	nstest.Route(t, c.internet, pfx("0.0.0.0/0"), netip.MustParseAddr("203.0.113.1"))
-	nstest.Route(t, c.internet, pfx("::/0"), netip.MustParseAddr("2001:db8:ff::1"))
-	nstest.Sysctl(t, c.router, "net.ipv4.ip_forward", "1")
-	nstest.Sysctl(t, c.router, "net.ipv6.conf.all.forwarding", "1")
+	w := simtest.Net(t, sim.NetOptions{CountPings: true})
+	c := &cluster{t: t, internet: w.Internet, router: w.Router, net: w}
 	nstest.ServeEcho(t, c.internet, ":"+strconv.Itoa(inetEchoPort))
-	// What reaches the internet host at all, whatever the reply does:
-	// a spoofed datagram's answer goes to the real owner of the address.
-	nstest.MustExec(t, c.internet, "nft", `add table inet probe
-		add counter inet probe seen
-		add chain inet probe in { type filter hook prerouting priority -300; }
-		add rule inet probe in th dport 8080 counter name seen
-		add rule inet probe in icmp type echo-request counter name seen
-		add rule inet probe in icmpv6 type echo-request counter name seen`)
 
 	c.app = c.newNode(binDir, "app", "app0", 0, "198.51.100.0/26", "198.51.100.1", "2001:db8:1a::/64", "2001:db8:1a::1",
 		`{"role": "app", `+clusterAllow+`}`)
@@ -109,31 +98,31 @@ func newCluster(t *testing.T, binDir string) *cluster {
 	return c
 }
 
-// newNode makes a node: its uplink to the router at 192.0.2.(off+1/off+2)/30,
-// routes both ways, forwarding on, and a CNI chain (bridge cni0 with a
-// dual-stack host-local range, then egress-cni with nodeEnforcement).
-// pluginExtra are extra members of egress-cni's object in the conflist
-// (for example a gatewaySelector).
+// startCluster is the start of every cluster test: it skips without
+// privileges, builds the reference plugins and egress-cni into binDir
+// and the cluster on them. start is when it began, built how long the
+// builds took.
+func startCluster(t *testing.T) (c *cluster, binDir string, start time.Time, built time.Duration) {
+	nstest.RequirePrivileged(t)
+	start = time.Now()
+	binDir = t.TempDir()
+	buildReferencePlugins(t, binDir)
+	buildEgressCNI(t, binDir)
+	built = time.Since(start)
+	return newCluster(t, binDir), binDir, start, built
+}
+
+// newNode makes a node on the cluster's network (simtest.WireNode: its
+// uplink to the router at 192.0.2.(off+1/off+2)/30, routes both ways,
+// forwarding on) and a CNI chain (bridge cni0 with a dual-stack
+// host-local range, then egress-cni with nodeEnforcement). pluginExtra
+// are extra members of egress-cni's object in the conflist (for example
+// a gatewaySelector).
 func (c *cluster) newNode(binDir, name, routerIf string, off byte, sub4, gw4, sub6, gw6, nodeConfig string, pluginExtra ...string) *clusterNode {
 	t := c.t
 	t.Helper()
-	n := &clusterNode{name: name, ns: nstest.NewNS(t), nodeConfig: nodeConfig,
-		uplink4: netip.AddrFrom4([4]byte{192, 0, 2, off + 2})}
-	r4 := netip.AddrFrom4([4]byte{192, 0, 2, off + 1})
-	letter := name[:1]
-	r6 := netip.MustParseAddr("2001:db8:" + letter + "::1")
-	n.uplink6 = netip.MustParseAddr("2001:db8:" + letter + "::2")
-	nstest.Link(t,
-		nstest.LinkEnd{NS: c.router, Name: routerIf, Addrs: []netip.Prefix{netip.PrefixFrom(r4, 30), netip.PrefixFrom(r6, 64)}},
-		nstest.LinkEnd{NS: n.ns, Name: "uplink", Addrs: []netip.Prefix{netip.PrefixFrom(n.uplink4, 30), netip.PrefixFrom(n.uplink6, 64)}})
-	nstest.Route(t, n.ns, pfx("0.0.0.0/0"), r4)
-	nstest.Route(t, n.ns, pfx("::/0"), r6)
-	nstest.Route(t, c.router, pfx(sub4), n.uplink4)
-	nstest.Route(t, c.router, pfx(sub6), n.uplink6)
-	nstest.Sysctl(t, n.ns, "net.ipv4.ip_forward", "1")
-	nstest.Sysctl(t, n.ns, "net.ipv6.conf.all.forwarding", "1")
-	// The bridge made later must not hold its IPv6 gateway tentative.
-	nstest.Sysctl(t, n.ns, "net.ipv6.conf.default.accept_dad", "0")
+	nn := simtest.WireNode(t, c.net, name, routerIf, off, sub4, sub6)
+	n := &clusterNode{name: name, ns: nn.NS, nodeConfig: nodeConfig, uplink4: nn.Uplink4, uplink6: nn.Uplink6}
 	var err error
 	if n.cfg, err = node.Parse([]byte(nodeConfig)); err != nil {
 		t.Fatalf("node config %s: %v", name, err)
@@ -200,26 +189,29 @@ func (n *clusterNode) drops(t *testing.T) uint64 {
 // applied).
 func (n *clusterNode) counters(t *testing.T) node.Counters {
 	t.Helper()
-	var c node.Counters
-	if err := n.in(func() error {
-		var err error
-		c, err = node.ReadCounters()
-		return err
-	}); err != nil {
+	c, err := inNodeNS(n, node.ReadCounters)
+	if err != nil {
 		return node.Counters{}
 	}
 	return c
 }
 
+// inNodeNS calls f in the node's namespace.
+func inNodeNS[T any](n *clusterNode, f func() (T, error)) (T, error) {
+	var v T
+	err := n.in(func() error {
+		var err error
+		v, err = f()
+		return err
+	})
+	return v, err
+}
+
 // pods lists the node's pod registrations.
 func (n *clusterNode) pods(t *testing.T) []node.Pod {
 	t.Helper()
-	var ps []node.Pod
-	if err := n.in(func() error {
-		var err error
-		ps, err = node.ListPods()
-		return err
-	}); err != nil {
+	ps, err := inNodeNS(n, node.ListPods)
+	if err != nil {
 		t.Fatalf("list pod registrations on %s: %v", n.name, err)
 	}
 	return ps
@@ -279,12 +271,8 @@ func (matchAllFlows) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return tr
 
 func (n *clusterNode) gateways(t *testing.T) []node.Gateway {
 	t.Helper()
-	var gws []node.Gateway
-	if err := n.in(func() error {
-		var err error
-		gws, err = node.ListGateways()
-		return err
-	}); err != nil {
+	gws, err := inNodeNS(n, node.ListGateways)
+	if err != nil {
 		t.Fatalf("list gateways on %s: %v", n.name, err)
 	}
 	return gws
@@ -354,6 +342,17 @@ func (n *clusterNode) del(p *clusterPod) error {
 	return n.chain.del(p.pod, p.path)
 }
 
+// delPods runs DEL for each pod on its node; a failure is an error of
+// the test.
+func delPods(t *testing.T, pods ...*clusterPod) {
+	t.Helper()
+	for _, p := range pods {
+		if err := p.node.del(p); err != nil {
+			t.Errorf("DEL %s: %v", p.name, err)
+		}
+	}
+}
+
 // hostVeth is the name of the pod's host-side veth, read independently
 // of the plugin: eth0's IFLA_LINK in the pod, resolved in the node.
 func (n *clusterNode) hostVeth(t *testing.T, p *clusterPod) string {
@@ -398,73 +397,51 @@ func (c *cluster) inetSeen(t *testing.T) uint64 {
 
 // relay copies both ways between a and b until either side is done, with
 // a bounded lifetime.
-func relay(a, b net.Conn) {
-	deadline := time.Now().Add(2 * time.Second)
-	_ = a.SetDeadline(deadline)
-	_ = b.SetDeadline(deadline)
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(a, b); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(b, a); done <- struct{}{} }()
-	<-done
-	a.Close()
-	b.Close()
-	<-done
-}
+func relay(a, b net.Conn) { nscore.Relay(a, b, 2*time.Second) }
 
-// serveTCP listens on addr inside n and hands each connection to handle
-// on its own goroutine; it stops in t.Cleanup.
+// serveTCP listens on addr (IPv4) inside n and hands each connection to
+// handle on its own goroutine; it stops in t.Cleanup.
 func serveTCP(t *testing.T, n ns.NetNS, addr string, handle func(*net.TCPConn)) {
 	t.Helper()
-	var l net.Listener
-	if err := n.Do(func(ns.NetNS) error {
-		var err error
-		l, err = net.Listen("tcp4", addr)
-		return err
-	}); err != nil {
-		t.Fatalf("listen %s in %s: %v", addr, n.Path(), err)
+	serveTCPOn(t, n, "tcp4", addr, handle)
+}
+
+// serveTCPOn is serveTCP with a chosen network ("tcp" for dual stack).
+func serveTCPOn(t *testing.T, n ns.NetNS, network, addr string, handle func(*net.TCPConn)) {
+	t.Helper()
+	l, err := nscore.Listen(n, network, addr, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
-				}
-				continue
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); handle(c.(*net.TCPConn)) }()
-		}
-	}()
-	t.Cleanup(func() { l.Close(); wg.Wait() })
+	s := &nscore.Servers{}
+	t.Cleanup(s.Close)
+	s.Serve(l, 0, func(c net.Conn) { handle(c.(*net.TCPConn)) })
 }
 
 // dialIn connects from inside namespace n (the socket stays there).
 func dialIn(n ns.NetNS, network, addr string) (net.Conn, error) {
-	var c net.Conn
-	err := n.Do(func(ns.NetNS) error {
-		var err error
-		c, err = net.DialTimeout(network, addr, 2*time.Second)
-		return err
-	})
-	return c, err
+	return nscore.DialIn(n, network, addr, 2*time.Second)
 }
 
-// serveSidecar stands in for the app pod's Envoy on 15001: it reads the
-// captured connection's original destination and hands it to the
-// gateway pod's forwarder ("<ip:port>\n", then the bytes), as a sidecar
-// sends external traffic to the egress gateway. Its connection to the
-// gateway must not be captured again: the app pod excludes the
-// forwarder's port (the real Envoy runs as UID 1337 instead).
-func serveSidecar(t *testing.T, p *clusterPod, gateway netip.AddrPort) {
-	serveTCP(t, p.netns, "0.0.0.0:15001", func(c *net.TCPConn) {
+// serveSidecar stands in for the app pod's Envoy (on network and addr:
+// "tcp4", "0.0.0.0:15001"; "tcp", ":15001" for dual stack): it reads the
+// captured connection's original destination, gives it to record (if
+// not nil) and hands it to the gateway pod's forwarder ("<ip:port>\n",
+// then the bytes), as a sidecar sends external traffic to the egress
+// gateway. Its connection to the gateway must not be captured again: the
+// app pod excludes the forwarder's port (the real Envoy runs as UID 1337
+// instead).
+func serveSidecar(t *testing.T, p *clusterPod, network, addr string, gateway netip.AddrPort, record func(orig netip.AddrPort)) {
+	t.Helper()
+	serveTCPOn(t, p.netns, network, addr, func(c *net.TCPConn) {
 		defer c.Close()
 		orig, err := nstest.OriginalDst(c)
 		if err != nil {
 			return
+		}
+		orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+		if record != nil {
+			record(orig)
 		}
 		up, err := dialIn(p.netns, "tcp4", gateway.String())
 		if err != nil {
@@ -479,13 +456,14 @@ func serveSidecar(t *testing.T, p *clusterPod, gateway netip.AddrPort) {
 }
 
 // serveForwarder stands in for the egress gateway: it reads the
-// destination line and connects there from the gateway pod.
-func serveForwarder(t *testing.T, p *clusterPod) {
+// destination line and connects there from the gateway pod, over
+// dialNetwork ("tcp4"; "tcp" also reaches IPv6 destinations).
+func serveForwarder(t *testing.T, p *clusterPod, dialNetwork string) {
+	t.Helper()
 	serveTCP(t, p.netns, fmt.Sprintf("0.0.0.0:%d", gatewayForwardPort), func(c *net.TCPConn) {
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-		br := bufio.NewReader(c)
-		line, err := br.ReadString('\n')
+		line, err := bufio.NewReader(c).ReadString('\n')
 		if err != nil {
 			return
 		}
@@ -493,7 +471,7 @@ func serveForwarder(t *testing.T, p *clusterPod) {
 		if err != nil {
 			return
 		}
-		up, err := dialIn(p.netns, "tcp4", dst.String())
+		up, err := dialIn(p.netns, dialNetwork, dst.String())
 		if err != nil {
 			return
 		}

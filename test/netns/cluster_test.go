@@ -60,14 +60,7 @@ func (p probe) String() string {
 // shows that without node rules every bypass reaches the internet, then
 // applies the node rules and tries each bypass again.
 func TestCluster(t *testing.T) {
-	nstest.RequirePrivileged(t)
-	start := time.Now()
-	binDir := t.TempDir()
-	buildReferencePlugins(t, binDir)
-	buildEgressCNI(t, binDir)
-	built := time.Since(start)
-
-	c := newCluster(t, binDir)
+	c, _, start, built := startCluster(t)
 	var table []bypassRow
 	t.Cleanup(func() {
 		var b strings.Builder
@@ -311,8 +304,8 @@ func TestCluster(t *testing.T) {
 	if err := c.egress.chain.check(gw.pod); err != nil {
 		t.Errorf("CHECK after the repairing ADD: %v", err)
 	}
-	serveForwarder(t, gw)
-	serveSidecar(t, app, netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)))
+	serveForwarder(t, gw, "tcp4")
+	serveSidecar(t, app, "tcp4", "0.0.0.0:15001", netip.AddrPortFrom(gw.ip4, uint16(gatewayForwardPort)), nil)
 
 	// Bypasses from the app node.
 	expectDropped("app node pod -> internet tcp4 (UID 1000, no sidecar)", plain, cniAppUID, "tcp4", inet4)
@@ -412,15 +405,6 @@ func TestCluster(t *testing.T) {
 			t.Errorf("%s: remove did not restore the ruleset:\n--- before\n%s\n--- after\n%s", n.name, before[n], got)
 		}
 	}
-	for _, p := range []*clusterPod{app, plain} {
-		if err := c.app.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
-	for _, p := range []*clusterPod{worker, reuse} {
-		if err := c.egress.del(p); err != nil {
-			t.Errorf("DEL %s: %v", p.name, err)
-		}
-	}
+	delPods(t, app, plain, worker, reuse)
 	t.Logf("plugins built in %s; cluster test ran in %s", built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
 }

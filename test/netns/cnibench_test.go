@@ -4,18 +4,16 @@ package netns_test
 
 import (
 	"bytes"
-	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 
+	"github.com/egress-cni/egress-cni/internal/bench"
 	"github.com/egress-cni/egress-cni/internal/nstest"
 )
 
@@ -51,14 +49,7 @@ func BenchmarkEgressCNIAdd(b *testing.B) {
 				cmd.Stdin = bytes.NewReader(stdin)
 				var stdout, stderr bytes.Buffer
 				cmd.Stdout, cmd.Stderr = &stdout, &stderr
-				cmd.Env = append(os.Environ(),
-					"CNI_COMMAND=ADD",
-					"CNI_CONTAINERID=bench"+fmt.Sprint(i),
-					"CNI_NETNS="+podNS.Path(),
-					"CNI_IFNAME=eth0",
-					"CNI_PATH="+binDir,
-					fmt.Sprintf("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=bench-%d;K8S_POD_INFRA_CONTAINER_ID=bench%d;K8S_POD_UID=uid-%d", i, i, i),
-				)
+				cmd.Env = bench.CNIEnv("ADD", binDir, podNS.Path(), i)
 				var took time.Duration
 				b.StartTimer()
 				err = node.Do(func(ns.NetNS) error {
@@ -99,68 +90,21 @@ func BenchmarkEgressCNIAdd(b *testing.B) {
 // plugin's log.
 func inPluginDurations(b *testing.B, logFile string) []time.Duration {
 	b.Helper()
-	data, err := os.ReadFile(logFile)
+	d, err := bench.AddDurations(logFile)
 	if err != nil {
 		b.Logf("no plugin log: %v", err)
-		return nil
 	}
-	var out []time.Duration
-	for _, l := range bytes.Split(bytes.TrimSpace(data), []byte("\n")) {
-		var rec struct {
-			Cmd      string `json:"cmd"`
-			Duration int64  `json:"duration"`
-		}
-		if json.Unmarshal(l, &rec) == nil && rec.Cmd == "ADD" && rec.Duration > 0 {
-			out = append(out, time.Duration(rec.Duration))
-		}
-	}
-	return out
+	return d
 }
 
 // percentile is the nearest-rank percentile.
-func percentile(s []time.Duration, p int) time.Duration {
-	if len(s) == 0 {
-		return 0
-	}
-	s = slices.Clone(s)
-	slices.Sort(s)
-	rank := (p*len(s) + 99) / 100 // ceil(p/100 * n)
-	return s[max(rank, 1)-1]
-}
+func percentile(s []time.Duration, p int) time.Duration { return bench.Percentile(s, p) }
 
-// benchStdin is the stdin containerd gives the last plugin of the chain:
-// the conflist entry with name, cniVersion, prevResult (a bridge result)
-// and runtimeConfig injected.
+// benchStdin is the stdin containerd gives the last plugin of the chain
+// (bench.CNIStdin, as `make bench` runs it).
 func benchStdin(b *testing.B, backend, logFile string) []byte {
 	b.Helper()
-	conf := map[string]any{
-		"cniVersion":   "1.0.0",
-		"name":         "egress-bench",
-		"type":         "egress-cni",
-		"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
-		"backend":      backend,
-		"logFile":      logFile,
-		"runtimeConfig": map[string]any{
-			"io.kubernetes.cri.pod-annotations": map[string]string{
-				"sidecar.istio.io/status":                          statusAnnotation,
-				"traffic.sidecar.istio.io/excludeOutboundIPRanges": "169.254.169.254/32,10.96.0.1/32",
-				"kubectl.kubernetes.io/default-container":          "app",
-				"prometheus.io/scrape":                             "true",
-			},
-		},
-		"prevResult": map[string]any{
-			"cniVersion": "1.0.0",
-			"interfaces": []any{
-				map[string]any{"name": "cni0", "mac": "02:00:00:00:00:01"},
-				map[string]any{"name": "veth1234", "mac": "02:00:00:00:00:02"},
-				map[string]any{"name": "eth0", "mac": "02:00:00:00:00:03", "sandbox": "/var/run/netns/bench"},
-			},
-			"ips":    []any{map[string]any{"address": "198.51.100.7/24", "gateway": gatewayIP, "interface": 2}},
-			"routes": []any{map[string]any{"dst": "0.0.0.0/0", "gw": gatewayIP}},
-			"dns":    map[string]any{},
-		},
-	}
-	out, err := json.Marshal(conf)
+	out, err := bench.CNIStdin(backend, logFile, "169.254.169.254/32,10.96.0.1/32")
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -31,6 +31,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
+	"github.com/egress-cni/egress-cni/internal/sim"
 )
 
 // TestMain (nstest.Main, which Dial needs) is in capture_test.go, the
@@ -235,21 +236,7 @@ func injectedPod(t *testing.T, name string, more ...string) *pod {
 
 // rt is the RuntimeConf containerd builds for the pod.
 func (c *chain) rt(p *pod, netnsPath string) *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{
-		ContainerID: p.id,
-		NetNS:       netnsPath,
-		IfName:      "eth0",
-		Args: [][2]string{
-			{"IgnoreUnknown", "1"},
-			{"K8S_POD_NAMESPACE", p.namespace},
-			{"K8S_POD_NAME", p.name},
-			{"K8S_POD_INFRA_CONTAINER_ID", p.id},
-			{"K8S_POD_UID", "uid-" + p.name},
-		},
-		CapabilityArgs: map[string]interface{}{
-			"io.kubernetes.cri.pod-annotations": p.annotations,
-		},
-	}
+	return sim.RuntimeConf(p.id, netnsPath, p.namespace, p.name, p.annotations)
 }
 
 // inNode runs fn on a goroutine locked inside the node namespace, so

@@ -169,12 +169,7 @@ func hasOurTable(n ns.NetNS) (bool, error) {
 // the node rules, gateway entries, veth, IP allocation, cache), and ADD
 // followed by two retried ADDs must give exactly one complete state.
 func TestClusterConcurrentAddDel(t *testing.T) {
-	nstest.RequirePrivileged(t)
-	start := time.Now()
-	binDir := t.TempDir()
-	buildReferencePlugins(t, binDir)
-	buildEgressCNI(t, binDir)
-	c := newCluster(t, binDir)
+	c, _, start, _ := startCluster(t)
 	for _, n := range []*clusterNode{c.app, c.egress} {
 		n.apply(t)
 	}
@@ -476,14 +471,8 @@ func pct(ds []time.Duration, p int) time.Duration {
 // each namespace goes), no veth, IP allocation, cache entry,
 // registration or gateway entry, no namespace.
 func TestClusterNodeLoad(t *testing.T) {
-	nstest.RequirePrivileged(t)
 	const total, burst = 200, 50
-	start := time.Now()
-	binDir := t.TempDir()
-	buildReferencePlugins(t, binDir)
-	buildEgressCNI(t, binDir)
-	built := time.Since(start)
-	c := newCluster(t, binDir)
+	c, binDir, start, built := startCluster(t)
 	const allow = `"podCIDRs": ["198.51.100.0/24", "2001:db8:1a::/64", "2001:db8:1b::/64", "2001:db8:1e::/64"],
 	"nodeCIDRs": ["192.0.2.0/28", "2001:db8:a::/64", "2001:db8:b::/64", "2001:db8:e::/64"]`
 	bulk := c.newNode(binDir, "bulk", "bulk0", 8, "198.51.100.128/25", "198.51.100.129", "2001:db8:1b::/64", "2001:db8:1b::1",
