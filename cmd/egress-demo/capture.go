@@ -119,7 +119,7 @@ func captureScenario(ctx context.Context, initBin, self, backend string) ([]row,
 		"-b", "*", "-d", "15090,15021,15020", "--backend", backend, "--netns", pod.Path()}
 	cmd := exec.CommandContext(ctx, initBin, args...)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("egress-init %s: %v: %s", strings.Join(args, " "), err, out)
+		return nil, fmt.Errorf("egress-init %s: %w: %s", strings.Join(args, " "), err, out)
 	}
 	dial := func(uid uint32, addr string) string {
 		out, err := runClient(ctx, pod, self, uid, addr)

@@ -5,6 +5,7 @@ package bench
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -133,7 +134,12 @@ func (b *Bench) repairDelay(nodeNS ns.NetNS, nodeCfg string) (Stats, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- in.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			fmt.Fprintf(os.Stderr, "egress-bench: the installer ended with: %v\n", err)
+		}
+	}()
 	cfg, err := node.Load(nodeCfg)
 	if err != nil {
 		return Stats{}, err

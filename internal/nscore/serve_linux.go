@@ -103,8 +103,9 @@ func (o *Owner) As(fn func() error) error {
 	oldGID, _, _ := unix.RawSyscall(unix.SYS_SETFSGID, uintptr(o.GID), 0, 0)
 	oldUID, _, _ := unix.RawSyscall(unix.SYS_SETFSUID, uintptr(o.UID), 0, 0)
 	defer func() {
-		unix.RawSyscall(unix.SYS_SETFSUID, oldUID, 0, 0)
-		unix.RawSyscall(unix.SYS_SETFSGID, oldGID, 0, 0)
+		// setfsuid and setfsgid report no error, only the previous ID.
+		_, _, _ = unix.RawSyscall(unix.SYS_SETFSUID, oldUID, 0, 0)
+		_, _, _ = unix.RawSyscall(unix.SYS_SETFSGID, oldGID, 0, 0)
 	}()
 	return fn()
 }

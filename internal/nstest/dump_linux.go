@@ -3,6 +3,7 @@ package nstest
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -144,7 +145,7 @@ func DeleteChains(t testing.TB, n ns.NetNS, fam, table string) {
 		flush = append(flush, fmt.Sprintf("flush chain %s %s %s", fam, table, m[1]))
 		del = append(del, fmt.Sprintf("delete chain %s %s %s", fam, table, m[1]))
 	}
-	cmds := append(flush, del...)
+	cmds := slices.Concat(flush, del)
 	if len(cmds) > 0 {
 		MustExec(t, n, "nft", strings.Join(cmds, "; "))
 	}

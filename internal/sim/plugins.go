@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strings"
 )
 
@@ -124,7 +125,7 @@ func EnsureReferencePlugins(ctx context.Context, dir string) (built bool, err er
 			env = append(env, e)
 		}
 	}
-	cmd.Env = append(env, "GOFLAGS=-mod=mod -buildvcs=false", "GOWORK=off", "CGO_ENABLED=0")
+	cmd.Env = slices.Concat(env, []string{"GOFLAGS=-mod=mod -buildvcs=false", "GOWORK=off", "CGO_ENABLED=0"})
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return false, fmt.Errorf("go build of the CNI reference plugins %s: %w\n%s", pv, err, b)
 	}

@@ -245,7 +245,7 @@ func StartSidecar(ctx context.Context, cl *Cleanups, exe string, n ns.NetNS, uid
 	select {
 	case err := <-ready:
 		if err != nil {
-			return nil, fmt.Errorf("sidecar did not start: %v: %s", err, strings.TrimSpace(stderr.String()))
+			return nil, fmt.Errorf("sidecar did not start: %w: %s", err, strings.TrimSpace(stderr.String()))
 		}
 	case <-ctx.Done():
 		return nil, ctx.Err()

@@ -227,8 +227,8 @@ func (w *world) rows() []row {
 			})},
 		{class: "reflect", path: "VXLAN echo requests riding the internet host's own ping of the egress node (established)", from: w.app,
 			run: func(a *attempt) (string, error) {
-				real := echoRequest(inet4, c.Egress.Uplink4, a.lport, []byte("a real ping"))
-				b, err := real.Marshal()
+				genuine := echoRequest(inet4, c.Egress.Uplink4, a.lport, []byte("a real ping"))
+				b, err := genuine.Marshal()
 				if err != nil {
 					return "", err
 				}

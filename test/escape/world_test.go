@@ -100,7 +100,7 @@ func buildBinaries(t *testing.T) (binDir, pluginsDir string) {
 			cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", filepath.Join(dir, c.out), c.pkg)
 			cmd.Dir = moduleRoot
 			if out, err := cmd.CombinedOutput(); err != nil {
-				builtErr = fmt.Errorf("go build %s: %v\n%s", c.pkg, err, out)
+				builtErr = fmt.Errorf("go build %s: %w\n%s", c.pkg, err, out)
 				return
 			}
 		}

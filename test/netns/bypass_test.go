@@ -3,6 +3,7 @@
 package netns_test
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -212,7 +213,7 @@ func (r bypassResult) detail() string {
 		if r.src.IsValid() {
 			reply += ", far end saw " + r.src.String()
 		}
-	} else if de, ok := r.err.(*nstest.DialError); ok {
+	} else if de, ok := errors.AsType[*nstest.DialError](r.err); ok {
 		reply += " (" + de.Kind + ")"
 	} else if r.err != nil {
 		reply += " (" + r.err.Error() + ")"
@@ -322,7 +323,7 @@ func TestClusterBypassMatrix(t *testing.T) {
 			}
 			r, err := nstest.ParseReply(line)
 			if err != nil {
-				return true, netip.Addr{}, fmt.Errorf("bad reply %q: %v", line, err)
+				return true, netip.Addr{}, fmt.Errorf("bad reply %q: %w", line, err)
 			}
 			return true, r.Src.Addr(), nil
 		}

@@ -12,6 +12,7 @@ package netns_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -161,7 +162,7 @@ func runFlow(t *testing.T, p *nstest.Pod, f flow) (got string, detail string) {
 	}
 	reply, err := nstest.Dial(t, n, f.uid, f.gid, network, f.dst)
 	if err != nil {
-		if de, ok := err.(*nstest.DialError); ok {
+		if de, ok := errors.AsType[*nstest.DialError](err); ok {
 			return de.Kind, err.Error()
 		}
 		return "error", err.Error()

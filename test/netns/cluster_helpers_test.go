@@ -80,8 +80,6 @@ type cluster struct {
 const clusterAllow = `"podCIDRs": ["198.51.100.0/25", "2001:db8:1a::/64", "2001:db8:1e::/64"],
 	"nodeCIDRs": ["192.0.2.0/29", "2001:db8:a::/64", "2001:db8:e::/64"]`
 
-func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
-
 // newCluster builds the namespaces, links and routes (internal/sim's
 // cluster network, through internal/simtest); nodes get a chain each but
 // no node rules yet.
@@ -169,20 +167,6 @@ func (n *clusterNode) apply(t *testing.T) {
 	if err := n.in(func() error { return node.Apply(n.cfg) }); err != nil {
 		t.Fatalf("apply node rules on %s: %v", n.name, err)
 	}
-}
-
-func (n *clusterNode) drops(t *testing.T) uint64 {
-	t.Helper()
-	var p uint64
-	err := n.in(func() error {
-		var err error
-		p, _, err = node.DropCounter()
-		return err
-	})
-	if err != nil {
-		return 0 // rules not applied
-	}
-	return p
 }
 
 // counters reads the node's drop counters (zero when the rules are not
@@ -387,7 +371,11 @@ func (n *clusterNode) hostVeth(t *testing.T, p *clusterPod) string {
 func (c *cluster) inetSeen(t *testing.T) uint64 {
 	t.Helper()
 	out := nstest.MustExec(t, c.internet, "nft", "list", "counter", "inet", "probe", "seen")
-	f := strings.Fields(out[strings.Index(out, "packets"):])
+	_, rest, ok := strings.Cut(out, "packets")
+	if !ok {
+		t.Fatalf("counter without packets: %q", out)
+	}
+	f := append([]string{"packets"}, strings.Fields(rest)...)
 	n, err := strconv.ParseUint(f[1], 10, 64)
 	if err != nil {
 		t.Fatalf("bad counter output %q", out)

@@ -43,7 +43,7 @@ func (p probe) String() string {
 		b.WriteString("reply")
 	default:
 		kind := "error"
-		if de, ok := p.err.(*nstest.DialError); ok {
+		if de, ok := errors.AsType[*nstest.DialError](p.err); ok {
 			kind = de.Kind
 		} else if errors.Is(p.err, unix.EAGAIN) {
 			kind = "timeout"

@@ -343,10 +343,10 @@ func TestClusterConcurrentAddDel(t *testing.T) {
 		wg.Wait()
 		for _, p := range pods {
 			st := stats[p]
-			switch d := nstest.NFTDump(t, p.netns); {
-			case d == ref[p]:
+			switch d := nstest.NFTDump(t, p.netns); d {
+			case ref[p]:
 				st.full++
-			case d == pristine:
+			case pristine:
 				st.empty++
 			default:
 				st.partial++
@@ -575,7 +575,7 @@ func TestClusterNodeLoad(t *testing.T) {
 		// What DEL must have removed, read before the runtime drops
 		// the namespace.
 		if ours, err := hasOurTable(lp.netns); err != nil || ours {
-			return fmt.Errorf("after DEL %s: our table still there (%v)", lp.name, err)
+			return fmt.Errorf("after DEL %s: our table still there (%w)", lp.name, err)
 		}
 		if err := lp.closeNS(); err != nil {
 			return fmt.Errorf("remove netns of %s: %w", lp.name, err)

@@ -273,7 +273,9 @@ func dialFrom(t *testing.T, n ns.NetNS, addr string) (string, error) {
 			return err
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if err := c.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+			return err
+		}
 		b, err := bufio.NewReader(c).ReadString('\n')
 		line = strings.TrimSpace(b)
 		return err

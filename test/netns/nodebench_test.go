@@ -62,7 +62,7 @@ func BenchmarkNodeGatewayUpdate(b *testing.B) {
 				for range b.N {
 					t0 := nowNanos()
 					if stale, err := node.RegisterPod(gw); err != nil || len(stale) != 0 {
-						return fmt.Errorf("register: %v (stale %v)", err, stale)
+						return fmt.Errorf("register: %w (stale %v)", err, stale)
 					}
 					t1 := nowNanos()
 					removed, err := node.UnregisterPods(func(id string) bool { return id == "bench" })
