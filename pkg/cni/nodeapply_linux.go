@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/egress-cni/egress-cni/internal/flock"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -36,4 +37,24 @@ func (p *Plugin) applyNodeRules(path string) (bool, error) {
 		return false, err
 	}
 	return true, nil
+}
+
+// ErrNoNodeConfig is BootApply's error when the host holds no copy of
+// the node config: a node the agent has not yet run on.
+var ErrNoNodeConfig = errors.New("no node config copy")
+
+// BootApply applies the node rules from the host's copy of the node
+// config at path, unless they are in place, under the same lock as the
+// ADDs (so it may race them). It is `egress-cni boot-apply PATH`, which
+// the boot unit (install/systemd) runs before the network comes up, so
+// that a rebooted node forwards nothing unjudged: the first ADD would
+// come only after the kubelet, and pods on other nodes do not need one
+// to leave through this node's NodePorts or overlay. It reports whether
+// it applied them; without a copy it returns an error wrapping
+// ErrNoNodeConfig and applies nothing.
+func BootApply(path string) (bool, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("%s: %w", path, ErrNoNodeConfig)
+	}
+	return (&Plugin{}).applyNodeRules(path)
 }
