@@ -264,25 +264,16 @@ func (w *world) rows() []row {
 		// reachable where accept_source_route is on, so the row turns it
 		// on, on the egress node and the router, for itself.
 		{class: "options", path: "raw udp4 to the egress node's uplink address, loose source route via the internet host (accept_source_route on)", from: w.worker,
-			run: func(a *attempt) (string, error) {
-				restore, err := w.sourceRouting(true)
-				if err != nil {
-					return "", err
-				}
-				defer restore()
-				p := udp(ap(w.worker.IP4, a.lport), ap(c.Egress.Uplink4, echoPort), a.token)
-				// LSRR: type 131, length 7, pointer 4, one address.
-				p.IPOptions = append([]byte{131, 7, 4}, inet4.AsSlice()...)
-				pkt, err := p.Marshal()
-				if err != nil {
-					return "", err
-				}
-				if err := sim.SendRaw(w.worker.NS, pkt); err != nil {
-					return "", err
-				}
-				time.Sleep(attemptGrace)
-				return fmt.Sprintf("sent udp %s -> %s, LSRR via %s", w.worker.IP4, c.Egress.Uplink4, inet4), nil
-			}},
+			// LSRR: type 131, length 7, pointer 4, one address.
+			run: w.sourceRouted(append([]byte{131, 7, 4}, inet4.AsSlice()...))},
+		// The same with routes the kernel's option parser rejects in the
+		// strict mode the "ip option lsrr exists" match uses, while the
+		// receive path follows them (the fourth red-team pass): pointer 8
+		// over two hops, and an odd length.
+		{class: "options", path: "raw udp4 to the egress node's uplink address, loose source route with pointer 8 over two hops (accept_source_route on)", from: w.worker,
+			run: w.sourceRouted(append(append([]byte{131, 11, 8}, netip.MustParseAddr("198.51.100.1").AsSlice()...), inet4.AsSlice()...))},
+		{class: "options", path: "raw udp4 to the egress node's uplink address, loose source route of length 8 (accept_source_route on)", from: w.worker,
+			run: w.sourceRouted(append(append([]byte{131, 8, 4}, inet4.AsSlice()...), 0))},
 
 		// VXLAN decapsulation, from an unprivileged UDP socket.
 		{class: "overlay", path: "VXLAN to the egress node's flannel.1, inner udp4 from an internet address", from: w.app,
@@ -529,6 +520,31 @@ func echoRequest(src, dst netip.Addr, id uint16, payload []byte) sim.Packet {
 
 // sourceRouting turns accept_source_route on (or off) on the egress node
 // and the router, and returns what puts the old values back.
+// sourceRouted is a row that sends, from the worker pod, a raw udp4
+// datagram to the egress node's uplink address with IPv4 options opts,
+// with source routing on (on the egress node and the router) for the
+// row only.
+func (w *world) sourceRouted(opts []byte) func(*attempt) (string, error) {
+	return func(a *attempt) (string, error) {
+		restore, err := w.sourceRouting(true)
+		if err != nil {
+			return "", err
+		}
+		defer restore()
+		p := udp(ap(w.worker.IP4, a.lport), ap(w.c.Egress.Uplink4, echoPort), a.token)
+		p.IPOptions = opts
+		pkt, err := p.Marshal()
+		if err != nil {
+			return "", err
+		}
+		if err := sim.SendRaw(w.worker.NS, pkt); err != nil {
+			return "", err
+		}
+		time.Sleep(attemptGrace)
+		return fmt.Sprintf("sent udp %s -> %s, options % x", w.worker.IP4, w.c.Egress.Uplink4, opts), nil
+	}
+}
+
 func (w *world) sourceRouting(on bool) (func(), error) {
 	v := "0"
 	if on {
