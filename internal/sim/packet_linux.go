@@ -44,6 +44,11 @@ type Packet struct {
 	// A source route's last address is the final destination: the UDP
 	// and TCP checksums are computed for it.
 	IPOptions []byte
+	// FirstFragment, IPv4 only: the packet is sent as the first fragment
+	// (more fragments set, offset 0) of a datagram whose rest never
+	// comes; its identification is ID.
+	FirstFragment bool
+	ID            uint16
 	// HopByHop, IPv6 only: the options of a Hop-by-Hop extension header
 	// before the upper layer, padded with PadN to 8 bytes by Marshal.
 	HopByHop []byte
@@ -206,12 +211,19 @@ func (p Packet) Marshal() ([]byte, error) {
 		binary.BigEndian.PutUint16(h[2:], uint16(hl+len(l4)))
 		binary.BigEndian.PutUint16(h[4:], 0x5e5e) // identification
 		h[6] = 0x40                               // don't fragment
+		if p.FirstFragment {
+			binary.BigEndian.PutUint16(h[4:], p.ID)
+			h[6] = 0x20 // more fragments, offset 0
+		}
 		h[8], h[9] = ttl, p.Proto
 		s4, d4 := src.As4(), dst.As4()
 		copy(h[12:], s4[:])
 		copy(h[16:], d4[:])
 		binary.BigEndian.PutUint16(h[10:], checksum(h, 0))
 		return append(h, l4...), nil
+	}
+	if p.FirstFragment {
+		return nil, errors.New("FirstFragment on an IPv6 packet")
 	}
 	if len(p.IPOptions) > 0 {
 		return nil, errors.New("IPv4 options on an IPv6 packet")

@@ -213,6 +213,24 @@ func (w *world) rows() []row {
 			run: w.vxlan(w.app, c.App, func(a *attempt) sim.Packet { return echoRequest(inet4, c.App.Uplink4, a.lport, a.token) })},
 		{class: "reflect", path: "VXLAN to the egress node, inner udp4 from the internet host to a closed node port (port unreachable quotes it)", from: w.app,
 			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet { return udp(ap(inet4, a.lport), ap(c.Egress.Uplink4, 9), a.token) })},
+		// A first fragment whose rest never comes is held by conntrack's
+		// defragmenter (prerouting -400), before the source chain; when
+		// the queue expires the node answers its source with a Time
+		// Exceeded quoting it (the red-team pass after the IPv6 fix).
+		// ipfrag_time is 1 s on the egress node for the row.
+		{class: "reflect", path: "VXLAN to the egress node, inner udp4 first fragment from the internet host to the node (reassembly timeout)", from: w.app,
+			run: w.fragTimeout(w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet {
+				// A fragment with more to come carries a multiple of 8
+				// bytes: the kernel trims the rest, so the token is padded
+				// to stay whole in the queue and in the quote.
+				payload := append([]byte(nil), a.token...)
+				for (8+len(payload))%8 != 0 {
+					payload = append(payload, ' ')
+				}
+				p := udp(ap(inet4, a.lport), ap(c.Egress.Uplink4, echoPort), payload)
+				p.FirstFragment, p.ID = true, a.lport
+				return p
+			}))},
 		{class: "reflect", path: "VXLAN to the egress node, inner udp4 from the internet host, TTL 1 (Time Exceeded before the forward hook)", from: w.app,
 			run: w.vxlan(w.app, c.Egress, func(a *attempt) sim.Packet {
 				p := udp(ap(inet4, a.lport), ap(inet4, echoPort), a.token)
@@ -520,6 +538,36 @@ func echoRequest(src, dst netip.Addr, id uint16, payload []byte) sim.Packet {
 
 // sourceRouting turns accept_source_route on (or off) on the egress node
 // and the router, and returns what puts the old values back.
+// fragTimeout runs send with the egress node's fragment reassembly
+// timeout at 1 s, and waits for the queue to expire.
+func (w *world) fragTimeout(send func(*attempt) (string, error)) func(*attempt) (string, error) {
+	return func(a *attempt) (string, error) {
+		// The row's own ICMP error must not wait for the rate limit that
+		// the rows before it used up.
+		for key, v := range map[string]string{"net.ipv4.ipfrag_time": "1", "net.ipv4.icmp_ratelimit": "0"} {
+			path := "/proc/sys/" + strings.ReplaceAll(key, ".", "/")
+			var old []byte
+			if err := w.c.Egress.NS.Do(func(ns.NetNS) error {
+				var err error
+				old, err = os.ReadFile(path)
+				return err
+			}); err != nil {
+				return "", err
+			}
+			if err := sim.Sysctl(w.c.Egress.NS, key, v); err != nil {
+				return "", err
+			}
+			defer func() { _ = sim.Sysctl(w.c.Egress.NS, key, strings.TrimSpace(string(old))) }()
+		}
+		out, err := send(a)
+		if err != nil {
+			return "", err
+		}
+		time.Sleep(2500 * time.Millisecond) // the queue expires after 1-2 s (the timer's slack)
+		return out + ", waited for the reassembly timeout", nil
+	}
+}
+
 // sourceRouted is a row that sends, from the worker pod, a raw udp4
 // datagram to the egress node's uplink address with IPv4 options opts,
 // with source routing on (on the egress node and the router) for the
