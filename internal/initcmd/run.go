@@ -105,7 +105,7 @@ func run(ctx context.Context, inv *Invocation, stdout io.Writer, log *slog.Logge
 			}
 			log.Info(fmt.Sprintf("backend=%s applied in %s", be.Name(), time.Since(start).Round(time.Microsecond)))
 			if inv.Config.Families.HasV6() {
-				if err := addPassthroughV6(); err != nil {
+				if err := rules.AddIPv6Passthrough(); err != nil {
 					return err
 				}
 			}

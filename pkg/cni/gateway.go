@@ -89,3 +89,14 @@ func hostInterfaces(prev types.Result) []string {
 	}
 	return out
 }
+
+// hasIPv6 says whether prevResult gives the pod an IPv6 address (false
+// when it cannot be read: the callers that need the addresses report
+// that).
+func hasIPv6(prev types.Result) bool {
+	ips, err := resultIPs(prev)
+	if err != nil {
+		return false
+	}
+	return slices.ContainsFunc(ips, func(a netip.Addr) bool { return a.Is6() })
+}

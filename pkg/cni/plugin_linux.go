@@ -123,7 +123,7 @@ func (p *Plugin) add(inv *invocation, args *skel.CmdArgs) error {
 	}
 	backend := ""
 	if dec.Capture {
-		backend, err = p.apply(inv.pod, args.Netns, s.Backend, dec.Ruleset)
+		backend, err = p.apply(inv.pod, args.Netns, s.Backend, dec.Ruleset, hasIPv6(s.Conf.PrevResult))
 		if err != nil {
 			// Fail closed: the runtime tears the sandbox down.
 			return err
@@ -152,8 +152,10 @@ func decisionWord(d Decision) string {
 	return "skipped"
 }
 
-// apply resolves the backend inside the namespace and applies rs there.
-func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.Ruleset) (string, error) {
+// apply resolves the backend inside the namespace and applies rs there;
+// for a pod with an IPv6 address whose IPv6 is captured it also puts
+// Envoy's IPv6 passthrough source (::6) on lo, as istio-cni does.
+func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.Ruleset, v6Pod bool) (string, error) {
 	var used string
 	err := netns.Do(path, func() error {
 		b, err := p.NewBackend(name, rules.BackendOptions{})
@@ -161,7 +163,13 @@ func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.R
 			return err
 		}
 		used = string(b.Name())
-		return b.Apply(p.ctx(), rs)
+		if err := b.Apply(p.ctx(), rs); err != nil {
+			return err
+		}
+		if v6Pod && rs.Families.HasV6() {
+			return rules.AddIPv6Passthrough()
+		}
+		return nil
 	})
 	if err == nil {
 		return used, nil

@@ -1,4 +1,4 @@
-package initcmd
+package rules
 
 import (
 	"errors"
@@ -10,12 +10,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// addPassthroughV6 puts ::6/128 on the namespace's lo, as istio-iptables
-// does when it programs IPv6: the proxy uses ::6 as the source of its
-// inbound passthrough connections (as 127.0.0.6 for IPv4, which lo's
-// 127.0.0.0/8 already covers), and the validation probe dials it. It is
-// idempotent and runs in the target namespace only.
-func addPassthroughV6() error {
+// AddIPv6Passthrough puts ::6/128 on the calling thread's namespace's lo,
+// as istio-iptables does when it programs IPv6: the proxy uses ::6 as the
+// source of its inbound passthrough connections (as 127.0.0.6 for IPv4,
+// which lo's 127.0.0.0/8 already covers), which the rules exempt, and the
+// validation probe dials it. It is idempotent. egress-init and the CNI
+// plugin (for a pod with an IPv6 address) call it after Apply.
+func AddIPv6Passthrough() error {
 	lo, err := netlinksafe.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("could not find lo: %w", err)
