@@ -76,7 +76,7 @@ func run(ctx context.Context, inv *Invocation, stdout io.Writer, log *slog.Logge
 		if inv.Action == ActionCleanup {
 			// The TPROXY route of the mark and table given (or the
 			// defaults, 1337 and 133), whatever the mode.
-			err := removeTProxyRoute(&rules.TProxyRoute{Mark: inv.Config.TProxyMark, Table: inv.Config.TProxyRouteTable})
+			err := rules.RemoveTProxyRoute(&rules.TProxyRoute{Mark: inv.Config.TProxyMark, Table: inv.Config.TProxyRouteTable})
 			return errors.Join(cleanup(ctx, inv.Backend, log), err)
 		}
 		if inv.Action == ActionApply && inv.SkipRuleApply {
@@ -93,7 +93,7 @@ func run(ctx context.Context, inv *Invocation, stdout io.Writer, log *slog.Logge
 				return err
 			}
 			if rs.TProxyRoute != nil {
-				if err := checkTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
+				if err := rules.CheckTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
 					return err
 				}
 			}
@@ -110,7 +110,7 @@ func run(ctx context.Context, inv *Invocation, stdout io.Writer, log *slog.Logge
 				}
 			}
 			if rs.TProxyRoute != nil {
-				if err := applyTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
+				if err := rules.ApplyTProxyRoute(rs.TProxyRoute, rs.Families); err != nil {
 					return err
 				}
 			}

@@ -313,9 +313,6 @@ func ParseConfig(stdin []byte) (*Settings, error) {
 		if err := s.Base.Validate(); err != nil {
 			return nil, configFieldError("", "config key", ConfigKeys, opts, err)
 		}
-		if err := refuseTPROXY(s.Base); err != nil {
-			return nil, configFieldError("", "config key", ConfigKeys, opts, err)
-		}
 	}
 	if conf.Backend != nil {
 		b, err := rules.ParseBackendName("backend", *conf.Backend)
@@ -488,16 +485,4 @@ func validNamespace(s string) bool {
 		}
 	}
 	return true
-}
-
-// refuseTPROXY: TPROXY mode needs a policy route (fwmark → local route
-// table) besides the firewall rules, which egress-init writes and the
-// plugin does not yet; the plugin refuses the mode rather than start a
-// pod whose inbound capture cannot work.
-func refuseTPROXY(c rules.Config) error {
-	if c.Mode != rules.ModeTPROXY {
-		return nil
-	}
-	return &rules.FieldError{Field: rules.FieldMode, Value: string(c.Mode),
-		Reason: "TPROXY interception is not supported by the egress-cni plugin yet (it needs a policy route, which egress-init writes); use REDIRECT, or egress-init"}
 }

@@ -105,7 +105,6 @@ func TestParseConfigErrors(t *testing.T) {
 			"excludeOutboundIPRanges", `excludeOutboundIPRanges="10.0.0.0/8,300.1.1.1" (item "300.1.1.1")`},
 		{"cross field", `"includeOutboundIPRanges": "10.1.0.0/16", "excludeOutboundIPRanges": "10.0.0.0/8"`,
 			types.ErrInvalidNetworkConfig, "includeOutboundIPRanges", "entirely covered"},
-		{"tproxy", `"interceptionMode": "TPROXY"`, types.ErrInvalidNetworkConfig, "interceptionMode", "not supported"},
 		{"bad mode", `"interceptionMode": "FOO"`, types.ErrInvalidNetworkConfig, "interceptionMode", "REDIRECT"},
 		{"bad backend", `"backend": "ebpf"`, types.ErrInvalidNetworkConfig, "backend", "must be one of"},
 		{"bad capture", `"capture": "some"`, types.ErrInvalidNetworkConfig, "capture", "annotated"},

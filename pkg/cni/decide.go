@@ -175,9 +175,6 @@ func Decide(s *Settings, pod Pod, ann map[string]string) (Decision, error) {
 	if cfg.Mode == rules.ModeNone {
 		return Decision{Reason: fmt.Sprintf("annotation %s=%q", AnnotationInterceptionMode, values[rules.FieldMode])}, nil
 	}
-	if err := refuseTPROXY(cfg); err != nil {
-		return Decision{}, configFieldError(podName, "annotation", relabel, values, err)
-	}
 	rs, err := rules.Build(cfg)
 	if err != nil {
 		// A cross-field error may involve a config key and an

@@ -153,8 +153,6 @@ func TestDecideAnnotationErrors(t *testing.T) {
 			"annotation", AnnotationIncludeInboundPorts, "80,http", "not a port number"},
 		{"bad mode", "", injected(AnnotationInterceptionMode, "MAGIC"),
 			"annotation", AnnotationInterceptionMode, "MAGIC", "REDIRECT"},
-		{"tproxy", "", injected(AnnotationInterceptionMode, "TPROXY"),
-			"annotation", AnnotationInterceptionMode, "TPROXY", "not supported"},
 		{"bad interface", "", injected(AnnotationExcludeInterfaces, "eth0,this-name-is-far-too-long"),
 			"annotation", AnnotationExcludeInterfaces, "eth0,this-name-is-far-too-long", "15 bytes"},
 		{"empty item", "", injected(AnnotationExcludeOutboundPorts, "80,,443"),
@@ -253,5 +251,31 @@ func TestDecideRerouteVirtualInterfaces(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("no prerouting rule sends net2 to %s: %+v", rules.ChainRedirect, d.Ruleset.Chain(rules.BasePrerouting).Rules)
+	}
+}
+
+// TPROXY is built now (the plugin refused it before it wrote the policy
+// route): from the config key or the pod's annotation, the decision
+// carries Istio's mangle rules and the route (mark 1337, table 133).
+func TestDecideTPROXY(t *testing.T) {
+	for _, tc := range []struct {
+		name, extra string
+		ann         map[string]string
+	}{
+		{"config key", `"interceptionMode": "TPROXY"`, injected()},
+		{"annotation", "", injected(AnnotationInterceptionMode, "TPROXY")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dec, err := Decide(mustSettings(t, tc.extra), webPod, tc.ann)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !dec.Capture || dec.Ruleset == nil || dec.Ruleset.TProxyRoute == nil {
+				t.Fatalf("decision %+v: want a capture with a TPROXY route", dec)
+			}
+			if r := dec.Ruleset.TProxyRoute; r.Mark != 1337 || r.Table != 133 {
+				t.Errorf("route mark %d table %d, want 1337 and 133", r.Mark, r.Table)
+			}
+		})
 	}
 }

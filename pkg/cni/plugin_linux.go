@@ -154,7 +154,8 @@ func decisionWord(d Decision) string {
 
 // apply resolves the backend inside the namespace and applies rs there;
 // for a pod with an IPv6 address whose IPv6 is captured it also puts
-// Envoy's IPv6 passthrough source (::6) on lo, as istio-cni does.
+// Envoy's IPv6 passthrough source (::6) on lo, and in TPROXY mode it
+// writes the policy route, as istio-cni does.
 func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.Ruleset, v6Pod bool) (string, error) {
 	var used string
 	err := netns.Do(path, func() error {
@@ -167,7 +168,14 @@ func (p *Plugin) apply(pod Pod, path string, name rules.BackendName, rs *rules.R
 			return err
 		}
 		if v6Pod && rs.Families.HasV6() {
-			return rules.AddIPv6Passthrough()
+			if err := rules.AddIPv6Passthrough(); err != nil {
+				return err
+			}
+		}
+		if rs.TProxyRoute != nil {
+			// TPROXY: the policy route that delivers marked packets to
+			// the proxy's transparent socket, as istio-cni writes it.
+			return rules.ApplyTProxyRoute(rs.TProxyRoute, rs.Families)
 		}
 		return nil
 	})
@@ -229,6 +237,15 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		inv.log.Info("DEL done", "result", "no network namespace given, nothing to remove", "duration", time.Since(inv.start))
 		return inv.end(gwErr)
 	}
+	// A TPROXY pod's policy route, for the mark and table its ADD used
+	// (as far as the config and annotations still say; the namespace
+	// usually goes right after DEL, and the route with it).
+	var tproxy *rules.TProxyRoute
+	if err == nil {
+		if dec, derr := Decide(inv.s, inv.pod, inv.s.Annotations); derr == nil && dec.Ruleset != nil {
+			tproxy = dec.Ruleset.TProxyRoute
+		}
+	}
 	var removed []rules.BackendName
 	err = netns.Do(args.Netns, func() error {
 		var e error
@@ -237,6 +254,9 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 			removeAll = rules.RemoveAll
 		}
 		removed, e = removeAll(p.ctx())
+		if tproxy != nil {
+			e = errors.Join(e, rules.RemoveTProxyRoute(tproxy))
+		}
 		return e
 	})
 	if netns.IsNotExist(err) {
@@ -284,7 +304,13 @@ func (p *Plugin) check(inv *invocation, args *skel.CmdArgs) error {
 			return err
 		}
 		backend = string(b.Name())
-		return b.Check(p.ctx(), dec.Ruleset)
+		if err := b.Check(p.ctx(), dec.Ruleset); err != nil {
+			return err
+		}
+		if dec.Ruleset.TProxyRoute != nil {
+			return rules.CheckTProxyRoute(dec.Ruleset.TProxyRoute, dec.Ruleset.Families)
+		}
+		return nil
 	})
 	if err == nil && s.NodeEnforcement {
 		if err := p.checkRegistration(inv, args); err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/testutils"
 
 	"github.com/egress-cni/egress-cni/internal/nstest"
@@ -46,6 +47,54 @@ func TestCNIChain(t *testing.T) {
 		t.Run("parallel-30/backend-"+orAuto(backend), func(t *testing.T) { testParallel(t, binDir, 30, backend) })
 	}
 	t.Run("status-gc", func(t *testing.T) { testStatusGC(t, binDir) })
+	t.Run("tproxy", func(t *testing.T) { testTPROXY(t, binDir) })
+}
+
+// testTPROXY: a pod annotated for TPROXY (refused by the plugin until it
+// wrote the policy route) gets Istio's mangle rules and the route; an
+// inbound connection from the node reaches the proxy's transparent
+// listener on 15006 with its original destination as the local address
+// and the node's address as the peer. CHECK covers the route, and DEL
+// removes it.
+func testTPROXY(t *testing.T, binDir string) {
+	c := newChain(t, binDir, chainOptions{cniVersion: "1.0.0"})
+	p := injectedPod(t, "tproxy", "sidecar.istio.io/interceptionMode", "TPROXY")
+	serveTransparent(t, p.netns, 15006)
+	res, err := current.NewResultFromResult(c.mustAdd(p))
+	if err != nil || len(res.IPs) == 0 {
+		t.Fatalf("result %v: %v", res, err)
+	}
+	// The pod's own address, and one it does not hold, which only the
+	// policy route delivers (the node routes it to the pod).
+	podIP, _ := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+	far := "198.51.100.77"
+	nstest.Route(t, c.node, netip.MustParsePrefix(far+"/32"), podIP)
+	for _, dst := range []string{net.JoinHostPort(podIP.String(), "8080"), net.JoinHostPort(far, "80")} {
+		line, err := dialFrom(t, c.node, dst)
+		if err != nil {
+			t.Fatalf("to %s: %v", dst, err)
+		}
+		if want := "local=" + dst + " remote=" + gatewayIP + ":"; !strings.HasPrefix(line, want) {
+			t.Errorf("to %s: got %q, want the original destination and the node's source (%s...)", dst, line, want)
+		}
+	}
+	if rules4, _ := nstest.Exec(p.netns, "ip", "-4", "rule", "list"); !strings.Contains(rules4, "fwmark 0x539 lookup 133") {
+		t.Errorf("no policy rule fwmark 1337 lookup 133:\n%s", rules4)
+	}
+	if err := c.check(p); err != nil {
+		t.Errorf("CHECK after ADD: %v", err)
+	}
+	nstest.MustExec(t, p.netns, "ip", "-4", "route", "flush", "table", "133")
+	if err := c.check(p); err == nil || !strings.Contains(err.Error(), "table 133") {
+		t.Errorf("CHECK without the route: %v, want drift naming table 133", err)
+	}
+	if err := c.del(p, p.path); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	if rules4, _ := nstest.Exec(p.netns, "ip", "-4", "rule", "list"); strings.Contains(rules4, "lookup 133") {
+		t.Errorf("DEL left the policy rule:\n%s", rules4)
+	}
+	assertNoneOurs(t, p)
 }
 
 func orAuto(b string) string {

@@ -1,4 +1,4 @@
-package initcmd
+package rules
 
 import (
 	"errors"
@@ -8,8 +8,6 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/egress-cni/egress-cni/pkg/rules"
 )
 
 // TPROXY mode's policy route, as istio-iptables writes it:
@@ -17,11 +15,12 @@ import (
 //	ip rule add fwmark <mark> lookup <table>
 //	ip route add local default dev lo table <table>
 //
-// per family, through netlink, in the target namespace only. Marked
+// per family, through netlink, in the calling thread's namespace
+// (egress-init's target, the CNI plugin's pod). Marked
 // packets (the inbound connections the mangle rules hand to the proxy's
 // transparent socket) are delivered locally by it.
 
-func tproxyFamilies(fs rules.Families) []int {
+func tproxyFamilies(fs Families) []int {
 	var out []int
 	if fs.HasV4() {
 		out = append(out, unix.AF_INET)
@@ -40,7 +39,7 @@ func defaultRoute(fam int) *net.IPNet {
 }
 
 // ourRules are the policy rules of family fam with the mark and table.
-func ourRules(fam int, r *rules.TProxyRoute) ([]netlink.Rule, error) {
+func ourRules(fam int, r *TProxyRoute) ([]netlink.Rule, error) {
 	all, err := netlinksafe.RuleListFiltered(fam, &netlink.Rule{Table: int(r.Table), Mark: r.Mark},
 		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_MARK)
 	if err != nil {
@@ -49,8 +48,8 @@ func ourRules(fam int, r *rules.TProxyRoute) ([]netlink.Rule, error) {
 	return all, nil
 }
 
-// applyTProxyRoute writes the policy rule and route, idempotently.
-func applyTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
+// ApplyTProxyRoute writes the policy rule and route, idempotently.
+func ApplyTProxyRoute(r *TProxyRoute, fs Families) error {
 	lo, err := netlinksafe.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("could not find lo: %w", err)
@@ -76,9 +75,9 @@ func applyTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
 	return nil
 }
 
-// removeTProxyRoute deletes the policy rules with the mark and table and
+// RemoveTProxyRoute deletes the policy rules with the mark and table and
 // the local default route of the table, in both families.
-func removeTProxyRoute(r *rules.TProxyRoute) error {
+func RemoveTProxyRoute(r *TProxyRoute) error {
 	var errs []error
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		have, err := ourRules(fam, r)
@@ -100,9 +99,9 @@ func removeTProxyRoute(r *rules.TProxyRoute) error {
 	return errors.Join(errs...)
 }
 
-// checkTProxyRoute reports a missing policy rule or route as drift.
-func checkTProxyRoute(r *rules.TProxyRoute, fs rules.Families) error {
-	drift := &rules.DriftError{Backend: "ip rule/route"}
+// CheckTProxyRoute reports a missing policy rule or route as drift.
+func CheckTProxyRoute(r *TProxyRoute, fs Families) error {
+	drift := &DriftError{Backend: "ip rule/route"}
 	for _, fam := range tproxyFamilies(fs) {
 		name := "ipv4"
 		if fam == unix.AF_INET6 {
