@@ -1,12 +1,9 @@
 package node
 
 import (
-	"errors"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -53,22 +50,7 @@ func TestLinkMulticastNeedsReversePath(t *testing.T) {
 		}); err != nil {
 			t.Fatalf("send %s: %v", msg, err)
 		}
-		buf := make([]byte, 512)
-		for {
-			if err := lc.SetReadDeadline(time.Now().Add(time.Second)); err != nil {
-				t.Fatal(err)
-			}
-			n, _, err := lc.ReadFromUDP(buf)
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return false
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if string(buf[:n]) == msg {
-				return true
-			}
-		}
+		return arrived(t, lc, msg)
 	}
 
 	mustApply(t, host, mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16","2001:db8:10::/48"],"nodeCIDRs":["2001:db8:1::/64"]}`))

@@ -123,17 +123,27 @@ func (o *nftObjects) batchSize() int {
 	return n
 }
 
+// open builds rs's netlink objects and opens a connection whose buffers
+// fit their batch.
+func (nft *nftBackend) open(rs *Ruleset) (*nftObjects, *nftables.Conn, error) {
+	objs, err := nftObjectsFor(rs)
+	if err != nil {
+		return nil, nil, fmt.Errorf("could not build nftables ruleset: %w", err)
+	}
+	conn, err := nft.newConn(objs.batchSize())
+	if err != nil {
+		return nil, nil, fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	return objs, conn, nil
+}
+
 func (nft *nftBackend) Apply(ctx context.Context, rs *Ruleset) error {
 	if err := rs.Validate(); err != nil {
 		return err
 	}
-	objs, err := nftObjectsFor(rs)
+	objs, conn, err := nft.open(rs)
 	if err != nil {
-		return fmt.Errorf("could not build nftables ruleset: %w", err)
-	}
-	conn, err := nft.newConn(objs.batchSize())
-	if err != nil {
-		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+		return err
 	}
 	defer conn.CloseLasting()
 
@@ -270,13 +280,9 @@ func (nft *nftBackend) Check(ctx context.Context, rs *Ruleset) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	objs, err := nftObjectsFor(rs)
+	objs, conn, err := nft.open(rs)
 	if err != nil {
-		return fmt.Errorf("could not build nftables ruleset: %w", err)
-	}
-	conn, err := nft.newConn(objs.batchSize())
-	if err != nil {
-		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+		return err
 	}
 	defer conn.CloseLasting()
 
