@@ -19,9 +19,16 @@ func (in *Installer) ApplyNodeRules() error {
 	if in.opts.NodeConfig == "" {
 		return nil
 	}
-	cfg, err := node.Load(in.opts.NodeConfig)
+	// One read: the copy is written from the bytes that were parsed and
+	// applied, never from a second read that a ConfigMap update could
+	// have changed in between (found by the fifth red-team pass).
+	b, err := os.ReadFile(in.opts.NodeConfig)
 	if err != nil {
-		return err
+		return fmt.Errorf("could not read node config: %w", err)
+	}
+	cfg, err := node.Parse(b)
+	if err != nil {
+		return fmt.Errorf("node config %s: %w", in.opts.NodeConfig, err)
 	}
 	start := time.Now()
 	if err := netns.Do(in.opts.NetNS, func() error { return node.Apply(cfg) }); err != nil {
@@ -29,19 +36,15 @@ func (in *Installer) ApplyNodeRules() error {
 	}
 	in.applySeconds.Observe(time.Since(start).Seconds())
 	in.log.Info("applied node rules", "role", cfg.Role, "config", in.opts.NodeConfig)
-	return in.keepNodeConfigCopy()
+	return in.keepNodeConfigCopy(b)
 }
 
-// keepNodeConfigCopy writes the node config (the version just applied,
-// so the copy never holds one that fails to parse) to NodeConfigCopy,
-// atomically, when it differs.
-func (in *Installer) keepNodeConfigCopy() error {
+// keepNodeConfigCopy writes b, the node config just applied (so the copy
+// never holds one that fails to parse), to NodeConfigCopy, atomically,
+// when it differs.
+func (in *Installer) keepNodeConfigCopy(b []byte) error {
 	if in.opts.NodeConfigCopy == "" {
 		return nil
-	}
-	b, err := os.ReadFile(in.opts.NodeConfig)
-	if err != nil {
-		return fmt.Errorf("could not read node config: %w", err)
 	}
 	if cur, err := os.ReadFile(in.opts.NodeConfigCopy); err == nil && bytes.Equal(cur, b) {
 		return nil

@@ -281,3 +281,54 @@ func TestIPv4OptionsAndLoopback(t *testing.T) {
 		t.Error("control: without the node rules the pod did not reach the node's 127.0.0.1 listener either, so the check cannot fail")
 	}
 }
+
+// The node's own IGMPv2 membership reports (Router Alert, to the group
+// address) still leave: the output rule that keeps the node's IPv4
+// packets with options in the cluster exempts multicast, as the source
+// rule does (found by the fifth red-team pass: the reports were dropped
+// as reflection, and IGMP snooping pruned the node's groups).
+func TestNodeIGMPv2ReportsLeave(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	w := newOptionsWorld(t)
+	nstest.Sysctl(t, w.host, "net.ipv4.conf.up0.force_igmp_version", "2")
+	mustApply(t, w.host, mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16"],"nodeCIDRs":["192.0.2.0/26"]}`))
+	group := netip.MustParseAddr("239.1.2.3").As4()
+	if err := w.host.Do(func(ns.NetNS) error {
+		up, err := net.InterfaceByName("up0")
+		if err != nil {
+			return err
+		}
+		c, err := net.ListenMulticastUDP("udp4", up, &net.UDPAddr{IP: net.IP(group[:]), Port: 5999})
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { c.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		n, _, err := unix.Recvfrom(w.sniff, buf, 0)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		// IPv4, protocol IGMP, to the group, with options (Router Alert).
+		if p := buf[:n]; n >= 24 && p[0]>>4 == 4 && p[0]&0x0f > 5 && p[9] == unix.IPPROTO_IGMP && [4]byte(p[16:20]) == group {
+			return
+		}
+	}
+	var c Counters
+	if err := in(w.host, func() error {
+		var err error
+		c, err = ReadCounters()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Errorf("no IGMPv2 report for 239.1.2.3 left the node (reflection/ipv4 counted %d)", c.ByReason[ReasonReflection][FamilyIPv4])
+}

@@ -213,11 +213,7 @@ func newProgram(cfg *Config) *program {
 	// by the reversed route). So the header length decides: nothing in a
 	// cluster needs IPv4 options to a unicast address; IGMP's Router
 	// Alert goes to multicast.
-	src.rules = append(src.rules, matchIPv4Options(&rule{}).add("ip daddr != 224.0.0.0/4",
-		// [ payload load 1b @ network header + 16 => reg 1 ] [ bitwise reg 1 = (reg 1 & 0xf0) ^ 0x00 ] [ cmp neq reg 1 0xe0 ]
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0xf0}, Xor: []byte{0}},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0xe0}}).add(gotoAudit(ReasonIPOptions)))
+	src.rules = append(src.rules, matchIPv4Options(&rule{}).add(gotoAudit(ReasonIPOptions)))
 	// 127.0.0.0/8 from anywhere but lo: with route_localnet on (kube-proxy's
 	// iptables mode sets it) the node delivers it to services bound to
 	// its localhost, which may relay (found by the fourth red-team pass).
@@ -310,7 +306,9 @@ func newProgram(cfg *Config) *program {
 	}
 	// The node's own IPv4 packets with options leave for cluster
 	// destinations only: a reversed source route, say, answering a
-	// packet the source chain should have stopped.
+	// packet the source chain should have stopped. Multicast passes, as
+	// in the source rule: IGMPv2 reports carry Router Alert to the group
+	// (found by the fifth red-team pass).
 	out.rules = append(out.rules, matchIPv4Options(&rule{}).add("ip daddr != @"+SetAllowV4,
 		daddr(false), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV4, Invert: true}).add(gotoAudit(ReasonReflection)))
 	out.rules = append(out.rules, acceptRule())
@@ -592,13 +590,20 @@ func matchIfname(r *rule, key, name string) {
 }
 
 // matchIPv4Options matches an IPv4 packet with options (a header longer
-// than 20 bytes).
+// than 20 bytes) to a destination outside 224.0.0.0/4 (IGMP's Router
+// Alert goes to multicast groups, and the kernel follows no source route
+// to one).
 func matchIPv4Options(r *rule) *rule {
-	return matchNfproto(r, false).add("ip hdrlength != 5",
+	matchNfproto(r, false).add("ip hdrlength != 5",
 		// [ payload load 1b @ network header + 0 => reg 1 ] [ bitwise reg 1 = (reg 1 & 0x0f) ^ 0x00 ] [ cmp neq reg 1 0x05 ]
 		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 0, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x0f}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{5}})
+	return r.add("ip daddr != 224.0.0.0/4",
+		// [ payload load 1b @ network header + 16 => reg 1 ] [ bitwise reg 1 = (reg 1 & 0xf0) ^ 0x00 ] [ cmp neq reg 1 0xe0 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0xf0}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0xe0}})
 }
 
 func matchNfproto(r *rule, v6 bool) *rule {
