@@ -1,12 +1,13 @@
 // Command egress-cni is the chained CNI plugin. All logic is in pkg/cni;
 // see docs/cni.md for the configuration.
 //
-// `egress-cni boot-apply PATH` is the one command outside CNI: it applies
-// the node rules from the host's copy of the node config (the plugin's
-// "nodeConfig") unless they are in place, for the boot unit
-// (install/systemd/egress-cni-node.service). It exits 0 when the rules
-// are in place afterwards, 3 when there is no copy (nothing applied: a
-// node the agent has not run on yet) and 1 on failure.
+// `egress-cni boot-apply PATH` is the one command outside CNI, for the
+// boot unit (install/systemd/egress-cni-node.service): it applies the
+// node rules from the host's copy of the node config (the plugin's
+// "nodeConfig") and drops the registrations from before the boot
+// (cni.BootApply). It exits 0 when the rules are applied; otherwise it
+// leaves the fail-closed table (the node forwards nothing) and exits 3
+// when there is no copy (a node the agent has not run on yet) or 1.
 package main
 
 import (
@@ -43,18 +44,15 @@ func bootApply(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: egress-cni boot-apply PATH (the host's copy of the node config)")
 		return 2
 	}
-	applied, err := cni.BootApply(args[0])
+	err := cni.BootApply(args[0])
 	switch {
 	case errors.Is(err, cni.ErrNoNodeConfig):
-		fmt.Fprintf(os.Stderr, "egress-cni boot-apply: %v: nothing applied; this node forwards unjudged until the egress-cni agent applies its rules\n", err)
+		fmt.Fprintf(os.Stderr, "egress-cni boot-apply: %v\n", err)
 		return 3
 	case err != nil:
 		fmt.Fprintf(os.Stderr, "egress-cni boot-apply: could not apply the node rules from %s: %v\n", args[0], err)
 		return 1
-	case applied:
-		fmt.Fprintf(os.Stderr, "egress-cni boot-apply: node rules applied from %s\n", args[0])
-	default:
-		fmt.Fprintln(os.Stderr, "egress-cni boot-apply: node rules already in place")
 	}
+	fmt.Fprintf(os.Stderr, "egress-cni boot-apply: node rules applied from %s; registrations from before the boot dropped\n", args[0])
 	return 0
 }

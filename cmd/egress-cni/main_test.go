@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,49 +52,122 @@ func runPlugin(t *testing.T, n ns.NetNS, args ...string) (int, string) {
 }
 
 // boot-apply, as the boot unit runs it in a rebooted node's host
-// namespace: it applies the node rules from the host's copy (exit 0),
-// finds them in place the second time (exit 0, nothing applied), exits 3
-// with a message when there is no copy, and 1 on a copy that does not
-// parse, applying nothing in either case.
+// namespace. From a good copy it applies the node rules (exit 0), also
+// over a stale snapshot of other rules of ours, and drops the
+// registrations it finds (none survives a reboot). Without a copy (exit
+// 3), with a copy that does not parse or that others could have written
+// (exit 1), it leaves the fail-closed table: nothing is forwarded. A
+// later boot-apply from a good copy replaces that table.
 func TestBootApply(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	dir := t.TempDir()
-	copyPath := filepath.Join(dir, "node.json")
-	if err := os.WriteFile(copyPath, []byte(`{"role":"app","podCIDRs":["10.244.0.0/16"]}`), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	applied := func(n ns.NetNS) bool {
-		var err error
-		if e := n.Do(func(ns.NetNS) error { _, err = node.IsEgressNode(); return nil }); e != nil {
-			t.Fatal(e)
-		}
-		if err != nil && !errors.Is(err, node.ErrNotApplied) {
+	write := func(name, body string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), mode); err != nil {
 			t.Fatal(err)
 		}
-		return err == nil
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("node.json", `{"role":"app","podCIDRs":["10.244.0.0/16"]}`, 0o644)
+	// state says what the namespace holds: "rules" (the node rules of
+	// the good copy, and how many pods are registered), "fail-closed"
+	// (only the forward chain, policy drop) or "none".
+	state := func(n ns.NetNS) (string, int) {
+		var st string
+		var pods int
+		if err := n.Do(func(ns.NetNS) error {
+			if err := node.Check(mustLoad(t, good)); err == nil {
+				st = "rules"
+				ps, err := node.ListPods()
+				pods = len(ps)
+				return err
+			}
+			out, err := exec.Command("nft", "list", "table", "inet", node.Table).CombinedOutput()
+			switch {
+			case err != nil && strings.Contains(string(out), "No such file"):
+				st = "none"
+			case err != nil:
+				return fmt.Errorf("nft: %w: %s", err, out)
+			case strings.Contains(string(out), "hook forward priority filter - 5; policy drop;") && strings.Count(string(out), "chain ") == 1:
+				st = "fail-closed"
+			default:
+				st = "other:\n" + string(out)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return st, pods
 	}
 
 	host := nstest.NewNS(t)
-	if code, msg := runPlugin(t, host, "boot-apply", copyPath); code != 0 || !strings.Contains(msg, "node rules applied from "+copyPath) || !applied(host) {
-		t.Fatalf("first boot-apply: exit %d, %q, applied %v", code, msg, applied(host))
-	}
-	if code, msg := runPlugin(t, host, "boot-apply", copyPath); code != 0 || !strings.Contains(msg, "already in place") {
-		t.Errorf("second boot-apply: exit %d, %q", code, msg)
-	}
-
-	empty := nstest.NewNS(t)
-	missing := filepath.Join(dir, "absent.json")
-	if code, msg := runPlugin(t, empty, "boot-apply", missing); code != 3 || !strings.Contains(msg, "forwards unjudged") || applied(empty) {
-		t.Errorf("boot-apply without a copy: exit %d, %q, applied %v", code, msg, applied(empty))
-	}
-	bad := filepath.Join(dir, "bad.json")
-	if err := os.WriteFile(bad, []byte(`{"role":"app","podCIDRs":["10.244.0.0/33"]}`), 0o644); err != nil {
+	// A stale snapshot: rules of another config, with a registration.
+	if err := host.Do(func(ns.NetNS) error {
+		if err := node.Apply(mustParseCfg(t, `{"role":"app","podCIDRs":["10.244.0.0/16"],"allow":["0.0.0.0/1","128.0.0.0/1"]}`)); err != nil {
+			return err
+		}
+		_, err := node.RegisterPod(node.Pod{ContainerID: "before-reboot", Port: "veth1", L3: "veth1", IPs: []netip.Addr{netip.MustParseAddr("10.244.0.9")}})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if code, msg := runPlugin(t, empty, "boot-apply", bad); code != 1 || !strings.Contains(msg, "could not apply") || applied(empty) {
-		t.Errorf("boot-apply of a bad copy: exit %d, %q, applied %v", code, msg, applied(empty))
+	if code, msg := runPlugin(t, host, "boot-apply", good); code != 0 || !strings.Contains(msg, "node rules applied from "+good) {
+		t.Fatalf("boot-apply over a stale snapshot: exit %d, %q", code, msg)
 	}
-	if code, _ := runPlugin(t, empty, "boot-apply"); code != 2 {
+	if st, pods := state(host); st != "rules" || pods != 0 {
+		t.Errorf("after boot-apply over a stale snapshot: %s with %d pods, want the copy's rules and no registration", st, pods)
+	}
+
+	bad := write("bad.json", `{"role":"app","podCIDRs":["10.244.0.0/33"]}`, 0o644)
+	open := write("open.json", `{"role":"app","podCIDRs":["10.244.0.0/16"]}`, 0o666)
+	for _, tc := range []struct {
+		name, path, msg string
+		code            int
+	}{
+		{"no copy", filepath.Join(dir, "absent.json"), "no node config copy", 3},
+		{"a copy that does not parse", bad, "could not apply", 1},
+		{"a copy others could write", open, "writable by root only", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := nstest.NewNS(t)
+			code, msg := runPlugin(t, n, "boot-apply", tc.path)
+			if code != tc.code || !strings.Contains(msg, tc.msg) || !strings.Contains(msg, "forwards nothing") {
+				t.Errorf("exit %d, %q: want %d, naming %q and the fail-closed table", code, msg, tc.code, tc.msg)
+			}
+			if st, _ := state(n); st != "fail-closed" {
+				t.Errorf("left %s, want the fail-closed table", st)
+			}
+			// The next boot-apply from a good copy replaces it.
+			if code, msg := runPlugin(t, n, "boot-apply", good); code != 0 {
+				t.Errorf("boot-apply from a good copy after: exit %d, %q", code, msg)
+			}
+			if st, _ := state(n); st != "rules" {
+				t.Errorf("after a good boot-apply: %s, want the rules", st)
+			}
+		})
+	}
+	if code, _ := runPlugin(t, host, "boot-apply"); code != 2 {
 		t.Errorf("boot-apply without a path: exit %d, want 2", code)
 	}
+}
+
+func mustLoad(t *testing.T, path string) *node.Config {
+	t.Helper()
+	cfg, err := node.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func mustParseCfg(t *testing.T, s string) *node.Config {
+	t.Helper()
+	cfg, err := node.Parse([]byte(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }

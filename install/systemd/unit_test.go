@@ -42,8 +42,9 @@ func TestUnitMatchesManifests(t *testing.T) {
 	if cm := read(t, "../kubernetes/configmap.yaml"); !strings.Contains(cm, `"nodeConfig": "`+copyPath+`"`) {
 		t.Errorf("the plugin's nodeConfig is not %s", copyPath)
 	}
-	for _, want := range []string{"DefaultDependencies=no", "Before=network-pre.target kubelet.service", "Wants=network-pre.target",
-		"Type=oneshot", "RemainAfterExit=yes", "WantedBy=sysinit.target"} {
+	for _, want := range []string{"DefaultDependencies=no", "After=local-fs.target nftables.service firewalld.service",
+		"Before=network-pre.target kubelet.service", "Wants=network-pre.target",
+		"Type=oneshot", "RemainAfterExit=yes", "TimeoutStartSec=", "WantedBy=sysinit.target"} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("unit lacks %q", want)
 		}

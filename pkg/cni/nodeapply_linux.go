@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"syscall"
 
 	"github.com/egress-cni/egress-cni/internal/flock"
 	"github.com/egress-cni/egress-cni/pkg/node"
@@ -29,7 +31,7 @@ func (p *Plugin) applyNodeRules(path string) (bool, error) {
 	} else if !errors.Is(err, node.ErrNotApplied) {
 		return false, err
 	}
-	cfg, err := node.Load(path)
+	cfg, err := loadNodeCopy(path)
 	if err != nil {
 		return false, err
 	}
@@ -43,18 +45,70 @@ func (p *Plugin) applyNodeRules(path string) (bool, error) {
 // the node config: a node the agent has not yet run on.
 var ErrNoNodeConfig = errors.New("no node config copy")
 
-// BootApply applies the node rules from the host's copy of the node
-// config at path, unless they are in place, under the same lock as the
-// ADDs (so it may race them). It is `egress-cni boot-apply PATH`, which
-// the boot unit (install/systemd) runs before the network comes up, so
-// that a rebooted node forwards nothing unjudged: the first ADD would
-// come only after the kubelet, and pods on other nodes do not need one
-// to leave through this node's NodePorts or overlay. It reports whether
-// it applied them; without a copy it returns an error wrapping
-// ErrNoNodeConfig and applies nothing.
-func BootApply(path string) (bool, error) {
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-		return false, fmt.Errorf("%s: %w", path, ErrNoNodeConfig)
+// loadNodeCopy reads the host's copy of the node config, refusing one
+// that someone other than root could have written (the file, or the
+// directory it is in, not owned by root or writable by group or others):
+// the copy decides what the node allows at the next boot (the fifth
+// red-team pass: a pod with a writable hostPath over /var/lib).
+func loadNodeCopy(path string) (*node.Config, error) {
+	for _, p := range []string{path, filepath.Dir(path)} {
+		st, err := os.Stat(p)
+		if err != nil {
+			return nil, err
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil, fmt.Errorf("node config copy: cannot read the owner of %s", p)
+		}
+		if sys.Uid != 0 || st.Mode().Perm()&0o022 != 0 {
+			return nil, fmt.Errorf("node config copy: %s is %s, owner %d: it must be root's and writable by root only", p, st.Mode().Perm(), sys.Uid)
+		}
 	}
-	return (&Plugin{}).applyNodeRules(path)
+	return node.Load(path)
+}
+
+// BootApply is `egress-cni boot-apply PATH`, which the boot unit
+// (install/systemd) runs before the network comes up, so that a rebooted
+// node forwards nothing unjudged: the first ADD would come only after the
+// kubelet, and pods on other nodes need none to leave through this
+// node's NodePorts or overlay. Under the ADDs' lock it applies the node
+// rules from the host's copy at path, whatever tables of ours it finds
+// (a restored snapshot of an older ruleset is replaced, not taken for
+// ours), and drops every pod and gateway registration: none survives a
+// reboot. When the copy is missing, refused or fails, it applies
+// ApplyFailClosed instead (the node then forwards nothing until the
+// agent or an ADD applies the rules) and returns the error, which wraps
+// ErrNoNodeConfig for a missing copy. It is for boot: run at any other
+// time it drops the running pods' registrations too.
+func BootApply(path string) error {
+	err := bootApply(path)
+	if err == nil {
+		return nil
+	}
+	if ferr := node.ApplyFailClosed(); ferr != nil {
+		return errors.Join(err, fmt.Errorf("and the fail-closed table could not be applied either: %w", ferr))
+	}
+	return fmt.Errorf("%w; applied the fail-closed table: this node forwards nothing until the egress-cni agent applies its rules", err)
+}
+
+func bootApply(path string) error {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%s: %w", path, ErrNoNodeConfig)
+	}
+	cfg, err := loadNodeCopy(path)
+	if err != nil {
+		return err
+	}
+	l, err := flock.Acquire(path + ".lock")
+	if err != nil {
+		return fmt.Errorf("node rules lock: %w", err)
+	}
+	defer l.Release()
+	if err := node.Apply(cfg); err != nil {
+		return err
+	}
+	if _, err := node.UnregisterPods(func(string) bool { return true }); err != nil {
+		return fmt.Errorf("could not drop the registrations from before the boot: %w", err)
+	}
+	return nil
 }

@@ -199,6 +199,35 @@ func (s *chainSpec) chain() *nftables.Chain {
 	return ch
 }
 
+// ApplyFailClosed replaces the node tables with one that forwards
+// nothing: table inet egress_cni_node holding only the forward base
+// chain, policy drop, without rules. It is what boot-apply leaves when it
+// cannot apply the node config: the node then forwards no packet at all,
+// cluster traffic included, instead of forwarding unjudged, until Apply
+// replaces it (the agent, or an ADD, which finds no rules of ours and
+// applies its copy; Apply takes a table without the source chain for an
+// older layout and replaces both tables whole). The node's own traffic
+// (output) is not affected.
+func ApplyFailClosed() error {
+	c, err := nftConn(0)
+	if err != nil {
+		return fmt.Errorf("could not open nftables netlink socket: %w", err)
+	}
+	defer c.CloseLasting()
+	for _, t := range []*nftables.Table{inetTable, bridgeTable} {
+		c.AddTable(t) // makes the delete valid whether or not it exists
+		c.DelTable(t)
+	}
+	c.AddTable(inetTable)
+	drop := nftables.ChainPolicyDrop
+	c.AddChain(&nftables.Chain{Name: ChainForward, Table: inetTable, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityRef(prioForward), Policy: &drop})
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("could not apply the fail-closed node table: %w", err)
+	}
+	return nil
+}
+
 // Remove deletes our tables, with their sets and counters, and nothing
 // else. It succeeds when they are absent.
 func Remove() error {
