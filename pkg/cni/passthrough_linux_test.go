@@ -13,9 +13,9 @@ import (
 )
 
 // An IPv6 pod's ADD puts Envoy's IPv6 passthrough source, ::6, on the
-// pod's lo, as istio-cni does (the proxy's inbound passthrough
+// pod's lo, as istio-iptables does (the proxy's inbound passthrough
 // connections come from it, and the rules exempt it); an IPv4-only pod,
-// or an IPv6 pod whose capture is IPv4 only, gets none.
+// or an IPv6 pod whose capture is IPv4 only, gets none; DEL removes it.
 func TestAddPutsIPv6PassthroughOnLo(t *testing.T) {
 	nstest.RequirePrivileged(t)
 	p, _, _ := fakePlugin()
@@ -71,6 +71,32 @@ func TestAddPutsIPv6PassthroughOnLo(t *testing.T) {
 			if err := p.Add(args); err != nil {
 				t.Fatalf("second ADD: %v", err)
 			}
+			// DEL takes it off again: the reference loopback plugin
+			// refuses a lo with a non-loopback address at the next ADD.
+			if err := p.Del(args); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if hasPassthrough(n) {
+				t.Error("::6 still on lo after DEL")
+			}
 		})
+	}
+}
+
+// DEL of a pod whose namespace has IPv6 off (no ::6 could be there)
+// succeeds.
+func TestDelWithIPv6Disabled(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	p, _, _ := fakePlugin()
+	n := nstest.NewNS(t)
+	for _, k := range []string{"net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.lo.disable_ipv6"} {
+		nstest.Sysctl(t, n, k, "1")
+	}
+	args := &skel.CmdArgs{ContainerID: "c1", Netns: n.Path(), IfName: "eth0", Args: podArgs, StdinData: stdin("1.0.0", "", injected(), true)}
+	if err := p.Add(args); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Del(args); err != nil {
+		t.Fatalf("DEL with IPv6 disabled: %v", err)
 	}
 }

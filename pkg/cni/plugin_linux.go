@@ -254,6 +254,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 			removeAll = rules.RemoveAll
 		}
 		removed, e = removeAll(p.ctx())
+		e = errors.Join(e, rules.RemoveIPv6Passthrough())
 		if tproxy != nil {
 			e = errors.Join(e, rules.RemoveTProxyRoute(tproxy))
 		}

@@ -27,3 +27,19 @@ func AddIPv6Passthrough() error {
 	}
 	return nil
 }
+
+// RemoveIPv6Passthrough takes ::6/128 off lo again, succeeding when it is
+// not there. The CNI plugin's DEL calls it: the reference loopback
+// plugin refuses a lo that holds a non-loopback address, so an ADD into
+// the same namespace after DEL would fail on it.
+func RemoveIPv6Passthrough() error {
+	lo, err := netlinksafe.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("could not find lo: %w", err)
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("::6"), Mask: net.CIDRMask(128, 128)}}
+	if err := netlink.AddrDel(lo, addr); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("could not remove ::6/128 from lo: %w", err)
+	}
+	return nil
+}
