@@ -123,6 +123,12 @@ func TestBootApply(t *testing.T) {
 
 	bad := write("bad.json", `{"role":"app","podCIDRs":["10.244.0.0/33"]}`, 0o644)
 	open := write("open.json", `{"role":"app","podCIDRs":["10.244.0.0/16"]}`, 0o666)
+	// A link to a file that is root's and safe is refused as a link: what
+	// it points at can change under it.
+	link := filepath.Join(dir, "link.json")
+	if err := os.Symlink(good, link); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name, path, msg string
 		code            int
@@ -130,6 +136,7 @@ func TestBootApply(t *testing.T) {
 		{"no copy", filepath.Join(dir, "absent.json"), "no node config copy", 3},
 		{"a copy that does not parse", bad, "could not apply", 1},
 		{"a copy others could write", open, "writable by root only", 1},
+		{"a symbolic link", link, "symbolic link", 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := nstest.NewNS(t)

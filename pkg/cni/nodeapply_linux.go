@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -46,25 +47,61 @@ func (p *Plugin) applyNodeRules(path string) (bool, error) {
 var ErrNoNodeConfig = errors.New("no node config copy")
 
 // loadNodeCopy reads the host's copy of the node config, refusing one
-// that someone other than root could have written (the file, or the
-// directory it is in, not owned by root or writable by group or others):
-// the copy decides what the node allows at the next boot (the fifth
-// red-team pass: a pod with a writable hostPath over /var/lib).
+// that someone other than root could have written: the copy decides what
+// the node allows at the next boot (the fifth red-team pass: a pod with a
+// writable hostPath over /var/lib). The file must not be a symlink, and
+// it and its directory must be root's and writable by root only. It is
+// opened without following a link and checked and read through the same
+// descriptor, so nothing can be swapped in between.
 func loadNodeCopy(path string) (*node.Config, error) {
-	for _, p := range []string{path, filepath.Dir(path)} {
-		st, err := os.Stat(p)
-		if err != nil {
-			return nil, err
-		}
-		sys, ok := st.Sys().(*syscall.Stat_t)
-		if !ok {
-			return nil, fmt.Errorf("node config copy: cannot read the owner of %s", p)
-		}
-		if sys.Uid != 0 || st.Mode().Perm()&0o022 != 0 {
-			return nil, fmt.Errorf("node config copy: %s is %s, owner %d: it must be root's and writable by root only", p, st.Mode().Perm(), sys.Uid)
-		}
+	dir := filepath.Dir(path)
+	dst, err := os.Lstat(dir)
+	if err != nil {
+		return nil, err
 	}
-	return node.Load(path)
+	if err := rootOnly(dir, dst); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("node config copy: %s is a symbolic link: it must be a file of root's", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("node config copy: %s is not a regular file", path)
+	}
+	if err := rootOnly(path, st); err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("could not read node config: %w", err)
+	}
+	cfg, err := node.Parse(b)
+	if err != nil {
+		return nil, fmt.Errorf("node config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// rootOnly refuses a file or directory that is a symbolic link, is not
+// root's, or that group or others may write.
+func rootOnly(path string, st os.FileInfo) error {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("node config copy: cannot read the owner of %s", path)
+	}
+	if st.Mode()&os.ModeSymlink != 0 || sys.Uid != 0 || st.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("node config copy: %s is %s, owner %d: it must be root's and writable by root only", path, st.Mode(), sys.Uid)
+	}
+	return nil
 }
 
 // BootApply is `egress-cni boot-apply PATH`, which the boot unit
