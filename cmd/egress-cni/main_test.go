@@ -74,7 +74,8 @@ func TestBootApply(t *testing.T) {
 	good := write("node.json", `{"role":"app","podCIDRs":["10.244.0.0/16"]}`, 0o644)
 	// state says what the namespace holds: "rules" (the node rules of
 	// the good copy, and how many pods are registered), "fail-closed"
-	// (only the forward chain, policy drop) or "none".
+	// (no sets; source, output and a forward chain with policy drop) or
+	// "none".
 	state := func(n ns.NetNS) (string, int) {
 		var st string
 		var pods int
@@ -91,7 +92,8 @@ func TestBootApply(t *testing.T) {
 				st = "none"
 			case err != nil:
 				return fmt.Errorf("nft: %w: %s", err, out)
-			case strings.Contains(string(out), "hook forward priority filter - 5; policy drop;") && strings.Count(string(out), "chain ") == 1:
+			case strings.Contains(string(out), "hook forward priority filter - 5; policy drop;") && strings.Count(string(out), "chain ") == 3 &&
+				!strings.Contains(string(out), "set "):
 				st = "fail-closed"
 			default:
 				st = "other:\n" + string(out)

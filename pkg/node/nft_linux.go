@@ -200,8 +200,9 @@ func (s *chainSpec) chain() *nftables.Chain {
 }
 
 // ApplyFailClosed replaces the node tables with one that forwards
-// nothing: table inet egress_cni_node holding only the forward base
-// chain, policy drop, without rules. It is what boot-apply leaves when it
+// nothing: table inet egress_cni_node with the forward base chain,
+// policy drop, without rules, and the source and output checks that need
+// no config (failClosedChains). It is what boot-apply leaves when it
 // cannot apply the node config: the node then forwards no packet at all,
 // cluster traffic included, instead of forwarding unjudged, until Apply
 // replaces it (the agent, or an ADD, which finds no rules of ours and
@@ -219,9 +220,12 @@ func ApplyFailClosed() error {
 		c.DelTable(t)
 	}
 	c.AddTable(inetTable)
-	drop := nftables.ChainPolicyDrop
-	c.AddChain(&nftables.Chain{Name: ChainForward, Table: inetTable, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityRef(prioForward), Policy: &drop})
+	for _, s := range failClosedChains() {
+		ch := c.AddChain(s.chain())
+		for _, r := range s.rules {
+			c.AddRule(&nftables.Rule{Table: inetTable, Chain: ch, Exprs: r.exprs, UserData: rules.NFTRuleComment(r.String())})
+		}
+	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("could not apply the fail-closed node table: %w", err)
 	}

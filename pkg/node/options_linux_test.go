@@ -332,3 +332,45 @@ func TestNodeIGMPv2ReportsLeave(t *testing.T) {
 	}
 	t.Errorf("no IGMPv2 report for 239.1.2.3 left the node (reflection/ipv4 counted %d)", c.ByReason[ReasonReflection][FamilyIPv4])
 }
+
+// The fail-closed table (boot-apply without a usable config) forwards
+// nothing, and keeps the checks that need no config: a pod's plain
+// datagram to the internet, its IPv4 options and its frame to 127.0.0.1
+// get nowhere; Apply then replaces the table with the rules. Control:
+// with no table at all the datagram reaches the internet host.
+func TestApplyFailClosed(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	w := newOptionsWorld(t)
+	podIP := netip.MustParseAddr("10.244.1.2")
+	inet := netip.MustParseAddr("203.0.113.10")
+	if err := in(w.host, ApplyFailClosed); err != nil {
+		t.Fatal(err)
+	}
+	w.sendRaw(t, ipv4UDP(podIP, inet, nil, 9999, "fail-closed plain"))
+	if w.sniffed(t, "fail-closed plain") {
+		t.Error("the fail-closed table forwarded a pod's datagram to the internet host")
+	}
+	w.sendRaw(t, ipv4UDP(podIP, netip.MustParseAddr("192.0.2.10"), lsrr(11, 8, "198.51.100.1", "203.0.113.10"), 9999, "fail-closed lsrr"))
+	if w.sniffed(t, "fail-closed lsrr") {
+		t.Error("the fail-closed table let a source-routed datagram out")
+	}
+	w.sendFrame(t, ipv4UDP(podIP, netip.MustParseAddr("127.0.0.1"), nil, 5300, "fail-closed loopback"))
+	if arrived(t, w.local, "fail-closed loopback") {
+		t.Error("the fail-closed table let a pod reach the node's 127.0.0.1 listener")
+	}
+	if _, err := in3(w.host, func() ([]Gateway, error) { _, err := IsEgressNode(); return nil, err }); !errors.Is(err, ErrNotApplied) {
+		t.Errorf("IsEgressNode on the fail-closed table: %v, want ErrNotApplied (so that an ADD applies the rules)", err)
+	}
+	cfg := mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16"],"nodeCIDRs":["192.0.2.0/26"]}`)
+	mustApply(t, w.host, cfg)
+	if err := in(w.host, func() error { return Check(cfg) }); err != nil {
+		t.Errorf("Apply over the fail-closed table: %v", err)
+	}
+	if err := in(w.host, Remove); err != nil {
+		t.Fatal(err)
+	}
+	w.sendRaw(t, ipv4UDP(podIP, inet, nil, 9999, "control plain"))
+	if !w.sniffed(t, "control plain") {
+		t.Error("control: with no table the datagram did not reach the internet host either, so the first check cannot fail")
+	}
+}

@@ -217,12 +217,7 @@ func newProgram(cfg *Config) *program {
 	// 127.0.0.0/8 from anywhere but lo: with route_localnet on (kube-proxy's
 	// iptables mode sets it) the node delivers it to services bound to
 	// its localhost, which may relay (found by the fourth red-team pass).
-	src.rules = append(src.rules, matchNfproto(&rule{}, false).add(`iifname != "lo"`,
-		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifnameKey("lo")}).add("ip daddr 127.0.0.0/8",
-		// [ payload load 1b @ network header + 16 => reg 1 ] [ cmp eq reg 1 0x7f ]
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{127}}).add(gotoAudit(ReasonLoopback)))
+	src.rules = append(src.rules, matchLoopbackDest(&rule{}).add(gotoAudit(ReasonLoopback)))
 	for _, v6 := range []bool{false, true} {
 		src.rules = append(src.rules, sourceRules(v6, func(r *rule) *rule { return matchNfproto(r, v6) })...)
 	}
@@ -232,10 +227,7 @@ func newProgram(cfg *Config) *program {
 	// accepts. Anything else to ff02::/16 is a forged source the node
 	// would answer (found by the fourth red-team pass; the multicast
 	// test in pkg/node fails with an ff02::/16 accept here).
-	src.rules = append(src.rules, (&rule{}).add("fib saddr . iif oif missing",
-		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
-		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)}).add(gotoAudit(ReasonReversePath)))
+	src.rules = append(src.rules, matchReversePathMissing(&rule{}).add(gotoAudit(ReasonReversePath)))
 	src.rules = append(src.rules, acceptRule())
 	p.chains = append(p.chains, src)
 
@@ -270,23 +262,8 @@ func newProgram(cfg *Config) *program {
 	// the outside to a gateway too). Policy accept: this chain judges
 	// nothing else the node sends.
 	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
-	{
-		r := matchNfproto(&rule{}, true)
-		r.add("meta l4proto ipv6-icmp",
-			// [ meta load l4proto => reg 1 ] [ cmp eq reg 1 0x3a ]
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}})
-		r.add("icmpv6 type < 128",
-			// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp lt reg 1 0x80 ]
-			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
-			&expr.Cmp{Op: expr.CmpOpLt, Register: 1, Data: []byte{128}})
-		r.add("icmpv6 type != packet-too-big",
-			// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp neq reg 1 0x02 ]
-			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{2}})
-		r.add("ip6 daddr != @"+SetAllowV6, daddr(true), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV6, Invert: true})
-		out.rules = append(out.rules, r.add(gotoAudit(ReasonReflection)))
-	}
+	out.rules = append(out.rules, matchICMPv6Error(&rule{}).add("ip6 daddr != @"+SetAllowV6,
+		daddr(true), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV6, Invert: true}).add(gotoAudit(ReasonReflection)))
 	// IPv4 has the same hole one step later: conntrack's defragmenter
 	// (prerouting -400) holds a first fragment with a forged internet
 	// source, sent to one of the node's addresses, and when the queue
@@ -295,11 +272,8 @@ func newProgram(cfg *Config) *program {
 	// by the red-team pass after the IPv6 fix). So the node's own ICMP
 	// errors go only to cluster destinations too, but Fragmentation
 	// Needed (path MTU discovery, answering a validated source).
-	out.rules = append(out.rules, matchICMPv4(&rule{}, 3).add("icmp code frag-needed",
-		// [ payload load 1b @ transport header + 1 => reg 1 ] [ cmp eq reg 1 0x04 ]
-		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 1, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{4}}).add("accept", verdict(expr.VerdictAccept)))
-	for _, typ := range []byte{3, 4, 5, 11, 12} { // unreachable, source quench, redirect, time exceeded, parameter problem
+	out.rules = append(out.rules, fragNeededAccept())
+	for _, typ := range icmpv4Errors {
 		r := matchICMPv4(&rule{}, typ)
 		r.add("ip daddr != @"+SetAllowV4, daddr(false), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV4, Invert: true})
 		out.rules = append(out.rules, r.add(gotoAudit(ReasonReflection)))
@@ -474,23 +448,9 @@ func sourceRules(v6 bool, proto func(*rule) *rule) []*rule {
 	if v6 {
 		// Link scope: a pod's link-local address (and :: for duplicate
 		// address detection) is not in its CNI result, but neighbour
-		// discovery and MLD need it. The kernel never forwards a
-		// link-local source, so this opens no way out.
-		// A link-local source, to any destination: neighbour
-		// solicitations to the gateway's global address come from it.
-		ll := proto(&rule{}).add("ip6 saddr fe80::/10 accept",
-			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xfe, 0x80}},
-			verdict(expr.VerdictAccept))
-		// The unspecified source, to link-scope multicast only:
-		// duplicate address detection.
-		dad := proto(&rule{}).add("ip6 saddr :: ip6 daddr ff02::/16 accept",
-			saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 16)},
-			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}},
-			verdict(expr.VerdictAccept))
-		out = append(out, ll, dad)
+		// discovery and MLD need it; the exit still allows a link-local
+		// source only toward the link scope.
+		out = append(out, linkScopeAccepts(proto)...)
 	}
 
 	wrongSrc := proto(&rule{})
@@ -671,4 +631,92 @@ func ifnameKey(name string) []byte {
 // ifaceAddrKey is the concatenated set key ifname . address.
 func ifaceAddrKey(iface string, ip netip.Addr) []byte {
 	return append(ifnameKey(iface), ip.AsSlice()...)
+}
+
+// icmpv4Errors are the ICMP error types the node's output keeps in the
+// cluster: unreachable, source quench, redirect, time exceeded,
+// parameter problem.
+var icmpv4Errors = []byte{3, 4, 5, 11, 12}
+
+// linkScopeAccepts accept an IPv6 link-local source, to any destination
+// (neighbour solicitations to a global address come from one), and the
+// unspecified source to link-scope multicast (duplicate address
+// detection). proto adds the family or interface match in front.
+func linkScopeAccepts(proto func(*rule) *rule) []*rule {
+	ll := proto(&rule{}).add("ip6 saddr fe80::/10 accept",
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 2},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0xff, 0xc0}, Xor: []byte{0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xfe, 0x80}},
+		verdict(expr.VerdictAccept))
+	dad := proto(&rule{}).add("ip6 saddr :: ip6 daddr ff02::/16 accept",
+		saddrTo(true, 1), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 16)},
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0xff, 0x02}},
+		verdict(expr.VerdictAccept))
+	return []*rule{ll, dad}
+}
+
+// matchLoopbackDest matches IPv4 to 127.0.0.0/8 that did not come in on lo.
+func matchLoopbackDest(r *rule) *rule {
+	return matchNfproto(r, false).add(`iifname != "lo"`,
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifnameKey("lo")}).add("ip daddr 127.0.0.0/8",
+		// [ payload load 1b @ network header + 16 => reg 1 ] [ cmp eq reg 1 0x7f ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{127}})
+}
+
+// matchReversePathMissing matches a packet whose source is not routed
+// back through the interface it came in on (strict reverse path).
+func matchReversePathMissing(r *rule) *rule {
+	return r.add("fib saddr . iif oif missing",
+		// [ fib saddr . iif oif present => reg 1 ] [ cmp eq reg 1 0 ]
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true, FlagPRESENT: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)})
+}
+
+// matchICMPv6Error matches an ICMPv6 error other than Packet Too Big.
+func matchICMPv6Error(r *rule) *rule {
+	return matchNfproto(r, true).add("meta l4proto ipv6-icmp",
+		// [ meta load l4proto => reg 1 ] [ cmp eq reg 1 0x3a ]
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}}).add("icmpv6 type < 128",
+		// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp lt reg 1 0x80 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpLt, Register: 1, Data: []byte{128}}).add("icmpv6 type != packet-too-big",
+		// [ payload load 1b @ transport header + 0 => reg 1 ] [ cmp neq reg 1 0x02 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{2}})
+}
+
+// fragNeededAccept accepts ICMP Fragmentation Needed (path MTU
+// discovery, answering a validated source).
+func fragNeededAccept() *rule {
+	return matchICMPv4(&rule{}, 3).add("icmp code frag-needed",
+		// [ payload load 1b @ transport header + 1 => reg 1 ] [ cmp eq reg 1 0x04 ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 1, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{4}}).add("accept", verdict(expr.VerdictAccept))
+}
+
+// failClosedChains are the chains of ApplyFailClosed's table, for a node
+// whose config could not be applied: no sets, no registrations, so
+// nothing is forwarded (forward, policy drop, no rules); what the node
+// receives must pass the source checks that need no config (IPv4
+// options, loopback destinations, strict reverse path), and the node's
+// own ICMP errors and IPv4 packets with options do not leave at all
+// (there is no allow list to tell the cluster from the outside).
+func failClosedChains() []*chainSpec {
+	drop := func(r *rule) *rule { return r.add("drop", verdict(expr.VerdictDrop)) }
+	src := &chainSpec{family: nftables.TableFamilyINet, name: ChainSource, hook: nftables.ChainHookPrerouting, prio: prioSource, typ: nftables.ChainTypeFilter}
+	src.rules = append(src.rules, drop(matchIPv4Options(&rule{})), drop(matchLoopbackDest(&rule{})))
+	src.rules = append(src.rules, linkScopeAccepts(func(r *rule) *rule { return matchNfproto(r, true) })...)
+	src.rules = append(src.rules, drop(matchReversePathMissing(&rule{})))
+	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
+	out.rules = append(out.rules, drop(matchICMPv6Error(&rule{})), fragNeededAccept())
+	for _, typ := range icmpv4Errors {
+		out.rules = append(out.rules, drop(matchICMPv4(&rule{}, typ)))
+	}
+	out.rules = append(out.rules, drop(matchIPv4Options(&rule{})))
+	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter, drop: true}
+	return []*chainSpec{src, out, fwd}
 }
