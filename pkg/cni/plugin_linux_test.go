@@ -97,6 +97,9 @@ func TestAddPrintsPrevResultInRequestedVersion(t *testing.T) {
 			}
 			// Istio's defaults, in this (the test's) namespace, once.
 			golden(t, "fake/add-injected", f.Dump())
+			if n := f.Applies(); n != 1 {
+				t.Errorf("applied %d times, want once", n)
+			}
 			var res map[string]any
 			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
 				t.Fatalf("stdout is not JSON: %v: %s", err, out)

@@ -37,6 +37,7 @@ type Fake struct {
 	mu   sync.Mutex
 	home string                            // the namespace of the process, at NewFake
 	nss  map[string]map[BackendName]string // renderings, by namespace, then backend
+	n    int                               // Applies that recorded
 }
 
 // NewFake returns a Fake that holds no rules.
@@ -142,7 +143,16 @@ func (b fakeBackend) Apply(ctx context.Context, rs *Ruleset) error {
 		b.f.nss[ns] = map[BackendName]string{}
 	}
 	b.f.nss[ns][b.name] = text
+	b.f.n++
 	return nil
+}
+
+// Applies is how many Apply calls recorded a ruleset, in any namespace
+// (the record keeps only the last one per namespace and backend).
+func (f *Fake) Applies() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n
 }
 
 func (b fakeBackend) Check(ctx context.Context, rs *Ruleset) error {
