@@ -131,6 +131,19 @@ func TestBootApply(t *testing.T) {
 	if err := os.Symlink(good, link); err != nil {
 		t.Fatal(err)
 	}
+	// So is a copy whose directory is a link (into a container image's
+	// root-owned files, say).
+	target := filepath.Join(dir, "elsewhere")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "node.json"), []byte(`{"role":"app","podCIDRs":["10.244.0.0/16"]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, filepath.Join(dir, "linkdir")); err != nil {
+		t.Fatal(err)
+	}
+	linkDir := filepath.Join(dir, "linkdir", "node.json")
 	for _, tc := range []struct {
 		name, path, msg string
 		code            int
@@ -139,6 +152,7 @@ func TestBootApply(t *testing.T) {
 		{"a copy that does not parse", bad, "could not apply", 1},
 		{"a copy others could write", open, "writable by root only", 1},
 		{"a symbolic link", link, "symbolic link", 1},
+		{"a copy in a linked directory", linkDir, "symbolic link", 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := nstest.NewNS(t)

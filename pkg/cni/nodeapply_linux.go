@@ -10,6 +10,7 @@ import (
 
 	"github.com/egress-cni/egress-cni/internal/flock"
 	"github.com/egress-cni/egress-cni/pkg/node"
+	"golang.org/x/sys/unix"
 )
 
 // applyNodeRules applies the node rules from the config at path unless
@@ -47,37 +48,64 @@ func (p *Plugin) applyNodeRules(path string) (bool, error) {
 var ErrNoNodeConfig = errors.New("no node config copy")
 
 // loadNodeCopy reads the host's copy of the node config, refusing one
-// that someone other than root could have written: the copy decides what
-// the node allows at the next boot (the fifth red-team pass: a pod with a
-// writable hostPath over /var/lib). The file must not be a symlink, and
-// it and its directory must be root's and writable by root only. It is
-// opened without following a link and checked and read through the same
-// descriptor, so nothing can be swapped in between.
+// that someone other than root could have written or swapped: the copy
+// decides what the node allows at the next boot (the fifth and sixth
+// red-team passes: a pod with a writable hostPath over /var/lib; a
+// symlinked directory pointing into a container image's files, which
+// are root's). Every directory from / down to the copy must be root's and
+// not writable by group or others (a sticky one excepted), the directory
+// and the file must not be symbolic links, and the file must be a
+// regular file of root's, writable by root only, with one link. The
+// directory is opened without following a link, the file is opened
+// relative to it the same way, and the checks and the read use those
+// descriptors, so nothing can be swapped in between. Root on the node
+// (or in a container without a user namespace, with a hostPath) can
+// still write it: that is node compromise, out of scope.
 func loadNodeCopy(path string) (*node.Config, error) {
-	dir := filepath.Dir(path)
-	dst, err := os.Lstat(dir)
+	path = filepath.Clean(path)
+	dir, base := filepath.Split(path)
+	dir = filepath.Clean(dir)
+	for d := filepath.Dir(dir); ; d = filepath.Dir(d) {
+		st, err := os.Lstat(d)
+		if err != nil {
+			return nil, err
+		}
+		if err := rootOnly(d, st, true); err != nil {
+			return nil, err
+		}
+		if d == "/" || d == "." {
+			break
+		}
+	}
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
+		return nil, fmt.Errorf("node config copy: could not open %s (a symbolic link is refused): %w", dir, err)
+	}
+	defer unix.Close(dfd)
+	var dst unix.Stat_t
+	if err := unix.Fstat(dfd, &dst); err != nil {
 		return nil, err
 	}
-	if err := rootOnly(dir, dst); err != nil {
+	if err := rootOnlyStat(dir, &dst, false); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
-	if errors.Is(err, syscall.ELOOP) {
+	fd, err := unix.Openat(dfd, base, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ELOOP) {
 		return nil, fmt.Errorf("node config copy: %s is a symbolic link: it must be a file of root's", path)
 	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("node config copy: %w", &os.PathError{Op: "open", Path: path, Err: err})
 	}
+	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, err
 	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("node config copy: %s is not a regular file", path)
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 {
+		return nil, fmt.Errorf("node config copy: %s must be a regular file with one link", path)
 	}
-	if err := rootOnly(path, st); err != nil {
+	if err := rootOnlyStat(path, &st, false); err != nil {
 		return nil, err
 	}
 	b, err := io.ReadAll(f)
@@ -91,15 +119,29 @@ func loadNodeCopy(path string) (*node.Config, error) {
 	return cfg, nil
 }
 
-// rootOnly refuses a file or directory that is a symbolic link, is not
-// root's, or that group or others may write.
-func rootOnly(path string, st os.FileInfo) error {
+// rootOnly refuses a file or directory (st from Lstat) that is a
+// symbolic link, is not root's, or that group or others may write; with
+// sticky, a world-writable sticky directory (/tmp) passes.
+func rootOnly(path string, st os.FileInfo, sticky bool) error {
+	if st.Mode()&os.ModeSymlink != 0 {
+		return fmt.Errorf("node config copy: %s is a symbolic link", path)
+	}
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok {
 		return fmt.Errorf("node config copy: cannot read the owner of %s", path)
 	}
-	if st.Mode()&os.ModeSymlink != 0 || sys.Uid != 0 || st.Mode().Perm()&0o022 != 0 {
-		return fmt.Errorf("node config copy: %s is %s, owner %d: it must be root's and writable by root only", path, st.Mode(), sys.Uid)
+	var u unix.Stat_t
+	u.Uid, u.Mode = sys.Uid, sys.Mode
+	return rootOnlyStat(path, &u, sticky)
+}
+
+func rootOnlyStat(path string, st *unix.Stat_t, sticky bool) error {
+	writable := st.Mode&0o022 != 0
+	if sticky && st.Mode&unix.S_ISVTX != 0 {
+		writable = false
+	}
+	if st.Uid != 0 || writable {
+		return fmt.Errorf("node config copy: %s has mode %o, owner %d: it must be root's and writable by root only", path, st.Mode&0o7777, st.Uid)
 	}
 	return nil
 }

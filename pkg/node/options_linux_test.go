@@ -126,33 +126,51 @@ func arrived(t *testing.T, c *net.UDPConn, payload string) bool {
 // ipv4UDP builds an IPv4 UDP datagram with the given options (padded
 // with End of Options to a multiple of 4) and a correct header checksum.
 func ipv4UDP(src, dst netip.Addr, opts []byte, dport uint16, payload string) []byte {
-	for len(opts)%4 != 0 {
-		opts = append(opts, 0)
-	}
-	ihl := 20 + len(opts)
 	udp := make([]byte, 8, 8+len(payload))
 	binary.BigEndian.PutUint16(udp[0:], 40000)
 	binary.BigEndian.PutUint16(udp[2:], dport)
 	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
-	udp = append(udp, payload...)
-	h := make([]byte, 20, ihl+len(udp))
-	h[0] = 0x40 | byte(ihl/4)
-	binary.BigEndian.PutUint16(h[2:], uint16(ihl+len(udp)))
-	binary.BigEndian.PutUint16(h[4:], uint16(time.Now().UnixNano()))
-	h[8], h[9] = 64, unix.IPPROTO_UDP
-	s, d := src.As4(), dst.As4()
-	copy(h[12:], s[:])
-	copy(h[16:], d[:])
-	h = append(h, opts...)
+	return ipv4Packet(src, dst, opts, unix.IPPROTO_UDP, append(udp, payload...))
+}
+
+// ipv4Echo builds an ICMP echo request carrying payload.
+func ipv4Echo(src, dst netip.Addr, payload string) []byte {
+	icmp := append([]byte{8, 0, 0, 0, 0x12, 0x34, 0, 1}, payload...)
+	binary.BigEndian.PutUint16(icmp[2:], checksum(icmp))
+	return ipv4Packet(src, dst, nil, unix.IPPROTO_ICMP, icmp)
+}
+
+func checksum(b []byte) uint16 {
 	var sum uint32
-	for i := 0; i < ihl; i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
 	}
 	for sum > 0xffff {
 		sum = sum>>16 + sum&0xffff
 	}
-	binary.BigEndian.PutUint16(h[10:], ^uint16(sum))
-	return append(h, udp...)
+	return ^uint16(sum)
+}
+
+// ipv4Packet wraps l4 in an IPv4 header with opts.
+func ipv4Packet(src, dst netip.Addr, opts []byte, proto byte, l4 []byte) []byte {
+	for len(opts)%4 != 0 {
+		opts = append(opts, 0)
+	}
+	ihl := 20 + len(opts)
+	h := make([]byte, 20, ihl+len(l4))
+	h[0] = 0x40 | byte(ihl/4)
+	binary.BigEndian.PutUint16(h[2:], uint16(ihl+len(l4)))
+	binary.BigEndian.PutUint16(h[4:], uint16(time.Now().UnixNano()))
+	h[8], h[9] = 64, proto
+	s, d := src.As4(), dst.As4()
+	copy(h[12:], s[:])
+	copy(h[16:], d[:])
+	h = append(h, opts...)
+	binary.BigEndian.PutUint16(h[10:], checksum(h))
+	return append(h, l4...)
 }
 
 // lsrr is a loose source route option: type 131, its length, the
@@ -358,6 +376,18 @@ func TestApplyFailClosed(t *testing.T) {
 	if arrived(t, w.local, "fail-closed loopback") {
 		t.Error("the fail-closed table let a pod reach the node's 127.0.0.1 listener")
 	}
+	// A forged internet source to a closed port of the node: the node's
+	// port unreachable would carry the datagram to the internet host (as
+	// its echo reply does for an overlay packet it decapsulates; the
+	// sixth red-team pass found it open in the first fail-closed table).
+	w.sendRaw(t, ipv4UDP(inet, netip.MustParseAddr("192.0.2.10"), nil, 9, "fail-closed reflection"))
+	if w.sniffed(t, "fail-closed reflection") {
+		t.Error("the fail-closed node answered a forged internet source with the pod's data (port unreachable)")
+	}
+	w.sendRaw(t, ipv4Echo(inet, netip.MustParseAddr("192.0.2.10"), "fail-closed echo"))
+	if w.sniffed(t, "fail-closed echo") {
+		t.Error("the fail-closed node answered a forged internet source with the pod's data (echo reply)")
+	}
 	if _, err := in3(w.host, func() ([]Gateway, error) { _, err := IsEgressNode(); return nil, err }); !errors.Is(err, ErrNotApplied) {
 		t.Errorf("IsEgressNode on the fail-closed table: %v, want ErrNotApplied (so that an ADD applies the rules)", err)
 	}
@@ -372,5 +402,13 @@ func TestApplyFailClosed(t *testing.T) {
 	w.sendRaw(t, ipv4UDP(podIP, inet, nil, 9999, "control plain"))
 	if !w.sniffed(t, "control plain") {
 		t.Error("control: with no table the datagram did not reach the internet host either, so the first check cannot fail")
+	}
+	w.sendRaw(t, ipv4UDP(inet, netip.MustParseAddr("192.0.2.10"), nil, 9, "control reflection"))
+	if !w.sniffed(t, "control reflection") {
+		t.Error("control: with no table the node's port unreachable did not reach the internet host either, so the reflection check cannot fail")
+	}
+	w.sendRaw(t, ipv4Echo(inet, netip.MustParseAddr("192.0.2.10"), "control echo"))
+	if !w.sniffed(t, "control echo") {
+		t.Error("control: with no table the node's echo reply did not reach the internet host either, so the echo check cannot fail")
 	}
 }
