@@ -85,8 +85,15 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 // internet host's wire within a second.
 func (w *optionsWorld) sniffed(t *testing.T, payload string) bool {
 	t.Helper()
+	return w.sniffedMatch(t, time.Second, func(p []byte) bool { return bytes.Contains(p, []byte(payload)) })
+}
+
+// sniffedMatch says whether an IPv4 packet for which match is true
+// reached the internet host's wire within timeout.
+func (w *optionsWorld) sniffedMatch(t *testing.T, timeout time.Duration, match func([]byte) bool) bool {
+	t.Helper()
 	buf := make([]byte, 4096)
-	deadline := time.Now().Add(time.Second)
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		n, _, err := unix.Recvfrom(w.sniff, buf, 0)
 		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
@@ -95,7 +102,7 @@ func (w *optionsWorld) sniffed(t *testing.T, payload string) bool {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if bytes.Contains(buf[:n], []byte(payload)) {
+		if match(buf[:n]) {
 			return true
 		}
 	}
@@ -325,20 +332,11 @@ func TestNodeIGMPv2ReportsLeave(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 2048)
-	deadline := time.Now().Add(3 * time.Second)
-	for time.Now().Before(deadline) {
-		n, _, err := unix.Recvfrom(w.sniff, buf, 0)
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		// IPv4, protocol IGMP, to the group, with options (Router Alert).
-		if p := buf[:n]; n >= 24 && p[0]>>4 == 4 && p[0]&0x0f > 5 && p[9] == unix.IPPROTO_IGMP && [4]byte(p[16:20]) == group {
-			return
-		}
+	// IPv4, protocol IGMP, to the group, with options (Router Alert).
+	if w.sniffedMatch(t, 3*time.Second, func(p []byte) bool {
+		return len(p) >= 24 && p[0]>>4 == 4 && p[0]&0x0f > 5 && p[9] == unix.IPPROTO_IGMP && [4]byte(p[16:20]) == group
+	}) {
+		return
 	}
 	var c Counters
 	if err := in(w.host, func() error {
