@@ -199,8 +199,8 @@ func (s *chainSpec) chain() *nftables.Chain {
 	return ch
 }
 
-// ApplyFailClosed replaces the node tables with one that forwards
-// nothing: table inet egress_cni_node with the forward base chain,
+// ApplyFailClosed replaces the node tables with ones that forward
+// nothing: the inet table's forward base chain and the bridge table's,
 // policy drop, without rules, and the source and output checks that need
 // no config (failClosedChains). It is what boot-apply leaves when it
 // cannot apply the node config: the node then forwards no packet at all,
@@ -220,10 +220,11 @@ func ApplyFailClosed() error {
 		c.DelTable(t)
 	}
 	c.AddTable(inetTable)
+	c.AddTable(bridgeTable)
 	for _, s := range failClosedChains() {
 		ch := c.AddChain(s.chain())
 		for _, r := range s.rules {
-			c.AddRule(&nftables.Rule{Table: inetTable, Chain: ch, Exprs: r.exprs, UserData: rules.NFTRuleComment(r.String())})
+			c.AddRule(&nftables.Rule{Table: tableOf(s.family), Chain: ch, Exprs: r.exprs, UserData: rules.NFTRuleComment(r.String())})
 		}
 	}
 	if err := c.Flush(); err != nil {

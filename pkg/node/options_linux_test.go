@@ -410,3 +410,72 @@ func TestApplyFailClosed(t *testing.T) {
 		t.Error("control: with no table the node's echo reply did not reach the internet host either, so the echo check cannot fail")
 	}
 }
+
+// The fail-closed tables do not bridge either: two namespaces on one
+// bridge of the node (a pod and a NIC enslaved to the pod bridge, or an
+// unregistered pod) get no frame across. Control: with no table they do.
+func TestApplyFailClosedBridge(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host, a, b := nstest.NewNS(t), nstest.NewNS(t), nstest.NewNS(t)
+	nstest.Link(t, nstest.LinkEnd{NS: host, Name: "pa"}, nstest.LinkEnd{NS: a, Name: "eth0", Addrs: []netip.Prefix{netip.MustParsePrefix("10.244.9.2/24")}})
+	nstest.Link(t, nstest.LinkEnd{NS: host, Name: "pb"}, nstest.LinkEnd{NS: b, Name: "eth0", Addrs: []netip.Prefix{netip.MustParsePrefix("10.244.9.3/24")}})
+	if err := host.Do(func(ns.NetNS) error {
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
+		if err := netlink.LinkAdd(br); err != nil {
+			return err
+		}
+		for _, n := range []string{"pa", "pb"} {
+			l, err := netlink.LinkByName(n)
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetMaster(l, br); err != nil {
+				return err
+			}
+		}
+		return netlink.LinkSetUp(br)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var lc *net.UDPConn
+	if err := b.Do(func(ns.NetNS) error {
+		var err error
+		lc, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP("10.244.9.3"), Port: 9999})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer lc.Close()
+	send := func(msg string) bool {
+		t.Helper()
+		if err := a.Do(func(ns.NetNS) error {
+			c, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.ParseIP("10.244.9.3"), Port: 9999})
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write([]byte(msg))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return arrived(t, lc, msg)
+	}
+	// Without br_netfilter's hand-off the inet forward chain never sees a
+	// bridged frame: the bridge table's own chain must hold it.
+	for _, k := range []string{"net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"} {
+		nstest.Sysctl(t, host, k, "0")
+	}
+	if err := in(host, ApplyFailClosed); err != nil {
+		t.Fatal(err)
+	}
+	if send("bridged while fail-closed") {
+		t.Error("the fail-closed tables bridged a frame between two ports")
+	}
+	if err := in(host, Remove); err != nil {
+		t.Fatal(err)
+	}
+	if !send("bridged control") {
+		t.Error("control: with no table the frame was not bridged either, so the check cannot fail")
+	}
+}

@@ -698,9 +698,10 @@ func fragNeededAccept() *rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{4}}).add("accept", verdict(expr.VerdictAccept))
 }
 
-// failClosedChains are the chains of ApplyFailClosed's table, for a node
+// failClosedChains are the chains of ApplyFailClosed's tables, for a node
 // whose config could not be applied: no sets, no registrations, so
-// nothing is forwarded (forward, policy drop, no rules); what the node
+// nothing is forwarded (forward, and the bridge table's forward, policy
+// drop, no rules); what the node
 // receives must pass the source checks that need no config (IPv4
 // options, loopback destinations, strict reverse path), and the node's
 // own ICMP errors and IPv4 packets with options do not leave at all
@@ -718,5 +719,9 @@ func failClosedChains() []*chainSpec {
 	}
 	out.rules = append(out.rules, drop(matchIPv4Options(&rule{})))
 	fwd := &chainSpec{family: nftables.TableFamilyINet, name: ChainForward, hook: nftables.ChainHookForward, prio: prioForward, typ: nftables.ChainTypeFilter, drop: true}
-	return []*chainSpec{src, out, fwd}
+	// Frames bridged between two ports (a pod and a NIC enslaved to the
+	// pod bridge, say) are not forwarded either (the sixth red-team
+	// pass: without a bridge table an unregistered pod got out at L2).
+	bfwd := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgeFwd, hook: nftables.ChainHookForward, prio: 0, typ: nftables.ChainTypeFilter, drop: true}
+	return []*chainSpec{src, out, fwd, bfwd}
 }
