@@ -39,17 +39,7 @@ func TestLinkMulticastNeedsReversePath(t *testing.T) {
 	received := func(src, dst string) bool {
 		t.Helper()
 		msg := "from " + src + " to " + dst
-		if err := peer.Do(func(ns.NetNS) error {
-			c, err := net.DialUDP("udp6", &net.UDPAddr{IP: net.ParseIP(src)}, &net.UDPAddr{IP: net.ParseIP(dst), Port: 9999, Zone: "eth0"})
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			_, err = c.Write([]byte(msg))
-			return err
-		}); err != nil {
-			t.Fatalf("send %s: %v", msg, err)
-		}
+		sendUDP(t, peer, &net.UDPAddr{IP: net.ParseIP(src)}, &net.UDPAddr{IP: net.ParseIP(dst), Port: 9999, Zone: "eth0"}, msg)
 		return arrived(t, lc, msg)
 	}
 
@@ -65,14 +55,7 @@ func TestLinkMulticastNeedsReversePath(t *testing.T) {
 	if !received("2001:db8:1::2", "ff02::1") {
 		t.Error("with the node rules, an on-link global source was refused to ff02::1")
 	}
-	var c Counters
-	if err := in(host, func() error {
-		var err error
-		c, err = ReadCounters()
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := countersIn(t, host)
 	if got := c.ByReason[ReasonReversePath][FamilyIPv6]; got != 1 {
 		t.Errorf("reverse-path/ipv6 counted %d, want 1", got)
 	}

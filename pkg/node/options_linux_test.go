@@ -277,14 +277,7 @@ func TestIPv4OptionsAndLoopback(t *testing.T) {
 	if arrived(t, w.local, "ruled loopback") {
 		t.Error("with the node rules, the pod reached the node's 127.0.0.1 listener")
 	}
-	var c Counters
-	if err := in(w.host, func() error {
-		var err error
-		c, err = ReadCounters()
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := countersIn(t, w.host)
 	want := map[Reason]uint64{ReasonSourceRoute: 1, ReasonIPOptions: 2, ReasonLoopback: 1}
 	for r, n := range want {
 		if got := c.ByReason[r][FamilyIPv4]; got != n {
@@ -338,14 +331,7 @@ func TestNodeIGMPv2ReportsLeave(t *testing.T) {
 	}) {
 		return
 	}
-	var c Counters
-	if err := in(w.host, func() error {
-		var err error
-		c, err = ReadCounters()
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := countersIn(t, w.host)
 	t.Errorf("no IGMPv2 report for 239.1.2.3 left the node (reflection/ipv4 counted %d)", c.ByReason[ReasonReflection][FamilyIPv4])
 }
 
@@ -448,17 +434,7 @@ func TestApplyFailClosedBridge(t *testing.T) {
 	defer lc.Close()
 	send := func(msg string) bool {
 		t.Helper()
-		if err := a.Do(func(ns.NetNS) error {
-			c, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.ParseIP("10.244.9.3"), Port: 9999})
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			_, err = c.Write([]byte(msg))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
+		sendUDP(t, a, nil, &net.UDPAddr{IP: net.ParseIP("10.244.9.3"), Port: 9999}, msg)
 		return arrived(t, lc, msg)
 	}
 	// Without br_netfilter's hand-off the inet forward chain never sees a
@@ -477,5 +453,35 @@ func TestApplyFailClosedBridge(t *testing.T) {
 	}
 	if !send("bridged control") {
 		t.Error("control: with no table the frame was not bridged either, so the check cannot fail")
+	}
+}
+
+// countersIn reads the node counters in n.
+func countersIn(t *testing.T, n ns.NetNS) Counters {
+	t.Helper()
+	var c Counters
+	if err := in(n, func() error {
+		var err error
+		c, err = ReadCounters()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// sendUDP sends msg from n (from laddr, if given) to raddr.
+func sendUDP(t *testing.T, n ns.NetNS, laddr, raddr *net.UDPAddr, msg string) {
+	t.Helper()
+	if err := n.Do(func(ns.NetNS) error {
+		c, err := net.DialUDP("udp", laddr, raddr)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte(msg))
+		return err
+	}); err != nil {
+		t.Fatalf("send %q: %v", msg, err)
 	}
 }

@@ -69,14 +69,7 @@ func TestFragmentTimeoutReflection(t *testing.T) {
 	if !answered("192.0.2.2") {
 		t.Error("with the node rules, a cluster source's expired fragment got no Time Exceeded")
 	}
-	var c Counters
-	if err := in(host, func() error {
-		var err error
-		c, err = ReadCounters()
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := countersIn(t, host)
 	if got := c.ByReason[ReasonReflection][FamilyIPv4]; got != 1 || c.Forged != 1 {
 		t.Errorf("reflection/ipv4 %d, forged %d: want 1 and 1", got, c.Forged)
 	}
