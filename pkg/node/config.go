@@ -43,6 +43,21 @@ const (
 // its own address.
 const DefaultConnLabel = 127
 
+// IngressLabel is the conntrack label bit that marks a connection whose
+// first packet came in from outside and crossed our forward chain, so
+// that its replies may leave (ingressReplies): the bit below ConnLabel
+// (above it for ConnLabel 0). A connection conntrack made while our
+// tables were missing lacks it, and its replies stay in (the seventh
+// red-team pass: one forged "outside to pod" packet in that window let
+// the pod send out as replies after the repair, for as long as it kept
+// the entry alive).
+func (cfg *Config) IngressLabel() int {
+	if cfg.ConnLabel == 0 {
+		return 1
+	}
+	return cfg.ConnLabel - 1
+}
+
 // markOwners names who sets the packet-mark bits that a v1 config might
 // still hold in gatewayMark, for the error that refuses the key.
 var markOwners = []struct {

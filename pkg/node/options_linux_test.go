@@ -485,3 +485,74 @@ func sendUDP(t *testing.T, n ns.NetNS, laddr, raddr *net.UDPAddr, msg string) {
 		t.Fatalf("send %q: %v", msg, err)
 	}
 }
+
+// Replies of connections the outside opened leave only when their first
+// packet crossed the forward chain (the ingress label). Found by the
+// seventh red-team pass: while the tables were missing, one forged
+// "internet to pod" packet made a conntrack entry, and after the repair
+// the pod sent out through it as replies for as long as it kept the
+// entry alive. Here: a real ingress flow from the internet host still
+// gets its replies; the forged one made in the window gets none, also
+// after the rules and the pod's registration are back. Control: the
+// same forged entry without the rules lets the "reply" out.
+func TestIngressRepliesNeedTheForwardChain(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	w := newOptionsWorld(t)
+	podIP, inet := netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("203.0.113.10")
+	nstest.Route(t, w.inet, netip.MustParsePrefix("10.244.0.0/16"), netip.MustParseAddr("192.0.2.10"))
+	// kube-proxy's stand-in: conntrack runs in the node namespace
+	// whether or not our tables are there.
+	nstest.MustExec(t, w.host, "nft", "add table inet standin; add chain inet standin conntrack { type filter hook forward priority 10; }; add rule inet standin conntrack ct state new accept")
+	cfg := mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16"],"nodeCIDRs":["192.0.2.0/26"]}`)
+	register := func() {
+		t.Helper()
+		if _, err := in2(w.host, func() ([]Pod, error) {
+			return RegisterPod(Pod{ContainerID: "c-pod", Port: "vpod", L3: "vpod", IPs: []netip.Addr{podIP}})
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// reply sends from the pod's port to inet:dport, as a reply would.
+	reply := func(sport, dport uint16, msg string) bool {
+		t.Helper()
+		sendUDP(t, w.pod, &net.UDPAddr{IP: net.IP(podIP.AsSlice()), Port: int(sport)}, &net.UDPAddr{IP: net.IP(inet.AsSlice()), Port: int(dport)}, msg)
+		return w.sniffed(t, msg)
+	}
+
+	mustApply(t, w.host, cfg)
+	register()
+	// A real ingress flow: the internet host opens it.
+	sendUDP(t, w.inet, &net.UDPAddr{IP: net.IP(inet.AsSlice()), Port: 5555}, &net.UDPAddr{IP: net.IP(podIP.AsSlice()), Port: 7777}, "ingress hello")
+	time.Sleep(100 * time.Millisecond)
+	if !reply(7777, 5555, "ingress reply") {
+		t.Error("the reply of a connection the internet host opened did not leave")
+	}
+
+	// The window: our tables are gone; the pod forges "internet to me".
+	if err := in(w.host, Remove); err != nil {
+		t.Fatal(err)
+	}
+	w.sendFrame(t, ipv4UDP(inet, podIP, nil, 6666, "forged opener"))
+	time.Sleep(100 * time.Millisecond)
+	mustApply(t, w.host, cfg)
+	register()
+	if err := in(w.host, func() error { return Check(cfg) }); err != nil {
+		t.Fatal(err)
+	}
+	if reply(6666, 40000, "window reply") {
+		t.Error("after the repair, the pod sent out as a reply of a connection it forged while the tables were missing")
+	}
+	if got := countersIn(t, w.host).ByReason[ReasonNotAGateway][FamilyIPv4]; got == 0 {
+		t.Error("the window reply was not dropped as not-a-gateway")
+	}
+
+	// Control: the same forged entry with no rules lets the reply out.
+	if err := in(w.host, Remove); err != nil {
+		t.Fatal(err)
+	}
+	w.sendFrame(t, ipv4UDP(inet, podIP, nil, 6667, "forged opener 2"))
+	time.Sleep(100 * time.Millisecond)
+	if !reply(6667, 40000, "control reply") {
+		t.Error("control: with no rules the forged connection's reply did not leave either, so the check cannot fail")
+	}
+}

@@ -297,6 +297,16 @@ func newProgram(cfg *Config) *program {
 		fwd.rules = append(fwd.rules, matchCtState(&rule{}, expr.CtStateBitNEW, "new").add("jump "+ChainConn,
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainConn}))
 	}
+	if cfg.IngressReplies {
+		// Every new connection whose first packet crosses this chain
+		// (it passed the source checks; if it is dropped below, the
+		// entry is never confirmed) carries the ingress label: rule (c)
+		// lets only such connections' replies out.
+		in := labelBytes(cfg.IngressLabel())
+		fwd.rules = append(fwd.rules, matchCtState(&rule{}, expr.CtStateBitNEW, "new").add(fmt.Sprintf("ct label set %d", cfg.IngressLabel()),
+			&expr.Immediate{Register: 1, Data: in},
+			&expr.Ct{Key: expr.CtKeyLABELS, Register: 1, SourceRegister: true}))
+	}
 	for _, v6 := range []bool{false, true} {
 		set, fam := SetAllowV4, "ip"
 		if v6 {
@@ -320,6 +330,10 @@ func newProgram(cfg *Config) *program {
 			&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
 		matchCtState(r, expr.CtStateBitESTABLISHED, "established")
+		// Only connections whose first packet crossed this chain
+		// (labelled above): not one conntrack made while our tables
+		// were missing.
+		matchLabel(r, cfg.IngressLabel(), labelBytes(cfg.IngressLabel()))
 		fwd.rules = append(fwd.rules, r.add("accept", verdict(expr.VerdictAccept)))
 	}
 	if cfg.LogDrops {

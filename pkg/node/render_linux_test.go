@@ -39,7 +39,7 @@ func TestMergeRanges(t *testing.T) {
 // by default, on egress nodes, whose public address would otherwise
 // carry any NodePort a pod "replies" through.
 func TestIngressRepliesDefault(t *testing.T) {
-	const reply = "ct direction reply ct state established accept"
+	const reply = "ct direction reply ct state established ct label 126 accept"
 	for _, tc := range []struct {
 		json string
 		want bool

@@ -100,6 +100,13 @@ func (cfg *Config) TracePacket(pods []Pod, pkt TracePacket) (Trace, error) {
 	if pkt.Label {
 		copy(tr.ct.label, labelBytes(cfg.ConnLabel))
 	}
+	if pkt.Established && pkt.Reply {
+		// A reply: of a connection whose first packet crossed the
+		// forward chain, which labelled it (ingressReplies).
+		for i, b := range labelBytes(cfg.IngressLabel()) {
+			tr.ct.label[i] |= b
+		}
+	}
 	if !pkt.Src.IsValid() || !pkt.Dst.IsValid() || pkt.Src.Is4() != pkt.Dst.Is4() {
 		return Trace{}, fmt.Errorf("trace: source %v and destination %v must be addresses of one family", pkt.Src, pkt.Dst)
 	}

@@ -61,7 +61,7 @@ func TestTracePacket(t *testing.T) {
 		{"source-routed packet", app, []Pod{bridged}, TracePacket{Port: "veth1", IIF: "cni0", OIF: "uplink", Src: a("198.51.100.2"), Dst: a("192.0.2.2"), Proto: udp, DPort: 53, SourceRoute: true, RPFOK: true},
 			false, ReasonSourceRoute, "meta nfproto ipv4 ip option lsrr exists goto drop_source_route"},
 		{"reply to an ingress connection (app node)", app, []Pod{bridged}, TracePacket{Port: "veth1", IIF: "cni0", OIF: "uplink", Src: a("198.51.100.2"), Dst: inet4, Proto: tcp, SPort: 30080, DPort: 40000, Established: true, Reply: true, RPFOK: true},
-			true, "", "ct direction reply ct state established accept"},
+			true, "", "ct direction reply ct state established ct label 126 accept"},
 		{"reply to an ingress connection (egress node: off)", egress, []Pod{worker}, TracePacket{IIF: "lxc8", OIF: "uplink", Src: a("198.51.100.8"), Dst: inet4, Proto: tcp, Established: true, Reply: true, RPFOK: true},
 			false, ReasonNotAGateway, "meta nfproto ipv4 iifname . ip saddr @pod_sources_v4 goto drop_not_a_gateway"},
 		{"gateway -> internet (new)", egress, []Pod{gw, worker}, TracePacket{IIF: "lxc9", OIF: "uplink", Src: a("198.51.100.9"), Dst: inet4, Proto: tcp, DPort: 443, RPFOK: true},
