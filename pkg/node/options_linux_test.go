@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -554,5 +555,59 @@ func TestIngressRepliesNeedTheForwardChain(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if !reply(6667, 40000, "control reply") {
 		t.Error("control: with no rules the forged connection's reply did not leave either, so the check cannot fail")
+	}
+}
+
+// The node's own ICMP errors to itself pass the output chain: a UDP
+// datagram to a closed port on 127.0.0.1 or ::1 fails at once with
+// ECONNREFUSED, with the node rules and with the fail-closed tables
+// (the seventh red-team pass found them dropped as reflection, so such
+// a client timed out).
+func TestLoopbackPortUnreachable(t *testing.T) {
+	nstest.RequirePrivileged(t)
+	host := nstest.NewNS(t)
+	refused := func(addr string) error {
+		return host.Do(func(ns.NetNS) error {
+			c, err := net.Dial("udp", addr)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte("anyone?")); err != nil {
+				return err
+			}
+			if err := c.SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
+				return err
+			}
+			_, err = c.Read(make([]byte, 16))
+			if !errors.Is(err, unix.ECONNREFUSED) {
+				return fmt.Errorf("read from %s: %v, want ECONNREFUSED", addr, err)
+			}
+			return nil
+		})
+	}
+	for _, state := range []struct {
+		name  string
+		apply func() error
+	}{
+		{"node rules", func() error {
+			return Apply(mustParse(t, `{"role":"app","podCIDRs":["10.244.0.0/16"]}`))
+		}},
+		{"fail-closed tables", ApplyFailClosed},
+	} {
+		if err := in(host, state.apply); err != nil {
+			t.Fatal(err)
+		}
+		for _, addr := range []string{"127.0.0.1:9", "[::1]:9"} {
+			if err := refused(addr); err != nil {
+				t.Errorf("%s: %v", state.name, err)
+			}
+		}
+		if state.name != "node rules" {
+			continue // the fail-closed tables have no counters
+		}
+		if got := countersIn(t, host).ByReason[ReasonReflection]; got[FamilyIPv4]+got[FamilyIPv6] != 0 {
+			t.Errorf("%s: reflection counted %v for the node's own port unreachables", state.name, got)
+		}
 	}
 }

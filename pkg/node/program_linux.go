@@ -262,6 +262,10 @@ func newProgram(cfg *Config) *program {
 	// the outside to a gateway too). Policy accept: this chain judges
 	// nothing else the node sends.
 	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
+	// What the node sends to itself never leaves: its ICMP errors to
+	// 127.0.0.1 or ::1 (ECONNREFUSED for a closed local port) pass (the
+	// seventh red-team pass found them dropped as reflection).
+	out.rules = append(out.rules, loopbackAccept())
 	out.rules = append(out.rules, matchICMPv6Error(&rule{}).add("ip6 daddr != @"+SetAllowV6,
 		daddr(true), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV6, Invert: true}).add(gotoAudit(ReasonReflection)))
 	// IPv4 has the same hole one step later: conntrack's defragmenter
@@ -727,7 +731,7 @@ func failClosedChains() []*chainSpec {
 	src.rules = append(src.rules, linkScopeAccepts(func(r *rule) *rule { return matchNfproto(r, true) })...)
 	src.rules = append(src.rules, drop(matchReversePathMissing(&rule{})))
 	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
-	out.rules = append(out.rules, drop(matchICMPv6Error(&rule{})), fragNeededAccept())
+	out.rules = append(out.rules, loopbackAccept(), drop(matchICMPv6Error(&rule{})), fragNeededAccept())
 	for _, typ := range icmpv4Errors {
 		out.rules = append(out.rules, drop(matchICMPv4(&rule{}, typ)))
 	}
@@ -738,4 +742,12 @@ func failClosedChains() []*chainSpec {
 	// pass: without a bridge table an unregistered pod got out at L2).
 	bfwd := &chainSpec{family: nftables.TableFamilyBridge, name: ChainBridgeFwd, hook: nftables.ChainHookForward, prio: 0, typ: nftables.ChainTypeFilter, drop: true}
 	return []*chainSpec{src, out, fwd, bfwd}
+}
+
+// loopbackAccept accepts what the node sends out of lo: it never leaves
+// the node.
+func loopbackAccept() *rule {
+	return (&rule{}).add(`oifname "lo"`,
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifnameKey("lo")}).add("accept", verdict(expr.VerdictAccept))
 }
