@@ -581,7 +581,7 @@ func TestLoopbackPortUnreachable(t *testing.T) {
 			}
 			_, err = c.Read(make([]byte, 16))
 			if !errors.Is(err, unix.ECONNREFUSED) {
-				return fmt.Errorf("read from %s: %v, want ECONNREFUSED", addr, err)
+				return fmt.Errorf("read from %s: %w, want ECONNREFUSED", addr, err)
 			}
 			return nil
 		})
