@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -240,8 +241,10 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	// A TPROXY pod's policy route, for the mark and table its ADD used
 	// (as far as the config and annotations still say; the namespace
 	// usually goes right after DEL, and the route with it).
+	// Only a TPROXY config or annotation builds the decision: DEL of any
+	// other pod does no model work.
 	var tproxy *rules.TProxyRoute
-	if err == nil {
+	if err == nil && (inv.s.Base.Mode == rules.ModeTPROXY || strings.EqualFold(strings.TrimSpace(inv.s.Annotations[AnnotationInterceptionMode]), string(rules.ModeTPROXY))) {
 		if dec, derr := Decide(inv.s, inv.pod, inv.s.Annotations); derr == nil && dec.Ruleset != nil {
 			tproxy = dec.Ruleset.TProxyRoute
 		}
