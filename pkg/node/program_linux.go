@@ -2,6 +2,7 @@ package node
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -262,10 +263,11 @@ func newProgram(cfg *Config) *program {
 	// the outside to a gateway too). Policy accept: this chain judges
 	// nothing else the node sends.
 	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
-	// What the node sends to itself never leaves: its ICMP errors to
-	// 127.0.0.1 or ::1 (ECONNREFUSED for a closed local port) pass (the
-	// seventh red-team pass found them dropped as reflection).
-	out.rules = append(out.rules, loopbackAccept())
+	// What the node sends to its loopback addresses never leaves: its
+	// ICMP errors to 127.0.0.1 or ::1 (ECONNREFUSED for a closed local
+	// port) pass (the seventh red-team pass found them dropped as
+	// reflection).
+	out.rules = append(out.rules, loopbackAccept()...)
 	out.rules = append(out.rules, matchICMPv6Error(&rule{}).add("ip6 daddr != @"+SetAllowV6,
 		daddr(true), &expr.Lookup{SourceRegister: 1, SetName: SetAllowV6, Invert: true}).add(gotoAudit(ReasonReflection)))
 	// IPv4 has the same hole one step later: conntrack's defragmenter
@@ -302,10 +304,14 @@ func newProgram(cfg *Config) *program {
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainConn}))
 	}
 	if cfg.IngressReplies {
-		// Every new connection whose first packet crosses this chain
-		// (it passed the source checks; if it is dropped below, the
-		// entry is never confirmed) carries the ingress label: rule (c)
-		// lets only such connections' replies out.
+		// Every new connection whose original-direction packet crosses
+		// this chain (it passed the source checks; if it is dropped
+		// below, the entry is never confirmed) carries the ingress
+		// label: rule (c) lets only such connections' replies out. A
+		// connection still unanswered from a window without our tables
+		// is labelled by its next original packet, which must pass the
+		// source checks too (the eighth red-team pass found no use of
+		// it: a pod-opened one only lets replies to the pod in).
 		in := labelBytes(cfg.IngressLabel())
 		fwd.rules = append(fwd.rules, matchCtState(&rule{}, expr.CtStateBitNEW, "new").add(fmt.Sprintf("ct label set %d", cfg.IngressLabel()),
 			&expr.Immediate{Register: 1, Data: in},
@@ -731,7 +737,8 @@ func failClosedChains() []*chainSpec {
 	src.rules = append(src.rules, linkScopeAccepts(func(r *rule) *rule { return matchNfproto(r, true) })...)
 	src.rules = append(src.rules, drop(matchReversePathMissing(&rule{})))
 	out := &chainSpec{family: nftables.TableFamilyINet, name: ChainOutput, hook: nftables.ChainHookOutput, prio: prioSource, typ: nftables.ChainTypeFilter}
-	out.rules = append(out.rules, loopbackAccept(), drop(matchICMPv6Error(&rule{})), fragNeededAccept())
+	out.rules = append(out.rules, loopbackAccept()...)
+	out.rules = append(out.rules, drop(matchICMPv6Error(&rule{})), fragNeededAccept())
 	for _, typ := range icmpv4Errors {
 		out.rules = append(out.rules, drop(matchICMPv4(&rule{}, typ)))
 	}
@@ -744,10 +751,24 @@ func failClosedChains() []*chainSpec {
 	return []*chainSpec{src, out, fwd, bfwd}
 }
 
-// loopbackAccept accepts what the node sends out of lo: it never leaves
-// the node.
-func loopbackAccept() *rule {
-	return (&rule{}).add(`oifname "lo"`,
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifnameKey("lo")}).add("accept", verdict(expr.VerdictAccept))
+// loopbackAccept accepts what the node sends to its loopback addresses
+// (127.0.0.0/8, ::1) out of lo. Not all of lo: an error to another of
+// the node's own addresses (a forged source the kernel answered before
+// prerouting) still meets the reflection rules, in case NAT in output
+// sends it on (the eighth red-team pass). The kernel refuses a loopback
+// source from any other interface, so nobody outside gets an answer to
+// 127.0.0.0/8 or ::1.
+func loopbackAccept() []*rule {
+	lo := func(r *rule) *rule {
+		return r.add(`oifname "lo"`,
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifnameKey("lo")})
+	}
+	v4 := lo(matchNfproto(&rule{}, false)).add("ip daddr 127.0.0.0/8",
+		// [ payload load 1b @ network header + 16 => reg 1 ] [ cmp eq reg 1 0x7f ]
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{127}}).add("accept", verdict(expr.VerdictAccept))
+	v6 := lo(matchNfproto(&rule{}, true)).add("ip6 daddr ::1",
+		daddr(true), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net.IPv6loopback}).add("accept", verdict(expr.VerdictAccept))
+	return []*rule{v4, v6}
 }
